@@ -1,0 +1,142 @@
+"""``load_pretrained_model``: a local checkpoint directory -> tokenizer, model, image processor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from aim_llava.errors import CheckpointError
+from aim_llava.model.attention import resolve_attn_implementation
+from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
+from aim_llava.model.config import LlavaConfig, config_from_dict
+from aim_llava.model.image_processor import SiglipImageProcessor
+from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def read_config(model_dir: Path) -> LlavaConfig:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir} has no config.json: is this a checkpoint directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    return config_from_dict(raw, str(path))
+
+
+def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> LlavaConfig:
+    """Replace top-level config fields by name (LLaVA-NeXT's ``overwrite_config``)."""
+    if not overwrite_config:
+        return config
+    known = {f.name for f in dataclasses.fields(config)} - {"text", "vision", "layout"}
+    unknown = sorted(set(overwrite_config) - known)
+    if unknown:
+        raise CheckpointError(f"overwrite_config: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    return dataclasses.replace(config, **overwrite_config)
+
+
+def resolve_device(device_map) -> torch.device:
+    if device_map in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        raise CheckpointError("device_map dictionaries (multi-device sharding) are not supported: give one device")
+    device = torch.device(device_map)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device_map!r} requested but CUDA is not available: use device_map='cpu'")
+    return device
+
+
+def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
+    """'auto': the checkpoint's dtype on GPU, float32 on CPU (half precision is slow there)."""
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+    if torch_dtype not in DTYPES:
+        raise CheckpointError(f"unknown torch_dtype {torch_dtype!r}; use auto, {', '.join(DTYPES)}")
+    return DTYPES[torch_dtype]
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+
+
+def build_model(
+    model_dir: Path,
+    config: LlavaConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    allow_pickle: bool = False,
+) -> LlavaQwenForCausalLM:
+    """Create the modules without memory (meta device) and fill them from the checkpoint."""
+    files = find_weight_files(model_dir, allow_pickle)
+    with torch.device("meta"):
+        model = LlavaQwenForCausalLM(config, attn_implementation)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"lm_head.weight"} if config.text.tie_word_embeddings else set()
+    plan = plan_loading(files, expected, config.layout, config.vision.num_hidden_layers, optional)
+    state = read_tensors(plan, device, dtype)
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if "lm_head.weight" not in plan:
+        model.tie_weights()
+    return model.eval()
+
+
+def load_pretrained_model(
+    model_path: str | Path,
+    model_base: str | None = None,
+    model_name: str = "llava_qwen",
+    device_map="auto",
+    torch_dtype="auto",
+    attn_implementation: str = "sdpa",
+    overwrite_config: dict | None = None,
+    allow_pickle: bool = False,
+):
+    """Load a local LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
+
+    Returns ``(tokenizer, model, image_processor, max_length)`` like LLaVA-NeXT's builder.
+    Nothing is downloaded: ``model_path`` must be a directory. ``device_map`` is one device
+    ("auto" picks CUDA when present). ``attn_implementation``: eager, sdpa or
+    flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
+    """
+    if model_base is not None:
+        raise CheckpointError("model_base (LoRA/projector-only checkpoints) is not supported: give a full checkpoint")
+    if "llava" not in model_name.lower():
+        raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen'")
+    model_dir = Path(model_path).expanduser()
+    if not model_dir.is_dir():
+        raise CheckpointError(
+            f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
+        )
+    config = apply_overrides(read_config(model_dir), overwrite_config)
+    device = resolve_device(device_map)
+    dtype = resolve_dtype(torch_dtype, config, device)
+    attn = resolve_attn_implementation(attn_implementation)
+    tokenizer = load_tokenizer(model_dir)
+    model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_ids = [i for i in (im_end, tokenizer.eos_token_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
+    model.generation_defaults.eos_token_ids = sorted(set(eos_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    model.generation_defaults.pad_token_id = pad
+    image_processor = SiglipImageProcessor.from_vision_config(config.vision)
+    logger.info("loaded %s (%s layout) on %s as %s, attention %s", model_dir, config.layout, device, dtype, attn)
+    return tokenizer, model, image_processor, config.max_length

@@ -1,0 +1,160 @@
+"""Reading checkpoint tensors: file discovery, the one place where names are mapped, validation.
+
+All checks (missing shards, missing/unexpected tensors, shapes) run on the files' headers before
+any tensor is read, and each error names the file or tensor at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from aim_llava.errors import CheckpointError
+
+# Prefix rewrites from the transformers layouts (v5 names first, then the v4 names found on the
+# hub) to ours, which are the LLaVA-NeXT names.
+HF_NAME_RULES: list[tuple[str, str]] = [
+    ("model.language_model.", "model."),
+    ("model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.image_newline", "model.image_newline"),
+    ("lm_head.", "lm_head."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
+    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("image_newline", "model.image_newline"),
+]
+
+VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+VISION_LAYER = re.compile(re.escape(VISION_PREFIX) + r"encoder\.layers\.(\d+)\.")
+# Derived buffers that some exporters saved; they are recomputed, never loaded.
+DERIVED_BUFFERS = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
+
+
+def map_name(name: str, layout: str) -> str:
+    """Checkpoint tensor name -> our module name."""
+    if layout == "llava_qwen":
+        return name
+    for old, new in HF_NAME_RULES:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def is_unused_vision_part(name: str, used_vision_layers: int) -> bool:
+    """Tensors of the tower that LLaVA never runs: post-layernorm, pooling head, later layers."""
+    if name.startswith(VISION_PREFIX + "post_layernorm.") or name.startswith(VISION_PREFIX + "head."):
+        return True
+    match = VISION_LAYER.match(name)
+    return bool(match) and int(match.group(1)) >= used_vision_layers
+
+
+@dataclass
+class TensorRef:
+    file: Path
+    name: str
+    shape: tuple[int, ...]
+
+
+def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
+    """The safetensors shards (via the index when there is one), or pickles if allowed."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from None
+        files = sorted({model_dir / shard for shard in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint shard {missing[0]} listed in {index.name} is missing from {model_dir}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return files
+    single = sorted(model_dir.glob("*.safetensors"))
+    if single:
+        return single
+    pickles = sorted(model_dir.glob("*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{model_dir} holds only pickled .bin weights ({pickles[0].name}); loading pickles can run "
+                "arbitrary code: convert them to safetensors or pass allow_pickle=True if you trust the files"
+            )
+        return pickles
+    raise CheckpointError(f"no *.safetensors weights in {model_dir}")
+
+
+def list_tensors(files: list[Path]) -> Iterator[TensorRef]:
+    for file in files:
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="meta", weights_only=True)
+            for name, tensor in state.items():
+                yield TensorRef(file, name, tuple(tensor.shape))
+            continue
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    yield TensorRef(file, name, tuple(handle.get_slice(name).get_shape()))
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"cannot read {file}: {err}") from None
+
+
+def plan_loading(
+    files: list[Path],
+    expected: dict[str, tuple[int, ...]],
+    layout: str,
+    used_vision_layers: int,
+    optional: set[str],
+) -> dict[str, TensorRef]:
+    """Map every checkpoint tensor to a parameter; raise on anything missing, unknown or misshapen."""
+    plan: dict[str, TensorRef] = {}
+    for ref in list_tensors(files):
+        target = map_name(ref.name, layout)
+        if target in expected:
+            if ref.shape != expected[target]:
+                raise CheckpointError(
+                    f"tensor {ref.name} in {ref.file.name} has shape {list(ref.shape)} but the config implies "
+                    f"{list(expected[target])}: config.json and weights do not belong together"
+                )
+            plan[target] = ref
+        elif not (is_unused_vision_part(target, used_vision_layers) or DERIVED_BUFFERS.search(target)):
+            raise CheckpointError(
+                f"unexpected tensor {ref.name} in {ref.file.name}: not part of a LLaVA-OneVision model "
+                "with this config"
+            )
+    missing = sorted(set(expected) - set(plan) - optional)
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]} is missing from the checkpoint"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    return plan
+
+
+def read_tensors(plan: dict[str, TensorRef], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read the planned tensors, file by file, converted to ``dtype`` on ``device``."""
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for target, ref in plan.items():
+        by_file.setdefault(ref.file, []).append((target, ref.name))
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        if file.suffix == ".bin":
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+            for target, name in names:
+                state[target] = raw[name].to(device=device, dtype=dtype)
+            continue
+        with safe_open(file, framework="pt") as handle:
+            for target, name in names:
+                state[target] = handle.get_tensor(name).to(device=device, dtype=dtype)
+    return state

@@ -1,0 +1,61 @@
+"""SigLIP preprocessing: resize to a square with bicubic resampling, rescale, normalise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from aim_llava.errors import InputError
+from aim_llava.model.config import VisionConfig
+
+
+def to_pil(image) -> Image.Image:
+    """Accept a PIL image, an HxWx3 uint8 array or tensor; return an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(image.astype(np.uint8), "RGB")
+    raise InputError(f"cannot use {type(image).__name__} as an image: pass PIL images or HxWx3 uint8 arrays")
+
+
+class SiglipImageProcessor:
+    """Callable like the transformers processors the LLaVA-NeXT code uses.
+
+    ``preprocess(images, return_tensors="pt")["pixel_values"]`` gives [N, 3, S, S] float32.
+    """
+
+    def __init__(self, image_size: int = 384, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        self.image_size = image_size
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.size = {"height": image_size, "width": image_size}
+        self.crop_size = {"height": image_size, "width": image_size}
+
+    @classmethod
+    def from_vision_config(cls, config: VisionConfig) -> SiglipImageProcessor:
+        return cls(config.image_size, config.image_mean, config.image_std)
+
+    def to_pixels(self, image) -> torch.Tensor:
+        """One image -> [3, S, S] normalised."""
+        resized = to_pil(image).resize((self.image_size, self.image_size), Image.BICUBIC)
+        array = np.asarray(resized, dtype=np.float32) * (1.0 / 255.0)
+        array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def preprocess(self, images, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        if return_tensors != "pt":
+            raise InputError("only return_tensors='pt' is supported")
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, Sequence):
+            images = [images]
+        if len(images) == 0:
+            raise InputError("no images to preprocess")
+        return {"pixel_values": torch.stack([self.to_pixels(image) for image in images])}
+
+    __call__ = preprocess

@@ -1,0 +1,164 @@
+"""LlavaQwenForCausalLM: SigLIP + projector + Qwen2, with LLaVA-NeXT's calling conventions.
+
+``forward(input_ids, images=..., image_sizes=..., modalities=[...])`` gives logits;
+``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aim_llava.errors import InputError
+from aim_llava.model.config import LlavaConfig
+from aim_llava.model.language_model.kv_cache import KVCache
+from aim_llava.model.language_model.modeling_qwen2 import Qwen2Model
+from aim_llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalInputs
+from aim_llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
+from aim_llava.model.multimodal_projector.builder import build_vision_projector
+
+
+@dataclass
+class GenerationDefaults:
+    """Filled from the tokenizer by the loader."""
+
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int = 0
+
+
+@dataclass
+class LlavaOutput:
+    logits: torch.Tensor
+    past_key_values: KVCache | None
+    inputs: MultimodalInputs
+
+
+class LlavaQwenModel(Qwen2Model):
+    """The ``model.*`` namespace of the checkpoint: Qwen2 plus the visual modules."""
+
+    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config.text, attn_implementation)
+        self.vision_tower = SigLipVisionTower(config.vision, attn_implementation)
+        self.mm_projector = build_vision_projector(
+            config.mm_projector_type, config.vision.hidden_size, config.text.hidden_size
+        )
+        self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
+
+
+class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
+    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.model = LlavaQwenModel(config, attn_implementation)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        self.generation_defaults = GenerationDefaults()
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_attn_implementation(self, name: str) -> None:
+        self.model.attn_implementation = name
+        self.model.vision_tower.attn_implementation = name
+
+    def tie_weights(self) -> None:
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images=None,
+        image_sizes=None,
+        modalities=None,
+        use_cache: bool = False,
+    ) -> LlavaOutput:
+        """Logits for every position of the (left-padded) multimodal sequence."""
+        inputs = self.prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, modalities)
+        cache = KVCache(len(self.model.layers)) if use_cache else None
+        hidden = self.model.decode(inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache)
+        if cache is not None:
+            cache.next_position = inputs.position_ids[:, -1] + 1
+        return LlavaOutput(self.lm_head(hidden), cache, inputs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor,
+        images=None,
+        image_sizes=None,
+        modalities=None,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 0.0,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        streamer=None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS).
+
+        ``eos_token_id=[]`` disables stopping. ``streamer`` follows transformers' streamer protocol
+        (``put`` with the prompt first, then each new token; ``end`` at the end).
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if eos_token_id is None:
+            eos_token_id = self.generation_defaults.eos_token_ids
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
+        pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
+        sample = do_sample and temperature > 0
+        mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities)
+        embeds, valid, positions = mm.inputs_embeds, mm.valid, mm.position_ids
+        cache = KVCache(len(self.model.layers)) if use_cache else None
+        hidden = self.model.decode(embeds, positions, valid, mm.padded, cache)
+        next_position = positions[:, -1:] + 1
+        batch = embeds.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        new_tokens = []
+        if streamer is not None:
+            streamer.put(torch.empty(batch, 0, dtype=torch.long))
+        for _ in range(max_new_tokens):
+            logits = self.lm_head(hidden[:, -1]).float()
+            token = self.pick_token(logits, sample, temperature, top_p, generator)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            new_tokens.append(token)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()) or len(new_tokens) == max_new_tokens:
+                break
+            token_embeds = self.model.embed_tokens(token)[:, None]
+            step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+            if cache is not None:
+                hidden = self.model.decode(token_embeds, next_position, step_valid, False, cache)
+            else:
+                embeds = torch.cat([embeds, token_embeds], dim=1)
+                valid = torch.cat([valid, step_valid], dim=1)
+                positions = torch.cat([positions, next_position], dim=1)
+                hidden = self.model.decode(embeds, positions, valid, mm.padded)
+            next_position = next_position + 1
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(new_tokens, dim=1)
+
+    @staticmethod
+    def pick_token(logits, sample: bool, temperature: float, top_p: float | None, generator) -> torch.Tensor:
+        if not sample:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p is not None and top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,166 @@
+"""Our Qwen2 decoder: the layer loop in plain sight, explicit position ids and KV cache.
+
+Numerically it follows transformers' ``Qwen2Model`` (RMSNorm in float32, rotary embeddings with
+``rope_theta``, q/k/v projections with bias, SwiGLU MLP). The loop is ours because token
+reduction acts between layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aim_llava.model.attention import attend
+from aim_llava.model.config import TextConfig
+from aim_llava.model.language_model.kv_cache import KVCache
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for given position ids (computed on the fly; nothing to load)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponent)
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, L, d]; cos/sin: [B, L, d]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """[B, 1, Lq, Lk] boolean mask: causal over key indices and padding removed.
+
+    The new queries are the last ``q_len`` keys. A query always sees itself, so padding rows get
+    a defined (ignored) output instead of NaN.
+    """
+    k_len = key_valid.shape[1]
+    q_idx = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
+    k_idx = torch.arange(k_len, device=key_valid.device)[None, :]
+    mask = (k_idx <= q_idx)[None] & key_valid[:, None, :]
+    mask |= k_idx == q_idx
+    return mask[:, None]
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys and values with rotary embeddings applied, each [B, heads, L, d]."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        valid: torch.Tensor,
+        padded: bool,
+        cache: KVCache | None,
+        attn_implementation: str,
+    ) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
+        key_valid = valid
+        if cache is not None:
+            entry = cache.append(self.layer_idx, k, v, valid, padded)
+            k, v, key_valid, padded = entry.keys, entry.values, entry.valid, entry.padded
+        mask = attention_mask(key_valid, q.shape[2]) if padded else None
+        out = attend(q, k, v, mask, True, self.head_dim**-0.5, attn_implementation)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Qwen2Attention(config, layer_idx)
+        self.mlp = Qwen2MLP(config)
+        self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, valid, padded, cache, attn_implementation) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, valid, padded, cache, attn_implementation)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Embeddings, decoder layers and final norm (checkpoint names ``model.*``)."""
+
+    def __init__(self, config: TextConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.text_config = config
+        self.attn_implementation = attn_implementation
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        valid: torch.Tensor,
+        padded: bool,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Run the decoder over new tokens.
+
+        inputs_embeds [B, L, H]; position_ids [B, L]; valid [B, L] marks real tokens and
+        ``padded`` whether any is False. With a cache, the tokens attend to everything cached
+        before them and are appended to it. Returns the final-norm hidden states [B, L, H].
+        """
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        hidden = inputs_embeds
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, valid, padded, cache, self.attn_implementation)
+        return self.norm(hidden)

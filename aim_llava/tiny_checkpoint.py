@@ -1,0 +1,216 @@
+"""Tiny random LLaVA-OneVision checkpoints, written offline in either published layout.
+
+The architecture is the real one (SigLIP at 384 px with 14 px patches, so 729 patches a view and
+196 pooled tokens a frame; mlp2x_gelu; Qwen2 with GQA) at small widths, with a byte-level BPE
+tokenizer trained here on a small corpus and carrying the ChatML special tokens. The same seed
+gives the same weights in both layouts. Its outputs are random text: it is for tests and demos.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "patch_size": 14,
+    "image_size": 384,
+    "num_channels": 3,
+    "layer_norm_eps": 1e-6,
+}
+TINY_TEXT = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": False,
+}
+WORDS = (
+    "a the video shows person man woman dog cat car ball red green blue yellow white black is are walks "
+    "runs sits on in at with and of to from table room street park camera moves slowly quickly then "
+    "frame scene image question answer what who where when how many color left right top bottom people "
+    "holding playing talking looking into out up down small large bright dark one two three four five"
+).split()
+LAYOUTS = ("llava_qwen", "hf")
+
+
+def build_tokenizer(seed: int):
+    """A byte-level BPE tokenizer (Qwen2 style) trained on a generated corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    corpus = [" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(2000)]
+    corpus += ["You are a helpful assistant.", "Describe the video in detail.", "user", "assistant", "system"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_TEXT["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    if tokenizer.get_vocab_size() != TINY_TEXT["vocab_size"]:
+        raise RuntimeError("the tiny tokenizer's vocabulary does not fill the model's: enlarge the corpus")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+
+
+def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Weights under our (LLaVA-NeXT) names, including the unused vision parts a real file has."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=0.1, mean=0.0):
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    v, t = TINY_VISION, TINY_TEXT
+    state: dict[str, torch.Tensor] = {}
+    vp = "model.vision_tower.vision_tower.vision_model."
+    state[vp + "embeddings.patch_embedding.weight"] = randn(v["hidden_size"], 3, v["patch_size"], v["patch_size"], std=0.05)
+    state[vp + "embeddings.patch_embedding.bias"] = randn(v["hidden_size"])
+    n_patches = (v["image_size"] // v["patch_size"]) ** 2
+    state[vp + "embeddings.position_embedding.weight"] = randn(n_patches, v["hidden_size"], std=0.5)
+    vh, vi = v["hidden_size"], v["intermediate_size"]
+    for i in range(v["num_hidden_layers"]):
+        lp = f"{vp}encoder.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            state[f"{lp}self_attn.{name}.weight"] = randn(vh, vh, std=0.15)
+            state[f"{lp}self_attn.{name}.bias"] = randn(vh)
+        state[lp + "mlp.fc1.weight"], state[lp + "mlp.fc1.bias"] = randn(vi, vh, std=0.15), randn(vi)
+        state[lp + "mlp.fc2.weight"], state[lp + "mlp.fc2.bias"] = randn(vh, vi, std=0.15), randn(vh)
+        for norm in ("layer_norm1", "layer_norm2"):
+            state[f"{lp}{norm}.weight"], state[f"{lp}{norm}.bias"] = randn(vh, mean=1.0), randn(vh)
+    state[vp + "post_layernorm.weight"], state[vp + "post_layernorm.bias"] = randn(vh, mean=1.0), randn(vh)
+
+    h, inter, kv = t["hidden_size"], t["intermediate_size"], t["num_key_value_heads"] * (h := t["hidden_size"]) // t["num_attention_heads"]
+    state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"] = randn(h, vh, std=0.2), randn(h)
+    state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"] = randn(h, h, std=0.2), randn(h)
+    state["model.image_newline"] = randn(h, std=1.0)
+    state["model.embed_tokens.weight"] = randn(t["vocab_size"], h, std=1.0)
+    for i in range(t["num_hidden_layers"]):
+        lp = f"model.layers.{i}."
+        state[lp + "self_attn.q_proj.weight"], state[lp + "self_attn.q_proj.bias"] = randn(h, h), randn(h)
+        state[lp + "self_attn.k_proj.weight"], state[lp + "self_attn.k_proj.bias"] = randn(kv, h), randn(kv)
+        state[lp + "self_attn.v_proj.weight"], state[lp + "self_attn.v_proj.bias"] = randn(kv, h), randn(kv)
+        state[lp + "self_attn.o_proj.weight"] = randn(h, h)
+        state[lp + "mlp.gate_proj.weight"] = randn(inter, h)
+        state[lp + "mlp.up_proj.weight"] = randn(inter, h)
+        state[lp + "mlp.down_proj.weight"] = randn(h, inter)
+        state[lp + "input_layernorm.weight"] = randn(h, mean=1.0)
+        state[lp + "post_attention_layernorm.weight"] = randn(h, mean=1.0)
+    state["model.norm.weight"] = randn(h, mean=1.0)
+    state["lm_head.weight"] = randn(t["vocab_size"], h, std=0.2)
+    return state
+
+
+def to_hf_name(name: str) -> str:
+    """Our name -> the transformers v5 ``LlavaOnevisionForConditionalGeneration`` name."""
+    rules = [
+        ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower.vision_model."),
+        ("model.mm_projector.0.", "model.multi_modal_projector.linear_1."),
+        ("model.mm_projector.2.", "model.multi_modal_projector.linear_2."),
+        ("model.image_newline", "model.image_newline"),
+        ("model.", "model.language_model."),
+    ]
+    for old, new in rules:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _llava_qwen_config(image_token_index: int) -> dict:
+    return {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        **TINY_TEXT,
+        "hidden_act": "silu",
+        "mm_vision_tower": "aim-llava/siglip-tiny-patch14-384",
+        "mm_vision_config": TINY_VISION,
+        "mm_hidden_size": TINY_VISION["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)],
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "mm_newline_position": "one_token",
+        "image_token_index": image_token_index,
+        "tokenizer_model_max_length": 32768,
+        "tokenizer_padding_side": "right",
+        "torch_dtype": "float32",
+        "use_sliding_window": False,
+    }
+
+
+def _hf_config(image_token_index: int, video_token_index: int) -> dict:
+    vision = {k: v for k, v in TINY_VISION.items()}
+    vision["num_hidden_layers"] = TINY_VISION["num_hidden_layers"] - 1
+    vision.update(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    text = dict(TINY_TEXT, model_type="qwen2", hidden_act="silu", use_sliding_window=False)
+    return {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision",
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_index": image_token_index,
+        "video_token_index": video_token_index,
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "full",
+        "vision_feature_layer": -1,
+        "vision_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)],
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int = 0) -> Path:
+    """Write config, tokenizer and weights to ``out``; returns the directory."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    tokenizer.save_pretrained(str(out))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    state = random_state_dict(seed)
+    if layout == "llava_qwen":
+        config = _llava_qwen_config(image_id)
+        names = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+                  "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+        weight_map = {}
+        for file, shard_names in shards.items():
+            save_file({n: state[n].contiguous() for n in shard_names}, str(out / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in shard_names})
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    else:
+        config = _hf_config(image_id, tokenizer.convert_tokens_to_ids("<video>"))
+        # Like the published conversions, the file holds only the vision layers that are used.
+        unused = f"encoder.layers.{TINY_VISION['num_hidden_layers'] - 1}."
+        hf_state = {to_hf_name(n): t.contiguous() for n, t in state.items() if unused not in n}
+        save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
