@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny checkpoints written offline, our model and transformers' oracle."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aim_llava import load_pretrained_model
+from aim_llava.constants import IMAGE_TOKEN_INDEX
+from aim_llava.conversation import build_prompt
+from aim_llava.mm_utils import tokenizer_image_token
+from aim_llava.tiny_checkpoint import write_tiny_checkpoint
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llava_qwen"), "llava_qwen", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_hf"), "hf", seed=0)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_qwen_dir):
+    """(tokenizer, model, image_processor, max_length) from the LLaVA-NeXT layout, float32, sdpa."""
+    return load_pretrained_model(tiny_qwen_dir, device_map="cpu", torch_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_oracle(tiny_hf_dir):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(str(tiny_hf_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def random_frames(n: int, height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def prompt_ids(tokenizer, question: str, num_images: int = 1) -> torch.Tensor:
+    """[1, L] ids of a qwen_1_5 prompt with ``num_images`` placeholders (0: text only)."""
+    if num_images == 0:
+        return torch.tensor([tokenizer(build_prompt(question, num_images=0)).input_ids])
+    return tokenizer_image_token(build_prompt(question, num_images=num_images), tokenizer, return_tensors="pt")[None]
+
+
+def expand_placeholders(ids: torch.Tensor, counts: list[int], token_id: int) -> torch.Tensor:
+    """transformers' convention: one special token per visual embedding instead of one -200."""
+    counts_iter = iter(counts)
+    out = []
+    for token in ids[0].tolist():
+        out += [token_id] * next(counts_iter) if token == IMAGE_TOKEN_INDEX else [token]
+    return torch.tensor([out])

@@ -1,0 +1,73 @@
+"""Image preprocessing and prompt construction against independent references."""
+
+import pytest
+import torch
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+from aim_llava.constants import IMAGE_TOKEN_INDEX
+from aim_llava.conversation import build_prompt, get_conversation
+from aim_llava.errors import InputError
+from aim_llava.mm_utils import process_images, tokenizer_image_token
+from conftest import random_frames, random_image
+
+
+def test_siglip_preprocessing_matches_transformers(loaded):
+    _, _, processor, _ = loaded
+    frames = random_frames(3, 200, 333, seed=4)
+    ours = processor.preprocess(frames)["pixel_values"]
+    reference = SiglipImageProcessorPil(size={"height": 384, "width": 384})(list(frames), return_tensors="pt")
+    assert ours.shape == (3, 3, 384, 384)
+    assert (ours - reference["pixel_values"]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(900, 500), (500, 900), (200, 150), (384, 384), (2000, 1100), (1300, 390)])
+def test_anyres_views_match_transformers(loaded, size):
+    _, model, processor, _ = loaded
+    image = random_image(*size, seed=sum(size))
+    ours = process_images([image], processor, model.config)[0]
+    reference = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3)(image, return_tensors="pt")
+    assert reference["image_sizes"].tolist() == [[size[1], size[0]]]
+    theirs = reference["pixel_values"][0]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_pad_mode_gives_one_square_view(loaded):
+    _, model, processor, _ = loaded
+    image = random_image(300, 100, seed=9)
+    (pixels,) = process_images([image], processor, model.config, image_aspect_ratio="pad")
+    assert pixels.shape == (1, 3, 384, 384)
+    grey = (127 / 255 - 0.5) / 0.5
+    # top and bottom bands are the mean-colour padding
+    assert torch.allclose(pixels[0, :, :100], torch.full_like(pixels[0, :, :100], grey), atol=1e-6)
+    with pytest.raises(InputError):
+        process_images([image], processor, model.config, image_aspect_ratio="crop")
+
+
+def test_qwen_prompt_format():
+    expected = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<image>\nWhat is happening?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert build_prompt("What is happening?") == expected
+    conv = get_conversation("qwen_1_5")
+    conv.append_message(conv.roles[0], "Hi")
+    conv.append_message(conv.roles[1], "Hello")
+    assert conv.get_prompt().endswith("<|im_start|>assistant\nHello<|im_end|>\n")
+    with pytest.raises(InputError):
+        get_conversation("vicuna_v2")
+
+
+def test_tokenizer_image_token_places_placeholders(loaded):
+    tokenizer, _, _, _ = loaded
+    prompt = "before <image> middle <image> after"
+    ids = tokenizer_image_token(prompt, tokenizer)
+    assert ids.count(IMAGE_TOKEN_INDEX) == 2
+    first, second = (i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX)
+    assert ids[:first] == tokenizer("before ").input_ids
+    assert ids[first + 1 : second] == tokenizer(" middle ").input_ids
+    assert ids[second + 1 :] == tokenizer(" after").input_ids
+    assert torch.equal(tokenizer_image_token(prompt, tokenizer, return_tensors="pt"), torch.tensor(ids))
