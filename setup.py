@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["aim_llava", "aim_llava.*"]),
-    include_package_data=True,
+    package_data={"aim_llava": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.5",
         "torchvision",
@@ -29,5 +29,5 @@ setup(
         "flash": ["flash-attn>=2.1"],
         "dev": ["pytest>=7", "pytest-timeout"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["aim-llava = aim_llava.cli:main"]},
 )

@@ -26,8 +26,9 @@ TINY_VISION = {
     "num_channels": 3,
     "layer_norm_eps": 1e-6,
 }
+TINY_VOCAB_SIZE = 320
 TINY_TEXT = {
-    "vocab_size": 512,
+    "vocab_size": TINY_VOCAB_SIZE,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 6,
@@ -47,6 +48,17 @@ WORDS = (
 LAYOUTS = ("llava_qwen", "hf")
 
 
+def printable_byte_alphabet() -> list[str]:
+    """ByteLevel symbols of printable ASCII plus space, newline and tab.
+
+    Leaving out the other bytes means every token decodes to readable text, so the random model's
+    output is random words rather than broken UTF-8; other characters are dropped when
+    tokenising, which is acceptable for a test model only.
+    """
+    # GPT-2's byte-to-symbol map: printable ASCII maps to itself, byte b < 33 to chr(256 + b).
+    return [chr(b) for b in range(33, 127)] + [chr(256 + b) for b in (9, 10, 32)]
+
+
 def build_tokenizer(seed: int):
     """A byte-level BPE tokenizer (Qwen2 style) trained on a generated corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -59,13 +71,13 @@ def build_tokenizer(seed: int):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_TEXT["vocab_size"],
+        vocab_size=TINY_VOCAB_SIZE,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=printable_byte_alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer)
-    if tokenizer.get_vocab_size() != TINY_TEXT["vocab_size"]:
+    if tokenizer.get_vocab_size() != TINY_VOCAB_SIZE:
         raise RuntimeError("the tiny tokenizer's vocabulary does not fill the model's: enlarge the corpus")
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -151,11 +151,14 @@ class LlavaMetaForCausalLM:
         images=None,
         image_sizes=None,
         modalities=None,
+        visual_features: list[torch.Tensor] | None = None,
     ) -> MultimodalInputs:
         """Replace every ``IMAGE_TOKEN_INDEX`` by the next image's or video's features.
 
-        ``images`` are taken in order across the batch, one per placeholder. Returns a
-        left-padded batch with explicit position ids and a visual-token mask.
+        ``images`` are taken in order across the batch, one per placeholder; or pass
+        ``visual_features`` already computed by :meth:`visual_features` (to encode a video once
+        for several prompts). Returns a left-padded batch with explicit position ids and a
+        visual-token mask.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -164,7 +167,10 @@ class LlavaMetaForCausalLM:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.to(self.device, torch.bool)
         n_placeholders = int((input_ids[attention_mask] == IMAGE_TOKEN_INDEX).sum())
-        features = self.visual_features(images, image_sizes, modalities) if images is not None else []
+        if visual_features is not None:
+            features = list(visual_features)
+        else:
+            features = self.visual_features(images, image_sizes, modalities) if images is not None else []
         if n_placeholders != len(features):
             raise InputError(
                 f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"

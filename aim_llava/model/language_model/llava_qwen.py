@@ -78,9 +78,12 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         image_sizes=None,
         modalities=None,
         use_cache: bool = False,
+        visual_features: list[torch.Tensor] | None = None,
     ) -> LlavaOutput:
         """Logits for every position of the (left-padded) multimodal sequence."""
-        inputs = self.prepare_multimodal_inputs(input_ids, attention_mask, images, image_sizes, modalities)
+        inputs = self.prepare_multimodal_inputs(
+            input_ids, attention_mask, images, image_sizes, modalities, visual_features
+        )
         cache = KVCache(len(self.model.layers)) if use_cache else None
         hidden = self.model.decode(inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache)
         if cache is not None:
@@ -104,6 +107,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         use_cache: bool = True,
         streamer=None,
         generator: torch.Generator | None = None,
+        visual_features: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS).
 
@@ -117,7 +121,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
         sample = do_sample and temperature > 0
-        mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities)
+        mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features)
         embeds, valid, positions = mm.inputs_embeds, mm.valid, mm.position_ids
         cache = KVCache(len(self.model.layers)) if use_cache else None
         hidden = self.model.decode(embeds, positions, valid, mm.padded, cache)

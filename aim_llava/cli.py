@@ -1,0 +1,263 @@
+"""The ``aim-llava`` command: caption videos or ask about them, one or many at a time.
+
+Errors in what the user gave (a bad path, an unknown preset, a negative frame count) end with one
+line on stderr and exit code 2. In a batch, a failing video is recorded with its error and the
+others go on; the exit code is then 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from aim_llava.errors import AimLlavaError
+from aim_llava.video import BACKENDS, is_image_file
+
+EXIT_BAD_INPUT = 2
+DEFAULT_MODEL_DIR = "model/llava-onevision-qwen2-7b-ov"
+
+
+class CliError(AimLlavaError):
+    """A command-line usage error."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str):
+        raise CliError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
+                        help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
+    parser.add_argument("--config", default="baseline", help="reduction preset name or YAML path")
+    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly (default 32)")
+    parser.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
+    parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
+    parser.add_argument("--start", type=non_negative_float, help="window start in seconds")
+    parser.add_argument("--end", type=positive_float, help="window end in seconds")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder")
+    parser.add_argument("--time-aware", action="store_true", help="state duration and frame times in the prompt")
+    parser.add_argument("--template", default="qwen_1_5", help="conversation template")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--json", action="store_true", help="one JSON line per video on stdout")
+    parser.add_argument("--output", type=Path, help="write JSONL results here (atomically, after every video)")
+    parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="aim-llava", description="Fast video LLM inference with visual-token reduction.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    caption = commands.add_parser("caption", help="describe videos (or images)")
+    caption.add_argument("videos", nargs="+", help="videos, frame directories, images, or .txt lists of paths")
+    caption.add_argument("--prompt", help="instruction instead of the default caption request")
+    add_common_options(caption)
+    ask = commands.add_parser("ask", help="ask a question about a video")
+    ask.add_argument("video", help="a video, frame directory, image, or .txt list of paths")
+    ask.add_argument("question")
+    add_common_options(ask)
+    return parser
+
+
+def expand_inputs(items: list[str]) -> list[str]:
+    """Paths as given; a ``.txt`` file contributes its non-empty, non-# lines."""
+    paths = []
+    for item in items:
+        if item.endswith(".txt") and Path(item).is_file() and not is_image_file(item):
+            lines = Path(item).read_text().splitlines()
+            paths += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        else:
+            paths.append(item)
+    if not paths:
+        raise CliError("no videos given (the list files are empty)")
+    return paths
+
+
+def read_results(path: Path) -> list[dict]:
+    """Records of an earlier run (lines that do not parse are dropped and redone)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "video" in record:
+            records.append(record)
+    return records
+
+
+def write_results_atomically(path: Path, records: list[dict]) -> None:
+    """Write the whole JSONL file to a temporary file beside it, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_one(llm, video: str, question: str | None, args) -> dict:
+    """Caption or answer for one input; failures become the record's ``error``."""
+    from aim_llava.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_IMAGE_CAPTION_PROMPT
+
+    record = {"video": video, "text": None, "error": None, "config": llm.reduction.name}
+    stream = None
+    if args.stream and not args.json:
+        def stream(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    try:
+        visual = llm.encode(video)
+        if question is None:
+            default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
+            question = getattr(args, "prompt", None) or default
+        response = llm.respond(visual, [(question, None)], stream, max_new_tokens=args.max_new_tokens)
+    except AimLlavaError as err:
+        record["error"] = str(err)
+        return record
+    except Exception as err:  # a failing item must not end the batch; its message is kept
+        record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return record
+    record.update(
+        text=response.text,
+        question=question,
+        modality=visual.modality,
+        frames=len(visual.clip.indices),
+        frame_indices=visual.clip.indices,
+        timestamps=visual.clip.timestamps,
+        duration=round(visual.clip.duration, 3),
+        visual_tokens=response.visual_tokens,
+        new_tokens=response.num_new_tokens,
+        encode_seconds=round(visual.encode_seconds, 3),
+        generate_seconds=round(response.seconds, 3),
+    )
+    return record
+
+
+def report(record: dict, args, many: bool) -> None:
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    elif record["error"] is not None:
+        pass
+    elif args.stream:
+        print(flush=True)
+    elif many:
+        print(f"== {record['video']}\n{record['text']}", flush=True)
+    else:
+        print(record["text"], flush=True)
+    if record["error"] is not None:
+        print(f"aim-llava: error: {record['video']}: {record['error']}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.reduction import load_reduction_config
+
+    if args.resume and args.output is None:
+        raise CliError("--resume needs --output FILE")
+    videos = expand_inputs(args.videos if args.command == "caption" else [args.video])
+    question = args.question if args.command == "ask" else None
+    reduction = load_reduction_config(args.config)
+    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    previous = read_results(args.output) if args.resume else []
+    done = {r["video"] for r in previous if r.get("error") is None}
+    records = [r for r in previous if r.get("error") is None]
+    todo = [v for v in videos if v not in done]
+    if done:
+        print(f"aim-llava: resuming: {len(videos) - len(todo)} of {len(videos)} already in {args.output}",
+              file=sys.stderr)
+    if not todo:
+        return 0
+    llm = VideoLLM.from_pretrained(
+        args.model, reduction, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+        conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
+        generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
+    )
+    many = len(videos) > 1
+    failures = 0
+    progress = None
+    if many:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
+    for video in todo:
+        record = run_one(llm, video, question, args)
+        failures += record["error"] is not None
+        records.append(record)
+        if args.output is not None:
+            write_results_atomically(args.output, records)
+        report(record, args, many)
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    return EXIT_BAD_INPUT if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except AimLlavaError as err:
+        print(f"aim-llava: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("aim-llava: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

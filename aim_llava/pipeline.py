@@ -1,0 +1,239 @@
+"""High-level API: point it at a video (or image) and get a caption or an answer.
+
+>>> llm = VideoLLM.from_pretrained("model/llava-onevision-qwen2-7b-ov", reduction="baseline")
+>>> llm.caption("clip.mp4")
+>>> session = llm.chat("clip.mp4")          # the video is encoded once
+>>> session.ask("Who is in it?"); session.ask("What do they do next?")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from aim_llava.conversation import get_conversation
+from aim_llava.constants import DEFAULT_IMAGE_TOKEN
+from aim_llava.mm_utils import process_images, tokenizer_image_token
+from aim_llava.model.builder import load_pretrained_model
+from aim_llava.reduction import ReductionConfig, load_reduction_config
+from aim_llava.video import VideoClip, load_video, validate_sampling
+
+DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
+DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
+
+
+@dataclass
+class SamplingOptions:
+    """How frames are taken from a video (see :func:`aim_llava.video.load_video`)."""
+
+    num_frames: int = 32
+    fps: float | None = None
+    max_frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end)
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float | None = None
+
+
+@dataclass
+class EncodedVisual:
+    """A video or image after the vision tower and projector, ready to be reused across prompts."""
+
+    clip: VideoClip
+    features: torch.Tensor
+    modality: str
+    encode_seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class Response:
+    text: str
+    num_new_tokens: int
+    visual_tokens: int
+    seconds: float
+
+
+def time_instruction(clip: VideoClip) -> str:
+    """LLaVA-Video's statement of the duration and frame times (its exact wording)."""
+    times = ",".join(f"{t:.2f}s" for t in clip.timestamps)
+    return (
+        f"The video lasts for {clip.duration:.2f} seconds, and {len(clip.timestamps)} frames are uniformly "
+        f"sampled from it. These frames are located at {times}.Please answer the following questions related "
+        "to this video."
+    )
+
+
+class TextStreamer:
+    """Streams decoded text to a callback (transformers' streamer protocol, batch size 1)."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None]):
+        self.tokenizer, self.callback = tokenizer, callback
+        self.tokens: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens.extend(value.flatten().tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the next token
+        if len(text) > self.printed:
+            self.callback(text[self.printed :])
+            self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.callback(text[self.printed :])
+        self.printed = len(text)
+
+
+class VideoLLM:
+    """A loaded model plus the choices of how to sample, prompt and reduce."""
+
+    def __init__(
+        self,
+        tokenizer,
+        model,
+        image_processor,
+        reduction: ReductionConfig | None = None,
+        sampling: SamplingOptions | None = None,
+        generation: GenerationOptions | None = None,
+        conv_template: str = "qwen_1_5",
+        time_aware: bool = False,
+    ):
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.reduction = reduction or load_reduction_config(None)
+        self.sampling = sampling or SamplingOptions()
+        self.generation = generation or GenerationOptions()
+        self.conv_template = conv_template
+        get_conversation(conv_template)
+        self.time_aware = time_aware
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        reduction: str | ReductionConfig | None = "baseline",
+        device="auto",
+        dtype="auto",
+        attn_implementation: str = "sdpa",
+        conv_template: str = "qwen_1_5",
+        time_aware: bool = False,
+        sampling: SamplingOptions | None = None,
+        generation: GenerationOptions | None = None,
+    ) -> VideoLLM:
+        """Load a local checkpoint directory (either layout) with a reduction preset or config."""
+        reduction_config = load_reduction_config(reduction)
+        tokenizer, model, processor, _ = load_pretrained_model(
+            path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
+        )
+        return cls(tokenizer, model, processor, reduction_config, sampling, generation, conv_template, time_aware)
+
+    def load(self, source: str | Path | VideoClip, **sampling) -> VideoClip:
+        if isinstance(source, VideoClip):
+            return source
+        options = dataclasses.replace(self.sampling, **sampling)
+        return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
+                          options.end, options.backend)
+
+    @torch.no_grad()
+    def encode(self, source: str | Path | VideoClip | EncodedVisual, **sampling) -> EncodedVisual:
+        """Read and encode a video (or image) once; the result can be passed to :meth:`ask`."""
+        if isinstance(source, EncodedVisual):
+            return source
+        clip = self.load(source, **sampling)
+        started = time.perf_counter()
+        if clip.is_image:
+            pixels = process_images(list(clip.frames), self.image_processor, self.model.config)
+            height, width = clip.frames.shape[1:3]
+            features = self.model.visual_features(pixels, image_sizes=[(width, height)], modalities=["image"])[0]
+            modality = "image"
+        else:
+            pixels = self.image_processor.preprocess(clip.frames)["pixel_values"]
+            features = self.model.visual_features([pixels], modalities=["video"])[0]
+            modality = "video"
+        return EncodedVisual(clip, features, modality, time.perf_counter() - started)
+
+    def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]]) -> str:
+        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first."""
+        conv = get_conversation(self.conv_template)
+        for i, (question, answer) in enumerate(turns):
+            if i == 0:
+                if self.time_aware and visual.modality == "video":
+                    question = f"{time_instruction(visual.clip)}\n{question}"
+                question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
+            conv.append_message(conv.roles[0], question)
+            conv.append_message(conv.roles[1], answer)
+        return conv.get_prompt()
+
+    @torch.no_grad()
+    def respond(
+        self,
+        visual: EncodedVisual,
+        turns: list[tuple[str, str | None]],
+        stream: Callable[[str], None] | None = None,
+        **generation,
+    ) -> Response:
+        options = dataclasses.replace(self.generation, **generation)
+        ids = tokenizer_image_token(self.prompt(visual, turns), self.tokenizer, return_tensors="pt")[None]
+        started = time.perf_counter()
+        tokens = self.model.generate(
+            ids,
+            visual_features=[visual.features],
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            streamer=TextStreamer(self.tokenizer, stream) if stream else None,
+        )
+        text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+        return Response(text, int(tokens.shape[1]), visual.num_tokens, time.perf_counter() - started)
+
+    def ask(self, video, question: str, stream: Callable[[str], None] | None = None, **generation) -> str:
+        """Answer one question about a video, image, frame directory or :class:`EncodedVisual`."""
+        return self.respond(self.encode(video), [(question, None)], stream, **generation).text
+
+    def caption(self, video, prompt: str | None = None, stream: Callable[[str], None] | None = None,
+                **generation) -> str:
+        visual = self.encode(video)
+        default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
+        return self.respond(visual, [(prompt or default, None)], stream, **generation).text
+
+    def chat(self, video) -> ChatSession:
+        """A multi-turn conversation about one video; the video is encoded once."""
+        return ChatSession(self, self.encode(video))
+
+
+@dataclass
+class ChatSession:
+    llm: VideoLLM
+    visual: EncodedVisual
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+    def ask(self, question: str, stream: Callable[[str], None] | None = None, **generation) -> str:
+        response = self.llm.respond(self.visual, self.history + [(question, None)], stream, **generation)
+        self.history.append((question, response.text))
+        return response.text

@@ -1,0 +1,242 @@
+"""Reading frames from videos, frame directories and image files.
+
+Sampling rules (the source's frame i has timestamp i / fps):
+
+* uniform (default): ``numpy.linspace(first, last, num_frames, dtype=int)`` over the frames of
+  the [start, end] window; for a whole video that is exactly the published evaluation's
+  ``linspace(0, total_frames - 1, num_frames, dtype=int)``. Asking for more frames than the
+  window has repeats frames, as the published code does (a 2-frame video asked for 32 frames
+  gives frame 0 thirty-one times, then frame 1): the model sees ``num_frames`` frames whatever
+  the source.
+* fps: one frame every 1/fps seconds from the window's start (the nearest source frame); when
+  that gives more than ``max_frames``, uniform sampling of ``max_frames`` over the window instead
+  (LLaVA-Video's rule).
+
+Backends: ``decord``, ``pyav`` and ``qwen`` (qwen-vl-utils' reader). ``qwen`` keeps
+qwen-vl-utils' own uniform rule (``round(torch.linspace(first, last, n))`` with n rounded to an
+even number) because that is what a user picking it wants; use decord or pyav for the published
+indices. ``auto`` tries decord, then pyav, then qwen.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aim_llava.errors import InputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+BACKENDS = ("auto", "decord", "pyav", "qwen")
+
+
+class VideoError(InputError):
+    """A video, frame directory or image that cannot be read as asked."""
+
+
+@dataclass
+class VideoClip:
+    """Sampled frames [T, H, W, 3] uint8 with their source indices and timestamps (seconds)."""
+
+    frames: np.ndarray
+    indices: list[int]
+    timestamps: list[float]
+    duration: float
+    fps: float
+    source: str
+    is_image: bool = False
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def uniform_indices(first: int, last: int, num_frames: int) -> list[int]:
+    """The published rule: ``numpy.linspace(first, last, num_frames, dtype=int)``."""
+    return np.linspace(first, last, num_frames, dtype=int).tolist()
+
+
+def fps_indices(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> list[int]:
+    """Nearest source frames every 1/fps seconds from ``first``; uniform if over ``max_frames``."""
+    step = source_fps / fps
+    count = int(math.floor((last - first) / step + 1e-9)) + 1
+    indices = [min(last, first + int(round(k * step))) for k in range(count)]
+    if max_frames is not None and len(indices) > max_frames:
+        return uniform_indices(first, last, max_frames)
+    return indices
+
+
+def frame_window(total: int, fps: float, start: float | None, end: float | None, source: str) -> tuple[int, int]:
+    """First and last frame index inside [start, end] seconds."""
+    duration = total / fps if fps > 0 else float(total)
+    first = 0 if start is None else int(math.ceil(start * fps - 1e-9))
+    last = total - 1 if end is None else min(total - 1, int(math.floor(end * fps + 1e-9)))
+    if start is not None and first >= total:
+        raise VideoError(f"start={start}s is beyond the end of {source} ({duration:.2f}s)")
+    if last < first:
+        raise VideoError(f"the window start={start}s end={end}s of {source} holds no frame")
+    return first, last
+
+
+def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> list[int]:
+    first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
+    if opts["fps"] is not None:
+        return fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+    count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
+    return uniform_indices(first, last, count)
+
+
+def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    total, source_fps = len(reader), float(reader.get_avg_fps())
+    if total == 0:
+        raise VideoError(f"{path} has no video frames")
+    indices = choose_indices(total, source_fps, opts, path)
+    return reader.get_batch(indices).asnumpy(), indices, source_fps, total
+
+
+def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+    if total == 0 or source_fps <= 0:
+        raise VideoError(f"{path} has no decodable video frames")
+    indices = choose_indices(total, source_fps, opts, path)
+    wanted, decoded = set(indices), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                decoded[i] = frame.to_ndarray(format="rgb24")
+            if i >= indices[-1]:
+                break
+    if len(decoded) < len(wanted):
+        raise VideoError(f"{path} is truncated or damaged: frame {max(wanted - set(decoded))} of {total} does not decode")
+    return np.stack([decoded[i] for i in indices]), indices, source_fps, total
+
+
+def _read_qwen(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
+    from qwen_vl_utils import vision_process
+
+    element = {"video": path}
+    if opts["fps"] is not None:
+        element.update(fps=opts["fps"], max_frames=opts["max_frames"] or 768)
+    else:
+        count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
+        element["nframes"] = max(2, count)
+    if opts["start"] is not None:
+        element["video_start"] = opts["start"]
+    if opts["end"] is not None:
+        element["video_end"] = opts["end"]
+    reader = vision_process.VIDEO_READER_BACKENDS[vision_process.get_video_reader_backend()]
+    video, metadata, _ = reader(element)
+    frames = video.permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    return frames, list(metadata["frames_indices"]), float(metadata["fps"]), int(metadata["total_num_frames"])
+
+
+READERS = {"decord": _read_decord, "pyav": _read_pyav, "qwen": _read_qwen}
+
+
+def _backend_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"decord": "decord", "pyav": "av", "qwen": "qwen_vl_utils"}[name]
+    return importlib.util.find_spec(module) is not None
+
+
+def _load_image_file(path: Path) -> VideoClip:
+    try:
+        with Image.open(path) as image:
+            frame = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise VideoError(f"cannot read {path} as an image ({err})") from None
+    return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+
+
+def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
+    def natural_key(p: Path):
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p.name)]
+
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
+    if not files:
+        raise VideoError(f"directory {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    source_fps = 1.0
+    indices = choose_indices(len(files), source_fps, opts, str(path))
+    frames, size = [], None
+    for i in indices:
+        try:
+            with Image.open(files[i]) as image:
+                frame = image.convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise VideoError(f"cannot read frame {files[i]} ({err})") from None
+        size = size or frame.size
+        frames.append(np.asarray(frame if frame.size == size else frame.resize(size, Image.BILINEAR)))
+    return VideoClip(np.stack(frames), indices, [i / source_fps for i in indices], len(files) / source_fps,
+                     source_fps, "frames")
+
+
+def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end) -> None:
+    if num_frames is None or num_frames < 1:
+        raise VideoError(f"the number of frames must be at least 1, got {num_frames}")
+    if fps is not None and fps <= 0:
+        raise VideoError(f"fps must be positive, got {fps}")
+    if max_frames is not None and max_frames < 1:
+        raise VideoError(f"max_frames must be at least 1, got {max_frames}")
+    if start is not None and start < 0:
+        raise VideoError(f"start must be >= 0 seconds, got {start}")
+    if start is not None and end is not None and end <= start:
+        raise VideoError(f"end ({end}s) must be after start ({start}s)")
+
+
+def load_video(
+    path: str | Path,
+    num_frames: int = 32,
+    fps: float | None = None,
+    max_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    backend: str = "auto",
+) -> VideoClip:
+    """Sample frames from a video file, a directory of frame images, or one image file.
+
+    Frame directories are taken at 1 frame per second (sorted by name, numbers compared as
+    numbers). An image file gives one frame with ``is_image=True``.
+    """
+    validate_sampling(num_frames, fps, max_frames, start, end)
+    if backend not in BACKENDS:
+        raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    path = Path(path)
+    if not path.exists():
+        raise VideoError(f"file not found: {path}")
+    opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    if path.is_dir():
+        return _load_frame_dir(path, opts)
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path} is empty (0 bytes)")
+    if is_image_file(path):
+        return _load_image_file(path)
+    names = [b for b in READERS if _backend_available(b)] if backend == "auto" else [backend]
+    failures = []
+    for name in names:
+        try:
+            frames, indices, source_fps, total = READERS[name](str(path), opts)
+        except VideoError:
+            raise
+        except Exception as err:  # each decoder library raises its own error types
+            failures.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+            continue
+        timestamps = [round(i / source_fps, 6) for i in indices]
+        return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name)
+    if not failures:
+        raise VideoError(f"no video backend is installed for {backend!r} (pip install av)")
+    raise VideoError(f"cannot decode {path} as a video ({'; '.join(failures)})")
