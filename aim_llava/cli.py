@@ -185,7 +185,7 @@ def run_one(llm, video: str, question: str | None, args) -> dict:
     return record
 
 
-def report(record: dict, args, many: bool) -> None:
+def report(record: dict, args, many: bool, progress=None) -> None:
     if args.json:
         print(json.dumps(record, ensure_ascii=False), flush=True)
     elif record["error"] is not None:
@@ -197,7 +197,11 @@ def report(record: dict, args, many: bool) -> None:
     else:
         print(record["text"], flush=True)
     if record["error"] is not None:
-        print(f"aim-llava: error: {record['video']}: {record['error']}", file=sys.stderr, flush=True)
+        message = f"aim-llava: error: {record['video']}: {record['error']}"
+        if progress is not None:
+            progress.write(message, file=sys.stderr)  # keeps the line apart from the progress bar
+        else:
+            print(message, file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
@@ -237,7 +241,7 @@ def run(args) -> int:
         records.append(record)
         if args.output is not None:
             write_results_atomically(args.output, records)
-        report(record, args, many)
+        report(record, args, many, progress)
         if progress is not None:
             progress.update(1)
     if progress is not None:

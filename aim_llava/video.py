@@ -15,13 +15,17 @@ Sampling rules (the source's frame i has timestamp i / fps):
 Backends: ``decord``, ``pyav`` and ``qwen`` (qwen-vl-utils' reader). ``qwen`` keeps
 qwen-vl-utils' own uniform rule (``round(torch.linspace(first, last, n))`` with n rounded to an
 even number) because that is what a user picking it wants; use decord or pyav for the published
-indices. ``auto`` tries decord, then pyav, then qwen.
+indices. ``auto`` tries decord, then pyav (qwen only when neither is installed). What the
+decoder libraries print is silenced: a failure becomes one VideoError line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,6 +151,21 @@ def _read_qwen(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
 READERS = {"decord": _read_decord, "pyav": _read_pyav, "qwen": _read_qwen}
 
 
+@contextlib.contextmanager
+def native_output_silenced():
+    """Decoder libraries print to the process's stderr from C; keep it for our one-line errors."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _backend_available(name: str) -> bool:
     import importlib.util
 
@@ -225,17 +244,22 @@ def load_video(
         raise VideoError(f"{path} is empty (0 bytes)")
     if is_image_file(path):
         return _load_image_file(path)
-    names = [b for b in READERS if _backend_available(b)] if backend == "auto" else [backend]
+    if backend == "auto":
+        # qwen-vl-utils decodes with decord or torchvision itself: it is only a last resort.
+        names = [b for b in ("decord", "pyav") if _backend_available(b)] or ["qwen"]
+    else:
+        names = [backend]
     failures = []
     for name in names:
         try:
-            frames, indices, source_fps, total = READERS[name](str(path), opts)
+            with native_output_silenced():
+                frames, indices, source_fps, total = READERS[name](str(path), opts)
         except VideoError:
             raise
         except Exception as err:  # each decoder library raises its own error types
             failures.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             continue
-        timestamps = [round(i / source_fps, 6) for i in indices]
+        timestamps = [i / source_fps for i in indices]
         return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name)
     if not failures:
         raise VideoError(f"no video backend is installed for {backend!r} (pip install av)")
