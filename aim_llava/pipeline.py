@@ -125,7 +125,7 @@ class VideoLLM:
         time_aware: bool = False,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
-        self.reduction = reduction or load_reduction_config(None)
+        self.reduction = model.set_reduction(reduction) if reduction is not None else model.reduction
         self.sampling = sampling or SamplingOptions()
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template

@@ -15,6 +15,7 @@ from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_ten
 from aim_llava.model.config import LlavaConfig, config_from_dict
 from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+from aim_llava.reduction.config import load_reduction_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> Llava
     if not overwrite_config:
         return config
     known = {f.name for f in dataclasses.fields(config)} - {"text", "vision", "layout"}
-    unknown = sorted(set(overwrite_config) - known)
+    unknown = sorted(set(overwrite_config) - known - {"reduction"})
     if unknown:
         raise CheckpointError(f"overwrite_config: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    return dataclasses.replace(config, **overwrite_config)
+    return dataclasses.replace(config, **{k: v for k, v in overwrite_config.items() if k != "reduction"})
 
 
 def resolve_device(device_map) -> torch.device:
@@ -116,6 +117,8 @@ def load_pretrained_model(
     Nothing is downloaded: ``model_path`` must be a directory. ``device_map`` is one device
     ("auto" picks CUDA when present). ``attn_implementation``: eager, sdpa or
     flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
+    ``overwrite_config`` replaces config fields by name; its ``reduction`` entry (a preset name,
+    YAML path, mapping or ReductionConfig) selects the token reduction.
     """
     if model_base is not None:
         raise CheckpointError("model_base (LoRA/projector-only checkpoints) is not supported: give a full checkpoint")
@@ -127,11 +130,13 @@ def load_pretrained_model(
             f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
         )
     config = apply_overrides(read_config(model_dir), overwrite_config)
+    reduction = load_reduction_config((overwrite_config or {}).get("reduction"))
     device = resolve_device(device_map)
     dtype = resolve_dtype(torch_dtype, config, device)
     attn = resolve_attn_implementation(attn_implementation)
     tokenizer = load_tokenizer(model_dir)
     model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
+    model.set_reduction(reduction)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eos_ids = [i for i in (im_end, tokenizer.eos_token_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
     model.generation_defaults.eos_token_ids = sorted(set(eos_ids))

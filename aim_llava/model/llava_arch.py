@@ -24,6 +24,7 @@ from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import get_anyres_image_grid_shape
 from aim_llava.model.config import LlavaConfig
+from aim_llava.reduction.plan import ReductionPlan
 
 MODALITIES = ("image", "video")
 
@@ -75,9 +76,14 @@ def _max_crops(image_aspect_ratio: str) -> int | None:
 
 
 class LlavaMetaForCausalLM:
-    """Mixin: the visual side of ``LlavaQwenForCausalLM`` (needs ``self.model`` and ``self.config``)."""
+    """Mixin: the visual side of ``LlavaQwenForCausalLM``.
+
+    Needs ``self.model``, ``self.config`` and ``self.reduction_plan`` (whose hooks may merge video
+    frame tokens and image tokens).
+    """
 
     config: LlavaConfig
+    reduction_plan: ReductionPlan
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> projected features [N, patches, H]."""
@@ -88,6 +94,7 @@ class LlavaMetaForCausalLM:
     def video_features(self, frame_features: torch.Tensor) -> torch.Tensor:
         """[F, patches, H] -> [F * pooled + 1, H]."""
         pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
+        pooled = self.reduction_plan.reduce_video_frames(pooled)
         return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
 
     def anyres_features(self, view_features: torch.Tensor, image_size) -> torch.Tensor:
@@ -139,9 +146,10 @@ class LlavaMetaForCausalLM:
             if modality == "video":
                 features.append(self.video_features(views))
             elif views.shape[0] > 1:
-                features.append(self.anyres_features(views, sizes[index] if index < len(sizes) else None))
+                size = sizes[index] if index < len(sizes) else None
+                features.append(self.reduction_plan.reduce_image_tokens(self.anyres_features(views, size)))
             else:
-                features.append(self.single_view_features(views))
+                features.append(self.reduction_plan.reduce_image_tokens(self.single_view_features(views)))
         return features
 
     def prepare_multimodal_inputs(

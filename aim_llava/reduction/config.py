@@ -1,17 +1,21 @@
-"""The reduction configuration object and the YAML presets in ``aim_llava/configs``."""
+"""The reduction configuration object and the YAML presets in ``aim_llava/configs``.
+
+A config is a method name plus that method's options dataclass (see ``reduction/methods``). In
+YAML, ``name`` and ``method`` sit beside the method's options.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from aim_llava.errors import AimLlavaError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ("none",)
 
 
 class ConfigError(AimLlavaError):
@@ -20,18 +24,60 @@ class ConfigError(AimLlavaError):
 
 @dataclass(frozen=True)
 class ReductionConfig:
-    """Which visual-token reduction runs, and its settings."""
+    """Which visual-token reduction runs (``method``), with its options."""
 
     name: str = "baseline"
     method: str = "none"
+    options: Any = None
 
     def __post_init__(self) -> None:
+        from aim_llava.reduction.methods import METHODS
+
         if self.method not in METHODS:
             raise ConfigError(f"unknown reduction method {self.method!r}; known: {', '.join(METHODS)}")
+        if self.options is None:
+            object.__setattr__(self, "options", METHODS[self.method].options())
+        elif not isinstance(self.options, METHODS[self.method].options):
+            raise ConfigError(f"options for method {self.method!r} must be {METHODS[self.method].options.__name__}")
 
     @property
     def enabled(self) -> bool:
         return self.method != "none"
+
+    def build(self, num_layers: int):
+        """The :class:`ReductionPlan` for an LLM of ``num_layers`` layers (checks the fit)."""
+        from aim_llava.reduction.methods import METHODS
+
+        try:
+            return METHODS[self.method].build(self.options, num_layers, self.name)
+        except AimLlavaError as err:
+            raise ConfigError(f"config {self.name!r}: {err}") from None
+
+    def with_options(self, **changes) -> ReductionConfig:
+        return dataclasses.replace(self, options=_make_options(self.method, {**self.as_dict(), **changes}, self.name))
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
+
+
+def _make_options(method: str, values: dict, source: str):
+    from aim_llava.reduction.methods import METHODS
+
+    if method not in METHODS:
+        raise ConfigError(f"{source}: unknown reduction method {method!r}; known: {', '.join(METHODS)}")
+    options_class = METHODS[method].options
+    known = {f.name for f in dataclasses.fields(options_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        listing = ", ".join(sorted(known | {"name", "method"}))
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} for method {method!r}; known keys: {listing}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return options_class(**values)
+    except AimLlavaError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def available_presets() -> list[str]:
@@ -39,19 +85,20 @@ def available_presets() -> list[str]:
 
 
 def config_from_mapping(values: dict, source: str) -> ReductionConfig:
-    known = {f.name for f in dataclasses.fields(ReductionConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    return ReductionConfig(**values)
+    values = dict(values)
+    name = str(values.pop("name", Path(source).stem))
+    method = values.pop("method", "none")
+    return ReductionConfig(name, method, _make_options(method, values, source))
 
 
-def load_reduction_config(spec: str | Path | ReductionConfig | None) -> ReductionConfig:
-    """A preset name (``baseline``), a YAML file path, a config object, or None (baseline)."""
+def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> ReductionConfig:
+    """A preset name (``aim_default``), a YAML file path, a mapping, a config object, or None."""
     if spec is None:
         spec = "baseline"
     if isinstance(spec, ReductionConfig):
         return spec
+    if isinstance(spec, dict):
+        return config_from_mapping(spec, "reduction config")
     spec = str(spec)
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):

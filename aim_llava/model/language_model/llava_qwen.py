@@ -18,6 +18,9 @@ from aim_llava.model.language_model.modeling_qwen2 import Qwen2Model
 from aim_llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalInputs
 from aim_llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
 from aim_llava.model.multimodal_projector.builder import build_vision_projector
+from aim_llava.reduction.config import ReductionConfig, load_reduction_config
+from aim_llava.reduction.plan import ReductionPlan, ReplayReducer
+from aim_llava.reduction.tokens import TokenState
 
 
 @dataclass
@@ -29,10 +32,26 @@ class GenerationDefaults:
 
 
 @dataclass
+class ReductionRecord:
+    """What token reduction did in the last prefill.
+
+    visual_tokens_per_layer[l][b]: visual tokens of sample b entering layer l (after any merging
+    before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l.
+    """
+
+    visual_tokens_per_layer: list[list[int]]
+    kept: dict[int, torch.Tensor]
+
+
+@dataclass
 class LlavaOutput:
+    """``logits`` are for the rows left at the end (all rows unless tokens were removed);
+    ``state.original_index`` maps them to positions of ``inputs``."""
+
     logits: torch.Tensor
     past_key_values: KVCache | None
     inputs: MultimodalInputs
+    state: TokenState
 
 
 class LlavaQwenModel(Qwen2Model):
@@ -54,7 +73,33 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         self.model = LlavaQwenModel(config, attn_implementation)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_defaults = GenerationDefaults()
+        self.reduction = ReductionConfig()
+        self.reduction_plan = ReductionPlan()
+        self.last_reduction: ReductionRecord | None = None
 
+    def set_reduction(self, spec: str | dict | ReductionConfig | None) -> ReductionConfig:
+        """Use a reduction preset name, YAML path, mapping or config (None: no reduction)."""
+        config = load_reduction_config(spec)
+        self.reduction_plan = config.build(self.config.text.num_hidden_layers)
+        self.reduction = config
+        return config
+
+    def prefill(self, inputs: MultimodalInputs, cache: KVCache | None, replay: ReductionRecord | None = None):
+        """Decoder pass over a whole multimodal batch, with the reduction plan's layer reducer
+        (or, with ``replay``, the decisions of an earlier prefill)."""
+        plan = self.reduction_plan
+        if replay is not None:
+            reducer = ReplayReducer(replay.kept, plan.prune_mode) if replay.kept else None
+        else:
+            reducer = plan.layer_reducer(len(self.model.layers))
+        hidden, state = self.model.decode(
+            inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache,
+            visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
+        )
+        record = ReductionRecord(state.visual_per_layer.tolist(), getattr(reducer, "kept", {}))
+        if replay is None:
+            self.last_reduction = record
+        return hidden, state
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -85,10 +130,10 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             input_ids, attention_mask, images, image_sizes, modalities, visual_features
         )
         cache = KVCache(len(self.model.layers)) if use_cache else None
-        hidden = self.model.decode(inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache)
+        hidden, state = self.prefill(inputs, cache)
         if cache is not None:
             cache.next_position = inputs.position_ids[:, -1] + 1
-        return LlavaOutput(self.lm_head(hidden), cache, inputs)
+        return LlavaOutput(self.lm_head(hidden), cache, inputs, state)
 
     @torch.no_grad()
     def generate(
@@ -122,11 +167,12 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
         sample = do_sample and temperature > 0
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features)
-        embeds, valid, positions = mm.inputs_embeds, mm.valid, mm.position_ids
         cache = KVCache(len(self.model.layers)) if use_cache else None
-        hidden = self.model.decode(embeds, positions, valid, mm.padded, cache)
+        hidden, _ = self.prefill(mm, cache)
+        record = self.last_reduction
+        positions = mm.position_ids
         next_position = positions[:, -1:] + 1
-        batch = embeds.shape[0]
+        batch = positions.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         new_tokens = []
         if streamer is not None:
@@ -144,12 +190,17 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             token_embeds = self.model.embed_tokens(token)[:, None]
             step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
             if cache is not None:
-                hidden = self.model.decode(token_embeds, next_position, step_valid, False, cache)
+                hidden, _ = self.model.decode(token_embeds, next_position, step_valid, False, cache,
+                                              attn_implementation=self.reduction_plan.attn_implementation)
             else:
-                embeds = torch.cat([embeds, token_embeds], dim=1)
-                valid = torch.cat([valid, step_valid], dim=1)
-                positions = torch.cat([positions, next_position], dim=1)
-                hidden = self.model.decode(embeds, positions, valid, mm.padded)
+                mm = MultimodalInputs(
+                    torch.cat([mm.inputs_embeds, token_embeds], dim=1),
+                    torch.cat([mm.valid, step_valid], dim=1),
+                    torch.cat([mm.position_ids, next_position], dim=1),
+                    torch.cat([mm.visual, torch.zeros_like(step_valid)], dim=1),
+                    mm.padded,
+                )
+                hidden, _ = self.prefill(mm, None, replay=record)
             next_position = next_position + 1
         if streamer is not None:
             streamer.end()

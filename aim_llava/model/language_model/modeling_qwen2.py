@@ -14,6 +14,7 @@ from torch import nn
 from aim_llava.model.attention import attend
 from aim_llava.model.config import TextConfig
 from aim_llava.model.language_model.kv_cache import KVCache
+from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -56,16 +57,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
-    """[B, 1, Lq, Lk] boolean mask: causal over key indices and padding removed.
+    """[B, 1, Lq, Lk] boolean mask: causal over key indices, keys not valid removed.
 
-    The new queries are the last ``q_len`` keys. A query always sees itself, so padding rows get
-    a defined (ignored) output instead of NaN.
+    The new queries are the last ``q_len`` keys. A query that could see nothing (a padding row)
+    sees itself, so it gets a defined (ignored) output instead of NaN.
     """
     k_len = key_valid.shape[1]
     q_idx = torch.arange(k_len - q_len, k_len, device=key_valid.device)[:, None]
     k_idx = torch.arange(k_len, device=key_valid.device)[None, :]
     mask = (k_idx <= q_idx)[None] & key_valid[:, None, :]
-    mask |= k_idx == q_idx
+    mask |= ~mask.any(dim=-1, keepdim=True) & (k_idx == q_idx)
     return mask[:, None]
 
 
@@ -98,15 +99,19 @@ class Qwen2Attention(nn.Module):
         padded: bool,
         cache: KVCache | None,
         attn_implementation: str,
-    ) -> torch.Tensor:
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, LayerAttention | None]:
+        """``valid`` [B, L] marks the new tokens others may attend to; with ``return_attention``
+        the rotated queries and keys of the new tokens come back for token scoring."""
         q, k, v = self.project(x, cos, sin)
+        seen = LayerAttention(q, k, self.head_dim**-0.5) if return_attention else None
         key_valid = valid
         if cache is not None:
             entry = cache.append(self.layer_idx, k, v, valid, padded)
             k, v, key_valid, padded = entry.keys, entry.values, entry.valid, entry.padded
         mask = attention_mask(key_valid, q.shape[2]) if padded else None
         out = attend(q, k, v, mask, True, self.head_dim**-0.5, attn_implementation)
-        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), seen
 
 
 class Qwen2MLP(nn.Module):
@@ -128,9 +133,12 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, valid, padded, cache, attn_implementation) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, valid, padded, cache, attn_implementation)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, valid, padded, cache, attn_implementation, return_attention=False):
+        attended, seen = self.self_attn(
+            self.input_layernorm(x), cos, sin, valid, padded, cache, attn_implementation, return_attention
+        )
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), seen
 
 
 class Qwen2Model(nn.Module):
@@ -152,15 +160,33 @@ class Qwen2Model(nn.Module):
         valid: torch.Tensor,
         padded: bool,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
+        visual: torch.Tensor | None = None,
+        reducer: LayerReducer | None = None,
+        attn_implementation: str | None = None,
+    ) -> tuple[torch.Tensor, TokenState]:
         """Run the decoder over new tokens.
 
         inputs_embeds [B, L, H]; position_ids [B, L]; valid [B, L] marks real tokens and
-        ``padded`` whether any is False. With a cache, the tokens attend to everything cached
-        before them and are appended to it. Returns the final-norm hidden states [B, L, H].
+        ``padded`` whether any is False; visual [B, L] marks visual tokens. With a cache, the
+        tokens attend to everything cached before them and are appended to it (each layer caches
+        the tokens that entered it). A ``reducer`` may drop or mask tokens after any layer.
+        Returns the final-norm hidden states of the remaining tokens and their :class:`TokenState`;
+        ``state.visual_per_layer`` counts the visual tokens that entered each layer.
         """
-        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        hidden = inputs_embeds
-        for layer in self.layers:
-            hidden = layer(hidden, cos, sin, valid, padded, cache, self.attn_implementation)
-        return self.norm(hidden)
+        if visual is None:
+            visual = torch.zeros_like(valid)
+        implementation = attn_implementation or self.attn_implementation
+        state = TokenState.start(inputs_embeds, position_ids, valid, visual, padded)
+        cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
+        entering = []
+        for index, layer in enumerate(self.layers):
+            entering.append(state.visual_alive_counts())
+            wants = reducer is not None and reducer.wants_attention(index)
+            state.hidden, seen = layer(state.hidden, cos, sin, state.alive, state.padded, cache, implementation, wants)
+            if reducer is not None:
+                positions = state.position_ids
+                state = reducer.after_layer(index, state, seen)
+                if state.position_ids is not positions:
+                    cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
+        state.visual_per_layer = torch.stack(entering, dim=0)
+        return self.norm(state.hidden), state

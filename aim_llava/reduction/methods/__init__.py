@@ -1,0 +1,29 @@
+"""The registry of reduction methods: name -> (options dataclass, plan factory).
+
+A new method is one file in this folder plus one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aim_llava.reduction.methods.aim import AimOptions, AimPlan
+from aim_llava.reduction.plan import ReductionPlan
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The baseline has no settings."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    options: type
+    build: Callable[..., ReductionPlan]
+
+
+METHODS: dict[str, MethodEntry] = {
+    "none": MethodEntry(NoOptions, lambda options, num_layers, name: ReductionPlan()),
+    "aim": MethodEntry(AimOptions, lambda options, num_layers, name: AimPlan(options, num_layers, name)),
+}

@@ -1,0 +1,153 @@
+"""AIM: merge similar tokens within each frame before the LLM, then prune by PageRank importance
+inside the LLM on a retention schedule (SPEC sections 2 and 3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aim_llava.reduction.importance import pagerank_importance
+from aim_llava.reduction.merge import ORDERS, WEIGHTINGS, merge_steps_for_ratio, merge_tokens
+from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
+from aim_llava.reduction.schedule import SCHEDULE_KINDS, RetentionSchedule, ScheduleError
+from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState
+
+
+@dataclass(frozen=True)
+class AimOptions:
+    """Settings of AIM; every one can be given in a preset YAML or ``overwrite_config``.
+
+    merge_ratio: share of each frame's tokens kept by merging (None: no merging);
+    merge_steps: explicit per-step merge counts instead of a ratio;
+    merge_order: "published" (unmerged sources first) or "spatial"; merge_weighting: "mean"
+    (published) or "size"; image_merge_ratio: merging of image tokens (None: images untouched);
+    prune: "published" | "linear" | "explicit" | None; prune_start (l1; None adapts to the depth:
+    14 of 28 layers, 13 of 32, else half), prune_end (l2, linear only), prune_step (published),
+    prune_floor (linear), prune_retention (explicit, one value per layer);
+    prune_mode: "remove" (tokens really dropped) or "mask" (the published masking, eager attention);
+    importance_temperature / importance_iterations / importance_chunk_size: PageRank settings.
+    """
+
+    merge_ratio: float | None = 0.25
+    merge_steps: tuple[int, ...] | None = None
+    merge_order: str = "published"
+    merge_weighting: str = "mean"
+    image_merge_ratio: float | None = None
+    prune: str | None = "published"
+    prune_start: int | None = None
+    prune_end: int | None = None
+    prune_step: float = 0.125
+    prune_floor: float = 0.0
+    prune_retention: tuple[float, ...] | None = None
+    prune_mode: str = "remove"
+    importance_temperature: float = 0.1
+    importance_iterations: int = 5
+    importance_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("merge_ratio", "image_merge_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ScheduleError(f"{name}={value} must lie in (0, 1]")
+        if self.merge_steps is not None and any(r < 0 for r in self.merge_steps):
+            raise ScheduleError(f"merge_steps must be non-negative counts, got {list(self.merge_steps)}")
+        choices = {"merge_order": ORDERS, "merge_weighting": WEIGHTINGS, "prune_mode": PRUNE_MODES,
+                   "prune": SCHEDULE_KINDS + (None,)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ScheduleError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(str, allowed))}")
+        if not 0.0 < self.prune_step <= 1.0:
+            raise ScheduleError(f"prune_step={self.prune_step} must lie in (0, 1]")
+        if not 0.0 <= self.prune_floor <= 1.0:
+            raise ScheduleError(f"prune_floor={self.prune_floor} must lie in [0, 1]")
+        if self.prune == "explicit" and self.prune_retention is None:
+            raise ScheduleError("prune: explicit needs prune_retention (one value per layer)")
+        if self.prune == "linear" and self.prune_end is None:
+            raise ScheduleError("prune: linear needs prune_end")
+        if self.importance_temperature <= 0 or self.importance_iterations < 1:
+            raise ScheduleError("importance_temperature must be > 0 and importance_iterations >= 1")
+
+    def schedule(self, num_layers: int) -> RetentionSchedule:
+        if self.prune is None:
+            return RetentionSchedule.none(num_layers)
+        if self.prune == "published":
+            return RetentionSchedule.published(num_layers, self.prune_start, self.prune_step)
+        if self.prune == "linear":
+            start = num_layers // 2 if self.prune_start is None else self.prune_start
+            if self.prune_end >= num_layers:
+                raise ScheduleError(f"prune_end={self.prune_end} is beyond the model's {num_layers} layers")
+            return RetentionSchedule.linear(num_layers, start, self.prune_end, self.prune_floor)
+        return RetentionSchedule.explicit(list(self.prune_retention), num_layers)
+
+
+class AimPruner(RecordingReducer):
+    """Keeps, after each scheduled layer, the text tokens and the most important visual tokens."""
+
+    def __init__(self, schedule: RetentionSchedule, options: AimOptions):
+        super().__init__(options.prune_mode)
+        self.schedule = schedule
+        self.options = options
+
+    def wants_attention(self, layer: int) -> bool:
+        return self.schedule.prunes_after(layer)
+
+    def scores(self, state: TokenState, attention: LayerAttention) -> torch.Tensor:
+        """Importance for visual tokens still attended to; 1 for text; -1 pruned; -2 padding."""
+        counts = state.valid.sum(dim=1, keepdim=True).clamp(min=1)
+        start = state.valid.float() / counts
+        importance = pagerank_importance(
+            attention.q, attention.k, state.alive, start, attention.scale,
+            self.options.importance_temperature, self.options.importance_iterations,
+            self.options.importance_chunk_size,
+        )
+        text = state.valid & ~state.visual
+        scores = torch.where(state.alive & state.visual, importance, torch.full_like(importance, -1.0))
+        scores = torch.where(text, torch.ones_like(scores), scores)
+        return torch.where(state.valid, scores, torch.full_like(scores, -2.0))
+
+    def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
+        if not self.schedule.prunes_after(layer):
+            return state
+        scores = self.scores(state, attention)
+        budget = [self.schedule.kept(layer, v) + t for v, t in zip(state.num_visual, state.num_text)]
+        order = scores.sort(dim=-1, descending=True, stable=True).indices
+        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        keep = ranks < torch.tensor(budget, device=ranks.device)[:, None]
+        return self.apply(layer, state, keep)
+
+
+class AimPlan(ReductionPlan):
+    def __init__(self, options: AimOptions, num_layers: int, name: str = "aim"):
+        self.name = name
+        self.options = options
+        self.schedule = options.schedule(num_layers)
+
+    def steps(self, num_tokens: int, ratio: float | None) -> list[int]:
+        if self.options.merge_steps is not None:
+            return list(self.options.merge_steps)
+        return [] if ratio is None else merge_steps_for_ratio(num_tokens, ratio)
+
+    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        steps = self.steps(frames.shape[1], self.options.merge_ratio)
+        return merge_tokens(frames, steps, self.options.merge_order, self.options.merge_weighting) if steps else frames
+
+    def reduce_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.options.image_merge_ratio is None:
+            return tokens
+        steps = merge_steps_for_ratio(tokens.shape[0], self.options.image_merge_ratio)
+        return merge_tokens(tokens[None], steps, self.options.merge_order, self.options.merge_weighting)[0]
+
+    def layer_reducer(self, num_layers: int) -> AimPruner | None:
+        if all(v == 1.0 for v in self.schedule.retention):
+            return None
+        return AimPruner(self.schedule, self.options)
+
+    @property
+    def prune_mode(self) -> str:
+        return self.options.prune_mode
+
+    @property
+    def attn_implementation(self) -> str | None:
+        pruning = any(v < 1.0 for v in self.schedule.retention)
+        return "eager" if pruning and self.options.prune_mode == "mask" else None

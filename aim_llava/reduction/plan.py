@@ -1,0 +1,75 @@
+"""The points where a reduction method acts, and what it leaves on record.
+
+The model calls a :class:`ReductionPlan` after the projector (video frames, image tokens) and,
+through a fresh :class:`LayerReducer` per prefill, after each decoder layer. The model does not
+know which method is behind the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, keep_tokens
+
+
+class ReductionPlan:
+    """No reduction. Methods override the hooks they need."""
+
+    name = "baseline"
+
+    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Projected, pooled frame tokens [F, T, C] -> [F, T', C]."""
+        return frames
+
+    def reduce_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One image's tokens [T, C] (anyres packed) -> [T', C]."""
+        return tokens
+
+    def layer_reducer(self, num_layers: int) -> LayerReducer | None:
+        """A fresh reducer for one prefill, or None."""
+        return None
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """An attention backend the method needs in the LLM (None: the model's own)."""
+        return None
+
+    @property
+    def prune_mode(self) -> str:
+        """How its layer reducer drops tokens: "remove" or "mask"."""
+        return "remove"
+
+
+class RecordingReducer(LayerReducer):
+    """Base for reducers that drop tokens: keeps, per pruning layer, which prefill rows were kept."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def apply(self, layer: int, state: TokenState, keep: torch.Tensor) -> TokenState:
+        keep = keep & state.alive
+        mask = torch.zeros(keep.shape[0], state.prefill_length, dtype=torch.bool, device=keep.device)
+        self.kept[layer] = mask.scatter(1, state.original_index, keep)
+        return keep_tokens(state, keep, self.mode)
+
+
+class ReplayReducer(LayerReducer):
+    """Repeats the decisions of an earlier prefill of the same prompt.
+
+    Rows beyond that prefill (tokens generated since) are always kept, so a prefill over
+    prompt + generated tokens sees the same visual tokens at every layer as cached decoding.
+    """
+
+    def __init__(self, kept: dict[int, torch.Tensor], mode: str):
+        self.mode = mode
+        self.recorded = kept
+
+    def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
+        if layer not in self.recorded:
+            return state
+        recorded = self.recorded[layer]
+        prompt_length = recorded.shape[1]
+        inside = state.original_index < prompt_length
+        keep = recorded.gather(1, state.original_index.clamp(max=prompt_length - 1)) | ~inside
+        return keep_tokens(state, keep & state.alive, self.mode)

@@ -1,0 +1,103 @@
+"""The tokens in the LLM during prefill, and removing or masking some of them.
+
+This is the interface between the decoder loop and the reduction methods: the decoder hands a
+:class:`TokenState` to the method after each layer and continues with the one it gets back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+PRUNE_MODES = ("remove", "mask")
+
+
+@dataclass
+class LayerAttention:
+    """What a layer's attention saw: rotated queries [B, H, N, d], keys [B, H_kv, N, d], scale."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+
+
+@dataclass
+class TokenState:
+    """Per-sample token rows, left-padded.
+
+    valid: real (not padding) rows. alive: rows that later tokens may attend to (valid, and not
+    pruned in mask mode). visual: visual-token rows. original_index: the row's index in the
+    prefill sequence, which is ``prefill_length`` long. num_visual / num_text: per-sample counts
+    at the start of the prefill. visual_per_layer [layers, B]: visual tokens that entered each
+    layer (filled in by the decoder at the end).
+    """
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    valid: torch.Tensor
+    alive: torch.Tensor
+    visual: torch.Tensor
+    original_index: torch.Tensor
+    padded: bool
+    num_visual: list[int]
+    num_text: list[int]
+    prefill_length: int
+    visual_per_layer: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, hidden, position_ids, valid, visual, padded: bool) -> TokenState:
+        batch, n = valid.shape
+        num_visual = (visual & valid).sum(dim=1).tolist()
+        num_text = [int(total) - v for total, v in zip(valid.sum(dim=1).tolist(), num_visual)]
+        index = torch.arange(n, device=valid.device).expand(batch, n)
+        return cls(hidden, position_ids, valid, valid.clone(), visual & valid, index, padded, num_visual, num_text, n)
+
+    def visual_alive_counts(self) -> torch.Tensor:
+        return (self.visual & self.alive).sum(dim=1)
+
+
+def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str) -> TokenState:
+    """Keep the rows where ``keep`` [B, N] is True (a subset of ``state.alive``).
+
+    ``mask``: rows stay and are no longer attended to. ``remove``: rows are dropped; each
+    sample's kept rows stay in order, right-aligned, with padding rows in front.
+    """
+    keep = keep & state.alive
+    if mode == "mask":
+        return dataclasses.replace(state, alive=keep, padded=True)
+    counts = keep.sum(dim=1)
+    count_list = counts.tolist()
+    width = max(count_list)
+    batch, n = keep.shape
+    columns = torch.where(keep, width - counts[:, None] + keep.long().cumsum(dim=1) - 1, width)
+    rows = torch.arange(n, device=keep.device).expand(batch, n)
+    index = torch.zeros(batch, width + 1, dtype=torch.long, device=keep.device).scatter(1, columns, rows)[:, :width]
+    valid = torch.zeros(batch, width + 1, dtype=torch.bool, device=keep.device).scatter(1, columns, keep)[:, :width]
+
+    def take(values: torch.Tensor) -> torch.Tensor:
+        if values.dim() == 3:
+            return values.gather(1, index[..., None].expand(-1, -1, values.shape[-1]))
+        return values.gather(1, index)
+
+    return dataclasses.replace(
+        state,
+        hidden=take(state.hidden),
+        position_ids=take(state.position_ids),
+        valid=valid,
+        alive=valid.clone(),
+        visual=take(state.visual) & valid,
+        original_index=take(state.original_index),
+        padded=any(c != width for c in count_list),
+    )
+
+
+class LayerReducer:
+    """Acts after decoder layers during one prefill. The default keeps everything."""
+
+    def wants_attention(self, layer: int) -> bool:
+        return False
+
+    def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
+        return state
