@@ -133,3 +133,12 @@ def test_readme_main_job_script_captions_a_generated_video(tmp_path):
     assert result.stdout.strip() != ""
     assert (tmp_path / "models" / "tiny-random-llava-qwen" / "config.json").exists()
     assert elapsed < 60
+
+
+def test_caption_with_aim_preset(capsys, media, tiny_qwen_dir):
+    code, out, err = run_cli(capsys, "caption", media / "good.mp4", "--model", tiny_qwen_dir, "--frames", 8,
+                             "--max-new-tokens", 4, "--json", "--config", "aim_default")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["config"] == "aim_default"
+    assert record["visual_tokens"] == 8 * 49 + 1  # merged to 25% before the LLM

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
+DEFAULT_CACHE_BUDGET = 2**30  # the whole matrix is kept (not recomputed) when it is this small
 
 
 def attention_logit_chunks(
@@ -27,11 +28,18 @@ def attention_logit_chunks(
     key_index = torch.arange(n, device=q.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        logits = (q_grouped[:, :, :, start:end] @ k_t) * scale
+        logits = torch.matmul(q_grouped[:, :, :, start:end], k_t).mul_(scale)
         causal = key_index[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         allowed = causal[None] & key_mask[:, None, :]
-        logits = logits.reshape(batch, heads, end - start, n).masked_fill(~allowed[:, None], float("-inf"))
+        logits = logits.reshape(batch, heads, end - start, n).masked_fill_(~allowed[:, None], float("-inf"))
         yield start, end, logits
+
+
+def row_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over keys in place; rows that see nothing become zeros. Returns (probs, lse)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    return logits.sub_(lse[..., None]).exp_(), lse
 
 
 def pagerank_importance(
@@ -44,35 +52,42 @@ def pagerank_importance(
     iterations: int = 5,
     chunk_size: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    cache_budget: int = DEFAULT_CACHE_BUDGET,
 ) -> torch.Tensor:
     """Importance [B, N] (float32) of every token.
 
     q [B, H, N, d] and k [B, H_kv, N, d] are the layer's rotated queries and keys; key_mask [B, N]
     says which tokens may be attended (besides causality); start_weights [B, N] is p_0. Rows
-    that can attend to nothing contribute nothing.
+    that can attend to nothing contribute nothing. The first pass computes each chunk's row
+    normalisers and its first PageRank step together; later steps reuse the chunks when the
+    whole matrix fits ``cache_budget`` bytes and recompute them otherwise.
     """
     batch, heads, n, _ = q.shape
-    chunk = chunk_size or max(1, memory_budget // max(1, batch * heads * n * 4))
+    row_bytes = max(1, batch * heads * n * 4)
+    chunk = chunk_size or max(1, memory_budget // row_bytes)
+    keep = row_bytes * n <= cache_budget
     scale = scale / temperature
-    lse_parts, cached = [], []
-    reuse = chunk >= n
-    for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
-        lse = torch.logsumexp(logits, dim=-1)
-        lse_parts.append(torch.where(torch.isinf(lse), torch.zeros_like(lse), lse))
-        if reuse:
-            cached.append((start, end, torch.exp(logits - lse_parts[-1][..., None])))
-    lse = torch.cat(lse_parts, dim=-1)
     p = start_weights.float()[:, None, :].expand(batch, heads, n)
-    for _ in range(iterations):
-        nxt = torch.zeros(batch, heads, n, device=q.device, dtype=torch.float32)
-        if reuse:
+    nxt = torch.zeros(batch, heads, n, device=q.device, dtype=torch.float32)
+    lse_parts, cached = [], []
+    for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
+        probs, lse = row_probabilities(logits)
+        lse_parts.append(lse)
+        nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
+        if keep:
+            cached.append((start, end, probs))
+    lse = torch.cat(lse_parts, dim=-1)
+    p = nxt
+    for _ in range(iterations - 1):
+        nxt = torch.zeros_like(p)
+        if keep:
             blocks = cached
         else:
             blocks = (
-                (start, end, torch.exp(logits - lse[..., start:end, None]))
+                (start, end, logits.sub_(lse[..., start:end, None]).exp_())
                 for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk)
             )
         for start, end, probs in blocks:
-            nxt += (p[..., None, start:end] @ probs).squeeze(-2)
+            nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
         p = nxt
     return p.pow(2).mean(dim=1).sqrt()

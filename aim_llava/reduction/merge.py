@@ -62,8 +62,9 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
         merged = dst_tokens.scatter_reduce(1, scatter_index, pick(src_tokens, merged_src), reduce="mean",
                                            include_self=True)
     else:
-        weighted = (dst_tokens.float() * dst_sizes[..., None]).scatter_add(
-            1, scatter_index, pick(src_tokens, merged_src).float() * pick(src_sizes, merged_src)[..., None]
+        work = torch.promote_types(tokens.dtype, torch.float32)
+        weighted = (dst_tokens.to(work) * dst_sizes[..., None]).scatter_add(
+            1, scatter_index, pick(src_tokens, merged_src).to(work) * pick(src_sizes, merged_src)[..., None]
         )
         total = dst_sizes.scatter_add(1, targets_of_merged, pick(src_sizes, merged_src))
         merged = (weighted / total[..., None]).to(tokens.dtype)

@@ -47,12 +47,15 @@ class TokenState:
     visual_per_layer: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, hidden, position_ids, valid, visual, padded: bool) -> TokenState:
+    def start(cls, hidden, position_ids, valid, visual, padded: bool, count: bool = True) -> TokenState:
+        """The state before the first layer; ``count=False`` (decoding steps) skips the per-sample
+        counts, which need a device sync."""
         batch, n = valid.shape
-        num_visual = (visual & valid).sum(dim=1).tolist()
-        num_text = [int(total) - v for total, v in zip(valid.sum(dim=1).tolist(), num_visual)]
+        visual = torch.zeros_like(valid) if visual is None else visual & valid
+        num_visual = visual.sum(dim=1).tolist() if count else []
+        num_text = [int(t) - v for t, v in zip(valid.sum(dim=1).tolist(), num_visual)] if count else []
         index = torch.arange(n, device=valid.device).expand(batch, n)
-        return cls(hidden, position_ids, valid, valid.clone(), visual & valid, index, padded, num_visual, num_text, n)
+        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, num_text, n)
 
     def visual_alive_counts(self) -> torch.Tensor:
         return (self.visual & self.alive).sum(dim=1)

@@ -100,6 +100,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if replay is None:
             self.last_reduction = record
         return hidden, state
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -107,10 +108,6 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
-
-    def set_attn_implementation(self, name: str) -> None:
-        self.model.attn_implementation = name
-        self.model.vision_tower.attn_implementation = name
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,91 @@
+"""AIM merging against a straightforward, loop-based implementation of SPEC section 2."""
+
+import pytest
+import torch
+
+from aim_llava.reduction.merge import MergeState, merge_bipartite, merge_steps_for_ratio, merge_tokens
+
+
+def reference_step(tokens: list[torch.Tensor], positions: list[int], r: int):
+    """One merging step for ONE frame, written from the SPEC's words with Python lists."""
+    r = min(r, len(tokens) // 2)
+    if r <= 0:
+        return tokens, positions
+    sources = list(range(0, len(tokens), 2))
+    targets = list(range(1, len(tokens), 2))
+    best = []
+    for s in sources:
+        sims = [torch.nn.functional.cosine_similarity(tokens[s].double(), tokens[t].double(), dim=0).item()
+                for t in targets]
+        j = max(range(len(targets)), key=lambda i: sims[i])
+        best.append((sims[j], s, j))
+    ordered = sorted(best, key=lambda item: -item[0])
+    merged_into = {j: [] for j in range(len(targets))}
+    for _, s, j in ordered[:r]:
+        merged_into[j].append(s)
+    unmerged = [(tokens[s], positions[s]) for _, s, _ in ordered[r:]]
+    new_targets = []
+    for j, t in enumerate(targets):
+        group = [tokens[t]] + [tokens[s] for s in merged_into[j]]
+        new_targets.append((torch.stack(group).mean(dim=0), positions[t]))
+    out = unmerged + new_targets
+    return [x for x, _ in out], [p for _, p in out]
+
+
+def reference_merge(frames: torch.Tensor, steps: list[int]) -> torch.Tensor:
+    result = []
+    for frame in frames:
+        tokens, positions = list(frame), list(range(frame.shape[0]))
+        for r in steps:
+            tokens, positions = reference_step(tokens, positions, r)
+        result.append(torch.stack(tokens))
+    return torch.stack(result)
+
+
+@pytest.mark.parametrize(
+    "ratio, steps, kept",
+    [(0.5, [98], 98), (0.25, [98, 49], 49), (0.125, [98, 49, 24], 25), (0.375, [98, 24], 74)],
+)
+def test_merge_equals_reference(ratio, steps, kept):
+    assert merge_steps_for_ratio(196, ratio) == steps
+    frames = torch.randn(3, 196, 16, generator=torch.Generator().manual_seed(int(ratio * 1000)))
+    ours = merge_tokens(frames, steps)
+    reference = reference_merge(frames, steps)
+    assert ours.shape == (3, kept, 16)
+    assert torch.allclose(ours, reference, atol=1e-6, rtol=0)
+
+
+def test_full_halving_keeps_spatial_order():
+    # 196 -> 98 -> 49 merges every source, so the survivors are the targets in their original order
+    frames = torch.randn(2, 196, 8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(merge_tokens(frames, [98, 49]), merge_tokens(frames, [98, 49], order="spatial"))
+    state = MergeState.start(frames)
+    for r in (98, 49):
+        state = merge_bipartite(state, r)
+    assert state.positions[0].tolist() == list(range(3, 196, 4))
+
+
+def test_spatial_order():
+    frames = torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(3))
+    published = merge_tokens(frames, [10])
+    spatial = merge_tokens(frames, [10], order="spatial")
+    assert torch.allclose(published.sum(dim=1), spatial.sum(dim=1), atol=1e-5)  # same tokens
+    assert not torch.allclose(published, spatial)  # in another order
+
+
+@pytest.mark.parametrize("weighting, conserves", [("size", True), ("mean", False)])
+def test_size_weighting_conserves_the_original_mass(weighting, conserves):
+    frames = torch.randn(2, 50, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    state = MergeState.start(frames)
+    for r in (25, 12, 6):
+        state = merge_bipartite(state, r, weighting=weighting)
+    assert state.tokens.shape == (2, 7, 8)
+    assert torch.equal(state.sizes.sum(dim=1), torch.full((2,), 50.0, dtype=state.sizes.dtype))
+    mass = (state.sizes[..., None].double() * state.tokens).sum(dim=1)
+    assert torch.allclose(mass, frames.sum(dim=1), atol=1e-9) == conserves
+
+
+def test_steps_for_other_published_ratios():
+    assert merge_steps_for_ratio(196, 0.0625) == [98, 49, 24, 12]
+    assert sum(merge_steps_for_ratio(196, 0.03125)) == 196 - 7
+    assert merge_steps_for_ratio(196, 1.0) == []
