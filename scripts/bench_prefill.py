@@ -92,8 +92,8 @@ class PeakMemory:
             self.extra = self.peak - self.base
 
 
-def timed_importance(seconds: list[float], device: torch.device):
-    original = aim_method.pagerank_importance
+def timed_importance(seconds: list[float], device: torch.device, name: str):
+    original = getattr(aim_method, name)
 
     def wrapper(*args, **kwargs):
         with Clock(device) as c:
@@ -102,6 +102,17 @@ def timed_importance(seconds: list[float], device: torch.device):
         return result
 
     return wrapper
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def run(args) -> dict:
@@ -116,7 +127,8 @@ def run(args) -> dict:
     text = torch.randint(0, 1000, (args.text_tokens,), device=device)
     ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX], device=device), text[14:]])[None]
     importance_seconds: list[float] = []
-    aim_method.pagerank_importance = timed_importance(importance_seconds, device)
+    for kernel in ("pagerank_importance", "pagerank_importance_flex"):
+        setattr(aim_method, kernel, timed_importance(importance_seconds, device, kernel))
     results = {name: {"prefill": [], "pre_llm": [], "importance": [], "memory": []} for name in args.configs}
     with torch.no_grad():
         for repeat in range(args.repeats + 1):
@@ -159,8 +171,7 @@ def run(args) -> dict:
         row["speedup"] = base["prefill_s"] / row["prefill_s"]
         row["speedup_over_flops_reduction"] = row["speedup"] / row["flops_reduction"]
         row["importance_share"] = row["importance_s"] / row["prefill_s"]
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs")
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {psutil.cpu_count()} CPUs"
     return {
         "arch": args.arch, "frames": args.frames, "text_tokens": args.text_tokens, "device": str(device),
         "machine": machine, "dtype": args.dtype, "attn": args.attn, "repeats": args.repeats,

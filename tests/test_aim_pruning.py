@@ -156,3 +156,17 @@ def test_config_errors_are_clear(tiny_qwen_dir, reduction, message):
 def test_overwrite_config_selects_reduction(tiny_qwen_dir):
     _, model, _, _ = load_pretrained_model(tiny_qwen_dir, device_map="cpu", overwrite_config={"reduction": "aim_default"})
     assert model.reduction.name == "aim_default" and model.reduction_plan.schedule.prunes_after(3)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_importance_kernel_keeps_the_same_tokens(models):
+    tokenizer, model, processor, _ = models[0]
+    video = processor.preprocess(random_frames(4, 64, 80, seed=8))["pixel_values"]
+    ids = prompt_ids(tokenizer, "Describe.")
+    kept = {}
+    for kernel in ("chunked", "flex"):
+        model.set_reduction({"method": "aim", "prune_start": 1, "importance_kernel": kernel})
+        forward(model, ids, video)
+        kept[kernel] = model.last_reduction.kept
+    assert sorted(kept["flex"]) == [1, 2, 3, 4, 5]
+    assert all(torch.equal(kept["flex"][layer], kept["chunked"][layer]) for layer in kept["flex"])

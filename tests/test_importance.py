@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from aim_llava.reduction.importance import pagerank_importance
+from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
 
 
 def dense_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5):
@@ -55,3 +55,11 @@ def test_settings_change_the_result(inputs):
     base = pagerank_importance(q, k, key_mask, start, scale=0.35)
     assert not torch.allclose(base, pagerank_importance(q, k, key_mask, start, scale=0.35, temperature=1.0))
     assert not torch.allclose(base, pagerank_importance(q, k, key_mask, start, scale=0.35, iterations=2))
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")  # on CPU it runs its dense reference path
+def test_flex_kernel_equals_dense(inputs):
+    q, k, key_mask, start = inputs
+    ours = pagerank_importance_flex(q, k, key_mask, start, scale=8**-0.5)
+    reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
+    assert torch.allclose(ours.double(), reference, atol=1e-5, rtol=0)

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.reduction.importance import pagerank_importance
+from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
 from aim_llava.reduction.merge import ORDERS, WEIGHTINGS, merge_steps_for_ratio, merge_tokens
 from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
 from aim_llava.reduction.schedule import SCHEDULE_KINDS, RetentionSchedule, ScheduleError
 from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState
+
+
+IMPORTANCE_KERNELS = ("chunked", "flex")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,9 @@ class AimOptions:
     14 of 28 layers, 13 of 32, else half), prune_end (l2, linear only), prune_step (published),
     prune_floor (linear), prune_retention (explicit, one value per layer);
     prune_mode: "remove" (tokens really dropped) or "mask" (the published masking, eager attention);
-    importance_temperature / importance_iterations / importance_chunk_size: PageRank settings.
+    importance_temperature / importance_iterations / importance_chunk_size: PageRank settings;
+    importance_kernel: "chunked" (query chunks, plain PyTorch) or "flex" (FlexAttention, compiled
+    into fused kernels on GPU; not yet measured on a GPU, see docs/benchmarks.md).
     """
 
     merge_ratio: float | None = 0.25
@@ -44,6 +49,7 @@ class AimOptions:
     importance_temperature: float = 0.1
     importance_iterations: int = 5
     importance_chunk_size: int | None = None
+    importance_kernel: str = "chunked"
 
     def __post_init__(self) -> None:
         for name in ("merge_ratio", "image_merge_ratio"):
@@ -53,7 +59,7 @@ class AimOptions:
         if self.merge_steps is not None and any(r < 0 for r in self.merge_steps):
             raise ScheduleError(f"merge_steps must be non-negative counts, got {list(self.merge_steps)}")
         choices = {"merge_order": ORDERS, "merge_weighting": WEIGHTINGS, "prune_mode": PRUNE_MODES,
-                   "prune": SCHEDULE_KINDS + (None,)}
+                   "prune": SCHEDULE_KINDS + (None,), "importance_kernel": IMPORTANCE_KERNELS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ScheduleError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(str, allowed))}")
@@ -96,11 +102,14 @@ class AimPruner(RecordingReducer):
         """Importance for visual tokens still attended to; 1 for text; -1 pruned; -2 padding."""
         counts = state.valid.sum(dim=1, keepdim=True).clamp(min=1)
         start = state.valid.float() / counts
-        importance = pagerank_importance(
-            attention.q, attention.k, state.alive, start, attention.scale,
-            self.options.importance_temperature, self.options.importance_iterations,
-            self.options.importance_chunk_size,
-        )
+        options = self.options
+        if options.importance_kernel == "flex":
+            importance = pagerank_importance_flex(attention.q, attention.k, state.alive, start, attention.scale,
+                                                  options.importance_temperature, options.importance_iterations)
+        else:
+            importance = pagerank_importance(attention.q, attention.k, state.alive, start, attention.scale,
+                                             options.importance_temperature, options.importance_iterations,
+                                             options.importance_chunk_size)
         text = state.valid & ~state.visual
         scores = torch.where(state.alive & state.visual, importance, torch.full_like(importance, -1.0))
         scores = torch.where(text, torch.ones_like(scores), scores)
