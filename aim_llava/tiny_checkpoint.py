@@ -113,7 +113,8 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
             state[f"{lp}{norm}.weight"], state[f"{lp}{norm}.bias"] = randn(vh, mean=1.0), randn(vh)
     state[vp + "post_layernorm.weight"], state[vp + "post_layernorm.bias"] = randn(vh, mean=1.0), randn(vh)
 
-    h, inter, kv = t["hidden_size"], t["intermediate_size"], t["num_key_value_heads"] * (h := t["hidden_size"]) // t["num_attention_heads"]
+    h, inter = t["hidden_size"], t["intermediate_size"]
+    kv = t["num_key_value_heads"] * h // t["num_attention_heads"]
     state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"] = randn(h, vh, std=0.2), randn(h)
     state["model.mm_projector.2.weight"], state["model.mm_projector.2.bias"] = randn(h, h, std=0.2), randn(h)
     state["model.image_newline"] = randn(h, std=1.0)

@@ -9,8 +9,16 @@ from aim_llava.reduction.config import ConfigError, ReductionConfig
 def test_baseline_preset():
     assert "baseline" in available_presets()
     config = load_reduction_config("baseline")
-    assert config == ReductionConfig(name="baseline", method="none") and not config.enabled
+    assert config == ReductionConfig(name="baseline", method="none")
     assert load_reduction_config(None) == config
+
+
+def test_every_preset_loads_and_fits_28_and_24_layers():
+    for name in available_presets():
+        config = load_reduction_config(name)
+        assert config.name == name
+        for depth in (28, 24):
+            config.build(depth)
 
 
 def test_yaml_file(tmp_path):

@@ -99,9 +99,6 @@ class LlavaConfig:
     def max_length(self) -> int:
         return self.tokenizer_model_max_length or self.text.max_position_embeddings
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 SUPPORTED = {
     "mm_projector_type": ("mlp2x_gelu",),

@@ -43,10 +43,6 @@ class MultimodalInputs:
     visual: torch.Tensor
     padded: bool
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.valid.sum(dim=1)
-
 
 def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
     """Crop a [C, H, W] feature map back to the aspect ratio of an image of (width, height)."""

@@ -40,10 +40,6 @@ class ReductionConfig:
         elif not isinstance(self.options, METHODS[self.method].options):
             raise ConfigError(f"options for method {self.method!r} must be {METHODS[self.method].options.__name__}")
 
-    @property
-    def enabled(self) -> bool:
-        return self.method != "none"
-
     def build(self, num_layers: int):
         """The :class:`ReductionPlan` for an LLM of ``num_layers`` layers (checks the fit)."""
         from aim_llava.reduction.methods import METHODS
@@ -52,12 +48,6 @@ class ReductionConfig:
             return METHODS[self.method].build(self.options, num_layers, self.name)
         except AimLlavaError as err:
             raise ConfigError(f"config {self.name!r}: {err}") from None
-
-    def with_options(self, **changes) -> ReductionConfig:
-        return dataclasses.replace(self, options=_make_options(self.method, {**self.as_dict(), **changes}, self.name))
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)}
 
 
 def _make_options(method: str, values: dict, source: str):

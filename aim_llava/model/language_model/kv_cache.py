@@ -20,10 +20,6 @@ class LayerCache:
     valid: torch.Tensor
     padded: bool
 
-    @property
-    def length(self) -> int:
-        return self.keys.shape[2]
-
 
 @dataclass
 class KVCache:
@@ -34,10 +30,6 @@ class KVCache:
     def __post_init__(self) -> None:
         if not self.layers:
             self.layers = [None] * self.num_layers
-
-    def layer_length(self, layer: int) -> int:
-        entry = self.layers[layer]
-        return 0 if entry is None else entry.length
 
     def append(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, padded: bool
@@ -59,6 +51,3 @@ class KVCache:
             )
         self.layers[layer] = entry
         return entry
-
-    def memory_bytes(self) -> int:
-        return sum(e.keys.nbytes + e.values.nbytes for e in self.layers if e is not None)

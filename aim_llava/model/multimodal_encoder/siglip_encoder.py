@@ -100,14 +100,6 @@ class SigLipVisionTower(nn.Module):
         self.attn_implementation = attn_implementation
         self.vision_tower = SiglipVisionModel(config)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def num_patches_per_side(self) -> int:
-        return self.config.grid_size
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] normalised pixels -> [N, patches, hidden] features."""
         model = self.vision_tower.vision_model
