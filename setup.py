@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.1"],
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "plot": ["matplotlib"],
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
     },
     entry_points={"console_scripts": ["aim-llava = aim_llava.cli:main"]},
 )

@@ -70,7 +70,8 @@ def non_negative_float(text: str) -> float:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
-    parser.add_argument("--config", default="baseline", help="reduction preset name or YAML path")
+    parser.add_argument("--config", default="baseline",
+                        help="reduction preset name, YAML path, or budget:FRACTION (e.g. budget:0.15)")
     parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly (default 32)")
     parser.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
     parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
@@ -100,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("video", help="a video, frame directory, image, or .txt list of paths")
     ask.add_argument("question")
     add_common_options(ask)
+    flops = commands.add_parser("flops", help="analytic compute of a setting (paper accounting and as executed)")
+    flops.add_argument("--arch", required=True, help="named architecture or a config.json path")
+    flops.add_argument("--frames", type=positive_int, default=32)
+    flops.add_argument("--text-tokens", type=int, default=100)
+    flops.add_argument("--config", default="baseline", help="preset, YAML path or budget:FRACTION")
+    flops.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached value (2 for bf16)")
+    flops.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    bench = commands.add_parser("bench", help="measure prefill/decode speed of several configs in one run")
+    source = bench.add_mutually_exclusive_group()
+    source.add_argument("--arch", default="llava-onevision-qwen2-0.5b", help="named architecture, random weights")
+    source.add_argument("--model", help="a checkpoint directory instead of random weights")
+    bench.add_argument("--configs", default="baseline,aim_default", help="comma-separated presets/YAML/budget:X")
+    bench.add_argument("--frames", type=positive_int, default=16)
+    bench.add_argument("--video", help="read the frames from this video (default: synthetic frames)")
+    bench.add_argument("--text-tokens", type=positive_int, default=100)
+    bench.add_argument("--decode-tokens", type=positive_int, default=16)
+    bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    bench.add_argument("--json", help="also write the full report as JSON to this file")
+    bench.add_argument("--plot", help="write a PNG: FLOPs vs measured time, and tokens per layer")
     return parser
 
 
@@ -206,13 +229,13 @@ def report(record: dict, args, many: bool, progress=None) -> None:
 
 def run(args) -> int:
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
-    from aim_llava.reduction import load_reduction_config
+    from aim_llava.reduction.budget import check_reduction_spec
 
     if args.resume and args.output is None:
         raise CliError("--resume needs --output FILE")
     videos = expand_inputs(args.videos if args.command == "caption" else [args.video])
     question = args.question if args.command == "ask" else None
-    reduction = load_reduction_config(args.config)
+    check_reduction_spec(args.config)
     sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
     previous = read_results(args.output) if args.resume else []
     done = {r["video"] for r in previous if r.get("error") is None}
@@ -224,7 +247,7 @@ def run(args) -> int:
     if not todo:
         return 0
     llm = VideoLLM.from_pretrained(
-        args.model, reduction, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+        args.model, args.config, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
         conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
         generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
     )
@@ -249,12 +272,63 @@ def run(args) -> int:
     return EXIT_BAD_INPUT if failures else 0
 
 
+def run_flops(args) -> int:
+    from aim_llava.flops import flops_report, format_report, resolve_architecture
+    from aim_llava.reduction.budget import resolve_reduction
+
+    name, arch = resolve_architecture(args.arch)
+    reduction = resolve_reduction(args.config, arch, args.frames, args.text_tokens)
+    report = flops_report(name, arch, reduction, args.frames, args.text_tokens, args.kv_bytes)
+    print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def run_bench(args) -> int:
+    import torch
+
+    from aim_llava.architectures import architecture, random_model
+    from aim_llava.bench import markdown, plot, run_bench as bench
+    from aim_llava.model.builder import load_pretrained_model, resolve_device, resolve_dtype
+    from aim_llava.reduction.budget import check_reduction_spec
+    from aim_llava.video import load_video
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for spec in configs:
+        check_reduction_spec(spec)
+    if args.model:
+        _, model, processor, _ = load_pretrained_model(args.model, device_map=args.device, torch_dtype=args.dtype,
+                                                       attn_implementation=args.attn)
+        name = args.model
+    else:
+        config = architecture(args.arch)
+        device = resolve_device(args.device)
+        model = random_model(config, device, resolve_dtype(args.dtype, config, device), args.attn)
+        processor, name = None, args.arch
+    pixels = None
+    if args.video:
+        from aim_llava.model.image_processor import SiglipImageProcessor
+
+        processor = processor or SiglipImageProcessor.from_vision_config(model.config.vision)
+        pixels = processor.preprocess(load_video(args.video, num_frames=args.frames).frames)["pixel_values"]
+    with torch.no_grad():
+        report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels)
+    print(markdown(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+COMMANDS = {"caption": run, "ask": run, "flops": run_flops, "bench": run_bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         args = build_parser().parse_args(argv)
-        return run(args)
+        return COMMANDS[args.command](args)
     except AimLlavaError as err:
         print(f"aim-llava: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,8 +1,28 @@
-"""The paper's compute accounting (SPEC section 4): LLM prefill FLOPs from tokens per layer."""
+"""Analytic compute accounting (SPEC section 4) for a video prompt under a reduction config.
+
+Two per-layer token lists are reported:
+
+* ``tokens_per_layer``: the tokens that ENTER each LLM layer (the decision made with layer l's
+  attention applies from layer l + 1); this is what remove mode executes, while mask mode keeps
+  computing every row (its executed cost uses the full length);
+* ``paper_tokens_per_layer``: each layer charged with the tokens that LEAVE it (kept after it),
+  the convention that reproduces the published figures (LLaVA-OV-7B, 32 frames, 100 text
+  tokens: 99.63 and 14.76 TFLOPs).
+
+``prefill_tflops`` uses the paper's convention; ``prefill_tflops_executed`` the executed one.
+"""
 
 from __future__ import annotations
 
-from aim_llava.model.config import TextConfig
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aim_llava.architectures import ARCHITECTURES, architecture
+from aim_llava.errors import AimLlavaError
+from aim_llava.model.config import LlavaConfig, TextConfig, VisionConfig, config_from_dict
+from aim_llava.reduction.config import ReductionConfig
 
 
 def layer_linear_params(text: TextConfig) -> int:
@@ -12,6 +32,127 @@ def layer_linear_params(text: TextConfig) -> int:
 
 
 def prefill_flops(text: TextConfig, tokens_per_layer: list[int]) -> float:
-    """Sum over layers of 2 n P + 4 n^2 H for n tokens entering the layer."""
+    """Sum over layers of 2 n P + 4 n^2 H for n tokens at the layer."""
     params = layer_linear_params(text)
     return float(sum(2 * n * params + 4 * n * n * text.hidden_size for n in tokens_per_layer))
+
+
+def vision_flops(vision: VisionConfig, views: int) -> float:
+    """SigLIP tower over ``views`` images: patch embedding plus the encoder layers that run."""
+    n, c = vision.num_patches, vision.hidden_size
+    embed = 2 * n * vision.num_channels * vision.patch_size**2 * c
+    layer = 2 * n * (4 * c * c + 2 * c * vision.intermediate_size) + 4 * n * n * c
+    return float(views * (embed + vision.num_hidden_layers * layer))
+
+
+def projector_flops(config: LlavaConfig, views: int) -> float:
+    h = config.text.hidden_size
+    return float(views * 2 * config.vision.num_patches * (config.vision.hidden_size * h + h * h))
+
+
+def decode_flops(text: TextConfig, cache_tokens_per_layer: list[int]) -> float:
+    """One generated token: linear maps plus attention over each layer's cache (and itself)."""
+    params = layer_linear_params(text)
+    return float(sum(2 * params + 4 * (n + 1) * text.hidden_size for n in cache_tokens_per_layer))
+
+
+def kv_cache_bytes(text: TextConfig, cache_tokens_per_layer: list[int], bytes_per_value: int = 2) -> int:
+    per_token = 2 * text.num_key_value_heads * text.head_dim * bytes_per_value
+    return sum(n * per_token for n in cache_tokens_per_layer)
+
+
+@dataclass
+class FlopsReport:
+    arch: str
+    config: str
+    frames: int
+    text_tokens: int
+    visual_tokens: int
+    tokens_per_layer: list[int]
+    paper_tokens_per_layer: list[int]
+    prefill_tflops: float
+    prefill_tflops_executed: float
+    vision_tflops: float
+    projector_tflops: float
+    decode_gflops_per_token: float
+    lm_head_gflops_per_token: float
+    kv_cache_mib: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def video_token_counts(arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int):
+    """(visual tokens, tokens entering each layer, tokens leaving each layer) for a video prompt."""
+    plan = reduction.build(arch.text.num_hidden_layers)
+    pooled = math.ceil(arch.vision.grid_size / arch.mm_spatial_pool_stride) ** 2
+    visual = frames * plan.frame_tokens_after_merging(pooled) + 1
+    leaving = [plan.visual_tokens_leaving(layer, visual) + text_tokens for layer in range(arch.text.num_hidden_layers)]
+    entering = [visual + text_tokens] + leaving[:-1]
+    return visual, entering, leaving
+
+
+def executed_tokens(plan, entering: list[int]) -> list[int]:
+    """Rows each layer really computes: in mask mode the hidden states keep their full length."""
+    return [entering[0]] * len(entering) if plan.prune_mode == "mask" else entering
+
+
+def resolve_architecture(name_or_path: str) -> tuple[str, LlavaConfig]:
+    """A named architecture or a checkpoint's config.json (either layout)."""
+    if name_or_path in ARCHITECTURES:
+        return name_or_path, architecture(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise AimLlavaError(
+            f"unknown architecture {name_or_path!r}: give one of {', '.join(ARCHITECTURES)} or a config.json path"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AimLlavaError(f"{path} is not valid JSON ({err})") from None
+    return str(path), config_from_dict(raw, str(path))
+
+
+def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int,
+                 bytes_per_value: int = 2) -> FlopsReport:
+    if frames < 1 or text_tokens < 0:
+        raise AimLlavaError(f"frames must be >= 1 and text tokens >= 0, got {frames} and {text_tokens}")
+    visual, entering, leaving = video_token_counts(arch, reduction, frames, text_tokens)
+    executed = executed_tokens(reduction.build(arch.text.num_hidden_layers), entering)
+    text = arch.text
+    return FlopsReport(
+        arch=arch_name,
+        config=reduction.name,
+        frames=frames,
+        text_tokens=text_tokens,
+        visual_tokens=visual,
+        tokens_per_layer=entering,
+        paper_tokens_per_layer=leaving,
+        prefill_tflops=prefill_flops(text, leaving) / 1e12,
+        prefill_tflops_executed=prefill_flops(text, executed) / 1e12,
+        vision_tflops=vision_flops(arch.vision, frames) / 1e12,
+        projector_tflops=projector_flops(arch, frames) / 1e12,
+        decode_gflops_per_token=decode_flops(text, executed) / 1e9,
+        lm_head_gflops_per_token=2 * text.hidden_size * text.vocab_size / 1e9,
+        kv_cache_mib=kv_cache_bytes(text, executed, bytes_per_value) / 2**20,
+    )
+
+
+def format_report(report: FlopsReport) -> str:
+    """A readable table."""
+    rows = [
+        ("architecture", report.arch),
+        ("config", report.config),
+        ("frames / visual tokens / text tokens", f"{report.frames} / {report.visual_tokens} / {report.text_tokens}"),
+        ("LLM prefill (paper accounting)", f"{report.prefill_tflops:.2f} TFLOPs"),
+        ("LLM prefill (as executed)", f"{report.prefill_tflops_executed:.2f} TFLOPs"),
+        ("vision tower", f"{report.vision_tflops:.2f} TFLOPs"),
+        ("projector", f"{report.projector_tflops:.3f} TFLOPs"),
+        ("decode, per token (+ LM head)", f"{report.decode_gflops_per_token:.2f} (+ {report.lm_head_gflops_per_token:.2f}) GFLOPs"),
+        ("KV cache after prefill", f"{report.kv_cache_mib:.1f} MiB"),
+        ("tokens entering each layer", " ".join(map(str, report.tokens_per_layer))),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

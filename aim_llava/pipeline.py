@@ -20,7 +20,8 @@ from aim_llava.conversation import get_conversation
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
-from aim_llava.reduction import ReductionConfig, load_reduction_config
+from aim_llava.reduction import ReductionConfig
+from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.video import VideoClip, load_video, validate_sampling
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
@@ -145,11 +146,18 @@ class VideoLLM:
         sampling: SamplingOptions | None = None,
         generation: GenerationOptions | None = None,
     ) -> VideoLLM:
-        """Load a local checkpoint directory (either layout) with a reduction preset or config."""
-        reduction_config = load_reduction_config(reduction)
+        """Load a local checkpoint directory (either layout) with a reduction preset or config.
+
+        ``reduction="budget:0.15"`` picks the AIM setting that fits 15% of the baseline's prefill
+        FLOPs for this model at the sampling's frame count (``max_frames`` when sampling by fps).
+        """
+        check_reduction_spec(reduction)
+        sampling = sampling or SamplingOptions()
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
+        frames = sampling.max_frames or sampling.num_frames
+        reduction_config = resolve_reduction(reduction, model.config, frames)
         return cls(tokenizer, model, processor, reduction_config, sampling, generation, conv_template, time_aware)
 
     def load(self, source: str | Path | VideoClip, **sampling) -> VideoClip:

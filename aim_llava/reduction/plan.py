@@ -29,6 +29,14 @@ class ReductionPlan:
         """A fresh reducer for one prefill, or None."""
         return None
 
+    def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
+        """How many tokens a frame of ``tokens_per_frame`` keeps before the LLM (for accounting)."""
+        return tokens_per_frame
+
+    def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
+        """Visual tokens still attended to after ``layer`` out of ``num_visual`` (for accounting)."""
+        return num_visual
+
     @property
     def attn_implementation(self) -> str | None:
         """An attention backend the method needs in the LLM (None: the model's own)."""

@@ -137,6 +137,12 @@ class AimPlan(ReductionPlan):
             return list(self.options.merge_steps)
         return [] if ratio is None else merge_steps_for_ratio(num_tokens, ratio)
 
+    def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
+        return tokens_per_frame - sum(self.steps(tokens_per_frame, self.options.merge_ratio))
+
+    def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
+        return self.schedule.kept(layer, num_visual)
+
     def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
         steps = self.steps(frames.shape[1], self.options.merge_ratio)
         return merge_tokens(frames, steps, self.options.merge_order, self.options.merge_weighting) if steps else frames

@@ -1,0 +1,307 @@
+"""Speed measurement of reduction configs, next to their analytic FLOPs (``aim-llava bench``).
+
+A model of a named architecture with random weights (speed does not depend on weight values) or
+a loaded checkpoint; synthetic frames or a real video. The vision tower runs once (its cost is
+the same for every config: merging happens after the projector). Then, per config, alternating,
+after a warm-up, median of the repeats: the pre-LLM step (pooling + merging), the prefill up to
+the first token, decode tokens per second with the (pruned) KV cache, the time spent computing
+PageRank importance, and the extra peak memory (CUDA max allocated on GPU, sampled RSS on CPU).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+
+import aim_llava.reduction.methods.aim as aim_method
+from aim_llava.constants import IMAGE_TOKEN_INDEX
+from aim_llava.flops import executed_tokens, prefill_flops
+from aim_llava.reduction.budget import resolve_reduction
+
+IMPORTANCE_FUNCTIONS = ("pagerank_importance", "pagerank_importance_flex")
+
+
+class Clock:
+    """Wall time of a block, synchronising the GPU at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self) -> Clock:
+        self.sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def release_freed_memory() -> None:
+    """Hand memory that glibc keeps after frees back to the OS, so RSS growth shows new peaks."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """Extra peak memory of a block: CUDA max allocated, or RSS sampled every millisecond."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            release_freed_memory()
+            self.process = psutil.Process()
+            self.base = self.peak = self.process.memory_info().rss
+            self.running = True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.extra = self.peak - self.base
+
+
+class TokenTimer:
+    """A streamer that notes when each generated token arrives."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class ImportanceTimer:
+    """Adds up the time spent in the importance kernels while active."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+        self.originals = {name: getattr(aim_method, name) for name in IMPORTANCE_FUNCTIONS}
+
+    def wrap(self, function):
+        def timed(*args, **kwargs):
+            with Clock(self.device) as clock:
+                result = function(*args, **kwargs)
+            self.seconds += clock.seconds
+            return result
+
+        return timed
+
+    def __enter__(self) -> ImportanceTimer:
+        for name, function in self.originals.items():
+            setattr(aim_method, name, self.wrap(function))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, function in self.originals.items():
+            setattr(aim_method, name, function)
+
+
+@dataclass
+class ConfigResult:
+    config: str
+    tokens_per_layer: list[int]
+    prefill_tflops: float
+    prefill_tflops_executed: float
+    pre_llm_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_tokens_per_s: float
+    importance_s: float
+    peak_extra_mib: float
+    flops_reduction: float = 1.0
+    speedup: float = 1.0
+    speedup_over_flops_reduction: float = 1.0
+
+
+@dataclass
+class BenchReport:
+    arch: str
+    frames: int
+    text_tokens: int
+    decode_tokens: int
+    device: str
+    machine: str
+    dtype: str
+    attn: str
+    repeats: int
+    vision_s: float
+    torch: str
+    rows: list[ConfigResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {psutil.cpu_count()} CPUs"
+
+
+def measure_config(model, frame_features, ids, decode_tokens: int, device) -> dict:
+    """One run of one config: pre-LLM step, generation with timestamps, importance, memory."""
+    with torch.no_grad(), Clock(device) as pre:
+        features = model.video_features(frame_features)
+    timer = TokenTimer()
+    with ImportanceTimer(device) as importance, PeakMemory(device) as memory, Clock(device) as total:
+        model.generate(ids, visual_features=[features], max_new_tokens=decode_tokens, eos_token_id=[],
+                       streamer=timer)
+    first, last = timer.times[0] - total.start, timer.times[-1] - total.start
+    return {
+        "pre_llm_s": pre.seconds,
+        "prefill_s": first,
+        "decode_tokens_per_s": (len(timer.times) - 1) / (last - first) if len(timer.times) > 1 else 0.0,
+        "importance_s": importance.seconds,
+        "peak_extra_mib": memory.extra / 2**20,
+        "tokens_per_layer": [n[0] for n in model.last_reduction.visual_tokens_per_layer],
+    }
+
+
+def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_tokens: int = 100,
+              decode_tokens: int = 16, repeats: int = 3, pixels: torch.Tensor | None = None) -> BenchReport:
+    """Measure every config in one process, alternating, after one warm-up round."""
+    device, config = model.device, model.config
+    torch.manual_seed(0)
+    if pixels is None:
+        pixels = torch.randn(frames, 3, config.vision.image_size, config.vision.image_size)
+    frames = pixels.shape[0]
+    with torch.no_grad(), Clock(device) as vision:
+        frame_features = model.encode_images(pixels.to(device))
+    text = torch.randint(0, min(1000, config.text.vocab_size), (text_tokens,))
+    ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None].to(device)
+    reductions = [resolve_reduction(spec, config, frames, text_tokens) for spec in configs]
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(reductions))}
+    for repeat in range(repeats + 1):
+        for index, reduction in enumerate(reductions):
+            model.set_reduction(reduction)
+            result = measure_config(model, frame_features, ids, decode_tokens, device)
+            if repeat > 0:
+                samples[index].append(result)
+    report = BenchReport(arch_name, frames, text_tokens, decode_tokens, str(device), machine_name(device),
+                         str(model.dtype).replace("torch.", ""), model.model.attn_implementation, repeats,
+                         vision.seconds, torch.__version__)
+    for index, reduction in enumerate(reductions):
+        runs = samples[index]
+
+        def median(key: str) -> float:
+            return statistics.median(run[key] for run in runs)
+
+        entering = [n + text_tokens for n in runs[0]["tokens_per_layer"]]
+        plan = reduction.build(config.text.num_hidden_layers)
+        visual = runs[0]["tokens_per_layer"][0]
+        leaving = [plan.visual_tokens_leaving(layer, visual) + text_tokens for layer in range(len(entering))]
+        report.rows.append(ConfigResult(
+            config=reduction.name,
+            tokens_per_layer=entering,
+            prefill_tflops=prefill_flops(config.text, leaving) / 1e12,
+            prefill_tflops_executed=prefill_flops(config.text, executed_tokens(plan, entering)) / 1e12,
+            pre_llm_s=median("pre_llm_s"),
+            prefill_s=median("prefill_s"),
+            ttft_s=vision.seconds + median("pre_llm_s") + median("prefill_s"),
+            decode_tokens_per_s=median("decode_tokens_per_s"),
+            importance_s=median("importance_s"),
+            peak_extra_mib=median("peak_extra_mib"),
+        ))
+    base = report.rows[0]
+    for row in report.rows:
+        row.flops_reduction = base.prefill_tflops_executed / row.prefill_tflops_executed
+        row.speedup = base.prefill_s / row.prefill_s
+        row.speedup_over_flops_reduction = row.speedup / row.flops_reduction
+    return report
+
+
+def markdown(report: BenchReport) -> str:
+    lines = [
+        f"{report.arch}, {report.frames} frames, {report.text_tokens} text tokens, {report.decode_tokens} new tokens; "
+        f"{report.machine}; {report.dtype}, attention {report.attn}; torch {report.torch}; median of "
+        f"{report.repeats} after a warm-up; vision tower {report.vision_s:.2f} s (once, same for all configs)",
+        "",
+        "| config | tokens in layer 0 / last | TFLOPs paper / executed | FLOPs reduction | prefill s | speedup | "
+        "speedup / FLOPs red. | importance s (share) | TTFT s | decode tok/s | peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r.config} | {r.tokens_per_layer[0]} / {r.tokens_per_layer[-1]} | "
+            f"{r.prefill_tflops:.2f} / {r.prefill_tflops_executed:.2f} | {r.flops_reduction:.2f}x | {r.prefill_s:.3f} | "
+            f"{r.speedup:.2f}x | {r.speedup_over_flops_reduction:.2f} | "
+            f"{r.importance_s:.3f} ({100 * r.importance_s / r.prefill_s:.1f}%) | {r.ttft_s:.2f} | "
+            f"{r.decode_tokens_per_s:.1f} | {r.peak_extra_mib:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: BenchReport, path: str) -> None:
+    """FLOPs and measured prefill time per config, and tokens per layer (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from aim_llava.errors import AimLlavaError
+
+        raise AimLlavaError("--plot needs matplotlib: pip install '.[plot]'") from None
+    names = [r.config for r in report.rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    left.bar([i - 0.2 for i in x], [r.prefill_tflops_executed for r in report.rows], width=0.4, label="TFLOPs")
+    left.set_ylabel("prefill TFLOPs (executed)")
+    twin = left.twinx()
+    twin.bar([i + 0.2 for i in x], [r.prefill_s for r in report.rows], width=0.4, color="tab:orange", label="seconds")
+    twin.set_ylabel("measured prefill s")
+    left.set_xticks(list(x), names, rotation=20)
+    left.set_title("analytic cost vs measured time")
+    for r in report.rows:
+        right.plot(range(len(r.tokens_per_layer)), r.tokens_per_layer, label=r.config)
+    right.set_xlabel("LLM layer")
+    right.set_ylabel("tokens entering the layer")
+    right.legend()
+    fig.suptitle(f"{report.arch}, {report.frames} frames, {report.machine}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
