@@ -29,8 +29,8 @@ class TokenState:
 
     valid: real (not padding) rows. alive: rows that later tokens may attend to (valid, and not
     pruned in mask mode). visual: visual-token rows. original_index: the row's index in the
-    prefill sequence, which is ``prefill_length`` long. num_visual / num_text: per-sample counts
-    at the start of the prefill. visual_per_layer [layers, B]: visual tokens that entered each
+    prefill sequence, which is ``prefill_length`` long. num_visual: per-sample visual-token
+    counts at the start of the prefill. visual_per_layer [layers, B]: visual tokens that entered each
     layer (filled in by the decoder at the end).
     """
 
@@ -42,7 +42,6 @@ class TokenState:
     original_index: torch.Tensor
     padded: bool
     num_visual: list[int]
-    num_text: list[int]
     prefill_length: int
     visual_per_layer: torch.Tensor | None = None
 
@@ -53,9 +52,8 @@ class TokenState:
         batch, n = valid.shape
         visual = torch.zeros_like(valid) if visual is None else visual & valid
         num_visual = visual.sum(dim=1).tolist() if count else []
-        num_text = [int(t) - v for t, v in zip(valid.sum(dim=1).tolist(), num_visual)] if count else []
         index = torch.arange(n, device=valid.device).expand(batch, n)
-        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, num_text, n)
+        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, n)
 
     def visual_alive_counts(self) -> torch.Tensor:
         return (self.visual & self.alive).sum(dim=1)
@@ -94,6 +92,16 @@ def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str) -> TokenState:
         original_index=take(state.original_index),
         padded=any(c != width for c in count_list),
     )
+
+
+def keep_top_visual(state: TokenState, scores: torch.Tensor, visual_kept: list[int]) -> torch.Tensor:
+    """Keep mask: every text token plus the ``visual_kept[b]`` best-scoring live visual tokens."""
+    candidates = state.visual & state.alive
+    ranked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = ranked.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    top = ranks < torch.tensor(visual_kept, device=ranks.device)[:, None]
+    return (top & candidates) | (state.valid & ~state.visual)
 
 
 class LayerReducer:

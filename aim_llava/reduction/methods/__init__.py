@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aim_llava.reduction.methods.aim import AimOptions, AimPlan
+from aim_llava.reduction.methods.fastv import FastVOptions, FastVPlan
+from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
 from aim_llava.reduction.plan import ReductionPlan
 
 
@@ -25,5 +27,8 @@ class MethodEntry:
 
 METHODS: dict[str, MethodEntry] = {
     "none": MethodEntry(NoOptions, lambda options, num_layers, name: ReductionPlan()),
-    "aim": MethodEntry(AimOptions, lambda options, num_layers, name: AimPlan(options, num_layers, name)),
+    "aim": MethodEntry(AimOptions, AimPlan),
+    "fastv": MethodEntry(FastVOptions, FastVPlan),
+    "random": MethodEntry(FrameBaselineOptions, RandomDropPlan),
+    "pool": MethodEntry(FrameBaselineOptions, SpatialPoolPlan),
 }

@@ -11,7 +11,7 @@ from aim_llava.reduction.importance import pagerank_importance, pagerank_importa
 from aim_llava.reduction.merge import ORDERS, WEIGHTINGS, merge_steps_for_ratio, merge_tokens
 from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
 from aim_llava.reduction.schedule import SCHEDULE_KINDS, RetentionSchedule, ScheduleError
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState
+from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, keep_top_visual
 
 
 IMPORTANCE_KERNELS = ("chunked", "flex")
@@ -98,8 +98,8 @@ class AimPruner(RecordingReducer):
     def wants_attention(self, layer: int) -> bool:
         return self.schedule.prunes_after(layer)
 
-    def scores(self, state: TokenState, attention: LayerAttention) -> torch.Tensor:
-        """Importance for visual tokens still attended to; 1 for text; -1 pruned; -2 padding."""
+    def importance(self, state: TokenState, attention: LayerAttention) -> torch.Tensor:
+        """PageRank importance [B, N] over the tokens still attended to."""
         counts = state.valid.sum(dim=1, keepdim=True).clamp(min=1)
         start = state.valid.float() / counts
         options = self.options
@@ -110,20 +110,15 @@ class AimPruner(RecordingReducer):
             importance = pagerank_importance(attention.q, attention.k, state.alive, start, attention.scale,
                                              options.importance_temperature, options.importance_iterations,
                                              options.importance_chunk_size)
-        text = state.valid & ~state.visual
-        scores = torch.where(state.alive & state.visual, importance, torch.full_like(importance, -1.0))
-        scores = torch.where(text, torch.ones_like(scores), scores)
-        return torch.where(state.valid, scores, torch.full_like(scores, -2.0))
+        return importance
 
     def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
         if not self.schedule.prunes_after(layer):
             return state
-        scores = self.scores(state, attention)
-        budget = [self.schedule.kept(layer, v) + t for v, t in zip(state.num_visual, state.num_text)]
-        order = scores.sort(dim=-1, descending=True, stable=True).indices
-        ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        keep = ranks < torch.tensor(budget, device=ranks.device)[:, None]
-        return self.apply(layer, state, keep)
+        # Text always stays; of the visual tokens, int(original count * retention) with the
+        # highest importance (SPEC: text scores 1, pruned -1, keep the top n_text + that many).
+        kept = [self.schedule.kept(layer, visual) for visual in state.num_visual]
+        return self.apply(layer, state, keep_top_visual(state, self.importance(state, attention), kept))
 
 
 class AimPlan(ReductionPlan):

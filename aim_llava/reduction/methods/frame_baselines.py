@@ -1,0 +1,75 @@
+"""Fair baselines before the LLM: random token dropping and uniform spatial pooling per frame,
+at the same per-frame count as AIM's merging for the same ratio."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aim_llava.reduction.merge import merge_steps_for_ratio
+from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.reduction.schedule import ScheduleError
+
+
+@dataclass(frozen=True)
+class FrameBaselineOptions:
+    """keep_ratio: share of each frame's tokens kept (same count as merging at this ratio);
+    seed: random dropping's seed (the same tokens are dropped for the same input shape)."""
+
+    keep_ratio: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ScheduleError(f"keep_ratio={self.keep_ratio} must lie in (0, 1]")
+
+
+def matched_count(tokens_per_frame: int, ratio: float) -> int:
+    """The per-frame count AIM's merging keeps at this ratio."""
+    return tokens_per_frame - sum(merge_steps_for_ratio(tokens_per_frame, ratio))
+
+
+def pooled_grid(count: int) -> tuple[int, int]:
+    """A near-square grid with about ``count`` cells."""
+    rows = max(1, math.isqrt(count))
+    return rows, max(1, round(count / rows))
+
+
+class RandomDropPlan(ReductionPlan):
+    """Keep a random subset of each frame's tokens (in their original order)."""
+
+    def __init__(self, options: FrameBaselineOptions, num_layers: int, name: str = "random"):
+        self.name, self.options = name, options
+
+    def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
+        return matched_count(tokens_per_frame, self.options.keep_ratio)
+
+    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        count = self.frame_tokens_after_merging(frames.shape[1])
+        generator = torch.Generator().manual_seed(self.options.seed)
+        keep = torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
+                            for _ in range(frames.shape[0])]).to(frames.device)
+        return frames.gather(1, keep[..., None].expand(-1, -1, frames.shape[-1]))
+
+
+class SpatialPoolPlan(ReductionPlan):
+    """Average-pool each frame's token grid to a near-square grid of about the matched count."""
+
+    def __init__(self, options: FrameBaselineOptions, num_layers: int, name: str = "pool"):
+        self.name, self.options = name, options
+
+    def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
+        rows, cols = pooled_grid(matched_count(tokens_per_frame, self.options.keep_ratio))
+        return rows * cols
+
+    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        count, side = frames.shape[1], math.isqrt(frames.shape[1])
+        if side * side != count:
+            raise ScheduleError(f"spatial pooling needs square frame grids, got {count} tokens")
+        rows, cols = pooled_grid(matched_count(count, self.options.keep_ratio))
+        grid = frames.transpose(1, 2).reshape(frames.shape[0], -1, side, side)
+        pooled = F.adaptive_avg_pool2d(grid.float(), (rows, cols)).to(frames.dtype)
+        return pooled.flatten(2).transpose(1, 2)
