@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     bench.add_argument("--json", help="also write the full report as JSON to this file")
     bench.add_argument("--plot", help="write a PNG: FLOPs vs measured time, and tokens per layer")
+    calibrate = commands.add_parser("fitprune-calibrate", help="fit a FitPrune recipe to a FLOPs budget")
+    calibrate.add_argument("--model", required=True, help="local checkpoint directory")
+    calibrate.add_argument("--data", required=True, type=Path,
+                           help='JSONL, one {"video" or "image": PATH, "question": TEXT} per line (5 to 100)')
+    calibrate.add_argument("--budget", type=positive_float, required=True, help="fraction of the unpruned prefill FLOPs")
+    calibrate.add_argument("--out", required=True, type=Path, help="recipe JSON to write")
+    calibrate.add_argument("--frames", type=positive_int, default=32)
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     return parser
 
 
@@ -155,19 +164,24 @@ def read_results(path: Path) -> list[dict]:
     return records
 
 
-def write_results_atomically(path: Path, records: list[dict]) -> None:
-    """Write the whole JSONL file to a temporary file beside it, then rename it into place."""
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as out:
-            out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_results_atomically(path: Path, records: list[dict]) -> None:
+    """The whole JSONL file, atomically."""
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def run_one(llm, video: str, question: str | None, args) -> dict:
@@ -320,7 +334,61 @@ def run_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"caption": run, "ask": run, "flops": run_flops, "bench": run_bench}
+def read_calibration_items(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise CliError(f"calibration data not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise CliError(f"{path} line {number} is not JSON") from None
+        if not isinstance(item, dict) or not (item.get("video") or item.get("image")) or not item.get("question"):
+            raise CliError(f'{path} line {number} needs "video" (or "image") and "question"')
+        items.append(item)
+    if not items:
+        raise CliError(f"{path} holds no calibration items")
+    return items
+
+
+def run_fitprune_calibrate(args) -> int:
+    from aim_llava.mm_utils import tokenizer_image_token
+    from aim_llava.pipeline import SamplingOptions, VideoLLM
+    from aim_llava.reduction.methods.fitprune import Calibration, collect_statistics, fit_recipe
+
+    items = read_calibration_items(args.data)
+    if len(items) < 5:
+        print(f"aim-llava: note: {len(items)} calibration items; FitPrune is meant for 5 to 100", file=sys.stderr)
+    llm = VideoLLM.from_pretrained(args.model, "baseline", device=args.device, dtype=args.dtype,
+                                   sampling=SamplingOptions(num_frames=args.frames))
+    calibration = Calibration()
+    for item in items:
+        source = item.get("video") or item.get("image")
+        try:
+            visual = llm.encode(source)
+        except AimLlavaError as err:
+            print(f"aim-llava: error: {source}: {err} (skipped)", file=sys.stderr)
+            continue
+        prompt = llm.prompt(visual, [(item["question"], None)])
+        ids = tokenizer_image_token(prompt, llm.tokenizer, return_tensors="pt")[None]
+        inputs = llm.model.prepare_multimodal_inputs(ids, visual_features=[visual.features])
+        calibration.samples.append(collect_statistics(llm.model, inputs))
+        calibration.visual_tokens.append(int(inputs.visual.sum()))
+        calibration.text_tokens.append(int((inputs.valid & ~inputs.visual).sum()))
+    if not calibration.samples:
+        raise CliError("no calibration item could be read")
+    recipe = fit_recipe(calibration, llm.model.config.text, args.budget)
+    write_text_atomically(args.out, json.dumps(recipe.__dict__, indent=2))
+    print(f"wrote {args.out}: drops {sum(recipe.drop):.0f} of {recipe.visual_tokens:.0f} visual tokens "
+          f"(alpha {recipe.alpha:.3f}, {len(calibration.samples)} samples); use --config fitprune:{args.out}")
+    return 0
+
+
+COMMANDS = {
+    "caption": run, "ask": run, "flops": run_flops, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,8 @@ def config_from_mapping(values: dict, source: str) -> ReductionConfig:
 
 
 def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> ReductionConfig:
-    """A preset name (``aim_default``), a YAML file path, a mapping, a config object, or None."""
+    """A preset name (``aim_default``), a YAML file path, ``fitprune:RECIPE.json``, a mapping, a
+    config object, or None (no reduction)."""
     if spec is None:
         spec = "baseline"
     if isinstance(spec, ReductionConfig):
@@ -90,6 +91,8 @@ def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> R
     if isinstance(spec, dict):
         return config_from_mapping(spec, "reduction config")
     spec = str(spec)
+    if spec.startswith("fitprune:"):
+        return config_from_mapping({"name": spec, "method": "fitprune", "recipe": spec.split(":", 1)[1]}, spec)
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():

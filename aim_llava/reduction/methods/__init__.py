@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aim_llava.reduction.methods.aim import AimOptions, AimPlan
 from aim_llava.reduction.methods.fastv import FastVOptions, FastVPlan
+from aim_llava.reduction.methods.fitprune import FitPruneOptions, FitPrunePlan
 from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
 from aim_llava.reduction.plan import ReductionPlan
 
@@ -29,6 +30,7 @@ METHODS: dict[str, MethodEntry] = {
     "none": MethodEntry(NoOptions, lambda options, num_layers, name: ReductionPlan()),
     "aim": MethodEntry(AimOptions, AimPlan),
     "fastv": MethodEntry(FastVOptions, FastVPlan),
+    "fitprune": MethodEntry(FitPruneOptions, FitPrunePlan),
     "random": MethodEntry(FrameBaselineOptions, RandomDropPlan),
     "pool": MethodEntry(FrameBaselineOptions, SpatialPoolPlan),
 }
