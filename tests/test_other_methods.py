@@ -17,6 +17,7 @@ METHOD_CONFIGS = {
     "fastv_mask": {"method": "fastv", "layer": 2, "drop_ratio": 0.5, "prune_mode": "mask"},
     "random": {"method": "random", "keep_ratio": 0.25},
     "pool": {"method": "pool", "keep_ratio": 0.25},
+    "ficoco_l": {"method": "ficoco_l", "start_layer": 2, "end_layer": 3, "keep_ratio": 0.5},
 }
 
 

@@ -7,6 +7,8 @@ know which method is behind the plan.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, keep_tokens
@@ -48,12 +50,40 @@ class ReductionPlan:
         return "remove"
 
 
+@dataclass
+class Merge:
+    """Rows of one sample folded into others: X_t <- (X_t + sum_s w_st X_s) / (1 + sum_s w_st).
+
+    sources / targets are prefill (original) indices; weights is [sources, targets].
+    """
+
+    sources: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+
+
+def apply_merge(hidden: torch.Tensor, original_index: torch.Tensor, merge: Merge) -> None:
+    """Apply a merge in place to one sample's hidden rows [N, D]."""
+    lookup = torch.full((int(original_index.max()) + 1,), -1, dtype=torch.long, device=hidden.device)
+    lookup[original_index] = torch.arange(len(original_index), device=hidden.device)
+    sources, targets = lookup[merge.sources], lookup[merge.targets]
+    mixed = hidden[targets].float() + merge.weights.T @ hidden[sources].float()
+    hidden[targets] = (mixed / (1 + merge.weights.sum(dim=0))[:, None]).to(hidden.dtype)
+
+
 class RecordingReducer(LayerReducer):
-    """Base for reducers that drop tokens: keeps, per pruning layer, which prefill rows were kept."""
+    """Base for reducers that drop tokens: keeps, per pruning layer, which prefill rows were kept
+    and which rows were merged into which."""
 
     def __init__(self, mode: str):
         self.mode = mode
         self.kept: dict[int, torch.Tensor] = {}
+        self.merges: dict[tuple[int, int], Merge] = {}
+
+    def merge(self, layer: int, sample: int, state: TokenState, merge: Merge) -> None:
+        """Fold rows of ``sample`` (in place in ``state.hidden``) and keep the record."""
+        apply_merge(state.hidden[sample], state.original_index[sample], merge)
+        self.merges[(layer, sample)] = merge
 
     def apply(self, layer: int, state: TokenState, keep: torch.Tensor) -> TokenState:
         keep = keep & state.alive
@@ -69,13 +99,17 @@ class ReplayReducer(LayerReducer):
     prompt + generated tokens sees the same visual tokens at every layer as cached decoding.
     """
 
-    def __init__(self, kept: dict[int, torch.Tensor], mode: str):
+    def __init__(self, kept: dict[int, torch.Tensor], mode: str, merges: dict[tuple[int, int], Merge] | None = None):
         self.mode = mode
         self.recorded = kept
+        self.merges = merges or {}
 
     def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
         if layer not in self.recorded:
             return state
+        for sample in range(state.hidden.shape[0]):
+            if (layer, sample) in self.merges:
+                apply_merge(state.hidden[sample], state.original_index[sample], self.merges[(layer, sample)])
         recorded = self.recorded[layer]
         prompt_length = recorded.shape[1]
         inside = state.original_index < prompt_length

@@ -37,10 +37,12 @@ class ReductionRecord:
 
     visual_tokens_per_layer[l][b]: visual tokens of sample b entering layer l (after any merging
     before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l.
+    merges[(l, b)]: rows folded into others after layer l (methods that compress).
     """
 
     visual_tokens_per_layer: list[list[int]]
     kept: dict[int, torch.Tensor]
+    merges: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -89,14 +91,15 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         (or, with ``replay``, the decisions of an earlier prefill)."""
         plan = self.reduction_plan
         if replay is not None:
-            reducer = ReplayReducer(replay.kept, plan.prune_mode) if replay.kept else None
+            reducer = ReplayReducer(replay.kept, plan.prune_mode, replay.merges) if replay.kept else None
         else:
             reducer = plan.layer_reducer(len(self.model.layers))
         hidden, state = self.model.decode(
             inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache,
             visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
         )
-        record = ReductionRecord(state.visual_per_layer.tolist(), getattr(reducer, "kept", {}))
+        record = ReductionRecord(state.visual_per_layer.tolist(), getattr(reducer, "kept", {}),
+                                 getattr(reducer, "merges", {}))
         if replay is None:
             self.last_reduction = record
         return hidden, state

@@ -1,0 +1,90 @@
+"""FiCoCo-L: filter / correlate / compress against loops written from SPEC section 7, and the
+method inside the model (counts, cache, batches)."""
+
+import pytest
+import torch
+
+from aim_llava.reduction.methods.ficoco import compress_weights, correlation, filter_scores
+from aim_llava.reduction.plan import Merge, apply_merge
+from conftest import prompt_ids, random_frames
+
+GEN = dict(max_new_tokens=6, eos_token_id=[])
+CONFIG = {"method": "ficoco_l", "start_layer": 2, "end_layer": 3, "keep_ratio": 0.5}
+
+
+@pytest.fixture
+def attention_matrix():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.rand(12, 12, generator=gen).tril()
+    return a / a.sum(dim=1, keepdim=True)
+
+
+def test_filter_scores(attention_matrix):
+    a = attention_matrix
+    visual = torch.zeros(12, dtype=torch.bool)
+    visual[3:9] = True
+    text_after = torch.zeros(12, dtype=torch.bool)
+    text_after[9:] = True
+    ours = filter_scores(a, visual, text_after, beta=0.6)
+    for i in range(3, 9):
+        from_visual = sum(a[q, i] for q in range(3, 9)) / 6
+        from_text = sum(a[t, i] for t in range(9, 12)) / 3
+        assert ours[i] == pytest.approx(float(0.6 * from_visual - 0.4 * from_text), abs=1e-6)
+
+
+def test_correlation(attention_matrix):
+    a = attention_matrix
+    sources = torch.zeros(12, dtype=torch.bool)
+    sources[[4, 7]] = True
+    targets = torch.zeros(12, dtype=torch.bool)
+    targets[[3, 5, 6, 8]] = True
+    text = torch.zeros(12, dtype=torch.bool)
+    text[[0, 1, 2, 9, 10, 11]] = True
+    ours = correlation(a, sources, targets, text, gamma=0.6)
+    for r, i in enumerate([4, 7]):
+        for c, j in enumerate([3, 5, 6, 8]):
+            via = sum(a[i, k] * a[k, j] for k in [0, 1, 2, 9, 10, 11]) / 6
+            assert ours[r, c] == pytest.approx(float(0.6 * a[i, j] + 0.4 * via), abs=1e-6)
+
+
+def test_compress_follows_the_equations():
+    gen = torch.Generator().manual_seed(3)
+    corr = torch.rand(3, 500, generator=gen)
+    weights = compress_weights(corr, eps=0.998)
+    for i in range(3):
+        threshold = torch.quantile(corr[i], 0.998)
+        chosen = [j for j in range(500) if corr[i, j] >= threshold]
+        assert 1 <= len(chosen) <= 2  # "in practice 1-2 targets"
+        total = sum(float(corr[i, j]) for j in chosen)
+        for j in range(500):
+            expected = float(corr[i, j]) / total if j in chosen else 0.0
+            assert float(weights[i, j]) == pytest.approx(expected, abs=1e-6)
+    hidden = torch.randn(510, 4, generator=gen)
+    original = torch.arange(510)
+    merged = hidden.clone()
+    sources, targets = torch.tensor([500, 503, 507]), torch.arange(500)
+    apply_merge(merged, original, Merge(sources, targets, weights))
+    for j in range(500):
+        mix = hidden[j] + sum(weights[s, j] * hidden[500 + [0, 3, 7][s]] for s in range(3))
+        assert torch.allclose(merged[j], mix / (1 + weights[:, j].sum()), atol=1e-6)
+
+
+@pytest.fixture
+def ficoco_model(loaded):
+    _, model, _, _ = loaded
+    model.set_reduction(CONFIG)
+    yield model
+    model.set_reduction("baseline")
+
+
+def test_counts_and_cache(ficoco_model, loaded):
+    tokenizer, model, processor, _ = loaded
+    video = processor.preprocess(random_frames(3, 64, 80, seed=4))["pixel_values"]
+    ids = prompt_ids(tokenizer, "What is happening?")
+    cached = model.generate(ids, images=[video], modalities=["video"], **GEN)
+    counts = [layer[0] for layer in model.last_reduction.visual_tokens_per_layer]
+    visual = 3 * 196 + 1
+    target = int(visual * 0.5)
+    assert counts == [visual] * 3 + [visual - (visual - target) // 2] + [target] * 2
+    assert model.last_reduction.merges  # information was folded, not only dropped
+    assert torch.equal(cached, model.generate(ids, images=[video], modalities=["video"], use_cache=False, **GEN))
