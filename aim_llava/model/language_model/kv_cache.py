@@ -4,6 +4,10 @@ Each layer keeps keys and values of shape [B, kv_heads, L_layer, d] and a boolea
 [B, L_layer] that marks real (not padding) entries. Layers are independent so that token
 reduction can shorten the cache of later layers only. ``next_position`` [B] is the position id
 the next generated token takes in each sample.
+
+Storage grows in place: each layer's buffers are allocated with room for ``reserve`` more tokens
+(generation reserves ``max_new_tokens``) and doubled when full, so a decoding step writes one
+slot instead of copying the whole cache.
 """
 
 from __future__ import annotations
@@ -15,15 +19,44 @@ import torch
 
 @dataclass
 class LayerCache:
-    keys: torch.Tensor
-    values: torch.Tensor
-    valid: torch.Tensor
+    """Buffers with capacity; the first ``length`` positions are in use."""
+
+    key_buffer: torch.Tensor
+    value_buffer: torch.Tensor
+    valid_buffer: torch.Tensor
+    length: int
     padded: bool
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.key_buffer[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.value_buffer[:, :, : self.length]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.valid_buffer[:, : self.length]
+
+    @classmethod
+    def allocate(cls, keys, values, valid, padded: bool, capacity: int) -> LayerCache:
+        batch, heads, length, dim = keys.shape
+        key_buffer = keys.new_empty(batch, heads, capacity, dim)
+        value_buffer = values.new_empty(batch, heads, capacity, values.shape[3])
+        valid_buffer = valid.new_zeros(batch, capacity)
+        key_buffer[:, :, :length], value_buffer[:, :, :length], valid_buffer[:, :length] = keys, values, valid
+        return cls(key_buffer, value_buffer, valid_buffer, length, padded)
+
+    def grow(self, needed: int) -> LayerCache:
+        capacity = max(needed, 2 * self.key_buffer.shape[2])
+        return LayerCache.allocate(self.keys, self.values, self.valid, self.padded, capacity)
 
 
 @dataclass
 class KVCache:
     num_layers: int
+    reserve: int = 0
     layers: list[LayerCache | None] = field(default_factory=list)
     next_position: torch.Tensor | None = None
 
@@ -40,14 +73,17 @@ class KVCache:
         device sync), so that fully valid caches can use mask-free attention kernels.
         """
         entry = self.layers[layer]
+        new = keys.shape[2]
         if entry is None:
-            entry = LayerCache(keys, values, valid, padded)
+            entry = LayerCache.allocate(keys, values, valid, padded, new + self.reserve)
         else:
-            entry = LayerCache(
-                torch.cat([entry.keys, keys], dim=2),
-                torch.cat([entry.values, values], dim=2),
-                torch.cat([entry.valid, valid], dim=1),
-                entry.padded or padded,
-            )
+            if entry.length + new > entry.key_buffer.shape[2]:
+                entry = entry.grow(entry.length + new)
+            end = entry.length + new
+            entry.key_buffer[:, :, entry.length : end] = keys
+            entry.value_buffer[:, :, entry.length : end] = values
+            entry.valid_buffer[:, entry.length : end] = valid
+            entry.length = end
+            entry.padded = entry.padded or padded
         self.layers[layer] = entry
         return entry

@@ -167,7 +167,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
         sample = do_sample and temperature > 0
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features)
-        cache = KVCache(len(self.model.layers)) if use_cache else None
+        cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
         hidden, _ = self.prefill(mm, cache)
         record = self.last_reduction
         positions = mm.position_ids
