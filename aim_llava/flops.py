@@ -37,12 +37,14 @@ def prefill_flops(text: TextConfig, tokens_per_layer: list[int]) -> float:
     return float(sum(2 * n * params + 4 * n * n * text.hidden_size for n in tokens_per_layer))
 
 
-def vision_flops(vision: VisionConfig, views: int) -> float:
-    """SigLIP tower over ``views`` images: patch embedding plus the encoder layers that run."""
-    n, c = vision.num_patches, vision.hidden_size
-    embed = 2 * n * vision.num_channels * vision.patch_size**2 * c
-    layer = 2 * n * (4 * c * c + 2 * c * vision.intermediate_size) + 4 * n * n * c
-    return float(views * (embed + vision.num_hidden_layers * layer))
+def vision_flops(vision: VisionConfig, views: int, patches_per_layer: list[int] | None = None) -> float:
+    """SigLIP tower over ``views`` images: patch embedding plus the encoder layers that run, each
+    with the patches entering it (all of them unless a method removes some in the tower)."""
+    c = vision.hidden_size
+    patches_per_layer = patches_per_layer or [vision.num_patches] * vision.num_hidden_layers
+    embed = 2 * vision.num_patches * vision.num_channels * vision.patch_size**2 * c
+    layers = sum(2 * n * (4 * c * c + 2 * c * vision.intermediate_size) + 4 * n * n * c for n in patches_per_layer)
+    return float(views * (embed + layers))
 
 
 def projector_flops(config: LlavaConfig, views: int) -> float:
@@ -85,8 +87,10 @@ class FlopsReport:
 def video_token_counts(arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int):
     """(visual tokens, tokens entering each layer, tokens leaving each layer) for a video prompt."""
     plan = reduction.build(arch.text.num_hidden_layers)
-    pooled = math.ceil(arch.vision.grid_size / arch.mm_spatial_pool_stride) ** 2
-    visual = frames * plan.frame_tokens_after_merging(pooled) + 1
+    patches = plan.vision_tokens_after(arch.vision)
+    if patches == arch.vision.num_patches:  # the grid is intact, so frames are pooled
+        patches = math.ceil(arch.vision.grid_size / arch.mm_spatial_pool_stride) ** 2
+    visual = frames * plan.frame_tokens_after_merging(patches) + 1
     leaving = [plan.visual_tokens_leaving(layer, visual) + text_tokens for layer in range(arch.text.num_hidden_layers)]
     entering = [visual + text_tokens] + leaving[:-1]
     return visual, entering, leaving
@@ -120,7 +124,8 @@ def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, 
     if frames < 1 or text_tokens < 0:
         raise AimLlavaError(f"frames must be >= 1 and text tokens >= 0, got {frames} and {text_tokens}")
     visual, entering, leaving = video_token_counts(arch, reduction, frames, text_tokens)
-    executed = executed_tokens(reduction.build(arch.text.num_hidden_layers), entering)
+    plan = reduction.build(arch.text.num_hidden_layers)
+    executed = executed_tokens(plan, entering)
     text = arch.text
     return FlopsReport(
         arch=arch_name,
@@ -132,7 +137,7 @@ def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, 
         paper_tokens_per_layer=leaving,
         prefill_tflops=prefill_flops(text, leaving) / 1e12,
         prefill_tflops_executed=prefill_flops(text, executed) / 1e12,
-        vision_tflops=vision_flops(arch.vision, frames) / 1e12,
+        vision_tflops=vision_flops(arch.vision, frames, plan.vision_tokens_per_layer(arch.vision)) / 1e12,
         projector_tflops=projector_flops(arch, frames) / 1e12,
         decode_gflops_per_token=decode_flops(text, executed) / 1e9,
         lm_head_gflops_per_token=2 * text.hidden_size * text.vocab_size / 1e9,

@@ -88,3 +88,48 @@ def test_counts_and_cache(ficoco_model, loaded):
     assert counts == [visual] * 3 + [visual - (visual - target) // 2] + [target] * 2
     assert model.last_reduction.merges  # information was folded, not only dropped
     assert torch.equal(cached, model.generate(ids, images=[video], modalities=["video"], use_cache=False, **GEN))
+
+
+def test_vision_redundancy_and_local_penalty():
+    from aim_llava.reduction.methods.ficoco import vision_redundancy, window_maxima
+    from aim_llava.reduction.tokens import LayerAttention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 3, 16, 4, generator=gen), torch.randn(2, 3, 16, 4, generator=gen)
+    scores, a = vision_redundancy(LayerAttention(q, k, 0.5), lam=0.35)
+    for v in range(2):
+        probs = torch.stack([torch.softmax(q[v, h] @ k[v, h].T * 0.5, dim=-1) for h in range(3)]).mean(dim=0)
+        keys = k[v].transpose(0, 1).reshape(16, 12)
+        mean_key = keys.mean(dim=0)
+        for i in range(16):
+            pays = sum(float(probs[i, j]) for j in range(16) if j != i) / 15
+            semantic = -float(torch.nn.functional.cosine_similarity(mean_key, keys[i], dim=0))
+            assert float(scores[v, i]) == pytest.approx(0.35 * pays - 0.65 * semantic, abs=1e-5)
+    grid_scores = torch.randn(1, 25, generator=gen)  # a 5x5 grid: windows of 2x2, 2x1, 1x2, 1x1
+    marked = window_maxima(grid_scores, torch.arange(25)[None], grid=5)
+    for wr in range(3):
+        for wc in range(3):
+            members = [r * 5 + c for r in range(2 * wr, min(5, 2 * wr + 2)) for c in range(2 * wc, min(5, 2 * wc + 2))]
+            best = max(members, key=lambda i: float(grid_scores[0, i]))
+            assert [i for i in members if marked[0, i]] == [best]
+
+
+def test_ficoco_v_tokens_and_anyres_refusal(loaded):
+    from aim_llava.errors import InputError
+    from aim_llava.mm_utils import process_images
+    from conftest import random_image
+
+    tokenizer, model, processor, _ = loaded
+    model.set_reduction({"method": "ficoco_v", "vision_start_layer": 0, "vision_keep_ratio": 0.3})
+    try:
+        video = processor.preprocess(random_frames(2, 64, 80, seed=6))["pixel_values"]
+        with torch.no_grad():
+            model(prompt_ids(tokenizer, "Hi"), images=[video], modalities=["video"])
+        per_frame = 729 - (729 - int(729 * 0.3)) // 2 * 2  # 2 tower layers, equal counts, no pooling
+        assert model.last_reduction.visual_tokens_per_layer[0][0] == 2 * per_frame + 1
+        image = random_image(900, 500)
+        with pytest.raises(InputError, match="anyres"):
+            model(prompt_ids(tokenizer, "Hi"), images=process_images([image], processor, model.config),
+                  image_sizes=[image.size])
+    finally:
+        model.set_reduction("baseline")

@@ -18,6 +18,9 @@ METHOD_CONFIGS = {
     "random": {"method": "random", "keep_ratio": 0.25},
     "pool": {"method": "pool", "keep_ratio": 0.25},
     "ficoco_l": {"method": "ficoco_l", "start_layer": 2, "end_layer": 3, "keep_ratio": 0.5},
+    "ficoco_v": {"method": "ficoco_v", "vision_start_layer": 0, "vision_keep_ratio": 0.3},
+    "ficoco_vl": {"method": "ficoco_v", "vision_start_layer": 1, "vision_keep_ratio": 0.5, "llm": True,
+                  "start_layer": 2, "keep_ratio": 0.5},
 }
 
 

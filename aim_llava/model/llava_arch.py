@@ -84,18 +84,28 @@ class LlavaMetaForCausalLM:
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> projected features [N, patches, H]."""
         dtype = self.model.embed_tokens.weight.dtype
-        features = self.model.vision_tower(pixel_values.to(self.device, dtype))
+        reducer = self.reduction_plan.vision_reducer(self.config.vision)
+        features = self.model.vision_tower(pixel_values.to(self.device, dtype), reducer)
         return self.model.mm_projector(features)
 
     def video_features(self, frame_features: torch.Tensor) -> torch.Tensor:
-        """[F, patches, H] -> [F * pooled + 1, H]."""
-        pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
+        """[F, patches, H] -> [F * pooled + 1, H]. Frames whose patch grid a vision-tower reducer
+        has thinned out are not pooled (there is no grid left to pool)."""
+        if frame_features.shape[1] == self.config.vision.num_patches:
+            pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
+        else:
+            pooled = frame_features
         pooled = self.reduction_plan.reduce_video_frames(pooled)
         return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
 
     def anyres_features(self, view_features: torch.Tensor, image_size) -> torch.Tensor:
         """[1 + crops, patches, H] of one image of (width, height) -> its token sequence."""
         grid = self.config.vision.grid_size
+        if view_features.shape[1] != grid * grid:
+            raise InputError(
+                "this reduction removes patches inside the vision tower, which anyres images cannot use: "
+                "preprocess images with image_aspect_ratio='pad' (one view each) or pass videos"
+            )
         base, crops = view_features[0], view_features[1:]
         if image_size is None:
             raise InputError("an image with crops needs its size: pass image_sizes=[image.size, ...]")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, keep_tokens
+from aim_llava.model.config import VisionConfig
+from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, VisionReducer, keep_tokens
 
 
 class ReductionPlan:
@@ -30,6 +31,18 @@ class ReductionPlan:
     def layer_reducer(self, num_layers: int) -> LayerReducer | None:
         """A fresh reducer for one prefill, or None."""
         return None
+
+    def vision_reducer(self, vision: VisionConfig) -> VisionReducer | None:
+        """A fresh reducer for one pass of the vision tower, or None."""
+        return None
+
+    def vision_tokens_per_layer(self, vision: VisionConfig) -> list[int]:
+        """Patches entering each tower layer (for accounting)."""
+        return [vision.num_patches] * vision.num_hidden_layers
+
+    def vision_tokens_after(self, vision: VisionConfig) -> int:
+        """Patches per view leaving the tower (for accounting)."""
+        return vision.num_patches
 
     def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
         """How many tokens a frame of ``tokens_per_frame`` keeps before the LLM (for accounting)."""

@@ -112,3 +112,14 @@ class LayerReducer:
 
     def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
         return state
+
+
+class VisionReducer:
+    """Acts after vision-tower layers during one encoding; the default keeps every patch."""
+
+    def wants_attention(self, layer: int) -> bool:
+        return False
+
+    def after_layer(self, layer: int, hidden: torch.Tensor, attention: LayerAttention | None) -> torch.Tensor:
+        """Patch features [views, N, C] -> [views, N', C]."""
+        return hidden

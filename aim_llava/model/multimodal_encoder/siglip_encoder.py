@@ -13,6 +13,7 @@ from torch import nn
 
 from aim_llava.model.attention import attend
 from aim_llava.model.config import VisionConfig
+from aim_llava.reduction.tokens import LayerAttention, VisionReducer
 
 
 class SiglipEmbeddings(nn.Module):
@@ -39,14 +40,15 @@ class SiglipAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_implementation: str, return_attention: bool = False):
         b, n, _ = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
         q = self.q_proj(x).view(shape).transpose(1, 2)
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
+        seen = LayerAttention(q, k, self.head_dim**-0.5) if return_attention else None
         out = attend(q, k, v, None, False, self.head_dim**-0.5, attn_implementation)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, -1)), seen
 
 
 class SiglipMLP(nn.Module):
@@ -67,9 +69,10 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
-    def forward(self, x: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), attn_implementation)
-        return x + self.mlp(self.layer_norm2(x))
+    def forward(self, x: torch.Tensor, attn_implementation: str, return_attention: bool = False):
+        attended, seen = self.self_attn(self.layer_norm1(x), attn_implementation, return_attention)
+        x = x + attended
+        return x + self.mlp(self.layer_norm2(x)), seen
 
 
 class SiglipEncoder(nn.Module):
@@ -100,10 +103,16 @@ class SigLipVisionTower(nn.Module):
         self.attn_implementation = attn_implementation
         self.vision_tower = SiglipVisionModel(config)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] normalised pixels -> [N, patches, hidden] features."""
+    def forward(self, pixel_values: torch.Tensor, reducer: VisionReducer | None = None) -> torch.Tensor:
+        """[N, 3, H, W] normalised pixels -> [N, patches, hidden] features.
+
+        A ``reducer`` may remove patches after any layer (the same number from every view).
+        """
         model = self.vision_tower.vision_model
         hidden = model.embeddings(pixel_values)
-        for layer in model.encoder.layers:
-            hidden = layer(hidden, self.attn_implementation)
+        for index, layer in enumerate(model.encoder.layers):
+            wants = reducer is not None and reducer.wants_attention(index)
+            hidden, seen = layer(hidden, self.attn_implementation, wants)
+            if reducer is not None:
+                hidden = reducer.after_layer(index, hidden, seen)
         return hidden

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aim_llava.reduction.methods.aim import AimOptions, AimPlan
 from aim_llava.reduction.methods.fastv import FastVOptions, FastVPlan
-from aim_llava.reduction.methods.ficoco import FiCoCoLPlan, FiCoCoOptions
+from aim_llava.reduction.methods.ficoco import FiCoCoLPlan, FiCoCoOptions, FiCoCoVLOptions, FiCoCoVLPlan
 from aim_llava.reduction.methods.fitprune import FitPruneOptions, FitPrunePlan
 from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
 from aim_llava.reduction.plan import ReductionPlan
@@ -33,6 +33,7 @@ METHODS: dict[str, MethodEntry] = {
     "fastv": MethodEntry(FastVOptions, FastVPlan),
     "fitprune": MethodEntry(FitPruneOptions, FitPrunePlan),
     "ficoco_l": MethodEntry(FiCoCoOptions, FiCoCoLPlan),
+    "ficoco_v": MethodEntry(FiCoCoVLOptions, FiCoCoVLPlan),
     "random": MethodEntry(FrameBaselineOptions, RandomDropPlan),
     "pool": MethodEntry(FrameBaselineOptions, SpatialPoolPlan),
 }

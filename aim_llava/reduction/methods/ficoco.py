@@ -10,7 +10,12 @@ At each reduction layer, with A the layer's attention probabilities averaged ove
   targets J_i of i in S are the tokens of T at or above the eps-quantile of C_i;
 * compress: a_ij = C_ij / sum_{J_i} C_ij and X_j <- (X_j + sum_i a_ij X_i) / (1 + sum_i a_ij).
 
-The vision-tower variant (FiCoCo-V) is not implemented yet.
+FiCoCo-V does the same inside the vision tower, from its middle layer on, with a fixed count of
+patches per layer: redundancy s_i = lam * (mean attention i pays the others) - (1 - lam) *
+(semantic importance), where SigLIP, having no CLS token, takes -cos(mean of the keys, key_i) as
+the semantic importance; a local penalty doubles the highest score in every 2x2 window of the
+patch grid; patches are correlated by the tower's attention A_ij. Video frames reduced this way
+skip the 2x2 pooling (no grid is left); anyres images cannot be used (one view per image works).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
 from aim_llava.reduction.plan import Merge, RecordingReducer, ReductionPlan
 from aim_llava.reduction.schedule import ScheduleError, check_layer
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState
+from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, VisionReducer
 
 
 @dataclass(frozen=True)
@@ -161,3 +166,137 @@ class FiCoCoLPlan(ReductionPlan):
     @property
     def attn_implementation(self) -> str | None:
         return "eager" if self.options.prune_mode == "mask" else None
+
+
+@dataclass(frozen=True)
+class FiCoCoVLOptions:
+    """FiCoCo-V inside the vision tower, optionally followed by FiCoCo-L in the LLM.
+
+    vision_start_layer: first tower layer after which patches are removed (None: the middle);
+    vision_keep_ratio: share of the patches left after the last tower layer, removed in equal
+    counts per layer; lam: weight of the attention a patch pays in its redundancy; local_penalty:
+    double the highest score in every 2x2 window of the patch grid; eps: target quantile.
+    llm: also run FiCoCo-L (start_layer, end_layer, keep_ratio, beta, gamma as in FiCoCo-L).
+    """
+
+    vision_start_layer: int | None = None
+    vision_keep_ratio: float = 0.25
+    lam: float = 0.35
+    local_penalty: bool = True
+    eps: float = 0.998
+    llm: bool = False
+    start_layer: int = 4
+    end_layer: int | None = None
+    keep_ratio: float = 0.5
+    beta: float = 0.6
+    gamma: float = 0.6
+    prune_mode: str = "remove"
+
+    def __post_init__(self) -> None:
+        for name in ("vision_keep_ratio", "lam", "eps"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ScheduleError(f"{name}={getattr(self, name)} must lie in [0, 1]")
+        self.llm_options()
+
+    def llm_options(self) -> FiCoCoOptions:
+        return FiCoCoOptions(self.start_layer, self.end_layer, self.keep_ratio, self.beta, self.gamma, self.eps,
+                             self.prune_mode)
+
+    def vision_kept_after(self, vision) -> list[int]:
+        """Patches left after each tower layer: a fixed count goes after every layer from the
+        start layer on, so that about ``vision_keep_ratio`` of them remain at the end."""
+        layers, n = vision.num_hidden_layers, vision.num_patches
+        start = layers // 2 if self.vision_start_layer is None else self.vision_start_layer
+        check_layer(start, layers, "vision_start_layer")
+        per_layer = (n - int(n * self.vision_keep_ratio)) // (layers - start)
+        return [n - per_layer * max(0, layer - start + 1) for layer in range(layers)]
+
+
+def window_maxima(scores: torch.Tensor, positions: torch.Tensor, grid: int) -> torch.Tensor:
+    """[V, N] mask of the highest score in each 2x2 window of the original patch grid."""
+    windows_per_row = (grid + 1) // 2
+    window = (positions // grid // 2) * windows_per_row + (positions % grid) // 2
+    best = torch.full((scores.shape[0], windows_per_row**2), float("-inf"), device=scores.device)
+    best = best.scatter_reduce(1, window, scores, reduce="amax")
+    return scores == best.gather(1, window)
+
+
+def vision_redundancy(attention: LayerAttention, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [V, N], attention [V, N, N] averaged over heads): lam * mean attention a patch pays
+    the others + (1 - lam) * cos(mean key, its key), i.e. minus the semantic importance."""
+    probs = torch.softmax((attention.q.float() @ attention.k.float().transpose(-1, -2)) * attention.scale, dim=-1)
+    a = probs.mean(dim=1)
+    n = a.shape[-1]
+    pays = (1 - a.diagonal(dim1=-2, dim2=-1)) / max(1, n - 1)
+    keys = attention.k.float().transpose(1, 2).flatten(2)
+    similarity = torch.nn.functional.cosine_similarity(keys, keys.mean(dim=1, keepdim=True), dim=-1)
+    return lam * pays + (1 - lam) * similarity, a
+
+
+class FiCoCoVReducer(VisionReducer):
+    """Filter, correlate and compress patches after tower layers (all views alike)."""
+
+    def __init__(self, options: FiCoCoVLOptions, vision):
+        self.options = options
+        self.kept_after = options.vision_kept_after(vision)
+        self.patches = vision.num_patches
+        self.grid = vision.grid_size
+        self.positions: torch.Tensor | None = None
+
+    def removes_after(self, layer: int) -> int:
+        before = self.patches if layer == 0 else self.kept_after[layer - 1]
+        return before - self.kept_after[layer]
+
+    def wants_attention(self, layer: int) -> bool:
+        return self.removes_after(layer) > 0
+
+    def after_layer(self, layer: int, hidden: torch.Tensor, attention: LayerAttention | None) -> torch.Tensor:
+        count = self.removes_after(layer)
+        views, n, _ = hidden.shape
+        if self.positions is None:
+            self.positions = torch.arange(n, device=hidden.device).expand(views, n)
+        if count <= 0:
+            return hidden
+        scores, a = vision_redundancy(attention, self.options.lam)
+        if self.options.local_penalty:
+            scores = torch.where(window_maxima(scores, self.positions, self.grid), 2 * scores, scores)
+        removed = scores.topk(count, dim=1).indices.sort(dim=1).values
+        keep_mask = torch.ones(views, n, dtype=torch.bool, device=hidden.device).scatter(1, removed, False)
+        kept = keep_mask.nonzero()[:, 1].view(views, n - count)
+        corr = a.gather(1, removed[..., None].expand(-1, -1, n)).gather(2, kept[:, None, :].expand(-1, count, -1))
+        weights = compress_weights(corr, self.options.eps)
+        gather = lambda index: hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()  # noqa: E731
+        mixed = gather(kept) + weights.transpose(1, 2) @ gather(removed)
+        self.positions = self.positions.gather(1, kept)
+        return (mixed / (1 + weights.sum(dim=1))[..., None]).to(hidden.dtype)
+
+
+class FiCoCoVLPlan(ReductionPlan):
+    """FiCoCo-V (and, with ``llm: true``, FiCoCo-L after it)."""
+
+    def __init__(self, options: FiCoCoVLOptions, num_layers: int, name: str = "ficoco_v"):
+        self.name, self.options = name, options
+        self.llm = FiCoCoLPlan(options.llm_options(), num_layers) if options.llm else None
+
+    def vision_reducer(self, vision) -> FiCoCoVReducer:
+        return FiCoCoVReducer(self.options, vision)
+
+    def vision_tokens_per_layer(self, vision) -> list[int]:
+        return [vision.num_patches] + self.options.vision_kept_after(vision)[:-1]
+
+    def vision_tokens_after(self, vision) -> int:
+        return self.options.vision_kept_after(vision)[-1]
+
+    def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
+        return self.llm.visual_tokens_leaving(layer, num_visual) if self.llm else num_visual
+
+    def layer_reducer(self, num_layers: int):
+        return self.llm.layer_reducer(num_layers) if self.llm else None
+
+    @property
+    def prune_mode(self) -> str:
+        return self.options.prune_mode
+
+    @property
+    def attn_implementation(self) -> str | None:
+        return self.llm.attn_implementation if self.llm else None
