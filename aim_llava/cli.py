@@ -184,16 +184,17 @@ def write_results_atomically(path: Path, records: list[dict]) -> None:
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def run_one(llm, video: str, question: str | None, args) -> dict:
     """Caption or answer for one input; failures become the record's ``error``."""
     from aim_llava.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_IMAGE_CAPTION_PROMPT
 
     record = {"video": video, "text": None, "error": None, "config": llm.reduction.name}
-    stream = None
-    if args.stream and not args.json:
-        def stream(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+    stream = print_now if args.stream and not args.json else None
     try:
         visual = llm.encode(video)
         if question is None:

@@ -65,3 +65,14 @@ def expand_placeholders(ids: torch.Tensor, counts: list[int], token_id: int) -> 
     for token in ids[0].tolist():
         out += [token_id] * next(counts_iter) if token == IMAGE_TOKEN_INDEX else [token]
     return torch.tensor([out])
+
+
+def left_padded_batch(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of several [1, L] prompts right-aligned in one tensor, with the attention mask."""
+    longest = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), longest), pad)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, longest - p.shape[1] :] = p[0]
+        mask[i, longest - p.shape[1] :] = 1
+    return ids, mask

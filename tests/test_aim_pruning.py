@@ -7,7 +7,7 @@ from aim_llava import load_pretrained_model
 from aim_llava.errors import AimLlavaError
 from aim_llava.mm_utils import process_images
 from aim_llava.reduction.plan import ReplayReducer
-from conftest import prompt_ids, random_frames, random_image
+from conftest import left_padded_batch, prompt_ids, random_frames, random_image
 
 GEN = dict(max_new_tokens=10, eos_token_id=[])
 
@@ -107,11 +107,7 @@ def test_batch_with_different_video_lengths_equals_single_runs(models):
     model.set_reduction({"method": "aim", "prune_start": 1})
     videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (3, 8)]
     prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
-    longest = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(2, longest, dtype=torch.long)
-    mask = torch.zeros(2, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - p.shape[1]:], mask[i, longest - p.shape[1]:] = p[0], 1
+    ids, mask = left_padded_batch(prompts)
     batched = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, **GEN)
     batch_counts = model.last_reduction.visual_tokens_per_layer
     for i in range(2):

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
     good = write_sample_video(root / "good.mp4", num_frames=40, fps=20)
-    other = write_sample_video(root / "other.mp4", num_frames=25, fps=25)
+    write_sample_video(root / "other.mp4", num_frames=25, fps=25)
     (root / "zero.mp4").write_bytes(b"")
     (root / "text.mp4").write_text("this is not a video\n" * 20)
     data = good.read_bytes()

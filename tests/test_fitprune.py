@@ -16,7 +16,7 @@ from aim_llava.reduction.methods.fitprune import (
 )
 from aim_llava.reduction.tokens import LayerAttention, TokenState
 from aim_llava.sample_media import write_sample_video
-from conftest import prompt_ids, random_frames
+from conftest import left_padded_batch, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
 
@@ -148,11 +148,7 @@ def test_fitprune_generation_cache_and_batch(loaded, recipe_path):
             cached = model.generate(prompt, images=[video], modalities=["video"], **GEN)
             assert torch.equal(cached, model.generate(prompt, images=[video], modalities=["video"], use_cache=False, **GEN))
         assert model.last_reduction.kept  # tokens were really dropped
-        longest = max(p.shape[1] for p in prompts)
-        ids = torch.zeros(2, longest, dtype=torch.long)
-        mask = torch.zeros(2, longest, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - p.shape[1]:], mask[i, longest - p.shape[1]:] = p[0], 1
+        ids, mask = left_padded_batch(prompts)
         batched = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, **GEN)
         for i in range(2):
             single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], **GEN)

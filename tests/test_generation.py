@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aim_llava import load_pretrained_model
-from conftest import prompt_ids, random_frames
+from conftest import left_padded_batch, prompt_ids, random_frames
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +24,11 @@ def test_cached_generation_equals_recomputation(loaded, video_inputs):
     assert torch.equal(cached, recomputed)
 
 
-def _left_padded_batch(tokenizer, model, prompts):
-    """Token ids of several prompts, right-aligned in one tensor with an attention mask."""
-    pad = model.generation_defaults.pad_token_id
-    longest = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), longest), pad)
-    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - p.shape[1] :] = p[0]
-        mask[i, longest - p.shape[1] :] = 1
-    return ids, mask
-
-
 def test_batch_with_different_video_lengths_equals_single_runs(loaded):
     tokenizer, model, processor, _ = loaded
     videos = [processor.preprocess(random_frames(n, seed=n))["pixel_values"] for n in (2, 5)]
     prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
-    ids, mask = _left_padded_batch(tokenizer, model, prompts)
+    ids, mask = left_padded_batch(prompts, model.generation_defaults.pad_token_id)
     kwargs = dict(modalities=["video", "video"], max_new_tokens=12, eos_token_id=[])
     batched = model.generate(ids, attention_mask=mask, images=videos, **kwargs)
     with torch.no_grad():
@@ -92,7 +80,7 @@ def test_eager_and_sdpa_agree(tiny_qwen_dir, loaded, video_inputs):
     )
     ids, video = video_inputs
     short = prompt_ids(tokenizer, "Hi.")
-    batch_ids, mask = _left_padded_batch(tokenizer, sdpa_model, [ids, short])
+    batch_ids, mask = left_padded_batch([ids, short], sdpa_model.generation_defaults.pad_token_id)
     images = [video, video[:2]]
     with torch.no_grad():
         for args in ((ids, None, [video]), (batch_ids, mask, images)):

@@ -9,7 +9,7 @@ from aim_llava.flops import flops_report, resolve_architecture
 from aim_llava.reduction import load_reduction_config
 from aim_llava.reduction.methods.fastv import FastVPruner
 from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
-from conftest import prompt_ids, random_frames
+from conftest import left_padded_batch, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=8, eos_token_id=[])
 METHOD_CONFIGS = {
@@ -97,11 +97,7 @@ def test_batch_equals_single_runs(tiny, name):
     model.set_reduction(METHOD_CONFIGS[name])
     videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (2, 5)]
     prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
-    longest = max(p.shape[1] for p in prompts)
-    ids = torch.zeros(2, longest, dtype=torch.long)
-    mask = torch.zeros(2, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, longest - p.shape[1]:], mask[i, longest - p.shape[1]:] = p[0], 1
+    ids, mask = left_padded_batch(prompts)
     batched = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, **GEN)
     for i in range(2):
         single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], **GEN)

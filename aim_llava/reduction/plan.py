@@ -63,6 +63,21 @@ class ReductionPlan:
         return "remove"
 
 
+class PruningPlan(ReductionPlan):
+    """A plan whose layer reducer drops tokens as ``self.options.prune_mode`` says; mask mode
+    needs eager attention, as the published implementations use."""
+
+    options: object
+
+    @property
+    def prune_mode(self) -> str:
+        return self.options.prune_mode
+
+    @property
+    def attn_implementation(self) -> str | None:
+        return "eager" if self.prune_mode == "mask" else None
+
+
 @dataclass
 class Merge:
     """Rows of one sample folded into others: X_t <- (X_t + sum_s w_st X_s) / (1 + sum_s w_st).

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
+from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.schedule import ScheduleError, check_layer
 from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, keep_top_visual
 
@@ -55,7 +55,7 @@ class FastVPruner(RecordingReducer):
         return self.apply(layer, state, keep_top_visual(state, scores, kept))
 
 
-class FastVPlan(ReductionPlan):
+class FastVPlan(PruningPlan):
     def __init__(self, options: FastVOptions, num_layers: int, name: str = "fastv"):
         check_layer(options.layer, num_layers, "layer")
         if options.layer < 1:
@@ -69,11 +69,3 @@ class FastVPlan(ReductionPlan):
 
     def layer_reducer(self, num_layers: int) -> FastVPruner:
         return FastVPruner(self.options)
-
-    @property
-    def prune_mode(self) -> str:
-        return self.options.prune_mode
-
-    @property
-    def attn_implementation(self) -> str | None:
-        return "eager" if self.options.prune_mode == "mask" else None

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
-from aim_llava.reduction.plan import Merge, RecordingReducer, ReductionPlan
+from aim_llava.reduction.plan import Merge, PruningPlan, RecordingReducer, ReductionPlan
 from aim_llava.reduction.schedule import ScheduleError, check_layer
 from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, VisionReducer
 
@@ -147,7 +147,7 @@ class FiCoCoLReducer(RecordingReducer):
         return self.apply(layer, state, keep)
 
 
-class FiCoCoLPlan(ReductionPlan):
+class FiCoCoLPlan(PruningPlan):
     def __init__(self, options: FiCoCoOptions, num_layers: int, name: str = "ficoco_l"):
         check_layer(options.start_layer, num_layers, "start_layer")
         check_layer(options.last_layer, num_layers, "end_layer")
@@ -158,14 +158,6 @@ class FiCoCoLPlan(ReductionPlan):
 
     def layer_reducer(self, num_layers: int) -> FiCoCoLReducer:
         return FiCoCoLReducer(self.options)
-
-    @property
-    def prune_mode(self) -> str:
-        return self.options.prune_mode
-
-    @property
-    def attn_implementation(self) -> str | None:
-        return "eager" if self.options.prune_mode == "mask" else None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 
 from aim_llava.errors import AimLlavaError
 from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
-from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
+from aim_llava.reduction.plan import PruningPlan, RecordingReducer, ReductionPlan
 from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, LayerReducer, TokenState, keep_top_visual
 
 
@@ -212,7 +212,7 @@ class FitPrunePruner(RecordingReducer):
         return self.apply(layer, state, keep_top_visual(state, c * v, kept))
 
 
-class FitPrunePlan(ReductionPlan):
+class FitPrunePlan(PruningPlan):
     def __init__(self, options: FitPruneOptions, num_layers: int, name: str = "fitprune"):
         self.name, self.options = name, options
         self.recipe = Recipe.load(options.recipe)
@@ -225,14 +225,6 @@ class FitPrunePlan(ReductionPlan):
 
     def layer_reducer(self, num_layers: int) -> FitPrunePruner:
         return FitPrunePruner(self.recipe, self.options.prune_mode)
-
-    @property
-    def prune_mode(self) -> str:
-        return self.options.prune_mode
-
-    @property
-    def attn_implementation(self) -> str | None:
-        return "eager" if self.options.prune_mode == "mask" else None
 
 
 @dataclass
