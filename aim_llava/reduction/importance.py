@@ -60,9 +60,10 @@ def pagerank_importance(
 
     q [B, H, N, d] and k [B, H_kv, N, d] are the layer's rotated queries and keys; key_mask [B, N]
     says which tokens may be attended (besides causality); start_weights [B, N] is p_0. Rows
-    that can attend to nothing contribute nothing. The first pass computes each chunk's row
-    normalisers and its first PageRank step together; later steps reuse the chunks when the
-    whole matrix fits ``cache_budget`` bytes and recompute them otherwise.
+    that can attend to nothing contribute nothing. When the whole matrix fits ``cache_budget``
+    bytes it is computed once (softmax per chunk) and reused by every step; otherwise the first
+    pass keeps each chunk's row normalisers (with the first step) and later steps recompute the
+    chunks.
     """
     batch, heads, n, _ = q.shape
     row_bytes = max(1, batch * heads * n * 4)
@@ -71,14 +72,21 @@ def pagerank_importance(
     scale = scale / temperature
     p = start_weights.float()[:, None, :].expand(batch, heads, n)
     nxt = torch.zeros(batch, heads, n, device=q.device, dtype=torch.float32)
+    # Rows that can attend to nothing (left padding) are zeroed; softmax alone would give NaN.
+    blind = key_mask.long().cumsum(dim=1) == 0
+    any_blind = bool(blind.any())
     lse_parts, cached = [], []
     for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
-        probs, lse = row_probabilities(logits)
-        lse_parts.append(lse)
-        nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
         if keep:
+            probs = torch.softmax(logits, dim=-1)
+            if any_blind:
+                probs.masked_fill_(blind[:, None, start:end, None], 0.0)
             cached.append((start, end, probs))
-    lse = torch.cat(lse_parts, dim=-1)
+        else:
+            probs, lse = row_probabilities(logits)
+            lse_parts.append(lse)
+        nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
+    lse = torch.cat(lse_parts, dim=-1) if lse_parts else None
     p = nxt
     for _ in range(iterations - 1):
         nxt = torch.zeros_like(p)
