@@ -115,3 +115,15 @@ def test_hf_layout_gives_same_logits(loaded, tiny_hf_dir):
         a = model(ids, images=[video], modalities=["video"]).logits
         b = model_hf_layout(ids, images=[video], modalities=["video"]).logits
     assert (a - b).abs().max() <= TOL
+
+
+def test_two_videos_in_one_prompt_logits_match(loaded, hf_oracle):
+    tokenizer, model, processor, _ = loaded
+    videos = [processor.preprocess(random_frames(3, seed=s))["pixel_values"] for s in (11, 12)]
+    ids = prompt_ids(tokenizer, "Which video is brighter?", num_images=2)
+    with torch.no_grad():
+        ours = model(ids, images=videos, modalities=["video", "video"])
+        assert visual_counts(ours) == [3 * 196 + 1, 3 * 196 + 1]
+        hf_ids = expand_placeholders(ids, visual_counts(ours), hf_oracle.config.video_token_id)
+        theirs = hf_oracle(input_ids=hf_ids, pixel_values_videos=torch.stack(videos)).logits
+    assert (ours.logits - theirs).abs().max() <= TOL
