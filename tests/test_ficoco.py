@@ -47,6 +47,14 @@ def test_correlation(attention_matrix):
             assert ours[r, c] == pytest.approx(float(0.6 * a[i, j] + 0.4 * via), abs=1e-6)
 
 
+def test_row_quantile_equals_torch_quantile():
+    from aim_llava.reduction.methods.ficoco import row_quantile
+
+    values = torch.randn(4, 3, 37, generator=torch.Generator().manual_seed(9))
+    for q in (0.0, 0.5, 0.998, 1.0):
+        assert torch.allclose(row_quantile(values, q), torch.quantile(values, q, dim=-1, keepdim=True), atol=1e-6)
+
+
 def test_compress_follows_the_equations():
     gen = torch.Generator().manual_seed(3)
     corr = torch.rand(3, 500, generator=gen)

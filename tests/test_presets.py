@@ -44,3 +44,8 @@ def test_missing_file_and_unknown_preset(tmp_path):
         load_reduction_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="unknown preset 'aim_fastest'"):
         load_reduction_config("aim_fastest")
+
+
+def test_budget_spec_needs_a_model_and_frames():
+    with pytest.raises(ConfigError, match="solved for a model and a frame count"):
+        load_reduction_config("budget:0.15")

@@ -91,6 +91,11 @@ def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> R
     if isinstance(spec, dict):
         return config_from_mapping(spec, "reduction config")
     spec = str(spec)
+    if spec.startswith("budget:"):
+        raise ConfigError(
+            f"{spec!r} is solved for a model and a frame count: use it from the aim-llava commands or "
+            "VideoLLM.from_pretrained, or call aim_llava.reduction.budget.resolve_reduction"
+        )
     if spec.startswith("fitprune:"):
         return config_from_mapping({"name": spec, "method": "fitprune", "recipe": spec.split(":", 1)[1]}, spec)
     path = Path(spec)

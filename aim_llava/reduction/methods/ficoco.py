@@ -98,10 +98,21 @@ def correlation(a: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, t
     return gamma * direct + (1 - gamma) * via_text
 
 
+def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of every row (last dim), linear interpolation as ``torch.quantile`` does,
+    without its input-size limit."""
+    ordered = values.sort(dim=-1).values
+    position = q * (values.shape[-1] - 1)
+    lower = int(position)
+    upper = min(lower + 1, values.shape[-1] - 1)
+    fraction = position - lower
+    return (ordered[..., lower] + (ordered[..., upper] - ordered[..., lower]) * fraction)[..., None]
+
+
 def compress_weights(corr: torch.Tensor, eps: float) -> torch.Tensor:
     """a [S, T]: each removed token's correlation over its targets (those at or above the row's
     eps-quantile), normalised to sum to 1."""
-    threshold = torch.quantile(corr, eps, dim=1, keepdim=True)
+    threshold = row_quantile(corr, eps)
     weights = torch.where(corr >= threshold, corr, torch.zeros_like(corr))
     return weights / weights.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
 
