@@ -132,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--frames", type=positive_int, default=32)
     calibrate.add_argument("--device", default="auto")
     calibrate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    evaluate = commands.add_parser("eval", help="multiple-choice video QA accuracy of one or several configs")
+    evaluate.add_argument("--data", required=True, type=Path,
+                          help='JSONL: {"id", "video", "question", "options": [...], "answer", "category"} per line')
+    evaluate.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
+    evaluate.add_argument("--config", default="baseline", help="preset, YAML path, fitprune:R.json or budget:X")
+    evaluate.add_argument("--configs", help="several configs, comma-separated (a comparison table)")
+    evaluate.add_argument("--output", type=Path, default=Path("outputs/eval"), help="directory for CONFIG.jsonl")
+    evaluate.add_argument("--resume", action="store_true", help="skip items already answered in --output")
+    evaluate.add_argument("--frames", type=positive_int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    evaluate.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     return parser
 
 
@@ -387,8 +401,73 @@ def run_fitprune_calibrate(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    import torch
+
+    from aim_llava import evaluation
+    from aim_llava.conversation import build_prompt
+    from aim_llava.flops import flops_report
+    from aim_llava.mm_utils import tokenizer_image_token
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
+
+    items = evaluation.read_items(args.data)
+    specs = [c.strip() for c in (args.configs or args.config).split(",") if c.strip()]
+    for spec in specs:
+        check_reduction_spec(spec)
+    shard = evaluation.Shard.from_environment()
+    device = args.device
+    if shard.world > 1:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available() and device == "auto":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
+                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
+                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens))
+    prompt = build_prompt(items[0].prompt(), llm.conv_template)
+    text_tokens = len(tokenizer_image_token(prompt, llm.tokenizer)) - 1  # for the FLOPs column
+    args.output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in specs:
+        reduction = resolve_reduction(spec, llm.model.config, args.frames, text_tokens)
+        llm.reduction = llm.model.set_reduction(reduction)
+        progress = None
+        if shard.rank == 0:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(shard.take(items)), file=sys.stderr, unit="item", desc=reduction.name)
+        path = evaluation.run_config(llm, items, shard, args.output, reduction.name, args.resume,
+                                     lambda p, r: write_results_atomically(p, r), progress)
+        if progress is not None:
+            progress.close()
+        if shard.world > 1:
+            torch.distributed.barrier()
+            if shard.rank != 0:
+                continue
+            records = evaluation.merge_shards(items, args.output, reduction.name, shard.world,
+                                              lambda p, r: write_results_atomically(p, r))
+        else:
+            records = evaluation.ordered_records(items, path)
+        summary = evaluation.summarize(records)
+        cost = flops_report("", llm.model.config, reduction, args.frames, text_tokens)
+        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
+    if shard.world > 1:
+        torch.distributed.destroy_process_group()
+    if shard.rank != 0:
+        return 0
+    print(evaluation.comparison_table(rows))
+    write_text_atomically(args.output / "summary.json", json.dumps(rows, indent=2))
+    if args.plot:
+        evaluation.plot_accuracy_vs_flops(rows, args.plot)
+    return 0
+
+
 COMMANDS = {
     "caption": run, "ask": run, "flops": run_flops, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
+    "eval": run_eval,
 }
 
 

@@ -67,10 +67,13 @@ class EncodedVisual:
 
 @dataclass
 class Response:
+    """A reply; ``first_token_s`` is the time from the call to the first new token (prefill)."""
+
     text: str
     num_new_tokens: int
     visual_tokens: int
     seconds: float
+    first_token_s: float
 
 
 def time_instruction(clip: VideoClip) -> str:
@@ -109,6 +112,26 @@ class TextStreamer:
         if len(text) > self.printed:
             self.callback(text[self.printed :])
         self.printed = len(text)
+
+
+class FirstTokenClock:
+    """A streamer that notes when the first new token arrives and passes everything on."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.first: float | None = None
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen and self.first is None:
+            self.first = time.perf_counter()
+        self.prompt_seen = True
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 class VideoLLM:
@@ -207,6 +230,7 @@ class VideoLLM:
     ) -> Response:
         options = dataclasses.replace(self.generation, **generation)
         ids = tokenizer_image_token(self.prompt(visual, turns), self.tokenizer, return_tensors="pt")[None]
+        clock = FirstTokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
         started = time.perf_counter()
         tokens = self.model.generate(
             ids,
@@ -215,10 +239,12 @@ class VideoLLM:
             do_sample=options.do_sample,
             temperature=options.temperature,
             top_p=options.top_p,
-            streamer=TextStreamer(self.tokenizer, stream) if stream else None,
+            streamer=clock,
         )
         text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
-        return Response(text, int(tokens.shape[1]), visual.num_tokens, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        first = (clock.first or started + elapsed) - started
+        return Response(text, int(tokens.shape[1]), visual.num_tokens, elapsed, first)
 
     def ask(self, video, question: str, stream: Callable[[str], None] | None = None, **generation) -> str:
         """Answer one question about a video, image, frame directory or :class:`EncodedVisual`."""

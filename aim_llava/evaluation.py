@@ -1,0 +1,213 @@
+"""A local multiple-choice video QA runner (``aim-llava eval``), resumable and shardable.
+
+Data: JSONL, one item per line: ``{"id": ..., "video": PATH, "question": TEXT, "options": [TEXT,
+...], "answer": "B", "category": TEXT}`` (``id`` defaults to the line number, ``category`` to
+"all"; ``answer`` may be a letter or the option's text). The prompt is the LLaVA-OneVision
+evaluation's multiple-choice format: the question, the options as "A. ...", then "Answer with the
+option's letter from the given choices directly." The first option letter in the reply is the
+prediction.
+
+Every item's record goes to ``OUTPUT_DIR/CONFIG.jsonl`` (rewritten atomically after each item);
+``resume`` skips items already recorded without error. Under a launcher that sets RANK and
+WORLD_SIZE (torchrun, ``accelerate launch``), each process takes every WORLD_SIZE-th item,
+writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in data order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from aim_llava.errors import AimLlavaError
+
+POST_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+class EvalDataError(AimLlavaError):
+    """A data file the runner cannot use."""
+
+
+@dataclass
+class Item:
+    id: str
+    video: str
+    question: str
+    options: list[str]
+    answer: str
+    category: str
+
+    def prompt(self) -> str:
+        lines = [f"{letter}. {text}" for letter, text in zip(string.ascii_uppercase, self.options)]
+        return "\n".join([self.question, *lines, POST_PROMPT])
+
+
+def read_items(path: Path) -> list[Item]:
+    if not path.is_file():
+        raise EvalDataError(f"evaluation data not found: {path}")
+    items, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            options = [str(o) for o in raw["options"]]
+            answer = str(raw["answer"]).strip()
+            video, question = str(raw["video"]), str(raw["question"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise EvalDataError(f'{path} line {number}: needs JSON with "video", "question", "options", "answer"') from None
+        if not 2 <= len(options) <= 26:
+            raise EvalDataError(f"{path} line {number}: give between 2 and 26 options")
+        letters = string.ascii_uppercase[: len(options)]
+        if answer not in letters:
+            if answer not in options:
+                raise EvalDataError(f"{path} line {number}: answer {answer!r} is neither a letter nor an option")
+            answer = letters[options.index(answer)]
+        item_id = str(raw.get("id", number))
+        if item_id in seen:
+            raise EvalDataError(f"{path} line {number}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        items.append(Item(item_id, video, question, options, answer, str(raw.get("category", "all"))))
+    if not items:
+        raise EvalDataError(f"{path} holds no items")
+    return items
+
+
+def parse_choice(text: str, count: int) -> str | None:
+    """The first option letter in a reply ("B", "B.", "(B) ...", "The answer is B")."""
+    letters = string.ascii_uppercase[:count]
+    match = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text.strip())
+    return match.group(1) if match else None
+
+
+@dataclass
+class Shard:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_environment(cls) -> Shard:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+    def take(self, items: list[Item]) -> list[Item]:
+        return items[self.rank :: self.world]
+
+
+def evaluate_item(llm, item: Item, config_name: str) -> dict:
+    """Answer one item; a failure is recorded in ``error``."""
+    record = {"id": item.id, "video": item.video, "category": item.category, "answer": item.answer,
+              "config": config_name, "prediction": None, "correct": False, "text": None, "error": None}
+    try:
+        visual = llm.encode(item.video)
+        response = llm.respond(visual, [(item.prompt(), None)])
+    except AimLlavaError as err:
+        record["error"] = str(err)
+        return record
+    prediction = parse_choice(response.text, len(item.options))
+    record.update(
+        text=response.text, prediction=prediction, correct=prediction == item.answer,
+        visual_tokens=llm.model.last_reduction.visual_tokens_per_layer[0][0],
+        prefill_s=round(response.first_token_s, 4),
+    )
+    return record
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracy overall and per category (errors count as wrong), mean visual tokens and prefill."""
+    done = [r for r in records if r["error"] is None]
+    categories: dict[str, list[bool]] = {}
+    for r in records:
+        categories.setdefault(r["category"], []).append(bool(r["correct"]))
+    return {
+        "items": len(records),
+        "errors": len(records) - len(done),
+        "accuracy": sum(bool(r["correct"]) for r in records) / len(records) if records else 0.0,
+        "per_category": {c: sum(v) / len(v) for c, v in sorted(categories.items())},
+        "mean_visual_tokens": statistics.mean(r["visual_tokens"] for r in done) if done else 0.0,
+        "mean_prefill_s": statistics.mean(r["prefill_s"] for r in done) if done else 0.0,
+    }
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "id" in record:
+            records.append(record)
+    return records
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "config"
+
+
+def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, name: str, resume: bool, write, progress=None):
+    """Evaluate this process's share of ``items``; returns the path of its records."""
+    path = out_dir / (f"{safe_name(name)}.jsonl" if shard.world == 1 else f"{safe_name(name)}.rank{shard.rank}.jsonl")
+    previous = read_records(path) if resume else []
+    records = [r for r in previous if r.get("error") is None]
+    done = {r["id"] for r in records}
+    for item in shard.take(items):
+        if item.id in done:
+            continue
+        records.append(evaluate_item(llm, item, name))
+        write(path, records)
+        if progress is not None:
+            progress.update(1)
+    write(path, records)
+    return path
+
+
+def merge_shards(items: list[Item], out_dir: Path, name: str, world: int, write) -> list[dict]:
+    """Rank 0: all shards' records in data order, written to ``CONFIG.jsonl``."""
+    by_id = {}
+    for rank in range(world):
+        for record in read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl"):
+            by_id[record["id"]] = record
+    records = [by_id[item.id] for item in items if item.id in by_id]
+    write(out_dir / f"{safe_name(name)}.jsonl", records)
+    return records
+
+
+def ordered_records(items: list[Item], path: Path) -> list[dict]:
+    by_id = {r["id"]: r for r in read_records(path)}
+    return [by_id[item.id] for item in items if item.id in by_id]
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| config | items | accuracy | errors | mean visual tokens | prefill TFLOPs | mean prefill s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['config']} | {row['items']} | {100 * row['accuracy']:.1f}% | {row['errors']} | "
+                     f"{row['mean_visual_tokens']:.0f} | {row['prefill_tflops']:.3f} | {row['mean_prefill_s']:.3f} |")
+        for category, accuracy in row["per_category"].items():
+            lines.append(f"| &nbsp;&nbsp;{category} | | {100 * accuracy:.1f}% | | | | |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_flops(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AimLlavaError("--plot needs matplotlib: pip install '.[plot]'") from None
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for row in rows:
+        axis.scatter(row["prefill_tflops"], 100 * row["accuracy"])
+        axis.annotate(row["config"], (row["prefill_tflops"], 100 * row["accuracy"]), fontsize=8)
+    axis.set_xlabel("prefill TFLOPs (paper accounting)")
+    axis.set_ylabel("accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""aim-llava eval: prompt format, accuracy vs an independent recount, resume, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import aim_llava.evaluation as evaluation
+from aim_llava.cli import main
+from aim_llava.evaluation import Item, parse_choice
+from aim_llava.sample_media import write_sample_video
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalset")
+    lines = []
+    for i in range(6):
+        video = write_sample_video(root / f"v{i}.mp4", num_frames=12 + 3 * i)
+        lines.append({"id": f"q{i}", "video": str(video), "question": f"Which bar pattern is shown in clip {i}?",
+                      "options": ["left", "middle", "right", "none"], "answer": "ABCD"[i % 4],
+                      "category": "even" if i % 2 == 0 else "odd"})
+    lines.append({"id": "broken", "video": str(root / "missing.mp4"), "question": "?", "options": ["x", "y"],
+                  "answer": "y", "category": "odd"})
+    (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def run_eval(dataset, out, *extra):
+    return main(["eval", "--data", str(dataset / "data.jsonl"), "--model", os.environ["TINY_MODEL"], "--frames", "3",
+                 "--max-new-tokens", "4", "--output", str(out), *extra])
+
+
+@pytest.fixture(autouse=True)
+def tiny_model_env(tiny_qwen_dir, monkeypatch):
+    monkeypatch.setenv("TINY_MODEL", str(tiny_qwen_dir))
+
+
+def test_prompt_and_answer_parsing():
+    item = Item("1", "v.mp4", "What is shown?", ["a cat", "a dog"], "B", "all")
+    assert item.prompt() == "What is shown?\nA. a cat\nB. a dog\nAnswer with the option's letter from the given choices directly."
+    assert [parse_choice(t, 4) for t in ["B", "B.", "(C) a dog", "The answer is D", "a cat", "E"]] == ["B", "B", "C", "D", None, None]
+
+
+def test_accuracy_equals_independent_recount(dataset, tmp_path, capsys):
+    assert run_eval(dataset, tmp_path, "--configs", "baseline,aim_default") == 0
+    assert "| aim_default |" in capsys.readouterr().out
+    summary = {row["config"]: row for row in json.loads((tmp_path / "summary.json").read_text())}
+    key = {json.loads(line)["id"]: json.loads(line) for line in (dataset / "data.jsonl").read_text().splitlines()}
+    for config in ("baseline", "aim_default"):
+        records = [json.loads(line) for line in (tmp_path / f"{config}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in records] == list(key)
+        broken = next(r for r in records if r["id"] == "broken")
+        assert "file not found" in broken["error"]
+        correct = {}
+        for r in records:
+            letters = [ch for ch in (r["text"] or "").split() if len(ch.strip(".()")) == 1 and ch.strip(".()") in "ABCD"[: len(key[r["id"]]["options"])]]
+            answer = key[r["id"]]["answer"]
+            answer = answer if len(answer) == 1 else "ABCD"[key[r["id"]]["options"].index(answer)]
+            correct[r["id"]] = bool(letters) and letters[0].strip(".()") == answer and r["error"] is None
+        assert summary[config]["accuracy"] == pytest.approx(sum(correct.values()) / len(correct))
+        for category in ("even", "odd"):
+            members = [i for i in key if key[i]["category"] == category]
+            assert summary[config]["per_category"][category] == pytest.approx(sum(correct[i] for i in members) / len(members))
+        assert summary[config]["errors"] == 1
+    assert summary["aim_default"]["mean_visual_tokens"] < summary["baseline"]["mean_visual_tokens"]
+
+
+def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, monkeypatch):
+    original, calls = evaluation.evaluate_item, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(evaluation, "evaluate_item", interrupted)
+    assert run_eval(dataset, tmp_path) == 130
+    first = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in first] == ["q0", "q1"]
+    monkeypatch.setattr(evaluation, "evaluate_item", original)
+    assert run_eval(dataset, tmp_path, "--resume") == 0
+    final = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in final) == sorted(["q0", "q1", "q2", "q3", "q4", "q5", "broken"])
+    assert final[:2] == first
+
+
+def test_two_processes_give_the_same_results_as_one(dataset, tmp_path, tiny_qwen_dir):
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert run_eval(dataset, single) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "aim_llava.cli", "eval", "--data", str(dataset / "data.jsonl"), "--model", str(tiny_qwen_dir),
+               "--frames", "3", "--max-new-tokens", "4", "--output", str(sharded)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one = [json.loads(line) for line in (single / "baseline.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (sharded / "baseline.jsonl").read_text().splitlines()]
+    keep = ("id", "prediction", "correct", "text", "error", "visual_tokens")
+    assert [{k: r[k] for k in keep if k in r} for r in one] == [{k: r[k] for k in keep if k in r} for r in two]
+    assert (sharded / "baseline.rank0.jsonl").exists() and (sharded / "baseline.rank1.jsonl").exists()
