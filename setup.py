@@ -28,7 +28,11 @@ setup(
     extras_require={
         "flash": ["flash-attn>=2.1"],
         "plot": ["matplotlib"],
-        "dev": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "eval": ["lmms-eval>=0.7"],
+        "dev": ["pytest>=7", "pytest-timeout", "matplotlib", "lmms-eval>=0.7"],
     },
-    entry_points={"console_scripts": ["aim-llava = aim_llava.cli:main"]},
+    entry_points={
+        "console_scripts": ["aim-llava = aim_llava.cli:main"],
+        "lmms_eval.models": ["aim_llava = aim_llava.lmms_eval_plugin:manifest"],
+    },
 )

@@ -1,0 +1,86 @@
+"""lmms-eval model ``aim_llava``, registered through lmms-eval's entry-point group
+``lmms_eval.models`` (no fork of lmms-eval; install with ``pip install '.[eval]'``).
+
+    python -m lmms_eval --model aim_llava \\
+        --model_args pretrained=model/llava-onevision-qwen2-7b-ov,config=aim_default,max_frames_num=32 \\
+        --tasks videomme --batch_size 1
+
+Model arguments: ``pretrained`` (a local checkpoint directory), ``config`` (preset, YAML path,
+``fitprune:R.json`` or ``budget:X``), ``max_frames_num``, ``conv_template``,
+``attn_implementation``, ``device``, ``dtype``, ``max_new_tokens``. Videos (paths) and single
+images are supported; log-likelihood requests are not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from PIL import Image
+from tqdm import tqdm
+
+from aim_llava.errors import InputError
+from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+from aim_llava.video import VideoClip
+
+
+def manifest() -> ModelManifest:
+    """The entry point lmms-eval loads."""
+    return ModelManifest(model_id="aim_llava", simple_class_path="aim_llava.lmms_eval_plugin.AimLlava")
+
+
+def image_clip(image: Image.Image) -> VideoClip:
+    return VideoClip(np.asarray(image.convert("RGB"))[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+
+
+class AimLlava(lmms):
+    def __init__(
+        self,
+        pretrained: str,
+        config: str = "baseline",
+        max_frames_num: int = 32,
+        conv_template: str = "qwen_1_5",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 128,
+        batch_size: int = 1,
+        **unused,
+    ) -> None:
+        super().__init__()
+        if int(batch_size) != 1:
+            raise InputError("aim_llava in lmms-eval runs batch_size=1 (shard with accelerate/torchrun instead)")
+        self.llm = VideoLLM.from_pretrained(
+            pretrained, config, device=device, dtype=dtype, attn_implementation=attn_implementation,
+            conv_template=conv_template, sampling=SamplingOptions(num_frames=int(max_frames_num)),
+            generation=GenerationOptions(max_new_tokens=int(max_new_tokens)),
+        )
+
+    def visual_input(self, visuals):
+        if not visuals:
+            raise InputError("aim_llava needs a video or an image for every request")
+        if len(visuals) > 1:
+            raise InputError("aim_llava takes one video or one image per request")
+        visual = visuals[0]
+        return self.llm.encode(image_clip(visual) if isinstance(visual, Image.Image) else visual)
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="aim_llava"):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visual = self.visual_input(doc_to_visual(self.task_dict[task][split][doc_id]))
+            options = {"max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.llm.generation.max_new_tokens))}
+            temperature = float(gen_kwargs.get("temperature", 0.0) or 0.0)
+            if gen_kwargs.get("do_sample") and temperature > 0:
+                options.update(do_sample=True, temperature=temperature, top_p=gen_kwargs.get("top_p"))
+            text = self.llm.respond(visual, [(context, None)], **options).text
+            answers.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return answers
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("aim_llava does not score log-likelihoods: use generate_until tasks")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("aim_llava does not run multi-round lmms-eval tasks")
