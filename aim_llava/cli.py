@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
+from aim_llava.distributed import Shard
+from aim_llava.records import read_records, write_records_atomically, write_text_atomically
 from aim_llava.errors import AimLlavaError
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -67,6 +68,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
@@ -80,9 +88,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder")
     parser.add_argument("--time-aware", action="store_true", help="state duration and frame times in the prompt")
     parser.add_argument("--template", default="qwen_1_5", help="conversation template")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    add_runtime_options(parser)
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--json", action="store_true", help="one JSON line per video on stdout")
@@ -118,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=positive_int, default=100)
     bench.add_argument("--decode-tokens", type=positive_int, default=16)
     bench.add_argument("--repeats", type=positive_int, default=3)
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    add_runtime_options(bench)
     bench.add_argument("--json", help="also write the full report as JSON to this file")
     bench.add_argument("--plot", help="write a PNG: FLOPs vs measured time, and tokens per layer")
     calibrate = commands.add_parser("fitprune-calibrate", help="fit a FitPrune recipe to a FLOPs budget")
@@ -130,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--budget", type=positive_float, required=True, help="fraction of the unpruned prefill FLOPs")
     calibrate.add_argument("--out", required=True, type=Path, help="recipe JSON to write")
     calibrate.add_argument("--frames", type=positive_int, default=32)
-    calibrate.add_argument("--device", default="auto")
-    calibrate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    add_runtime_options(calibrate)
     evaluate = commands.add_parser("eval", help="multiple-choice video QA accuracy of one or several configs")
     evaluate.add_argument("--data", required=True, type=Path,
                           help='JSONL: {"id", "video", "question", "options": [...], "answer", "category"} per line')
@@ -142,9 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resume", action="store_true", help="skip items already answered in --output")
     evaluate.add_argument("--frames", type=positive_int, default=32)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    evaluate.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    add_runtime_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     return parser
 
@@ -161,41 +162,6 @@ def expand_inputs(items: list[str]) -> list[str]:
     if not paths:
         raise CliError("no videos given (the list files are empty)")
     return paths
-
-
-def read_results(path: Path) -> list[dict]:
-    """Records of an earlier run (lines that do not parse are dropped and redone)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "video" in record:
-            records.append(record)
-    return records
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_results_atomically(path: Path, records: list[dict]) -> None:
-    """The whole JSONL file, atomically."""
-    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def print_now(text: str) -> None:
@@ -262,21 +228,26 @@ def run(args) -> int:
 
     if args.resume and args.output is None:
         raise CliError("--resume needs --output FILE")
+    shard = Shard.from_environment()
+    if shard.world > 1 and args.output is None:
+        raise CliError("with several processes give --output FILE (each writes FILE.rankN; rank 0 merges into FILE)")
     videos = expand_inputs(args.videos if args.command == "caption" else [args.video])
     question = args.question if args.command == "ask" else None
     check_reduction_spec(args.config)
     sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
-    previous = read_results(args.output) if args.resume else []
-    done = {r["video"] for r in previous if r.get("error") is None}
+    own_output = args.output if shard.world == 1 else args.output.with_name(f"{args.output.name}.rank{shard.rank}")
+    previous = (read_records(args.output) + (read_records(own_output) if own_output != args.output else [])
+                if args.resume else [])
     records = [r for r in previous if r.get("error") is None]
-    todo = [v for v in videos if v not in done]
-    if done:
-        print(f"aim-llava: resuming: {len(videos) - len(todo)} of {len(videos)} already in {args.output}",
-              file=sys.stderr)
+    done = {r["video"] for r in records}
+    todo = shard.take([v for v in videos if v not in done])
+    if done and shard.rank == 0:
+        print(f"aim-llava: resuming: {len(done)} of {len(videos)} already in {args.output}", file=sys.stderr)
+    device = shard.start(args.device)
     if not todo:
-        return 0
+        return merge_caption_shards(shard, videos, args.output, 0)
     llm = VideoLLM.from_pretrained(
-        args.model, args.config, device=args.device, dtype=args.dtype, attn_implementation=args.attn,
+        args.model, args.config, device=device, dtype=args.dtype, attn_implementation=args.attn,
         conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
         generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
     )
@@ -291,13 +262,30 @@ def run(args) -> int:
         record = run_one(llm, video, question, args)
         failures += record["error"] is not None
         records.append(record)
-        if args.output is not None:
-            write_results_atomically(args.output, records)
+        if own_output is not None:
+            write_records_atomically(own_output, records)
         report(record, args, many, progress)
         if progress is not None:
             progress.update(1)
     if progress is not None:
         progress.close()
+    return merge_caption_shards(shard, videos, args.output, failures)
+
+
+def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int) -> int:
+    """With several processes: after all are done, rank 0 writes every record to ``output`` in
+    input order. Returns the exit code (2 if any video failed)."""
+    if shard.world == 1:
+        return EXIT_BAD_INPUT if failures else 0
+    shard.wait_for_all()
+    if shard.rank == 0:
+        by_video = {r["video"]: r for r in read_records(output)}
+        for rank in range(shard.world):
+            by_video.update({r["video"]: r for r in read_records(output.with_name(f"{output.name}.rank{rank}"))})
+        merged = [by_video[v] for v in videos if v in by_video]
+        write_records_atomically(output, merged)
+        failures = sum(r.get("error") is not None for r in merged)
+    shard.finish()
     return EXIT_BAD_INPUT if failures else 0
 
 
@@ -377,7 +365,7 @@ def run_fitprune_calibrate(args) -> int:
     if len(items) < 5:
         print(f"aim-llava: note: {len(items)} calibration items; FitPrune is meant for 5 to 100", file=sys.stderr)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=args.device, dtype=args.dtype,
-                                   sampling=SamplingOptions(num_frames=args.frames))
+                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames))
     calibration = Calibration()
     for item in items:
         source = item.get("video") or item.get("image")
@@ -402,8 +390,6 @@ def run_fitprune_calibrate(args) -> int:
 
 
 def run_eval(args) -> int:
-    import torch
-
     from aim_llava import evaluation
     from aim_llava.conversation import build_prompt
     from aim_llava.flops import flops_report
@@ -415,15 +401,8 @@ def run_eval(args) -> int:
     specs = [c.strip() for c in (args.configs or args.config).split(",") if c.strip()]
     for spec in specs:
         check_reduction_spec(spec)
-    shard = evaluation.Shard.from_environment()
-    device = args.device
-    if shard.world > 1:
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if torch.cuda.is_available() and device == "auto":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    shard = Shard.from_environment()
+    device = shard.start(args.device)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens))
@@ -440,22 +419,21 @@ def run_eval(args) -> int:
 
             progress = tqdm(total=len(shard.take(items)), file=sys.stderr, unit="item", desc=reduction.name)
         path = evaluation.run_config(llm, items, shard, args.output, reduction.name, args.resume,
-                                     lambda p, r: write_results_atomically(p, r), progress)
+                                     write_records_atomically, progress)
         if progress is not None:
             progress.close()
         if shard.world > 1:
-            torch.distributed.barrier()
+            shard.wait_for_all()
             if shard.rank != 0:
                 continue
             records = evaluation.merge_shards(items, args.output, reduction.name, shard.world,
-                                              lambda p, r: write_results_atomically(p, r))
+                                              write_records_atomically)
         else:
             records = evaluation.ordered_records(items, path)
         summary = evaluation.summarize(records)
         cost = flops_report("", llm.model.config, reduction, args.frames, text_tokens)
         rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
-    if shard.world > 1:
-        torch.distributed.destroy_process_group()
+    shard.finish()
     if shard.rank != 0:
         return 0
     print(evaluation.comparison_table(rows))

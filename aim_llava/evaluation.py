@@ -16,14 +16,15 @@ writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in data order.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
+from aim_llava.records import read_records
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -84,19 +85,6 @@ def parse_choice(text: str, count: int) -> str | None:
     return match.group(1) if match else None
 
 
-@dataclass
-class Shard:
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_environment(cls) -> Shard:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-    def take(self, items: list[Item]) -> list[Item]:
-        return items[self.rank :: self.world]
-
-
 def evaluate_item(llm, item: Item, config_name: str) -> dict:
     """Answer one item; a failure is recorded in ``error``."""
     record = {"id": item.id, "video": item.video, "category": item.category, "answer": item.answer,
@@ -132,20 +120,6 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def read_records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "id" in record:
-            records.append(record)
-    return records
-
-
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "config"
 
@@ -153,7 +127,7 @@ def safe_name(name: str) -> str:
 def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, name: str, resume: bool, write, progress=None):
     """Evaluate this process's share of ``items``; returns the path of its records."""
     path = out_dir / (f"{safe_name(name)}.jsonl" if shard.world == 1 else f"{safe_name(name)}.rank{shard.rank}.jsonl")
-    previous = read_records(path) if resume else []
+    previous = read_records(path, key="id") if resume else []
     records = [r for r in previous if r.get("error") is None]
     done = {r["id"] for r in records}
     for item in shard.take(items):
@@ -171,7 +145,7 @@ def merge_shards(items: list[Item], out_dir: Path, name: str, world: int, write)
     """Rank 0: all shards' records in data order, written to ``CONFIG.jsonl``."""
     by_id = {}
     for rank in range(world):
-        for record in read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl"):
+        for record in read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl", key="id"):
             by_id[record["id"]] = record
     records = [by_id[item.id] for item in items if item.id in by_id]
     write(out_dir / f"{safe_name(name)}.jsonl", records)
@@ -179,7 +153,7 @@ def merge_shards(items: list[Item], out_dir: Path, name: str, world: int, write)
 
 
 def ordered_records(items: list[Item], path: Path) -> list[dict]:
-    by_id = {r["id"]: r for r in read_records(path)}
+    by_id = {r["id"]: r for r in read_records(path, key="id")}
     return [by_id[item.id] for item in items if item.id in by_id]
 
 

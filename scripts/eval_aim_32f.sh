@@ -3,9 +3,5 @@
 #   scripts/eval_aim_32f.sh DATA.jsonl MODEL_DIR [OUTPUT_DIR] [extra aim-llava eval options]
 # Several GPUs: torchrun --nproc_per_node N -m aim_llava.cli eval ... (the same options).
 set -euo pipefail
-data="${1:?usage: scripts/eval_aim_32f.sh DATA.jsonl MODEL_DIR [OUTPUT_DIR]}"
-model="${2:?usage: scripts/eval_aim_32f.sh DATA.jsonl MODEL_DIR [OUTPUT_DIR]}"
-out="${3:-outputs/eval_32f}"
-shift $(( $# < 3 ? $# : 3 ))
-exec python3 -m aim_llava.cli eval --data "$data" --model "$model" --frames 32 \
-  --configs baseline,aim_default --output "$out" --resume --plot "$out/accuracy_vs_flops.png" "$@"
+source "$(dirname "$0")/_eval.sh"
+run_published_eval 32 "$@"

@@ -142,3 +142,19 @@ def test_caption_with_aim_preset(capsys, media, tiny_qwen_dir):
     record = json.loads(out)
     assert record["config"] == "aim_default"
     assert record["visual_tokens"] == 8 * 49 + 1  # merged to 25% before the LLM
+
+
+def test_batch_captioning_sharded_over_two_processes(media, tiny_qwen_dir, tmp_path, capsys):
+    videos = [str(media / "good.mp4"), str(media / "other.mp4"), str(media / "zero.mp4")]
+    common = ["--model", str(tiny_qwen_dir), "--frames", "3", "--max-new-tokens", "4"]
+    assert main(["caption", *videos, *common, "--output", str(tmp_path / "one.jsonl")]) == 2  # zero.mp4 fails
+    capsys.readouterr()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "aim_llava.cli", "caption", *videos, *common, "--output", str(tmp_path / "two.jsonl")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert "empty (0 bytes)" in result.stderr
+    one = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two.jsonl").read_text().splitlines()]
+    keep = ("video", "text", "error", "frames", "visual_tokens")
+    assert [{k: r.get(k) for k in keep} for r in one] == [{k: r.get(k) for k in keep} for r in two]
+    assert (tmp_path / "two.jsonl.rank0").exists() and (tmp_path / "two.jsonl.rank1").exists()
