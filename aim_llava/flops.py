@@ -84,9 +84,9 @@ class FlopsReport:
         return json.dumps(asdict(self))
 
 
-def video_token_counts(arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int):
-    """(visual tokens, tokens entering each layer, tokens leaving each layer) for a video prompt."""
-    plan = reduction.build(arch.text.num_hidden_layers)
+def video_token_counts(arch: LlavaConfig, plan, frames: int, text_tokens: int):
+    """(visual tokens, tokens entering each layer, tokens leaving each layer) for a video prompt
+    under a built reduction plan."""
     patches = plan.vision_tokens_after(arch.vision)
     if patches == arch.vision.num_patches:  # the grid is intact, so frames are pooled
         patches = math.ceil(arch.vision.grid_size / arch.mm_spatial_pool_stride) ** 2
@@ -123,8 +123,8 @@ def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, 
                  bytes_per_value: int = 2) -> FlopsReport:
     if frames < 1 or text_tokens < 0:
         raise AimLlavaError(f"frames must be >= 1 and text tokens >= 0, got {frames} and {text_tokens}")
-    visual, entering, leaving = video_token_counts(arch, reduction, frames, text_tokens)
     plan = reduction.build(arch.text.num_hidden_layers)
+    visual, entering, leaving = video_token_counts(arch, plan, frames, text_tokens)
     executed = executed_tokens(plan, entering)
     text = arch.text
     return FlopsReport(
