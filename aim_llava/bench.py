@@ -24,6 +24,7 @@ import torch
 import aim_llava.reduction.methods.aim as aim_method
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.flops import executed_tokens, prefill_flops
+from aim_llava.pipeline import TokenClock
 from aim_llava.reduction.budget import resolve_reduction
 
 IMPORTANCE_FUNCTIONS = ("pagerank_importance", "pagerank_importance_flex")
@@ -90,22 +91,6 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.extra = self.peak - self.base
-
-
-class TokenTimer:
-    """A streamer that notes when each generated token arrives."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
 
 
 class ImportanceTimer:
@@ -188,7 +173,7 @@ def measure_config(model, frame_features, ids, decode_tokens: int, device) -> di
     """One run of one config: pre-LLM step, generation with timestamps, importance, memory."""
     with torch.no_grad(), Clock(device) as pre:
         features = model.video_features(frame_features)
-    timer = TokenTimer()
+    timer = TokenClock()
     with ImportanceTimer(device) as importance, PeakMemory(device) as memory, Clock(device) as total:
         model.generate(ids, visual_features=[features], max_new_tokens=decode_tokens, eos_token_id=[],
                        streamer=timer)

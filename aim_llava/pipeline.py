@@ -114,17 +114,21 @@ class TextStreamer:
         self.printed = len(text)
 
 
-class FirstTokenClock:
-    """A streamer that notes when the first new token arrives and passes everything on."""
+class TokenClock:
+    """A streamer that notes when each new token arrives and passes everything on."""
 
     def __init__(self, inner=None):
         self.inner = inner
-        self.first: float | None = None
+        self.times: list[float] = []
         self.prompt_seen = False
 
+    @property
+    def first(self) -> float | None:
+        return self.times[0] if self.times else None
+
     def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen and self.first is None:
-            self.first = time.perf_counter()
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
         self.prompt_seen = True
         if self.inner is not None:
             self.inner.put(value)
@@ -230,7 +234,7 @@ class VideoLLM:
     ) -> Response:
         options = dataclasses.replace(self.generation, **generation)
         ids = tokenizer_image_token(self.prompt(visual, turns), self.tokenizer, return_tensors="pt")[None]
-        clock = FirstTokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
+        clock = TokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
         started = time.perf_counter()
         tokens = self.model.generate(
             ids,

@@ -35,6 +35,11 @@ class RetentionSchedule:
             previous = value
 
     @property
+    def prunes(self) -> bool:
+        """Whether any layer removes tokens."""
+        return any(value < 1.0 for value in self.retention)
+
+    @property
     def num_layers(self) -> int:
         return len(self.retention)
 

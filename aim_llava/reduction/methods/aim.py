@@ -9,7 +9,7 @@ import torch
 
 from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
 from aim_llava.reduction.merge import ORDERS, WEIGHTINGS, merge_steps_for_ratio, merge_tokens
-from aim_llava.reduction.plan import RecordingReducer, ReductionPlan
+from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.schedule import SCHEDULE_KINDS, RetentionSchedule, ScheduleError
 from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, keep_top_visual
 
@@ -121,7 +121,7 @@ class AimPruner(RecordingReducer):
         return self.apply(layer, state, keep_top_visual(state, self.importance(state, attention), kept))
 
 
-class AimPlan(ReductionPlan):
+class AimPlan(PruningPlan):
     def __init__(self, options: AimOptions, num_layers: int, name: str = "aim"):
         self.name = name
         self.options = options
@@ -149,15 +149,9 @@ class AimPlan(ReductionPlan):
         return merge_tokens(tokens[None], steps, self.options.merge_order, self.options.merge_weighting)[0]
 
     def layer_reducer(self, num_layers: int) -> AimPruner | None:
-        if all(v == 1.0 for v in self.schedule.retention):
-            return None
-        return AimPruner(self.schedule, self.options)
-
-    @property
-    def prune_mode(self) -> str:
-        return self.options.prune_mode
+        return AimPruner(self.schedule, self.options) if self.schedule.prunes else None
 
     @property
     def attn_implementation(self) -> str | None:
-        pruning = any(v < 1.0 for v in self.schedule.retention)
-        return "eager" if pruning and self.options.prune_mode == "mask" else None
+        """Mask mode needs eager attention only when something is pruned (merging alone does not)."""
+        return super().attn_implementation if self.schedule.prunes else None
