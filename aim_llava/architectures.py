@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from aim_llava.errors import AimLlavaError
 from aim_llava.model.config import LlavaConfig, TextConfig, VisionConfig
 
@@ -37,22 +35,3 @@ def architecture(name: str) -> LlavaConfig:
         raise AimLlavaError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
     return dataclasses.replace(ARCHITECTURES[name])
 
-
-def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                 seed: int = 0):
-    """A model of this architecture with random weights (speed does not depend on the values)."""
-    from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
-
-    with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config, attn_implementation)
-    model = model.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    if config.text.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()

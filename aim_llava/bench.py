@@ -23,7 +23,10 @@ import torch
 
 import aim_llava.reduction.methods.aim as aim_method
 from aim_llava.constants import IMAGE_TOKEN_INDEX
-from aim_llava.flops import executed_tokens, prefill_flops
+from aim_llava.cost import prefill_flops
+from aim_llava.flops import executed_tokens
+from aim_llava.model.config import LlavaConfig
+from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.pipeline import TokenClock
 from aim_llava.reduction.budget import resolve_reduction
 
@@ -169,14 +172,32 @@ def machine_name(device: torch.device) -> str:
     return f"{name}, {psutil.cpu_count()} CPUs"
 
 
-def measure_config(model, frame_features, ids, decode_tokens: int, device) -> dict:
+def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                 seed: int = 0) -> LlavaQwenForCausalLM:
+    """A model of this architecture with random weights (speed does not depend on the values)."""
+    with torch.device("meta"):
+        model = LlavaQwenForCausalLM(config, attn_implementation)
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    if config.text.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def measure_config(model, plan, frame_features, ids, decode_tokens: int, device) -> dict:
     """One run of one config: pre-LLM step, generation with timestamps, importance, memory."""
     with torch.no_grad(), Clock(device) as pre:
-        features = model.video_features(frame_features)
+        features = model.video_features(frame_features, plan)
     timer = TokenClock()
     with ImportanceTimer(device) as importance, PeakMemory(device) as memory, Clock(device) as total:
-        model.generate(ids, visual_features=[features], max_new_tokens=decode_tokens, eos_token_id=[],
-                       streamer=timer)
+        output = model.generate(ids, visual_features=[features], max_new_tokens=decode_tokens, eos_token_id=[],
+                                streamer=timer, reduction=plan, return_dict_in_generate=True)
     first, last = timer.times[0] - total.start, timer.times[-1] - total.start
     return {
         "pre_llm_s": pre.seconds,
@@ -184,7 +205,7 @@ def measure_config(model, frame_features, ids, decode_tokens: int, device) -> di
         "decode_tokens_per_s": (len(timer.times) - 1) / (last - first) if len(timer.times) > 1 else 0.0,
         "importance_s": importance.seconds,
         "peak_extra_mib": memory.extra / 2**20,
-        "tokens_per_layer": [n[0] for n in model.last_reduction.visual_tokens_per_layer],
+        "tokens_per_layer": [n[0] for n in output.reduction.visual_tokens_per_layer],
     }
 
 
@@ -196,28 +217,27 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
     if pixels is None:
         pixels = torch.randn(frames, 3, config.vision.image_size, config.vision.image_size)
     frames = pixels.shape[0]
-    model.set_reduction("baseline")
+    baseline = resolve_reduction("baseline", config, frames).build(config.text.num_hidden_layers)
     with torch.no_grad(), Clock(device) as vision:
-        shared_features = model.encode_images(pixels.to(device))
+        shared_features = model.encode_images(pixels.to(device), baseline)
     text = torch.randint(0, min(1000, config.text.vocab_size), (text_tokens,))
     ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None].to(device)
     reductions = [resolve_reduction(spec, config, frames, text_tokens) for spec in configs]
+    plans = [reduction.build(config.text.num_hidden_layers) for reduction in reductions]
     # Methods acting inside the vision tower get their own (timed, once) pass through it.
     features, vision_seconds = [], []
-    for reduction in reductions:
-        model.set_reduction(reduction)
-        if model.reduction_plan.vision_reducer(config.vision) is None:
+    for plan in plans:
+        if plan.vision_reducer(config.vision) is None:
             features.append(shared_features)
             vision_seconds.append(vision.seconds)
             continue
         with torch.no_grad(), Clock(device) as own:
-            features.append(model.encode_images(pixels.to(device)))
+            features.append(model.encode_images(pixels.to(device), plan))
         vision_seconds.append(own.seconds)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(reductions))}
     for repeat in range(repeats + 1):
-        for index, reduction in enumerate(reductions):
-            model.set_reduction(reduction)
-            result = measure_config(model, features[index], ids, decode_tokens, device)
+        for index, plan in enumerate(plans):
+            result = measure_config(model, plan, features[index], ids, decode_tokens, device)
             if repeat > 0:
                 samples[index].append(result)
     report = BenchReport(arch_name, frames, text_tokens, decode_tokens, str(device), machine_name(device),
@@ -230,7 +250,7 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
             return statistics.median(run[key] for run in runs)
 
         entering = [n + text_tokens for n in runs[0]["tokens_per_layer"]]
-        plan = reduction.build(config.text.num_hidden_layers)
+        plan = plans[index]
         visual = runs[0]["tokens_per_layer"][0]
         leaving = [plan.visual_tokens_leaving(layer, visual) + text_tokens for layer in range(len(entering))]
         report.rows.append(ConfigResult(

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from aim_llava.distributed import Shard
-from aim_llava.records import read_records, write_records_atomically, write_text_atomically
+from aim_llava.records import error_message, read_records, write_records_atomically, write_text_atomically
 from aim_llava.errors import AimLlavaError
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -181,11 +181,8 @@ def run_one(llm, video: str, question: str | None, args) -> dict:
             default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
             question = getattr(args, "prompt", None) or default
         response = llm.respond(visual, [(question, None)], stream, max_new_tokens=args.max_new_tokens)
-    except AimLlavaError as err:
-        record["error"] = str(err)
-        return record
     except Exception as err:  # a failing item must not end the batch; its message is kept
-        record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        record["error"] = error_message(err)
         return record
     record.update(
         text=response.text,
@@ -303,8 +300,8 @@ def run_flops(args) -> int:
 def run_bench(args) -> int:
     import torch
 
-    from aim_llava.architectures import architecture, random_model
-    from aim_llava.bench import markdown, plot, run_bench as bench
+    from aim_llava.architectures import architecture
+    from aim_llava.bench import markdown, plot, random_model, run_bench as bench
     from aim_llava.model.builder import load_pretrained_model, resolve_device, resolve_dtype
     from aim_llava.reduction.budget import check_reduction_spec
     from aim_llava.video import load_video
@@ -412,13 +409,12 @@ def run_eval(args) -> int:
     rows = []
     for spec in specs:
         reduction = resolve_reduction(spec, llm.model.config, args.frames, text_tokens)
-        llm.reduction = llm.model.set_reduction(reduction)
         progress = None
         if shard.rank == 0:
             from tqdm import tqdm
 
             progress = tqdm(total=len(shard.take(items)), file=sys.stderr, unit="item", desc=reduction.name)
-        path = evaluation.run_config(llm, items, shard, args.output, reduction.name, args.resume,
+        path = evaluation.run_config(llm, items, shard, args.output, reduction, args.resume,
                                      write_records_atomically, progress)
         if progress is not None:
             progress.close()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
-from aim_llava.records import read_records
+from aim_llava.records import error_message, read_records
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -85,20 +85,20 @@ def parse_choice(text: str, count: int) -> str | None:
     return match.group(1) if match else None
 
 
-def evaluate_item(llm, item: Item, config_name: str) -> dict:
-    """Answer one item; a failure is recorded in ``error``."""
+def evaluate_item(llm, item: Item, reduction) -> dict:
+    """Answer one item with one reduction config; any failure is recorded in ``error``."""
     record = {"id": item.id, "video": item.video, "category": item.category, "answer": item.answer,
-              "config": config_name, "prediction": None, "correct": False, "text": None, "error": None}
+              "config": reduction.name, "prediction": None, "correct": False, "text": None, "error": None}
     try:
-        visual = llm.encode(item.video)
+        visual = llm.encode(item.video, reduction)
         response = llm.respond(visual, [(item.prompt(), None)])
-    except AimLlavaError as err:
-        record["error"] = str(err)
+    except Exception as err:  # a failing item must not end the run; its message is kept
+        record["error"] = error_message(err)
         return record
     prediction = parse_choice(response.text, len(item.options))
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
-        visual_tokens=llm.model.last_reduction.visual_tokens_per_layer[0][0],
+        visual_tokens=response.reduction.visual_tokens_per_layer[0][0],
         prefill_s=round(response.first_token_s, 4),
     )
     return record
@@ -124,8 +124,10 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "config"
 
 
-def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, name: str, resume: bool, write, progress=None):
-    """Evaluate this process's share of ``items``; returns the path of its records."""
+def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, reduction, resume: bool, write, progress=None):
+    """Evaluate this process's share of ``items`` with one reduction config; returns the path of
+    its records."""
+    name = reduction.name
     path = out_dir / (f"{safe_name(name)}.jsonl" if shard.world == 1 else f"{safe_name(name)}.rank{shard.rank}.jsonl")
     previous = read_records(path, key="id") if resume else []
     records = [r for r in previous if r.get("error") is None]
@@ -133,7 +135,7 @@ def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, name: str, r
     for item in shard.take(items):
         if item.id in done:
             continue
-        records.append(evaluate_item(llm, item, name))
+        records.append(evaluate_item(llm, item, reduction))
         write(path, records)
         if progress is not None:
             progress.update(1)

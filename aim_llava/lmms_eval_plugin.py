@@ -1,5 +1,6 @@
 """lmms-eval model ``aim_llava``, registered through lmms-eval's entry-point group
-``lmms_eval.models`` (no fork of lmms-eval; install with ``pip install '.[eval]'``).
+``lmms_eval.models`` by :mod:`aim_llava.lmms_eval_manifest` (no fork of lmms-eval; install with
+``pip install '.[eval]'``).
 
     python -m lmms_eval --model aim_llava \\
         --model_args pretrained=model/llava-onevision-qwen2-7b-ov,config=aim_default,max_frames_num=32 \\
@@ -16,18 +17,12 @@ from __future__ import annotations
 import numpy as np
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
 from aim_llava.errors import InputError
 from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
 from aim_llava.video import VideoClip
-
-
-def manifest() -> ModelManifest:
-    """The entry point lmms-eval loads."""
-    return ModelManifest(model_id="aim_llava", simple_class_path="aim_llava.lmms_eval_plugin.AimLlava")
 
 
 def image_clip(image: Image.Image) -> VideoClip:

@@ -2,6 +2,7 @@
 
 >>> llm = VideoLLM.from_pretrained("model/llava-onevision-qwen2-7b-ov", reduction="baseline")
 >>> llm.caption("clip.mp4")
+>>> llm.caption("clip.mp4", reduction="aim_default")   # another reduction for this call only
 >>> session = llm.chat("clip.mp4")          # the video is encoded once
 >>> session.ask("Who is in it?"); session.ask("What do they do next?")
 """
@@ -20,8 +21,10 @@ from aim_llava.conversation import get_conversation
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
-from aim_llava.reduction import ReductionConfig
+from aim_llava.errors import InputError
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
+from aim_llava.reduction.config import ReductionConfig
+from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.video import VideoClip, load_video, validate_sampling
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
@@ -53,12 +56,14 @@ class GenerationOptions:
 
 @dataclass
 class EncodedVisual:
-    """A video or image after the vision tower and projector, ready to be reused across prompts."""
+    """A video or image after the vision tower and projector (and the reduction's merging),
+    ready to be reused across prompts with the same reduction."""
 
     clip: VideoClip
     features: torch.Tensor
     modality: str
     encode_seconds: float
+    reduction: ReductionConfig
 
     @property
     def num_tokens(self) -> int:
@@ -67,13 +72,15 @@ class EncodedVisual:
 
 @dataclass
 class Response:
-    """A reply; ``first_token_s`` is the time from the call to the first new token (prefill)."""
+    """A reply; ``first_token_s`` is the time from the call to the first new token (prefill);
+    ``reduction`` is what token reduction did in this call."""
 
     text: str
     num_new_tokens: int
     visual_tokens: int
     seconds: float
     first_token_s: float
+    reduction: ReductionRecord
 
 
 def time_instruction(clip: VideoClip) -> str:
@@ -139,22 +146,28 @@ class TokenClock:
 
 
 class VideoLLM:
-    """A loaded model plus the choices of how to sample, prompt and reduce."""
+    """A loaded model plus the choices of how to sample, prompt and reduce.
+
+    ``reduction`` is the default of every call; each method also takes ``reduction=`` (a preset
+    name, YAML path, ``budget:X``, mapping or config) for that call alone. The model holds no
+    per-call state, so calls with different reductions may run at the same time.
+    """
 
     def __init__(
         self,
         tokenizer,
         model,
         image_processor,
-        reduction: ReductionConfig | None = None,
+        reduction: str | dict | ReductionConfig | None = None,
         sampling: SamplingOptions | None = None,
         generation: GenerationOptions | None = None,
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
-        self.reduction = model.set_reduction(reduction) if reduction is not None else model.reduction
         self.sampling = sampling or SamplingOptions()
+        self._plans: dict[ReductionConfig, ReductionPlan] = {}
+        self.reduction = self.resolve(reduction if reduction is not None else "baseline")
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template
         get_conversation(conv_template)
@@ -183,9 +196,21 @@ class VideoLLM:
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
-        frames = sampling.max_frames or sampling.num_frames
-        reduction_config = resolve_reduction(reduction, model.config, frames)
-        return cls(tokenizer, model, processor, reduction_config, sampling, generation, conv_template, time_aware)
+        return cls(tokenizer, model, processor, reduction, sampling, generation, conv_template, time_aware)
+
+    def resolve(self, reduction: str | dict | ReductionConfig | None) -> ReductionConfig:
+        """A call's reduction config (None: the default); ``budget:X`` is solved for this model at
+        the sampling's frame count (``max_frames`` when sampling by fps)."""
+        if reduction is None:
+            return self.reduction
+        frames = self.sampling.max_frames or self.sampling.num_frames
+        return resolve_reduction(reduction, self.model.config, frames)
+
+    def plan(self, config: ReductionConfig) -> ReductionPlan:
+        """The built plan of a config (built once per config)."""
+        if config not in self._plans:
+            self._plans[config] = config.build(self.model.config.text.num_hidden_layers)
+        return self._plans[config]
 
     def load(self, source: str | Path | VideoClip, **sampling) -> VideoClip:
         if isinstance(source, VideoClip):
@@ -195,22 +220,30 @@ class VideoLLM:
                           options.end, options.backend)
 
     @torch.no_grad()
-    def encode(self, source: str | Path | VideoClip | EncodedVisual, **sampling) -> EncodedVisual:
-        """Read and encode a video (or image) once; the result can be passed to :meth:`ask`."""
+    def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, **sampling) -> EncodedVisual:
+        """Read and encode a video (or image) once; the result can be passed to :meth:`ask` (with
+        the same reduction)."""
+        config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
+            if source.reduction != config:
+                raise InputError(
+                    f"this video was encoded for reduction {source.reduction.name!r}, not {config.name!r}: "
+                    "encode it again with the reduction you want"
+                )
             return source
+        plan = self.plan(config)
         clip = self.load(source, **sampling)
         started = time.perf_counter()
         if clip.is_image:
             pixels = process_images(list(clip.frames), self.image_processor, self.model.config)
             height, width = clip.frames.shape[1:3]
-            features = self.model.visual_features(pixels, image_sizes=[(width, height)], modalities=["image"])[0]
+            features = self.model.visual_features(pixels, [(width, height)], ["image"], plan)[0]
             modality = "image"
         else:
             pixels = self.image_processor.preprocess(clip.frames)["pixel_values"]
-            features = self.model.visual_features([pixels], modalities=["video"])[0]
+            features = self.model.visual_features([pixels], None, ["video"], plan)[0]
             modality = "video"
-        return EncodedVisual(clip, features, modality, time.perf_counter() - started)
+        return EncodedVisual(clip, features, modality, time.perf_counter() - started, config)
 
     def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]]) -> str:
         """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first."""
@@ -236,7 +269,7 @@ class VideoLLM:
         ids = tokenizer_image_token(self.prompt(visual, turns), self.tokenizer, return_tensors="pt")[None]
         clock = TokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
         started = time.perf_counter()
-        tokens = self.model.generate(
+        output = self.model.generate(
             ids,
             visual_features=[visual.features],
             max_new_tokens=options.max_new_tokens,
@@ -244,25 +277,29 @@ class VideoLLM:
             temperature=options.temperature,
             top_p=options.top_p,
             streamer=clock,
+            reduction=self.plan(visual.reduction),
+            return_dict_in_generate=True,
         )
+        tokens = output.sequences
         text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
-        return Response(text, int(tokens.shape[1]), visual.num_tokens, elapsed, first)
+        return Response(text, int(tokens.shape[1]), visual.num_tokens, elapsed, first, output.reduction)
 
-    def ask(self, video, question: str, stream: Callable[[str], None] | None = None, **generation) -> str:
+    def ask(self, video, question: str, stream: Callable[[str], None] | None = None, reduction=None,
+            **generation) -> str:
         """Answer one question about a video, image, frame directory or :class:`EncodedVisual`."""
-        return self.respond(self.encode(video), [(question, None)], stream, **generation).text
+        return self.respond(self.encode(video, reduction), [(question, None)], stream, **generation).text
 
     def caption(self, video, prompt: str | None = None, stream: Callable[[str], None] | None = None,
-                **generation) -> str:
-        visual = self.encode(video)
+                reduction=None, **generation) -> str:
+        visual = self.encode(video, reduction)
         default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
         return self.respond(visual, [(prompt or default, None)], stream, **generation).text
 
-    def chat(self, video) -> ChatSession:
+    def chat(self, video, reduction=None) -> ChatSession:
         """A multi-turn conversation about one video; the video is encoded once."""
-        return ChatSession(self, self.encode(video))
+        return ChatSession(self, self.encode(video, reduction))
 
 
 @dataclass

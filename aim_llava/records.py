@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from aim_llava.errors import AimLlavaError
+
 
 def read_records(path: Path | None, key: str = "video") -> list[dict]:
     """The dict lines of a JSONL file that have ``key``; lines that do not parse are dropped."""
@@ -42,3 +44,12 @@ def write_text_atomically(path: Path, text: str) -> None:
 def write_records_atomically(path: Path, records: list[dict]) -> None:
     """The whole JSONL file, atomically."""
     write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def error_message(err: BaseException) -> str:
+    """One line for a failed item: the package's own message, or the exception type and the first
+    line of its message."""
+    if isinstance(err, AimLlavaError):
+        return str(err)
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -14,6 +14,7 @@ from aim_llava import load_pretrained_model
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import build_prompt
 from aim_llava.mm_utils import tokenizer_image_token
+from aim_llava.reduction.config import build_plan
 from aim_llava.tiny_checkpoint import write_tiny_checkpoint
 
 torch.set_num_threads(2)
@@ -76,3 +77,8 @@ def left_padded_batch(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.
         ids[i, longest - p.shape[1] :] = p[0]
         mask[i, longest - p.shape[1] :] = 1
     return ids, mask
+
+
+def plan(model, spec):
+    """The built reduction plan of a preset name / mapping for this model."""
+    return build_plan(spec, model.config.text.num_hidden_layers)

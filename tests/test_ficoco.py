@@ -1,4 +1,4 @@
-"""FiCoCo-L: filter / correlate / compress against loops written from SPEC section 7, and the
+"""FiCoCo-L: filter / correlate / compress against loops written from docs/algorithms.md §7, and the
 method inside the model (counts, cache, batches)."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from aim_llava.reduction.methods.ficoco import compress_weights, correlation, filter_scores
 from aim_llava.reduction.plan import Merge, apply_merge
-from conftest import prompt_ids, random_frames
+from conftest import plan, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
 CONFIG = {"method": "ficoco_l", "start_layer": 2, "end_layer": 3, "keep_ratio": 0.5}
@@ -77,25 +77,20 @@ def test_compress_follows_the_equations():
         assert torch.allclose(merged[j], mix / (1 + weights[:, j].sum()), atol=1e-6)
 
 
-@pytest.fixture
-def ficoco_model(loaded):
-    _, model, _, _ = loaded
-    model.set_reduction(CONFIG)
-    yield model
-    model.set_reduction("baseline")
-
-
-def test_counts_and_cache(ficoco_model, loaded):
+def test_counts_and_cache(loaded):
     tokenizer, model, processor, _ = loaded
+    reduction = plan(model, CONFIG)
     video = processor.preprocess(random_frames(3, 64, 80, seed=4))["pixel_values"]
     ids = prompt_ids(tokenizer, "What is happening?")
-    cached = model.generate(ids, images=[video], modalities=["video"], **GEN)
-    counts = [layer[0] for layer in model.last_reduction.visual_tokens_per_layer]
+    cached = model.generate(ids, images=[video], modalities=["video"], reduction=reduction,
+                            return_dict_in_generate=True, **GEN)
+    counts = [layer[0] for layer in cached.reduction.visual_tokens_per_layer]
     visual = 3 * 196 + 1
     target = int(visual * 0.5)
     assert counts == [visual] * 3 + [visual - (visual - target) // 2] + [target] * 2
-    assert model.last_reduction.merges  # information was folded, not only dropped
-    assert torch.equal(cached, model.generate(ids, images=[video], modalities=["video"], use_cache=False, **GEN))
+    assert cached.reduction.merges  # information was folded, not only dropped
+    recomputed = model.generate(ids, images=[video], modalities=["video"], use_cache=False, reduction=reduction, **GEN)
+    assert torch.equal(cached.sequences, recomputed)
 
 
 def test_vision_redundancy_and_local_penalty():
@@ -128,16 +123,13 @@ def test_ficoco_v_tokens_and_anyres_refusal(loaded):
     from conftest import random_image
 
     tokenizer, model, processor, _ = loaded
-    model.set_reduction({"method": "ficoco_v", "vision_start_layer": 0, "vision_keep_ratio": 0.3})
-    try:
-        video = processor.preprocess(random_frames(2, 64, 80, seed=6))["pixel_values"]
-        with torch.no_grad():
-            model(prompt_ids(tokenizer, "Hi"), images=[video], modalities=["video"])
-        per_frame = 729 - (729 - int(729 * 0.3)) // 2 * 2  # 2 tower layers, equal counts, no pooling
-        assert model.last_reduction.visual_tokens_per_layer[0][0] == 2 * per_frame + 1
-        image = random_image(900, 500)
-        with pytest.raises(InputError, match="anyres"):
-            model(prompt_ids(tokenizer, "Hi"), images=process_images([image], processor, model.config),
-                  image_sizes=[image.size])
-    finally:
-        model.set_reduction("baseline")
+    reduction = plan(model, {"method": "ficoco_v", "vision_start_layer": 0, "vision_keep_ratio": 0.3})
+    video = processor.preprocess(random_frames(2, 64, 80, seed=6))["pixel_values"]
+    with torch.no_grad():
+        out = model(prompt_ids(tokenizer, "Hi"), images=[video], modalities=["video"], reduction=reduction)
+    per_frame = 729 - (729 - int(729 * 0.3)) // 2 * 2  # 2 tower layers, equal counts, no pooling
+    assert out.reduction.visual_tokens_per_layer[0][0] == 2 * per_frame + 1
+    image = random_image(900, 500)
+    with pytest.raises(InputError, match="anyres"):
+        model(prompt_ids(tokenizer, "Hi"), images=process_images([image], processor, model.config),
+              image_sizes=[image.size], reduction=reduction)

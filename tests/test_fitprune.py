@@ -1,4 +1,4 @@
-"""FitPrune: statistics and recipe against straightforward implementations of SPEC section 6,
+"""FitPrune: statistics and recipe against straightforward implementations of docs/algorithms.md §6,
 the budget search, scaling, and the calibrate -> prune round trip on the tiny model."""
 
 import json
@@ -16,7 +16,7 @@ from aim_llava.reduction.methods.fitprune import (
 )
 from aim_llava.reduction.tokens import LayerAttention, TokenState
 from aim_llava.sample_media import write_sample_video
-from conftest import left_padded_batch, prompt_ids, random_frames
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
 
@@ -44,7 +44,7 @@ def test_attention_received_equals_dense():
 
 
 def reference_recipe(samples, alpha, layers_to_walk):
-    """SPEC 6 walk with Python lists (no budget stop): mean tokens dropped per layer."""
+    """docs/algorithms.md §6 walk with Python lists (no budget stop): mean tokens dropped per layer."""
     remaining = [set(range(len(s[0].c))) for s in samples]
     recipe = []
     for layer in range(layers_to_walk):
@@ -127,7 +127,7 @@ def recipe_path(tiny_qwen_dir, tmp_path_factory):
 
 def test_calibrated_recipe_meets_budget(recipe_path, tiny_qwen_dir):
     from aim_llava.flops import flops_report, resolve_architecture
-    from aim_llava.reduction import load_reduction_config
+    from aim_llava.reduction.config import load_reduction_config
 
     recipe = Recipe.load(recipe_path)
     assert recipe.samples == 5 and len(recipe.drop) == 6 and sum(recipe.drop) > 0
@@ -140,21 +140,22 @@ def test_calibrated_recipe_meets_budget(recipe_path, tiny_qwen_dir):
 
 def test_fitprune_generation_cache_and_batch(loaded, recipe_path):
     tokenizer, model, processor, _ = loaded
-    model.set_reduction(f"fitprune:{recipe_path}")
-    try:
-        videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (3, 4)]
-        prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
-        for prompt, video in zip(prompts, videos):
-            cached = model.generate(prompt, images=[video], modalities=["video"], **GEN)
-            assert torch.equal(cached, model.generate(prompt, images=[video], modalities=["video"], use_cache=False, **GEN))
-        assert model.last_reduction.kept  # tokens were really dropped
-        ids, mask = left_padded_batch(prompts)
-        batched = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, **GEN)
-        for i in range(2):
-            single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], **GEN)
-            assert torch.equal(batched[i], single[0])
-    finally:
-        model.set_reduction("baseline")
+    reduction = plan(model, f"fitprune:{recipe_path}")
+    videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (3, 4)]
+    prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
+    for prompt, video in zip(prompts, videos):
+        cached = model.generate(prompt, images=[video], modalities=["video"], reduction=reduction,
+                                return_dict_in_generate=True, **GEN)
+        recomputed = model.generate(prompt, images=[video], modalities=["video"], use_cache=False, reduction=reduction,
+                                    **GEN)
+        assert torch.equal(cached.sequences, recomputed)
+        assert cached.reduction.kept  # tokens were really dropped
+    ids, mask = left_padded_batch(prompts)
+    batched = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=reduction,
+                             **GEN)
+    for i in range(2):
+        single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], reduction=reduction, **GEN)
+        assert torch.equal(batched[i], single[0])
 
 
 def test_calibrate_bad_data(capsys, tiny_qwen_dir, tmp_path):

@@ -7,13 +7,13 @@ import torch
 
 from aim_llava.cli import main
 from aim_llava.flops import flops_report, resolve_architecture
-from aim_llava.reduction import load_reduction_config
+from aim_llava.reduction.config import load_reduction_config
 from aim_llava.reduction.budget import BudgetError, candidates, solve_budget
-from conftest import prompt_ids, random_frames
+from conftest import plan, prompt_ids, random_frames
 
 
 def spec_flops(hidden, kv, inter, tokens):
-    """SPEC section 4 written out: 2 n (linear weights) + 4 n^2 H per layer."""
+    """docs/algorithms.md §4 written out: 2 n (linear weights) + 4 n^2 H per layer."""
     weights = hidden * hidden * 2 + hidden * kv * 2 + hidden * inter * 3
     return sum(2 * n * weights + 4 * n * n * hidden for n in tokens)
 
@@ -30,13 +30,9 @@ def test_flops_tokens_equal_what_the_model_recorded(loaded, tiny_qwen_dir):
     tokenizer, model, processor, _ = loaded
     ids = prompt_ids(tokenizer, "Describe the video.")
     video = processor.preprocess(random_frames(32, 48, 64, seed=2))["pixel_values"]
-    model.set_reduction("aim_default")
-    try:
-        with torch.no_grad():
-            model(ids, images=[video], modalities=["video"])
-        recorded = [layer[0] for layer in model.last_reduction.visual_tokens_per_layer]
-    finally:
-        model.set_reduction("baseline")
+    with torch.no_grad():
+        out = model(ids, images=[video], modalities=["video"], reduction=plan(model, "aim_default"))
+    recorded = [layer[0] for layer in out.reduction.visual_tokens_per_layer]
     text = ids.shape[1] - 1
     name, arch = resolve_architecture(str(tiny_qwen_dir / "config.json"))
     report = flops_report(name, arch, load_reduction_config("aim_default"), frames=32, text_tokens=text)

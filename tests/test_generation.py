@@ -98,3 +98,47 @@ def test_flash_attention_request_without_flash_attn_falls_back(tiny_qwen_dir, ca
     _, model, _, _ = load_pretrained_model(tiny_qwen_dir, device_map="cpu", attn_implementation="flash_attention_2")
     assert model.model.attn_implementation == "sdpa"
     assert "flash_attn is not installed" in caplog.text
+
+
+def test_two_threads_with_different_reductions_equal_running_alone(loaded):
+    """The model holds no per-call state: concurrent calls with different plans do not mix."""
+    import threading
+
+    from conftest import plan
+
+    tokenizer, model, processor, _ = loaded
+    jobs = {
+        "aim_default": (prompt_ids(tokenizer, "Describe the video."), random_frames(5, 64, 80, seed=31)),
+        "fastv_default": (prompt_ids(tokenizer, "What moves?"), random_frames(3, 64, 80, seed=32)),
+        "baseline": (prompt_ids(tokenizer, "Who is there?"), random_frames(4, 64, 80, seed=33)),
+    }
+
+    def run(name):
+        ids, frames = jobs[name]
+        video = processor.preprocess(frames)["pixel_values"]
+        out = model.generate(ids, images=[video], modalities=["video"], max_new_tokens=10, eos_token_id=[],
+                             reduction=plan(model, name), return_dict_in_generate=True)
+        return out.sequences, out.reduction.visual_tokens_per_layer
+
+    alone = {name: run(name) for name in jobs}
+    results, errors = {}, []
+    barrier = threading.Barrier(len(jobs))
+
+    def worker(name):
+        try:
+            barrier.wait()
+            for round_ in range(2):
+                results[(name, round_)] = run(name)
+        except Exception as err:  # reported below, with the thread's name
+            errors.append((name, err))
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for (name, _), (tokens, counts) in results.items():
+        assert torch.equal(tokens, alone[name][0]), name
+        assert counts == alone[name][1], name
+    assert alone["aim_default"][1][-1] != alone["baseline"][1][-1]  # the plans really differ

@@ -1,4 +1,4 @@
-"""Chunked PageRank importance against the dense formula of SPEC section 3."""
+"""Chunked PageRank importance against the dense formula of docs/algorithms.md §3."""
 
 import pytest
 import torch

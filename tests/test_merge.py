@@ -1,4 +1,4 @@
-"""AIM merging against a straightforward, loop-based implementation of SPEC section 2."""
+"""AIM merging against a straightforward, loop-based implementation of docs/algorithms.md §2."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from aim_llava.reduction.merge import MergeState, merge_bipartite, merge_steps_f
 
 
 def reference_step(tokens: list[torch.Tensor], positions: list[int], r: int):
-    """One merging step for ONE frame, written from the SPEC's words with Python lists."""
+    """One merging step for ONE frame, written from the words of docs/algorithms.md with Python lists."""
     r = min(r, len(tokens) // 2)
     if r <= 0:
         return tokens, positions

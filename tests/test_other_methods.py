@@ -6,10 +6,10 @@ import torch
 
 from aim_llava import load_pretrained_model
 from aim_llava.flops import flops_report, resolve_architecture
-from aim_llava.reduction import load_reduction_config
+from aim_llava.reduction.config import load_reduction_config
 from aim_llava.reduction.methods.fastv import FastVPruner
 from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
-from conftest import left_padded_batch, prompt_ids, random_frames
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=8, eos_token_id=[])
 METHOD_CONFIGS = {
@@ -38,7 +38,6 @@ def video_prompt(tiny):
 def test_fastv_keeps_what_the_last_token_attends_to(tiny, video_prompt, monkeypatch):
     _, model, _, _ = tiny
     ids, video = video_prompt
-    model.set_reduction(METHOD_CONFIGS["fastv"])
     seen = {}
     original = FastVPruner.after_layer
 
@@ -50,16 +49,16 @@ def test_fastv_keeps_what_the_last_token_attends_to(tiny, video_prompt, monkeypa
 
     monkeypatch.setattr(FastVPruner, "after_layer", spy)
     with torch.no_grad():
-        model(ids, images=[video], modalities=["video"])
+        out = model(ids, images=[video], modalities=["video"], reduction=plan(model, METHOD_CONFIGS["fastv"]))
     assert seen["layer"] == 1
     # independent: softmax row of the last token per head, mean over heads, top half of the visual
     q, k = seen["q"][0], seen["k"][0].repeat_interleave(2, dim=0)
     probs = torch.softmax((q[:, -1:] @ k.transpose(-1, -2))[:, 0] * seen["scale"], dim=-1).mean(dim=0)
     visual = seen["visual"][0].nonzero().flatten()
     top = visual[probs[visual].topk(len(visual) // 2).indices]
-    kept = model.last_reduction.kept[1][0]
+    kept = out.reduction.kept[1][0]
     assert set(kept.nonzero().flatten().tolist()) == set(top.tolist()) | set((~seen["visual"][0]).nonzero().flatten().tolist())
-    counts = [layer[0] for layer in model.last_reduction.visual_tokens_per_layer]
+    counts = [layer[0] for layer in out.reduction.visual_tokens_per_layer]
     assert counts == [len(visual)] * 2 + [len(visual) // 2] * 4
 
 
@@ -73,28 +72,27 @@ def test_spatial_pooling_is_the_block_average():
 
 def test_random_drop_matches_merging_count_and_keeps_order():
     frames = torch.arange(196, dtype=torch.float32)[None, :, None].repeat(4, 1, 2)
-    plan = RandomDropPlan(FrameBaselineOptions(keep_ratio=0.125, seed=3), 6)
-    kept = plan.reduce_video_frames(frames)
+    dropping = RandomDropPlan(FrameBaselineOptions(keep_ratio=0.125, seed=3), 6)
+    kept = dropping.reduce_video_frames(frames)
     assert kept.shape == (4, 25, 2)  # AIM's 12.5% merge also keeps 25 of 196
     for frame in kept[..., 0]:
         assert torch.all(frame[1:] > frame[:-1])  # a subset, in the original order
     assert not torch.equal(kept[0], kept[1])  # frames draw different tokens
-    assert torch.equal(kept, plan.reduce_video_frames(frames))  # deterministic for a seed
+    assert torch.equal(kept, dropping.reduce_video_frames(frames))  # deterministic for a seed
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
 def test_cached_generation_equals_recomputation(tiny, video_prompt, name):
     _, model, _, _ = tiny
-    model.set_reduction(METHOD_CONFIGS[name])
-    ids, video = video_prompt
-    cached = model.generate(ids, images=[video], modalities=["video"], use_cache=True, **GEN)
-    assert torch.equal(cached, model.generate(ids, images=[video], modalities=["video"], use_cache=False, **GEN))
+    kwargs = dict(images=[video_prompt[1]], modalities=["video"], reduction=plan(model, METHOD_CONFIGS[name]), **GEN)
+    cached = model.generate(video_prompt[0], use_cache=True, **kwargs)
+    assert torch.equal(cached, model.generate(video_prompt[0], use_cache=False, **kwargs))
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
 def test_batch_equals_single_runs(tiny, name):
     tokenizer, model, processor, _ = tiny
-    model.set_reduction(METHOD_CONFIGS[name])
+    model.set_reduction(plan(model, METHOD_CONFIGS[name]))  # the model's default, used by calls without one
     videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (2, 5)]
     prompts = [prompt_ids(tokenizer, "What is shown?"), prompt_ids(tokenizer, "Describe every person you see.")]
     ids, mask = left_padded_batch(prompts)
@@ -108,11 +106,10 @@ def test_batch_equals_single_runs(tiny, name):
 def test_flops_counts_match_the_model(tiny, tiny_qwen_dir, video_prompt, name):
     _, model, _, _ = tiny
     config = load_reduction_config(METHOD_CONFIGS[name])
-    model.set_reduction(config)
     ids, video = video_prompt
     with torch.no_grad():
-        model(ids, images=[video], modalities=["video"])
-    recorded = [layer[0] for layer in model.last_reduction.visual_tokens_per_layer]
+        out = model(ids, images=[video], modalities=["video"], reduction=config.build(6))
+    recorded = [layer[0] for layer in out.reduction.visual_tokens_per_layer]
     arch_name, arch = resolve_architecture(str(tiny_qwen_dir / "config.json"))
     report = flops_report(arch_name, arch, config, frames=6, text_tokens=ids.shape[1] - 1)
     assert [n - (ids.shape[1] - 1) for n in report.tokens_per_layer] == recorded

@@ -2,8 +2,7 @@
 
 import pytest
 
-from aim_llava.reduction import available_presets, load_reduction_config
-from aim_llava.reduction.config import ConfigError, ReductionConfig
+from aim_llava.reduction.config import ConfigError, ReductionConfig, available_presets, load_reduction_config
 
 
 def test_baseline_preset():

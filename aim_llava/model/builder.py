@@ -118,7 +118,8 @@ def load_pretrained_model(
     ("auto" picks CUDA when present). ``attn_implementation``: eager, sdpa or
     flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
     ``overwrite_config`` replaces config fields by name; its ``reduction`` entry (a preset name,
-    YAML path, mapping or ReductionConfig) selects the token reduction.
+    YAML path, mapping or ReductionConfig) sets the model's default token reduction (calls may
+    pass another plan with ``reduction=``).
     """
     if model_base is not None:
         raise CheckpointError("model_base (LoRA/projector-only checkpoints) is not supported: give a full checkpoint")
@@ -136,7 +137,7 @@ def load_pretrained_model(
     attn = resolve_attn_implementation(attn_implementation)
     tokenizer = load_tokenizer(model_dir)
     model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
-    model.set_reduction(reduction)
+    model.set_reduction(reduction.build(config.text.num_hidden_layers))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     eos_ids = [i for i in (im_end, tokenizer.eos_token_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
     model.generation_defaults.eos_token_ids = sorted(set(eos_ids))

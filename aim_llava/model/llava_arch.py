@@ -1,6 +1,6 @@
 """Turning images and videos into LLM input embeddings, and splicing them into the prompt.
 
-Visual features per modality (SPEC section 1):
+Visual features per modality (docs/algorithms.md §1):
 
 * video [F, 3, S, S]: tower + projector per frame, 2x2 bilinear pooling (729 -> 196 tokens a
   frame for so400m), all frames flattened, then ONE ``image_newline`` token.
@@ -74,28 +74,30 @@ def _max_crops(image_aspect_ratio: str) -> int | None:
 class LlavaMetaForCausalLM:
     """Mixin: the visual side of ``LlavaQwenForCausalLM``.
 
-    Needs ``self.model``, ``self.config`` and ``self.reduction_plan`` (whose hooks may merge video
-    frame tokens and image tokens).
+    Needs ``self.model``, ``self.config`` and ``self.plan_for(reduction)``, which gives the call's
+    reduction plan (whose hooks may merge video frame tokens and image tokens) or the default.
     """
 
     config: LlavaConfig
-    reduction_plan: ReductionPlan
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def plan_for(self, reduction: ReductionPlan | None) -> ReductionPlan:
+        raise NotImplementedError
+
+    def encode_images(self, pixel_values: torch.Tensor, reduction: ReductionPlan | None = None) -> torch.Tensor:
         """[N, 3, S, S] -> projected features [N, patches, H]."""
         dtype = self.model.embed_tokens.weight.dtype
-        reducer = self.reduction_plan.vision_reducer(self.config.vision)
+        reducer = self.plan_for(reduction).vision_reducer(self.config.vision)
         features = self.model.vision_tower(pixel_values.to(self.device, dtype), reducer)
         return self.model.mm_projector(features)
 
-    def video_features(self, frame_features: torch.Tensor) -> torch.Tensor:
+    def video_features(self, frame_features: torch.Tensor, reduction: ReductionPlan | None = None) -> torch.Tensor:
         """[F, patches, H] -> [F * pooled + 1, H]. Frames whose patch grid a vision-tower reducer
         has thinned out are not pooled (there is no grid left to pool)."""
         if frame_features.shape[1] == self.config.vision.num_patches:
             pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
         else:
             pooled = frame_features
-        pooled = self.reduction_plan.reduce_video_frames(pooled)
+        pooled = self.plan_for(reduction).reduce_video_frames(pooled)
         return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
 
     def anyres_features(self, view_features: torch.Tensor, image_size) -> torch.Tensor:
@@ -132,11 +134,13 @@ class LlavaMetaForCausalLM:
     def single_view_features(self, view_features: torch.Tensor) -> torch.Tensor:
         return torch.cat([view_features[0], self.model.image_newline[None].to(view_features.dtype)], dim=0)
 
-    def visual_features(self, images, image_sizes=None, modalities=None) -> list[torch.Tensor]:
+    def visual_features(self, images, image_sizes=None, modalities=None,
+                        reduction: ReductionPlan | None = None) -> list[torch.Tensor]:
         """One [tokens, H] tensor per entry of ``images`` (all views go through the tower at once).
 
         ``image_sizes[i]`` is the (width, height) of ``images[i]``, as in LLaVA-NeXT.
         """
+        plan = self.plan_for(reduction)
         images = normalize_images(images)
         modalities = list(modalities) if modalities is not None else ["image"] * len(images)
         if len(modalities) != len(images):
@@ -145,17 +149,17 @@ class LlavaMetaForCausalLM:
             if modality not in MODALITIES:
                 raise InputError(f"unknown modality {modality!r}; use 'image' or 'video'")
         counts = [image.shape[0] for image in images]
-        encoded = self.encode_images(torch.cat(images, dim=0)).split(counts, dim=0)
+        encoded = self.encode_images(torch.cat(images, dim=0), plan).split(counts, dim=0)
         sizes = list(image_sizes) if image_sizes is not None else []
         features = []
         for index, (views, modality) in enumerate(zip(encoded, modalities)):
             if modality == "video":
-                features.append(self.video_features(views))
+                features.append(self.video_features(views, plan))
             elif views.shape[0] > 1:
                 size = sizes[index] if index < len(sizes) else None
-                features.append(self.reduction_plan.reduce_image_tokens(self.anyres_features(views, size)))
+                features.append(plan.reduce_image_tokens(self.anyres_features(views, size)))
             else:
-                features.append(self.reduction_plan.reduce_image_tokens(self.single_view_features(views)))
+                features.append(plan.reduce_image_tokens(self.single_view_features(views)))
         return features
 
     def prepare_multimodal_inputs(
@@ -166,6 +170,7 @@ class LlavaMetaForCausalLM:
         image_sizes=None,
         modalities=None,
         visual_features: list[torch.Tensor] | None = None,
+        reduction: ReductionPlan | None = None,
     ) -> MultimodalInputs:
         """Replace every ``IMAGE_TOKEN_INDEX`` by the next image's or video's features.
 
@@ -184,7 +189,7 @@ class LlavaMetaForCausalLM:
         if visual_features is not None:
             features = list(visual_features)
         else:
-            features = self.visual_features(images, image_sizes, modalities) if images is not None else []
+            features = self.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
         if n_placeholders != len(features):
             raise InputError(
                 f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"

@@ -1,5 +1,3 @@
-"""Visual-token reduction: configuration and methods (no model code)."""
-
-from aim_llava.reduction.config import ReductionConfig, available_presets, load_reduction_config
-
-__all__ = ["ReductionConfig", "available_presets", "load_reduction_config"]
+"""Visual-token reduction, no model code: the interfaces the model calls (``tokens``, ``plan``),
+the algorithms (``merge``, ``importance``, ``schedule``), the methods and their registry
+(``methods``), and configs and presets (``config``)."""

@@ -1,12 +1,15 @@
-"""The reduction configuration object and the YAML presets in ``aim_llava/configs``.
+"""The reduction configuration object and the YAML presets (``configs/`` in the repository,
+installed as the package ``aim_llava.configs``).
 
 A config is a method name plus that method's options dataclass (see ``reduction/methods``). In
-YAML, ``name`` and ``method`` sit beside the method's options.
+YAML, ``name`` and ``method`` sit beside the method's options. ``config.build(num_layers)`` gives
+the :class:`~aim_llava.reduction.plan.ReductionPlan` that a model call takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +17,10 @@ from typing import Any
 import yaml
 
 from aim_llava.errors import AimLlavaError
+from aim_llava.reduction.methods import METHODS
+from aim_llava.reduction.plan import ReductionPlan
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+SOURCE_PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ConfigError(AimLlavaError):
@@ -31,8 +36,6 @@ class ReductionConfig:
     options: Any = None
 
     def __post_init__(self) -> None:
-        from aim_llava.reduction.methods import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"unknown reduction method {self.method!r}; known: {', '.join(METHODS)}")
         if self.options is None:
@@ -40,10 +43,8 @@ class ReductionConfig:
         elif not isinstance(self.options, METHODS[self.method].options):
             raise ConfigError(f"options for method {self.method!r} must be {METHODS[self.method].options.__name__}")
 
-    def build(self, num_layers: int):
+    def build(self, num_layers: int) -> ReductionPlan:
         """The :class:`ReductionPlan` for an LLM of ``num_layers`` layers (checks the fit)."""
-        from aim_llava.reduction.methods import METHODS
-
         try:
             return METHODS[self.method].build(self.options, num_layers, self.name)
         except AimLlavaError as err:
@@ -51,8 +52,6 @@ class ReductionConfig:
 
 
 def _make_options(method: str, values: dict, source: str):
-    from aim_llava.reduction.methods import METHODS
-
     if method not in METHODS:
         raise ConfigError(f"{source}: unknown reduction method {method!r}; known: {', '.join(METHODS)}")
     options_class = METHODS[method].options
@@ -70,8 +69,23 @@ def _make_options(method: str, values: dict, source: str):
         raise ConfigError(f"{source}: {err}") from None
 
 
+def preset_files() -> dict[str, Any]:
+    """Preset name -> readable resource: the installed ``aim_llava.configs`` package, or the
+    repository's ``configs/`` when the package runs from a source checkout on ``PYTHONPATH``."""
+    try:
+        root = importlib.resources.files("aim_llava.configs")
+    except ModuleNotFoundError:
+        root = SOURCE_PRESET_DIR
+    return {entry.name[: -len(".yaml")]: entry for entry in root.iterdir() if entry.name.endswith(".yaml")}
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(preset_files())
+
+
+def build_plan(spec: str | Path | dict | ReductionConfig | None, num_layers: int) -> ReductionPlan:
+    """The plan of a preset name, YAML path, mapping or config, for an LLM of ``num_layers``."""
+    return load_reduction_config(spec).build(num_layers)
 
 
 def config_from_mapping(values: dict, source: str) -> ReductionConfig:
@@ -102,15 +116,17 @@ def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> R
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise ConfigError(f"config file not found: {spec}")
+        source, name = path, path.stem
     else:
-        path = PRESET_DIR / f"{spec}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {spec!r}; available: {', '.join(available_presets())} (or a .yaml path)")
+        presets = preset_files()
+        if spec not in presets:
+            raise ConfigError(f"unknown preset {spec!r}; available: {', '.join(sorted(presets))} (or a .yaml path)")
+        source, name = presets[spec], spec
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+        values = yaml.safe_load(source.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{spec} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of settings")
-    values.setdefault("name", path.stem)
-    return config_from_mapping(values, str(path))
+        raise ConfigError(f"{spec} must hold a mapping of settings")
+    values.setdefault("name", name)
+    return config_from_mapping(values, str(spec))

@@ -1,6 +1,6 @@
 """Token importance from a layer's attention, computed in query chunks (no [heads, N, N] matrix).
 
-PageRank importance (SPEC section 3): with M = softmax((QK^T / sqrt(d) + causal mask) / T) over
+PageRank importance (docs/algorithms.md §3): with M = softmax((QK^T / sqrt(d) + causal mask) / T) over
 keys, p_0 the given start weights (1/N each in the published method) and p_{t+1} = p_t @ M,
 the importance of token j is sqrt(mean over heads of p_n[j]^2).
 

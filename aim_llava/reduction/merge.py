@@ -1,6 +1,6 @@
 """Bipartite similarity merging of visual tokens (AIM before the LLM; ToMe-style matching).
 
-One step (SPEC section 2), for tokens ``x`` [G, T, C] merged within each group (a frame):
+One step (docs/algorithms.md §2), for tokens ``x`` [G, T, C] merged within each group (a frame):
 sources are the even positions, targets the odd ones; every source finds its most cosine-similar
 target; the ``r`` sources with the highest best-scores are merged into their targets as a plain
 mean with the target (``scatter_reduce(mean, include_self=True)``); the output is the unmerged

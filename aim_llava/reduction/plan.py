@@ -1,18 +1,36 @@
 """The points where a reduction method acts, and what it leaves on record.
 
-The model calls a :class:`ReductionPlan` after the projector (video frames, image tokens) and,
-through a fresh :class:`LayerReducer` per prefill, after each decoder layer. The model does not
-know which method is behind the plan.
+A :class:`ReductionPlan` is an argument of a model call (``model.generate(..., reduction=plan)``):
+the model calls it after the projector (video frames, image tokens) and, through a fresh
+:class:`LayerReducer` per prefill, after each decoder layer; what it did comes back with the
+call's output as a :class:`ReductionRecord`. The model does not know which method is behind the
+plan, and a plan holds no per-call state, so one model can serve calls with different plans at
+the same time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from aim_llava.model.config import VisionConfig
 from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, VisionReducer, keep_tokens
+
+
+@dataclass
+class ReductionRecord:
+    """What token reduction did in one prefill.
+
+    visual_tokens_per_layer[l][b]: visual tokens of sample b entering layer l (after any merging
+    before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l.
+    merges[(l, b)]: rows folded into others after layer l (methods that compress).
+    """
+
+    plan: str
+    visual_tokens_per_layer: list[list[int]]
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+    merges: dict = field(default_factory=dict)
 
 
 class ReductionPlan:

@@ -1,7 +1,10 @@
 """LlavaQwenForCausalLM: SigLIP + projector + Qwen2, with LLaVA-NeXT's calling conventions.
 
 ``forward(input_ids, images=..., image_sizes=..., modalities=[...])`` gives logits;
-``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does.
+``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
+an argument of each call (``reduction=plan``, a built
+:class:`~aim_llava.reduction.plan.ReductionPlan`; ``set_reduction`` only sets the default), and
+what it did comes back with the call's output.
 """
 
 from __future__ import annotations
@@ -11,15 +14,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from aim_llava.errors import InputError
+from aim_llava.errors import AimLlavaError, InputError
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.kv_cache import KVCache
 from aim_llava.model.language_model.modeling_qwen2 import Qwen2Model
 from aim_llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalInputs
 from aim_llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
 from aim_llava.model.multimodal_projector.builder import build_vision_projector
-from aim_llava.reduction.config import ReductionConfig, load_reduction_config
-from aim_llava.reduction.plan import ReductionPlan, ReplayReducer
+from aim_llava.reduction.plan import ReductionPlan, ReductionRecord, ReplayReducer
 from aim_llava.reduction.tokens import TokenState
 
 
@@ -32,28 +34,24 @@ class GenerationDefaults:
 
 
 @dataclass
-class ReductionRecord:
-    """What token reduction did in the last prefill.
-
-    visual_tokens_per_layer[l][b]: visual tokens of sample b entering layer l (after any merging
-    before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l.
-    merges[(l, b)]: rows folded into others after layer l (methods that compress).
-    """
-
-    visual_tokens_per_layer: list[list[int]]
-    kept: dict[int, torch.Tensor]
-    merges: dict = field(default_factory=dict)
-
-
-@dataclass
 class LlavaOutput:
     """``logits`` are for the rows left at the end (all rows unless tokens were removed);
-    ``state.original_index`` maps them to positions of ``inputs``."""
+    ``state.original_index`` maps them to positions of ``inputs``; ``reduction`` is what token
+    reduction did."""
 
     logits: torch.Tensor
     past_key_values: KVCache | None
     inputs: MultimodalInputs
     state: TokenState
+    reduction: ReductionRecord
+
+
+@dataclass
+class GenerationOutput:
+    """``generate(..., return_dict_in_generate=True)``: the new tokens [B, T] and the record."""
+
+    sequences: torch.Tensor
+    reduction: ReductionRecord
 
 
 class LlavaQwenModel(Qwen2Model):
@@ -75,21 +73,30 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         self.model = LlavaQwenModel(config, attn_implementation)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_defaults = GenerationDefaults()
-        self.reduction = ReductionConfig()
-        self.reduction_plan = ReductionPlan()
-        self.last_reduction: ReductionRecord | None = None
+        self.default_reduction = ReductionPlan()
 
-    def set_reduction(self, spec: str | dict | ReductionConfig | None) -> ReductionConfig:
-        """Use a reduction preset name, YAML path, mapping or config (None: no reduction)."""
-        config = load_reduction_config(spec)
-        self.reduction_plan = config.build(self.config.text.num_hidden_layers)
-        self.reduction = config
-        return config
+    def set_reduction(self, plan: ReductionPlan | None) -> None:
+        """The plan used by calls that pass no ``reduction`` (None: no reduction). Build one with
+        ``aim_llava.reduction.config.build_plan(spec, model.config.text.num_hidden_layers)``."""
+        self.default_reduction = self.plan_for(plan) if plan is not None else ReductionPlan()
 
-    def prefill(self, inputs: MultimodalInputs, cache: KVCache | None, replay: ReductionRecord | None = None):
-        """Decoder pass over a whole multimodal batch, with the reduction plan's layer reducer
-        (or, with ``replay``, the decisions of an earlier prefill)."""
-        plan = self.reduction_plan
+    def plan_for(self, reduction: ReductionPlan | None) -> ReductionPlan:
+        """The plan of one call: the one given, or the default."""
+        if reduction is None:
+            return self.default_reduction
+        if not isinstance(reduction, ReductionPlan):
+            raise AimLlavaError(
+                f"reduction must be a built ReductionPlan, got {type(reduction).__name__}: use "
+                "aim_llava.reduction.config.build_plan(spec, model.config.text.num_hidden_layers)"
+            )
+        return reduction
+
+    def prefill(self, inputs: MultimodalInputs, cache: KVCache | None, reduction: ReductionPlan | None = None,
+                replay: ReductionRecord | None = None) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
+        """Decoder pass over a whole multimodal batch, with the plan's layer reducer (or, with
+        ``replay``, the decisions of an earlier prefill); returns the final hidden states of the
+        remaining rows, their state and what the reduction did."""
+        plan = self.plan_for(reduction)
         if replay is not None:
             reducer = ReplayReducer(replay.kept, plan.prune_mode, replay.merges) if replay.kept else None
         else:
@@ -98,11 +105,9 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache,
             visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
         )
-        record = ReductionRecord(state.visual_per_layer.tolist(), getattr(reducer, "kept", {}),
+        record = ReductionRecord(plan.name, state.visual_per_layer.tolist(), getattr(reducer, "kept", {}),
                                  getattr(reducer, "merges", {}))
-        if replay is None:
-            self.last_reduction = record
-        return hidden, state
+        return hidden, state, record
 
     @property
     def device(self) -> torch.device:
@@ -124,16 +129,18 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         modalities=None,
         use_cache: bool = False,
         visual_features: list[torch.Tensor] | None = None,
+        reduction: ReductionPlan | None = None,
     ) -> LlavaOutput:
         """Logits for every position of the (left-padded) multimodal sequence."""
+        plan = self.plan_for(reduction)
         inputs = self.prepare_multimodal_inputs(
-            input_ids, attention_mask, images, image_sizes, modalities, visual_features
+            input_ids, attention_mask, images, image_sizes, modalities, visual_features, plan
         )
         cache = KVCache(len(self.model.layers)) if use_cache else None
-        hidden, state = self.prefill(inputs, cache)
+        hidden, state, record = self.prefill(inputs, cache, plan)
         if cache is not None:
             cache.next_position = inputs.position_ids[:, -1] + 1
-        return LlavaOutput(self.lm_head(hidden), cache, inputs, state)
+        return LlavaOutput(self.lm_head(hidden), cache, inputs, state, record)
 
     @torch.no_grad()
     def generate(
@@ -153,12 +160,17 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         streamer=None,
         generator: torch.Generator | None = None,
         visual_features: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS).
+        reduction: ReductionPlan | None = None,
+        return_dict_in_generate: bool = False,
+    ) -> torch.Tensor | GenerationOutput:
+        """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
+        or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
+        reduction record.
 
         ``eos_token_id=[]`` disables stopping. ``streamer`` follows transformers' streamer protocol
         (``put`` with the prompt first, then each new token; ``end`` at the end).
         """
+        plan = self.plan_for(reduction)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if eos_token_id is None:
@@ -166,10 +178,10 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
         sample = do_sample and temperature > 0
-        mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features)
+        mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features,
+                                            plan)
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
-        hidden, _ = self.prefill(mm, cache)
-        record = self.last_reduction
+        hidden, _, record = self.prefill(mm, cache, plan)
         positions = mm.position_ids
         next_position = positions[:, -1:] + 1
         batch = positions.shape[0]
@@ -191,7 +203,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
             if cache is not None:
                 hidden, _ = self.model.decode(token_embeds, next_position, step_valid, False, cache,
-                                              attn_implementation=self.reduction_plan.attn_implementation)
+                                              attn_implementation=plan.attn_implementation)
             else:
                 mm = MultimodalInputs(
                     torch.cat([mm.inputs_embeds, token_embeds], dim=1),
@@ -200,11 +212,12 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
                     torch.cat([mm.visual, torch.zeros_like(step_valid)], dim=1),
                     mm.padded,
                 )
-                hidden, _ = self.prefill(mm, None, replay=record)
+                hidden, _, _ = self.prefill(mm, None, plan, replay=record)
             next_position = next_position + 1
         if streamer is not None:
             streamer.end()
-        return torch.stack(new_tokens, dim=1)
+        sequences = torch.stack(new_tokens, dim=1)
+        return GenerationOutput(sequences, record) if return_dict_in_generate else sequences
 
     @staticmethod
     def pick_token(logits, sample: bool, temperature: float, top_p: float | None, generator) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """AIM: merge similar tokens within each frame before the LLM, then prune by PageRank importance
-inside the LLM on a retention schedule (SPEC sections 2 and 3)."""
+inside the LLM on a retention schedule (docs/algorithms.md §2 and §3)."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class AimPruner(RecordingReducer):
         if not self.schedule.prunes_after(layer):
             return state
         # Text always stays; of the visual tokens, int(original count * retention) with the
-        # highest importance (SPEC: text scores 1, pruned -1, keep the top n_text + that many).
+        # highest importance (docs/algorithms.md §3: text scores 1, pruned -1, keep the top n_text + that many).
         kept = [self.schedule.kept(layer, visual) for visual in state.num_visual]
         return self.apply(layer, state, keep_top_visual(state, self.importance(state, attention), kept))
 

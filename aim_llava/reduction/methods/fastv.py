@@ -1,5 +1,5 @@
 """FastV (Chen et al. 2024): after layer K-1, keep the visual tokens that the last prompt token
-attends to most (SPEC section 5)."""
+attends to most (docs/algorithms.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """FiCoCo-L (Han et al. 2024): filter, correlate, compress visual tokens inside the LLM
-(SPEC section 7), following the paper's equations (the published code departs from them: swapped
+(docs/algorithms.md §7), following the paper's equations (the published code departs from them: swapped
 weights, scatter into permuted indices, no normalisation in FiCoCo-L).
 
 At each reduction layer, with A the layer's attention probabilities averaged over heads:

@@ -1,5 +1,5 @@
 """FitPrune (Ye et al. 2024): a per-layer pruning recipe fitted to a FLOPs budget on a small
-calibration set, then applied to every input (SPEC section 6).
+calibration set, then applied to every input (docs/algorithms.md §6).
 
 Attention statistics use the attention probabilities with heads reduced by MAX. For a visual
 token j: c_j is the attention it receives from the text queries that come after the first visual
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from aim_llava.cost import prefill_flops
 from aim_llava.errors import AimLlavaError
 from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer, ReductionPlan
@@ -238,8 +239,6 @@ class Calibration:
 
 def fit_recipe(calibration: Calibration, text_config, budget_fraction: float, tolerance: float = 0.01) -> Recipe:
     """The FitPrune recipe meeting ``budget_fraction`` of the unpruned prefill FLOPs."""
-    from aim_llava.flops import prefill_flops
-
     if not 0.0 < budget_fraction <= 1.0:
         raise RecipeError(f"budget {budget_fraction} must lie in (0, 1]")
     layers = text_config.num_hidden_layers
@@ -261,11 +260,6 @@ def fit_recipe(calibration: Calibration, text_config, budget_fraction: float, to
 def collect_statistics(model, inputs) -> list[LayerStats]:
     """Run one unpruned prefill of a single-sample batch and return its per-layer statistics."""
     collector = StatsCollector()
-    plan = model.reduction_plan
-    model.reduction_plan = CollectingPlan(collector)
-    try:
-        with torch.no_grad():
-            model.prefill(inputs, None)
-    finally:
-        model.reduction_plan = plan
+    with torch.no_grad():
+        model.prefill(inputs, None, CollectingPlan(collector))
     return collector.layers

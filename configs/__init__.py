@@ -1,0 +1,1 @@
+"""Reduction presets (one YAML file each), installed as the package ``aim_llava.configs``."""
