@@ -48,3 +48,34 @@ def test_missing_file_and_unknown_preset(tmp_path):
 def test_budget_spec_needs_a_model_and_frames():
     with pytest.raises(ConfigError, match="solved for a model and a frame count"):
         load_reduction_config("budget:0.15")
+
+
+def test_wheel_and_sdist_ship_every_preset(tmp_path):
+    """A non-editable install (from the wheel) finds every preset by name; the sdist holds them."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    expected = available_presets()
+    build = (f"import os; os.chdir({str(repo)!r}); from setuptools import build_meta as b; "
+             f"b.build_wheel({str(tmp_path)!r}); b.build_sdist({str(tmp_path)!r})")
+    result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("*.whl")
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {Path(n).stem for n in archive.namelist() if n.startswith("aim_llava/configs/") and n.endswith(".yaml")}
+        archive.extractall(tmp_path / "site")
+    assert shipped == set(expected)
+    with tarfile.open(sdist) as archive:
+        assert {Path(n).stem for n in archive.getnames() if "/configs/" in n and n.endswith(".yaml")} == set(expected)
+    site = str(tmp_path / "site")
+    check = (f"import sys; sys.path.insert(0, {site!r}); import aim_llava.configs, aim_llava.reduction.config as c; "
+             f"assert aim_llava.configs.__file__.startswith({site!r}), aim_llava.configs.__file__; "
+             "print(','.join(c.available_presets())); c.load_reduction_config('aim_default')")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1].split(",") == expected
