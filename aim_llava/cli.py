@@ -15,11 +15,20 @@ import sys
 from pathlib import Path
 
 from aim_llava.distributed import Shard
-from aim_llava.records import error_message, read_records, write_records_atomically, write_text_atomically
 from aim_llava.errors import AimLlavaError
+from aim_llava.records import (
+    ResultsFile,
+    error_message,
+    latest_by_key,
+    read_records,
+    resolve_output,
+    write_text_atomically,
+)
+from aim_llava.text_files import read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
 EXIT_BAD_INPUT = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 DEFAULT_MODEL_DIR = "model/llava-onevision-qwen2-7b-ov"
 
 
@@ -155,7 +164,7 @@ def expand_inputs(items: list[str]) -> list[str]:
     paths = []
     for item in items:
         if item.endswith(".txt") and Path(item).is_file() and not is_image_file(item):
-            lines = Path(item).read_text().splitlines()
+            lines = read_text_file(item, "video list").splitlines()
             paths += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
             paths.append(item)
@@ -169,24 +178,33 @@ def print_now(text: str) -> None:
     sys.stdout.flush()
 
 
-def run_one(llm, video: str, question: str | None, args) -> dict:
-    """Caption or answer for one input; failures become the record's ``error``."""
+def planned_question(video: str, question: str | None, prompt: str | None) -> str:
+    """The question a caption or ask item sends (images and videos have different default
+    caption requests; which one is known from the path)."""
     from aim_llava.pipeline import DEFAULT_CAPTION_PROMPT, DEFAULT_IMAGE_CAPTION_PROMPT
 
-    record = {"video": video, "text": None, "error": None, "config": llm.reduction.name}
+    if question is not None:
+        return question
+    return prompt or (DEFAULT_IMAGE_CAPTION_PROMPT if is_image_file(video) else DEFAULT_CAPTION_PROMPT)
+
+
+def caption_key(record: dict) -> tuple:
+    """Resume identity of a caption/ask record: the same video, question and config."""
+    return record["video"], record.get("question"), record.get("config")
+
+
+def run_one(llm, video: str, question: str, args) -> dict:
+    """Caption or answer for one input; failures become the record's ``error``."""
+    record = {"video": video, "question": question, "config": llm.reduction.name, "text": None, "error": None}
     stream = print_now if args.stream and not args.json else None
     try:
         visual = llm.encode(video)
-        if question is None:
-            default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
-            question = getattr(args, "prompt", None) or default
         response = llm.respond(visual, [(question, None)], stream, max_new_tokens=args.max_new_tokens)
     except Exception as err:  # a failing item must not end the batch; its message is kept
         record["error"] = error_message(err)
         return record
     record.update(
         text=response.text,
-        question=question,
         modality=visual.modality,
         frames=len(visual.clip.indices),
         frame_indices=visual.clip.indices,
@@ -220,52 +238,66 @@ def report(record: dict, args, many: bool, progress=None) -> None:
 
 
 def run(args) -> int:
+    from aim_llava.model.builder import checkpoint_config
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
-    from aim_llava.reduction.budget import check_reduction_spec
+    from aim_llava.reduction.budget import resolve_reduction
 
     if args.resume and args.output is None:
         raise CliError("--resume needs --output FILE")
     shard = Shard.from_environment()
     if shard.world > 1 and args.output is None:
         raise CliError("with several processes give --output FILE (each writes FILE.rankN; rank 0 merges into FILE)")
-    videos = expand_inputs(args.videos if args.command == "caption" else [args.video])
+    sources = args.videos if args.command == "caption" else [args.video]
+    videos = expand_inputs(sources)
     question = args.question if args.command == "ask" else None
-    check_reduction_spec(args.config)
     sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    reduction = resolve_reduction(args.config, checkpoint_config(args.model), sampling.max_frames or sampling.num_frames)
+    items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
+    if args.output is not None:
+        resolve_output(args.output, videos + sources)
     own_output = args.output if shard.world == 1 else args.output.with_name(f"{args.output.name}.rank{shard.rank}")
-    previous = (read_records(args.output) + (read_records(own_output) if own_output != args.output else [])
-                if args.resume else [])
-    records = [r for r in previous if r.get("error") is None]
-    done = {r["video"] for r in records}
-    todo = shard.take([v for v in videos if v not in done])
-    if done and shard.rank == 0:
-        print(f"aim-llava: resuming: {len(done)} of {len(videos)} already in {args.output}", file=sys.stderr)
-    device = shard.start(args.device)
-    if not todo:
-        return merge_caption_shards(shard, videos, args.output, 0)
-    llm = VideoLLM.from_pretrained(
-        args.model, args.config, device=device, dtype=args.dtype, attn_implementation=args.attn,
-        conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
-        generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
-    )
-    many = len(videos) > 1
-    failures = 0
-    progress = None
-    if many:
-        from tqdm import tqdm
+    results = ResultsFile(own_output, caption_key, args.resume, videos + sources) if own_output else None
+    try:
+        merged_before = read_records(args.output, caption_key) if args.resume and shard.world > 1 else []
+        done = results.done() if results is not None else set()
+        done |= {caption_key(r) for r in merged_before if r.get("error") is None}
+        todo = [item for item in shard.take(items) if (*item, reduction.name) not in done]
+        if len(todo) < len(shard.take(items)) and shard.rank == 0:
+            print(f"aim-llava: resuming: {len(items) - len(todo)} of {len(items)} already in {args.output}",
+                  file=sys.stderr)
+        device = shard.start(args.device)
+        llm = None
+        failures = 0
+        progress = None
+        if len(items) > 1:
+            from tqdm import tqdm
 
-        progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
-    for video in todo:
-        record = run_one(llm, video, question, args)
-        failures += record["error"] is not None
-        records.append(record)
-        if own_output is not None:
-            write_records_atomically(own_output, records)
-        report(record, args, many, progress)
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
+            progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
+        try:
+            for video, asked in todo:
+                if not os.path.exists(video):
+                    record = {"video": video, "question": asked, "config": reduction.name, "text": None,
+                              "error": f"file not found: {video}"}
+                else:
+                    if llm is None:
+                        llm = VideoLLM.from_pretrained(
+                            args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
+                            conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
+                            generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
+                        )
+                    record = run_one(llm, video, asked, args)
+                failures += record["error"] is not None
+                if results is not None:
+                    results.append(record)
+                report(record, args, len(items) > 1, progress)
+                if progress is not None:
+                    progress.update(1)
+        finally:
+            if progress is not None:
+                progress.close()
+    finally:
+        if results is not None:
+            results.close()
     return merge_caption_shards(shard, videos, args.output, failures)
 
 
@@ -276,11 +308,13 @@ def merge_caption_shards(shard, videos: list[str], output: Path | None, failures
         return EXIT_BAD_INPUT if failures else 0
     shard.wait_for_all()
     if shard.rank == 0:
-        by_video = {r["video"]: r for r in read_records(output)}
+        records = read_records(output, caption_key)
         for rank in range(shard.world):
-            by_video.update({r["video"]: r for r in read_records(output.with_name(f"{output.name}.rank{rank}"))})
-        merged = [by_video[v] for v in videos if v in by_video]
-        write_records_atomically(output, merged)
+            records += read_records(output.with_name(f"{output.name}.rank{rank}"), caption_key)
+        order = {video: index for index, video in enumerate(videos)}
+        merged = sorted((r for r in latest_by_key(records, caption_key) if r["video"] in order),
+                        key=lambda r: order[r["video"]])
+        write_text_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
         failures = sum(r.get("error") is not None for r in merged)
     shard.finish()
     return EXIT_BAD_INPUT if failures else 0
@@ -301,14 +335,24 @@ def run_bench(args) -> int:
     import torch
 
     from aim_llava.architectures import architecture
-    from aim_llava.bench import markdown, plot, random_model, run_bench as bench
-    from aim_llava.model.builder import load_pretrained_model, resolve_device, resolve_dtype
+    from aim_llava.bench import markdown, plot, random_model
+    from aim_llava.bench import run_bench as bench
+    from aim_llava.model.builder import (
+        load_pretrained_model,
+        resolve_device,
+        resolve_dtype,
+    )
     from aim_llava.reduction.budget import check_reduction_spec
     from aim_llava.video import load_video
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not configs:
+        raise CliError(f"--configs {args.configs!r} names no config: give e.g. baseline,aim_default")
     for spec in configs:
         check_reduction_spec(spec)
+    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:
+            resolve_output(path, what=option)
     if args.model:
         _, model, processor, _ = load_pretrained_model(args.model, device_map=args.device, torch_dtype=args.dtype,
                                                        attn_implementation=args.attn)
@@ -328,17 +372,15 @@ def run_bench(args) -> int:
         report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels)
     print(markdown(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+        write_text_atomically(args.json, json.dumps(report.to_dict(), indent=2))
     if args.plot:
         plot(report, args.plot)
     return 0
 
 
 def read_calibration_items(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise CliError(f"calibration data not found: {path}")
     items = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, "calibration data").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -356,9 +398,14 @@ def read_calibration_items(path: Path) -> list[dict]:
 def run_fitprune_calibrate(args) -> int:
     from aim_llava.mm_utils import tokenizer_image_token
     from aim_llava.pipeline import SamplingOptions, VideoLLM
-    from aim_llava.reduction.methods.fitprune import Calibration, collect_statistics, fit_recipe
+    from aim_llava.reduction.methods.fitprune import (
+        Calibration,
+        collect_statistics,
+        fit_recipe,
+    )
 
     items = read_calibration_items(args.data)
+    resolve_output(args.out, [args.data], what="--out")
     if len(items) < 5:
         print(f"aim-llava: note: {len(items)} calibration items; FitPrune is meant for 5 to 100", file=sys.stderr)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=args.device, dtype=args.dtype,
@@ -389,54 +436,94 @@ def run_fitprune_calibrate(args) -> int:
 def run_eval(args) -> int:
     from aim_llava import evaluation
     from aim_llava.conversation import build_prompt
-    from aim_llava.flops import flops_report
     from aim_llava.mm_utils import tokenizer_image_token
-    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
-    from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
+    from aim_llava.model.builder import checkpoint_config, load_tokenizer
+    from aim_llava.reduction.budget import resolve_reduction
 
     items = evaluation.read_items(args.data)
     specs = [c.strip() for c in (args.configs or args.config).split(",") if c.strip()]
-    for spec in specs:
-        check_reduction_spec(spec)
+    if not specs:
+        raise CliError("no config given: use --config NAME or --configs A,B")
+    check_output_dir(args.output)
+    model_config = checkpoint_config(args.model)
+    prompt = build_prompt(items[0].prompt(), "qwen_1_5")
+    text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(Path(args.model)))) - 1  # for the FLOPs column
+    reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
     shard = Shard.from_environment()
-    device = shard.start(args.device)
-    llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
-                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
-                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens))
-    prompt = build_prompt(items[0].prompt(), llm.conv_template)
-    text_tokens = len(tokenizer_image_token(prompt, llm.tokenizer)) - 1  # for the FLOPs column
     args.output.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for spec in specs:
-        reduction = resolve_reduction(spec, llm.model.config, args.frames, text_tokens)
-        progress = None
-        if shard.rank == 0:
-            from tqdm import tqdm
-
-            progress = tqdm(total=len(shard.take(items)), file=sys.stderr, unit="item", desc=reduction.name)
-        path = evaluation.run_config(llm, items, shard, args.output, reduction, args.resume,
-                                     write_records_atomically, progress)
-        if progress is not None:
-            progress.close()
-        if shard.world > 1:
-            shard.wait_for_all()
-            if shard.rank != 0:
-                continue
-            records = evaluation.merge_shards(items, args.output, reduction.name, shard.world,
-                                              write_records_atomically)
-        else:
-            records = evaluation.ordered_records(items, path)
-        summary = evaluation.summarize(records)
-        cost = flops_report("", llm.model.config, reduction, args.frames, text_tokens)
-        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
-    shard.finish()
+    inputs = [args.data] + [item.video for item in items]
+    results = [ResultsFile(evaluation.records_path(args.output, r.name, shard), evaluation.item_key, args.resume, inputs)
+               for r in reductions]
+    try:
+        rows, failures = evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens)
+    finally:
+        for file in results:
+            file.close()
     if shard.rank != 0:
         return 0
     print(evaluation.comparison_table(rows))
     write_text_atomically(args.output / "summary.json", json.dumps(rows, indent=2))
     if args.plot:
         evaluation.plot_accuracy_vs_flops(rows, args.plot)
-    return 0
+    if failures:
+        print(f"aim-llava: error: {failures} item(s) could not be answered (their records hold the reason)",
+              file=sys.stderr)
+    return EXIT_BAD_INPUT if failures else 0
+
+
+def evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens) -> tuple[list[dict], int]:
+    """Run every config over this process's share; rank 0 returns the summary rows and the count
+    of failed items."""
+    from aim_llava import evaluation
+    from aim_llava.flops import flops_report
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+
+    device = shard.start(args.device)
+    llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
+                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
+                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens))
+    rows, failures = [], 0
+    for reduction, file in zip(reductions, results):
+        progress = None
+        if shard.rank == 0:
+            from tqdm import tqdm
+
+            todo = len([item for item in shard.take(items) if item.id not in file.done()])
+            progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=reduction.name)
+
+        def report(record, progress=progress):
+            message = f"aim-llava: error: item {record['id']} ({record['video']}): {record['error']}"
+            (progress.write if progress is not None else print)(message, file=sys.stderr)
+
+        try:
+            records = evaluation.run_config(llm, items, shard, file, reduction, progress, report)
+        finally:
+            if progress is not None:
+                progress.close()
+        if shard.world > 1:
+            file.close()
+            shard.wait_for_all()
+            if shard.rank != 0:
+                continue
+            records = evaluation.merge_shards(items, args.output, reduction.name, shard.world)
+        summary = evaluation.summarize(records)
+        failures += summary["errors"]
+        cost = flops_report("", model_config, reduction, args.frames, text_tokens)
+        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
+    shard.finish()
+    return rows, failures
+
+
+def check_output_dir(path: Path) -> None:
+    """An output directory that can be created and written, checked before any work."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise CliError(f"--output {path} {what}: give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"--output {path} cannot be written (permission denied): give a writable directory")
 
 
 COMMANDS = {
@@ -455,8 +542,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aim-llava: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("aim-llava: interrupted", file=sys.stderr)
+        print("\naim-llava: interrupted (what was finished is saved; --resume goes on from there)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout was closed by the reader (``| head``): records already written to --output stay;
+        # stop quietly, as command-line tools do, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ evaluation's multiple-choice format: the question, the options as "A. ...", then
 option's letter from the given choices directly." The first option letter in the reply is the
 prediction.
 
-Every item's record goes to ``OUTPUT_DIR/CONFIG.jsonl`` (rewritten atomically after each item);
-``resume`` skips items already recorded without error. Under a launcher that sets RANK and
+Every item's record is appended to ``OUTPUT_DIR/CONFIG.jsonl`` as soon as it is done (see
+:class:`~aim_llava.records.ResultsFile`); ``resume`` skips items already recorded without error. Under a launcher that sets RANK and
 WORLD_SIZE (torchrun, ``accelerate launch``), each process takes every WORLD_SIZE-th item,
 writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in data order.
 """
@@ -24,7 +24,13 @@ from pathlib import Path
 
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
-from aim_llava.records import error_message, read_records
+from aim_llava.records import (
+    error_message,
+    latest_by_key,
+    read_records,
+    write_text_atomically,
+)
+from aim_llava.text_files import read_text_file
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -48,10 +54,8 @@ class Item:
 
 
 def read_items(path: Path) -> list[Item]:
-    if not path.is_file():
-        raise EvalDataError(f"evaluation data not found: {path}")
     items, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, "evaluation data").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -124,38 +128,48 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "config"
 
 
-def run_config(llm, items: list[Item], shard: Shard, out_dir: Path, reduction, resume: bool, write, progress=None):
-    """Evaluate this process's share of ``items`` with one reduction config; returns the path of
-    its records."""
-    name = reduction.name
-    path = out_dir / (f"{safe_name(name)}.jsonl" if shard.world == 1 else f"{safe_name(name)}.rank{shard.rank}.jsonl")
-    previous = read_records(path, key="id") if resume else []
-    records = [r for r in previous if r.get("error") is None]
-    done = {r["id"] for r in records}
+def item_key(record: dict) -> str:
+    return record["id"]
+
+
+def records_path(out_dir: Path, name: str, shard: Shard) -> Path:
+    """Where this process writes a config's records."""
+    suffix = ".jsonl" if shard.world == 1 else f".rank{shard.rank}.jsonl"
+    return out_dir / f"{safe_name(name)}{suffix}"
+
+
+def run_config(llm, items: list[Item], shard: Shard, results, reduction, progress=None,
+               report=None) -> list[dict]:
+    """Evaluate this process's share of ``items`` with one reduction config, appending each
+    record to ``results`` (a :class:`~aim_llava.records.ResultsFile`); items already done there
+    are skipped. ``report(record)`` is told of every failed item. Returns this share's records."""
+    done = results.done()
     for item in shard.take(items):
         if item.id in done:
             continue
-        records.append(evaluate_item(llm, item, reduction))
-        write(path, records)
+        record = evaluate_item(llm, item, reduction)
+        results.append(record)
+        if record["error"] is not None and report is not None:
+            report(record)
         if progress is not None:
             progress.update(1)
-    write(path, records)
-    return path
+    return ordered_records(items, results.records)
 
 
-def merge_shards(items: list[Item], out_dir: Path, name: str, world: int, write) -> list[dict]:
+def merge_shards(items: list[Item], out_dir: Path, name: str, world: int) -> list[dict]:
     """Rank 0: all shards' records in data order, written to ``CONFIG.jsonl``."""
-    by_id = {}
+    records = []
     for rank in range(world):
-        for record in read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl", key="id"):
-            by_id[record["id"]] = record
-    records = [by_id[item.id] for item in items if item.id in by_id]
-    write(out_dir / f"{safe_name(name)}.jsonl", records)
-    return records
+        records += read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl", item_key)
+    merged = ordered_records(items, records)
+    write_text_atomically(out_dir / f"{safe_name(name)}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    return merged
 
 
-def ordered_records(items: list[Item], path: Path) -> list[dict]:
-    by_id = {r["id"]: r for r in read_records(path, key="id")}
+def ordered_records(items: list[Item], records: list[dict]) -> list[dict]:
+    """The latest record of every item, in data order."""
+    by_id = {r["id"]: r for r in latest_by_key(records, item_key)}
     return [by_id[item.id] for item in items if item.id in by_id]
 
 

@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aim_llava.architectures import ARCHITECTURES, architecture
-from aim_llava.cost import decode_flops, kv_cache_bytes, prefill_flops, projector_flops, vision_flops
+from aim_llava.cost import (
+    decode_flops,
+    kv_cache_bytes,
+    prefill_flops,
+    projector_flops,
+    vision_flops,
+)
 from aim_llava.errors import AimLlavaError
 from aim_llava.model.config import LlavaConfig, config_from_dict
 from aim_llava.reduction.config import ReductionConfig

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from aim_llava.conversation import get_conversation
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN
+from aim_llava.conversation import get_conversation
+from aim_llava.errors import InputError
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
-from aim_llava.errors import InputError
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord

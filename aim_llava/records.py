@@ -1,49 +1,29 @@
-"""JSONL result files: read back what an earlier (possibly interrupted) run wrote, and rewrite
-them atomically (a temporary file beside the target, then a rename) so no result is ever lost."""
+"""JSONL result files that never lose what was written.
+
+A :class:`ResultsFile` is written one record at a time (append, flush, fsync), so a run that is
+killed keeps every finished record and at most a torn last line, which reading back drops. It is
+held under an exclusive lock (a second process writing the same file is refused), it refuses a
+path that is one of the run's inputs, a directory, a special file (``/dev/stdout``, a FIFO) or an
+existing file that is not a results file, and a symbolic link is written through to its target.
+When a resumed run superseded earlier records (a failed item done again), the file is rewritten
+once at the end, atomically, with one record per item.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 import tempfile
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
 from aim_llava.errors import AimLlavaError
 
 
-def read_records(path: Path | None, key: str = "video") -> list[dict]:
-    """The dict lines of a JSONL file that have ``key``; lines that do not parse are dropped."""
-    if path is None or not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and key in record:
-            records.append(record)
-    return records
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_records_atomically(path: Path, records: list[dict]) -> None:
-    """The whole JSONL file, atomically."""
-    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+class ResultsError(AimLlavaError):
+    """An output path that cannot be used for results."""
 
 
 def error_message(err: BaseException) -> str:
@@ -53,3 +33,164 @@ def error_message(err: BaseException) -> str:
         return str(err)
     first = str(err).splitlines()[0] if str(err) else ""
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def resolve_output(path: str | Path, inputs: Iterable[str | Path] = (), what: str = "--output") -> Path:
+    """The file an output path writes to (a symlink's target), checked before any work is done:
+    not a directory or special file, not one of ``inputs``, in a writable directory."""
+    path = Path(path)
+    target = Path(os.path.realpath(path))
+    if target.exists():
+        mode = target.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ResultsError(f"{what} {path} is a directory: give a file path")
+        if not stat.S_ISREG(mode):
+            raise ResultsError(f"{what} {path} is not a regular file (a device or pipe): give a file path")
+        for item in inputs:
+            if os.path.exists(item) and os.path.samefile(item, target):
+                raise ResultsError(f"{what} {path} is one of the inputs: it would be overwritten; give another path")
+    parent = target.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResultsError(f"{what} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ResultsError(f"{what} {path} cannot be written (permission denied): give a writable path")
+    return target
+
+
+def write_text_atomically(path: str | Path, text: str, inputs: Iterable[str | Path] = ()) -> None:
+    """Write to a temporary file beside the target, then rename it into place (a symlink is
+    written through to its target)."""
+    target = resolve_output(path, inputs, what="output")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_records(text: str, source: Path, key: Callable[[dict], Hashable] | None) -> tuple[list[dict], int]:
+    """The records of a results file and the byte length of its intact part.
+
+    Every line but a torn last one (no newline at its end) must be a JSON object that ``key``
+    accepts; otherwise the file is not ours and is refused rather than overwritten.
+    """
+    records, intact, offset = [], 0, 0
+    lines = text.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        offset += len(line.encode("utf-8"))
+        torn = number == len(lines) and not line.endswith("\n")
+        if not line.strip():
+            intact = offset
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            if key is not None:
+                key(record)
+        except (ValueError, KeyError, TypeError):
+            if torn:
+                break
+            raise ResultsError(
+                f"{source} is not an aim-llava results file (line {number} is not one of its records): "
+                "choose another output path"
+            ) from None
+        records.append(record)
+        intact = offset
+    return records, intact
+
+
+def read_records(path: Path | None, key: Callable[[dict], Hashable] | None = None) -> list[dict]:
+    """The records of a results file (a torn last line dropped); [] when there is none."""
+    if path is None or not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path} is not an aim-llava results file (not UTF-8 text): choose another path") from None
+    return parse_records(text, path, key)[0]
+
+
+def latest_by_key(records: list[dict], key: Callable[[dict], Hashable]) -> list[dict]:
+    """One record per key, the last one written, in the order keys first appeared."""
+    latest: dict[Hashable, dict] = {}
+    for record in records:
+        latest.pop(key(record), None)
+        latest[key(record)] = record
+    return list(latest.values())
+
+
+class ResultsFile:
+    """A results JSONL file open for one run (see the module docstring).
+
+    ``key(record)`` identifies an item (resuming skips items whose latest record has no error).
+    Without ``resume`` an existing results file is started afresh.
+    """
+
+    def __init__(self, path: str | Path, key: Callable[[dict], Hashable], resume: bool = False,
+                 inputs: Iterable[str | Path] = ()):
+        self.shown = Path(path)
+        self.path = resolve_output(path, inputs)
+        self.key = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a+b")  # noqa: SIM115 (held for the run, closed by close())
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ResultsError(f"{self.shown} is being written by another aim-llava process: wait for it or "
+                               "choose another --output") from None
+        try:
+            self.handle.seek(0)
+            raw = self.handle.read()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ResultsError(f"{self.shown} is not an aim-llava results file (not UTF-8 text): "
+                                   "choose another output path") from None
+            records, intact = parse_records(text, self.shown, key)
+            self.handle.truncate(intact if resume else 0)
+            self.records = records if resume else []
+        except BaseException:
+            self.close(compact=False)
+            raise
+        self.superseded = len(self.records) != len(latest_by_key(self.records, key))
+
+    def done(self) -> set[Hashable]:
+        """Keys of the items whose latest record has no error."""
+        return {self.key(r) for r in latest_by_key(self.records, self.key) if r.get("error") is None}
+
+    def append(self, record: dict) -> None:
+        """Add one record durably."""
+        self.superseded |= any(self.key(r) == self.key(record) for r in self.records)
+        self.records.append(record)
+        self.handle.seek(0, os.SEEK_END)
+        self.handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+
+    def close(self, compact: bool = True) -> None:
+        """Rewrite once with one record per item if earlier records were superseded; release."""
+        if self.handle.closed:
+            return
+        try:
+            if compact and self.superseded:
+                lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in latest_by_key(self.records, self.key))
+                write_text_atomically(self.path, "".join(lines))
+        finally:
+            self.handle.close()
+
+    def __enter__(self) -> ResultsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

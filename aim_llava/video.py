@@ -173,12 +173,20 @@ def _backend_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _load_image_file(path: Path) -> VideoClip:
+def open_image_rgb(path: Path) -> Image.Image:
+    """An image file as RGB; unreadable files and decompression bombs (images whose declared size
+    is far beyond any real frame) become one VideoError."""
     try:
         with Image.open(path) as image:
-            frame = np.asarray(image.convert("RGB"))
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        raise VideoError(f"{path} declares an image too large to decode safely (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError) as err:
         raise VideoError(f"cannot read {path} as an image ({err})") from None
+
+
+def _load_image_file(path: Path) -> VideoClip:
+    frame = np.asarray(open_image_rgb(path))
     return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
 
 
@@ -193,11 +201,7 @@ def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
     indices = choose_indices(len(files), source_fps, opts, str(path))
     frames, size = [], None
     for i in indices:
-        try:
-            with Image.open(files[i]) as image:
-                frame = image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise VideoError(f"cannot read frame {files[i]} ({err})") from None
+        frame = open_image_rgb(files[i])
         size = size or frame.size
         frames.append(np.asarray(frame if frame.size == size else frame.resize(size, Image.BILINEAR)))
     return VideoClip(np.stack(frames), indices, [i / source_fps for i in indices], len(files) / source_fps,

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import left_padded_batch, plan, prompt_ids, random_frames, random_image
 
 from aim_llava import load_pretrained_model
 from aim_llava.errors import AimLlavaError
 from aim_llava.mm_utils import process_images
 from aim_llava.reduction.plan import ReplayReducer
-from conftest import left_padded_batch, plan, prompt_ids, random_frames, random_image
 
 GEN = dict(max_new_tokens=10, eos_token_id=[])
 

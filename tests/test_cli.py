@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from aim_llava.cli import main
+from aim_llava.pipeline import DEFAULT_CAPTION_PROMPT
 from aim_llava.sample_media import write_sample_video
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,8 +100,9 @@ def test_batch_records_failures_and_keeps_going(capsys, media, tiny_qwen_dir, tm
 
 def test_resume_skips_done_and_retries_failed(capsys, media, tiny_qwen_dir, tmp_path):
     output = tmp_path / "out.jsonl"
-    done = {"video": f"{media}/good.mp4", "text": "kept from the first run", "error": None}
-    failed = {"video": f"{media}/other.mp4", "text": None, "error": "interrupted"}
+    asked = {"question": DEFAULT_CAPTION_PROMPT, "config": "baseline"}  # what a run records beside the video
+    done = {"video": f"{media}/good.mp4", **asked, "text": "kept from the first run", "error": None}
+    failed = {"video": f"{media}/other.mp4", **asked, "text": None, "error": "interrupted"}
     output.write_text(json.dumps(done) + "\n" + json.dumps(failed) + "\n" + '{"video": "half a li')
     code, _, err = run_cli(capsys, "caption", media / "good.mp4", media / "other.mp4", "--model", tiny_qwen_dir,
                            "--frames", 4, "--max-new-tokens", 3, "--output", output, "--resume")

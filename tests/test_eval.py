@@ -45,8 +45,11 @@ def test_prompt_and_answer_parsing():
 
 
 def test_accuracy_equals_independent_recount(dataset, tmp_path, capsys):
-    assert run_eval(dataset, tmp_path, "--configs", "baseline,aim_default") == 0
-    assert "| aim_default |" in capsys.readouterr().out
+    # the data set holds one item whose video is missing: it is reported and the exit code says so
+    assert run_eval(dataset, tmp_path, "--configs", "baseline,aim_default") == 2
+    out, err = capsys.readouterr()
+    assert "| aim_default |" in out
+    assert err.count("aim-llava: error: item broken") == 2 and "2 item(s) could not be answered" in err
     summary = {row["config"]: row for row in json.loads((tmp_path / "summary.json").read_text())}
     key = {json.loads(line)["id"]: json.loads(line) for line in (dataset / "data.jsonl").read_text().splitlines()}
     for config in ("baseline", "aim_default"):
@@ -82,7 +85,7 @@ def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, 
     first = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert [r["id"] for r in first] == ["q0", "q1"]
     monkeypatch.setattr(evaluation, "evaluate_item", original)
-    assert run_eval(dataset, tmp_path, "--resume") == 0
+    assert run_eval(dataset, tmp_path, "--resume") == 2  # the missing video of item "broken"
     final = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in final) == sorted(["q0", "q1", "q2", "q3", "q4", "q5", "broken"])
     assert final[:2] == first
@@ -90,13 +93,14 @@ def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, 
 
 def test_two_processes_give_the_same_results_as_one(dataset, tmp_path, tiny_qwen_dir):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    assert run_eval(dataset, single) == 0
+    assert run_eval(dataset, single) == 2  # the missing video of item "broken"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "aim_llava.cli", "eval", "--data", str(dataset / "data.jsonl"), "--model", str(tiny_qwen_dir),
                "--frames", "3", "--max-new-tokens", "4", "--output", str(sharded)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # rank 0 exits 2 for the missing video; torchrun reports a child's failure as its own exit 1
+    assert result.returncode == 1 and "1 item(s) could not be answered" in result.stderr, result.stderr[-2000:]
     one = [json.loads(line) for line in (single / "baseline.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (sharded / "baseline.jsonl").read_text().splitlines()]
     keep = ("id", "prediction", "correct", "text", "error", "visual_tokens")

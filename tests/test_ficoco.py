@@ -3,10 +3,14 @@ method inside the model (counts, cache, batches)."""
 
 import pytest
 import torch
-
-from aim_llava.reduction.methods.ficoco import compress_weights, correlation, filter_scores
-from aim_llava.reduction.plan import Merge, apply_merge
 from conftest import plan, prompt_ids, random_frames
+
+from aim_llava.reduction.methods.ficoco import (
+    compress_weights,
+    correlation,
+    filter_scores,
+)
+from aim_llava.reduction.plan import Merge, apply_merge
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
 CONFIG = {"method": "ficoco_l", "start_layer": 2, "end_layer": 3, "keep_ratio": 0.5}
@@ -118,9 +122,10 @@ def test_vision_redundancy_and_local_penalty():
 
 
 def test_ficoco_v_tokens_and_anyres_refusal(loaded):
+    from conftest import random_image
+
     from aim_llava.errors import InputError
     from aim_llava.mm_utils import process_images
-    from conftest import random_image
 
     tokenizer, model, processor, _ = loaded
     reduction = plan(model, {"method": "ficoco_v", "vision_start_layer": 0, "vision_keep_ratio": 0.3})

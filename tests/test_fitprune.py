@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
 from aim_llava.cli import main
 from aim_llava.reduction.methods.fitprune import (
@@ -16,7 +17,6 @@ from aim_llava.reduction.methods.fitprune import (
 )
 from aim_llava.reduction.tokens import LayerAttention, TokenState
 from aim_llava.sample_media import write_sample_video
-from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import plan, prompt_ids, random_frames
 
 from aim_llava.cli import main
 from aim_llava.flops import flops_report, resolve_architecture
-from aim_llava.reduction.config import load_reduction_config
 from aim_llava.reduction.budget import BudgetError, candidates, solve_budget
-from conftest import plan, prompt_ids, random_frames
+from aim_llava.reduction.config import load_reduction_config
 
 
 def spec_flops(hidden, kv, inter, tokens):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import left_padded_batch, prompt_ids, random_frames
 
 from aim_llava import load_pretrained_model
-from conftest import left_padded_batch, prompt_ids, random_frames
 
 
 @pytest.fixture(scope="module")

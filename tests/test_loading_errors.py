@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import prompt_ids
 from safetensors.torch import load_file, save_file
 
 from aim_llava import load_pretrained_model
 from aim_llava.errors import CheckpointError
-from conftest import prompt_ids
 
 SHARD_1 = "model-00001-of-00002.safetensors"
 SHARD_2 = "model-00002-of-00002.safetensors"

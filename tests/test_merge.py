@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from aim_llava.reduction.merge import MergeState, merge_bipartite, merge_steps_for_ratio, merge_tokens
+from aim_llava.reduction.merge import (
+    MergeState,
+    merge_bipartite,
+    merge_steps_for_ratio,
+    merge_tokens,
+)
 
 
 def reference_step(tokens: list[torch.Tensor], positions: list[int], r: int):

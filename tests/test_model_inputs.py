@@ -1,10 +1,10 @@
 """Inputs the model cannot use are refused with a clear InputError, not a shape error."""
 
 import pytest
+from conftest import prompt_ids, random_frames, random_image
 
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import process_images
-from conftest import prompt_ids, random_frames, random_image
 
 
 def test_placeholder_count_must_match_images(loaded):

@@ -3,13 +3,17 @@ plus cache and batch consistency for every method."""
 
 import pytest
 import torch
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
 from aim_llava import load_pretrained_model
 from aim_llava.flops import flops_report, resolve_architecture
 from aim_llava.reduction.config import load_reduction_config
 from aim_llava.reduction.methods.fastv import FastVPruner
-from aim_llava.reduction.methods.frame_baselines import FrameBaselineOptions, RandomDropPlan, SpatialPoolPlan
-from conftest import left_padded_batch, plan, prompt_ids, random_frames
+from aim_llava.reduction.methods.frame_baselines import (
+    FrameBaselineOptions,
+    RandomDropPlan,
+    SpatialPoolPlan,
+)
 
 GEN = dict(max_new_tokens=8, eos_token_id=[])
 METHOD_CONFIGS = {

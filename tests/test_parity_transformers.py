@@ -1,10 +1,10 @@
 """With no token reduction, our model computes transformers' LlavaOnevision function exactly."""
 
 import torch
+from conftest import expand_placeholders, prompt_ids, random_frames, random_image
 
 from aim_llava import load_pretrained_model
 from aim_llava.mm_utils import process_images
-from conftest import expand_placeholders, prompt_ids, random_frames, random_image
 
 TOL = 1e-4
 

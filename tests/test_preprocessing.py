@@ -2,16 +2,18 @@
 
 import pytest
 import torch
+from conftest import random_frames, random_image
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import (
+    SiglipImageProcessorPil,
+)
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import build_prompt, get_conversation
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import process_images, tokenizer_image_token
-from conftest import random_frames, random_image
 
 
 def test_siglip_preprocessing_matches_transformers(loaded):

@@ -2,7 +2,12 @@
 
 import pytest
 
-from aim_llava.reduction.config import ConfigError, ReductionConfig, available_presets, load_reduction_config
+from aim_llava.reduction.config import (
+    ConfigError,
+    ReductionConfig,
+    available_presets,
+    load_reduction_config,
+)
 
 
 def test_baseline_preset():

@@ -34,6 +34,16 @@ def read_config(model_dir: Path) -> LlavaConfig:
     return config_from_dict(raw, str(path))
 
 
+def checkpoint_config(model_path: str | Path) -> LlavaConfig:
+    """The config of a local checkpoint directory, read without loading any weights."""
+    model_dir = Path(model_path).expanduser()
+    if not model_dir.is_dir():
+        raise CheckpointError(
+            f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
+        )
+    return read_config(model_dir)
+
+
 def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> LlavaConfig:
     """Replace top-level config fields by name (LLaVA-NeXT's ``overwrite_config``)."""
     if not overwrite_config:
@@ -126,11 +136,7 @@ def load_pretrained_model(
     if "llava" not in model_name.lower():
         raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen'")
     model_dir = Path(model_path).expanduser()
-    if not model_dir.is_dir():
-        raise CheckpointError(
-            f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
-        )
-    config = apply_overrides(read_config(model_dir), overwrite_config)
+    config = apply_overrides(checkpoint_config(model_dir), overwrite_config)
     reduction = load_reduction_config((overwrite_config or {}).get("reduction"))
     device = resolve_device(device_map)
     dtype = resolve_dtype(torch_dtype, config, device)

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from aim_llava.model.config import VisionConfig
-from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState, VisionReducer, keep_tokens
+from aim_llava.reduction.tokens import (
+    LayerAttention,
+    LayerReducer,
+    TokenState,
+    VisionReducer,
+    keep_tokens,
+)
 
 
 @dataclass

@@ -8,11 +8,24 @@ from dataclasses import dataclass
 import torch
 
 from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
-from aim_llava.reduction.merge import ORDERS, WEIGHTINGS, merge_steps_for_ratio, merge_tokens
+from aim_llava.reduction.merge import (
+    ORDERS,
+    WEIGHTINGS,
+    merge_steps_for_ratio,
+    merge_tokens,
+)
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
-from aim_llava.reduction.schedule import SCHEDULE_KINDS, RetentionSchedule, ScheduleError
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, keep_top_visual
-
+from aim_llava.reduction.schedule import (
+    SCHEDULE_KINDS,
+    RetentionSchedule,
+    ScheduleError,
+)
+from aim_llava.reduction.tokens import (
+    PRUNE_MODES,
+    LayerAttention,
+    TokenState,
+    keep_top_visual,
+)
 
 IMPORTANCE_KERNELS = ("chunked", "flex")
 

@@ -9,7 +9,12 @@ import torch
 
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.schedule import ScheduleError, check_layer
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, keep_top_visual
+from aim_llava.reduction.tokens import (
+    PRUNE_MODES,
+    LayerAttention,
+    TokenState,
+    keep_top_visual,
+)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,19 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
+from aim_llava.reduction.importance import (
+    DEFAULT_MEMORY_BUDGET,
+    attention_logit_chunks,
+    row_probabilities,
+)
 from aim_llava.reduction.plan import Merge, PruningPlan, RecordingReducer, ReductionPlan
 from aim_llava.reduction.schedule import ScheduleError, check_layer
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, TokenState, VisionReducer
+from aim_llava.reduction.tokens import (
+    PRUNE_MODES,
+    LayerAttention,
+    TokenState,
+    VisionReducer,
+)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,19 @@ import torch
 
 from aim_llava.cost import prefill_flops
 from aim_llava.errors import AimLlavaError
-from aim_llava.reduction.importance import DEFAULT_MEMORY_BUDGET, attention_logit_chunks, row_probabilities
+from aim_llava.reduction.importance import (
+    DEFAULT_MEMORY_BUDGET,
+    attention_logit_chunks,
+    row_probabilities,
+)
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer, ReductionPlan
-from aim_llava.reduction.tokens import PRUNE_MODES, LayerAttention, LayerReducer, TokenState, keep_top_visual
+from aim_llava.reduction.tokens import (
+    PRUNE_MODES,
+    LayerAttention,
+    LayerReducer,
+    TokenState,
+    keep_top_visual,
+)
 
 
 class RecipeError(AimLlavaError):

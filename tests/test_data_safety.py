@@ -1,0 +1,231 @@
+"""Nothing already written is lost: output files under a lock, never an input, never a special
+file or a foreign file; hostile data files and images give one line and exit 2."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from aim_llava.cli import caption_key, main
+from aim_llava.records import ResultsFile
+from aim_llava.sample_media import write_sample_video
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_sample_video(tmp_path_factory.mktemp("safety") / "clip.mp4", num_frames=20, fps=10)
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("aim-llava:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def caption(capsys, tiny_qwen_dir, *args):
+    return run_cli(capsys, "caption", *args, "--model", tiny_qwen_dir, "--frames", 3, "--max-new-tokens", 2)
+
+
+def test_second_writer_of_the_same_output_is_refused(capsys, tiny_qwen_dir, clip, tmp_path):
+    output = tmp_path / "out.jsonl"
+    earlier = {"video": "x.mp4", "question": "q", "config": "baseline", "text": "kept", "error": None}
+    output.write_text(json.dumps(earlier) + "\n")
+    with ResultsFile(output, caption_key, resume=True) as running:  # another run holds the file
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output, "--resume")
+        assert code == 2 and "being written by another aim-llava process" in one_error_line(err)
+        running.append({**earlier, "video": "y.mp4"})
+    assert [json.loads(line)["video"] for line in output.read_text().splitlines()] == ["x.mp4", "y.mp4"]
+
+
+def test_two_processes_on_one_output_lose_nothing(tiny_qwen_dir, clip, tmp_path):
+    """A second process started while a first one writes the output is refused at once, and every
+    record of the first stays."""
+    output = tmp_path / "out.jsonl"
+    holder = ("import sys; from aim_llava.cli import caption_key; from aim_llava.records import ResultsFile\n"
+              f"f = ResultsFile({str(output)!r}, caption_key)\n"
+              "f.append({'video': 'a.mp4', 'question': 'q', 'config': 'c', 'error': None}); print('ready', flush=True)\n"
+              "sys.stdin.readline()\n"
+              "f.append({'video': 'b.mp4', 'question': 'q', 'config': 'c', 'error': None}); f.close()\n")
+    first = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "ready"
+    second = subprocess.run([sys.executable, "-m", "aim_llava.cli", "caption", str(clip), "--model", str(tiny_qwen_dir),
+                             "--frames", "2", "--max-new-tokens", "2", "--output", str(output)],
+                            capture_output=True, text=True, timeout=300)
+    first.communicate("go\n", timeout=60)
+    assert second.returncode == 2 and "being written by another aim-llava process" in second.stderr
+    assert [json.loads(line)["video"] for line in output.read_text().splitlines()] == ["a.mp4", "b.mp4"]
+
+
+def test_output_that_is_an_input_is_refused(capsys, tiny_qwen_dir, clip, tmp_path):
+    before = clip.read_bytes()
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", clip)
+    assert code == 2 and "is one of the inputs" in one_error_line(err)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{clip}\n")
+    code, _, err = caption(capsys, tiny_qwen_dir, listing, "--output", listing)
+    assert code == 2 and "is one of the inputs" in one_error_line(err)
+    assert clip.read_bytes() == before and listing.read_text() == f"{clip}\n"
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_foreign_file_is_never_overwritten(capsys, tiny_qwen_dir, clip, tmp_path, resume):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my shopping list\neggs\n")
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", notes, *(["--resume"] if resume else []))
+    line = one_error_line(err)
+    assert code == 2 and str(notes) in line and "not an aim-llava results file" in line
+    assert notes.read_text() == "my shopping list\neggs\n"
+
+
+def test_symlinked_output_is_written_through(capsys, tiny_qwen_dir, clip, tmp_path):
+    target = tmp_path / "real" / "out.jsonl"
+    target.parent.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", link)
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())["video"] == str(clip)
+
+
+def test_special_file_output_is_refused(capsys, tiny_qwen_dir, clip, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", fifo)
+    assert code == 2 and "not a regular file" in one_error_line(err)
+    assert Path(fifo).exists() and not Path(fifo).is_file()
+
+
+def test_resume_keeps_records_and_drops_only_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    good = {"video": "a.mp4", "question": "q", "config": "c", "text": "t", "error": None}
+    failed = {"video": "b.mp4", "question": "q", "config": "c", "text": None, "error": "boom"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(failed) + "\n" + '{"video": "c.mp4", "quest')
+    with ResultsFile(path, caption_key, resume=True) as results:
+        assert results.done() == {("a.mp4", "q", "c")}
+        results.append({**failed, "text": "again", "error": None})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [good, {**failed, "text": "again", "error": None}]  # one record per item, in order
+
+
+def test_records_are_appended_not_rewritten(tmp_path):
+    """Each record is one append: the file's earlier bytes are never rewritten while a run goes on."""
+    path = tmp_path / "r.jsonl"
+    with ResultsFile(path, caption_key) as results:
+        inode = path.stat().st_ino
+        for i in range(50):
+            results.append({"video": f"{i}.mp4", "question": "q", "config": "c", "error": None})
+            assert path.stat().st_ino == inode
+        assert len(path.read_text().splitlines()) == 50
+
+
+def bomb_png(path: Path, side: int = 40000) -> Path:
+    """A tiny PNG whose header declares side x side pixels (PIL refuses it as a decompression bomb)."""
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", side, side)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_decompression_bomb_is_one_items_error(capsys, tiny_qwen_dir, clip, tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png")
+    lines = [{"id": "bomb", "video": str(bomb), "question": "?", "options": ["a", "b"], "answer": "A"},
+             {"id": "fine", "video": str(clip), "question": "?", "options": ["a", "b"], "answer": "B"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", tiny_qwen_dir, "--frames", 2,
+                           "--max-new-tokens", 2, "--output", tmp_path / "out")
+    assert code == 2 and "Traceback" not in err
+    records = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "out" / "baseline.jsonl").open()}
+    assert "decompression bomb" in records["bomb"]["error"]
+    assert records["fine"]["error"] is None and records["fine"]["text"] is not None
+
+
+@pytest.mark.parametrize("command", ["caption", "eval"])
+def test_binary_list_or_data_file(capsys, tiny_qwen_dir, tmp_path, command):
+    binary = tmp_path / ("videos.txt" if command == "caption" else "data.jsonl")
+    binary.write_bytes(b"\xff\xfe\x00bad\x80\x81\n")
+    args = [binary] if command == "caption" else ["--data", binary, "--output", tmp_path / "o"]
+    code, _, err = run_cli(capsys, command, *args, "--model", tiny_qwen_dir)
+    assert code == 2 and "is not UTF-8 text" in one_error_line(err)
+
+
+@pytest.mark.parametrize("kind", ["file", "parent_file", "read_only"])
+def test_eval_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch, kind):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": 1, "video": str(clip), "question": "?", "options": ["a", "b"],
+                                "answer": "A"}) + "\n")
+    if kind == "file":
+        output = tmp_path / "taken"
+        output.write_text("a file")
+        expected = "is a file"
+    elif kind == "parent_file":
+        (tmp_path / "plain").write_text("a file")
+        output = tmp_path / "plain" / "sub"
+        expected = "which is a file"
+    else:
+        # root may write anywhere, so the permission answer is simulated for this one directory
+        output = tmp_path / "locked" / "out"
+        (tmp_path / "locked").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(tmp_path / "locked") else real_access(p, m))
+        expected = "permission denied"
+    import aim_llava.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run_cli(capsys, "eval", "--data", data, "--model", tiny_qwen_dir, "--output", output)
+    assert code == 2 and expected in one_error_line(err)
+
+
+def test_bench_bad_outputs_and_configs(capsys, tiny_qwen_dir, tmp_path):
+    code, _, err = run_cli(capsys, "bench", "--model", tiny_qwen_dir, "--json", tmp_path)
+    assert code == 2 and "is a directory" in one_error_line(err)
+    code, _, err = run_cli(capsys, "bench", "--model", tiny_qwen_dir, "--configs", ",,")
+    assert code == 2 and "names no config" in one_error_line(err)
+
+
+def test_closed_stdout_pipe_keeps_the_record(tiny_qwen_dir, clip, tmp_path):
+    output = tmp_path / "out.jsonl"
+    command = (f"{sys.executable} -m aim_llava.cli caption {clip} --model {tiny_qwen_dir} --frames 2 "
+               f"--max-new-tokens 2 --json --output {output} | head -c 0")
+    result = subprocess.run(["bash", "-c", "set -o pipefail; " + command], capture_output=True, text=True,
+                            timeout=300)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert json.loads(output.read_text())["video"] == str(clip)
+
+
+def test_missing_video_reported_without_loading_the_model(capsys, tiny_qwen_dir, tmp_path, monkeypatch):
+    import aim_llava.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = caption(capsys, tiny_qwen_dir, tmp_path / "absent.mp4")
+    assert code == 2 and "file not found" in one_error_line(err)
+
+
+def test_interrupted_is_on_its_own_line(tiny_qwen_dir, clip, tmp_path):
+    """Ctrl-C during a batch: the message starts a line of its own, after the progress bar."""
+    code = ("import aim_llava.cli as cli, sys\n"
+            "def stop(*a, **k): raise KeyboardInterrupt\n"
+            "cli.run_one = stop\n"
+            f"sys.exit(cli.main(['caption', {str(clip)!r}, {str(clip)!r}, '--model', {str(tiny_qwen_dir)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130
+    assert any(line.startswith("aim-llava: interrupted") for line in result.stderr.replace("\r", "\n").splitlines())
