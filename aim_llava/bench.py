@@ -1,12 +1,18 @@
 """Speed measurement of reduction configs, next to their analytic FLOPs (``aim-llava bench``).
 
 A model of a named architecture with random weights (speed does not depend on weight values) or
-a loaded checkpoint; synthetic frames or a real video. The vision tower runs once, shared by the
-configs that do not act inside it (merging happens after the projector), and once more for each
-config that does (FiCoCo-V). Then, per config, alternating,
-after a warm-up, median of the repeats: the pre-LLM step (pooling + merging), the prefill up to
-the first token, decode tokens per second with the (pruned) KV cache, the time spent computing
-PageRank importance, and the extra peak memory (CUDA max allocated on GPU, sampled RSS on CPU).
+a loaded checkpoint; synthetic frames or a real video. Every stage is timed warm (after a warm-up
+round), as the median of the repeats, with CUDA events on a GPU (no synchronisation inside the
+measured code) and the clock on the CPU:
+
+* vision: the tower and projector (once per repeat, shared by the configs that do not act inside
+  the tower; each config that does, FiCoCo-V, has its own);
+* pre-LLM: pooling and merging before the LLM;
+* prefill: the LLM's pass over the prompt, and inside it the PageRank importance;
+* decode: the generation after the prefill, as tokens per second over the batch;
+* peak memory of the generation (CUDA max allocated on GPU, sampled RSS on CPU).
+
+Configs run alternating, so slow drifts of the machine affect all of them alike.
 """
 
 from __future__ import annotations
@@ -21,36 +27,14 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
-import aim_llava.reduction.methods.aim as aim_method
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.cost import prefill_flops
 from aim_llava.flops import executed_tokens
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
-from aim_llava.pipeline import TokenClock
 from aim_llava.reduction.budget import resolve_reduction
-
-IMPORTANCE_FUNCTIONS = ("pagerank_importance", "pagerank_importance_flex")
-
-
-class Clock:
-    """Wall time of a block, synchronising the GPU at both ends."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __enter__(self) -> Clock:
-        self.sync()
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.sync()
-        self.seconds = time.perf_counter() - self.start
+from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.timing import StageTimes
 
 
 def release_freed_memory() -> None:
@@ -96,33 +80,6 @@ class PeakMemory:
             self.extra = self.peak - self.base
 
 
-class ImportanceTimer:
-    """Adds up the time spent in the importance kernels while active."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds = 0.0
-        self.originals = {name: getattr(aim_method, name) for name in IMPORTANCE_FUNCTIONS}
-
-    def wrap(self, function):
-        def timed(*args, **kwargs):
-            with Clock(self.device) as clock:
-                result = function(*args, **kwargs)
-            self.seconds += clock.seconds
-            return result
-
-        return timed
-
-    def __enter__(self) -> ImportanceTimer:
-        for name, function in self.originals.items():
-            setattr(aim_method, name, self.wrap(function))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, function in self.originals.items():
-            setattr(aim_method, name, function)
-
-
 @dataclass
 class ConfigResult:
     config: str
@@ -147,12 +104,12 @@ class BenchReport:
     frames: int
     text_tokens: int
     decode_tokens: int
+    batch: int
     device: str
     machine: str
     dtype: str
     attn: str
     repeats: int
-    vision_s: float
     torch: str
     rows: list[ConfigResult] = field(default_factory=list)
 
@@ -190,59 +147,60 @@ def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, 
     return model.eval()
 
 
-def measure_config(model, plan, frame_features, ids, decode_tokens: int, device) -> dict:
-    """One run of one config: pre-LLM step, generation with timestamps, importance, memory."""
-    with torch.no_grad(), Clock(device) as pre:
+def timed_vision(model, pixels: torch.Tensor, plan) -> tuple[torch.Tensor, float]:
+    """The tower and projector over the frames, and their time."""
+    with torch.no_grad(), StageTimes() as times:
+        features = model.encode_images(pixels, plan)
+    return features, times.seconds()["vision"]
+
+
+def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: int) -> dict:
+    """One warm run of one config: pre-LLM step, prefill with its importance, decode, memory."""
+    with torch.no_grad(), StageTimes() as times, PeakMemory(model.device) as memory:
         features = model.video_features(frame_features, plan)
-    timer = TokenClock()
-    with ImportanceTimer(device) as importance, PeakMemory(device) as memory, Clock(device) as total:
-        output = model.generate(ids, visual_features=[features], max_new_tokens=decode_tokens, eos_token_id=[],
-                                streamer=timer, reduction=plan, return_dict_in_generate=True)
-    first, last = timer.times[0] - total.start, timer.times[-1] - total.start
+        output = model.generate(ids.expand(batch, -1), visual_features=[features] * batch, max_new_tokens=decode_tokens,
+                                eos_token_id=[], reduction=plan, return_dict_in_generate=True)
+    seconds = times.seconds()
+    steps = output.sequences.shape[1] - 1
     return {
-        "pre_llm_s": pre.seconds,
-        "prefill_s": first,
-        "decode_tokens_per_s": (len(timer.times) - 1) / (last - first) if len(timer.times) > 1 else 0.0,
-        "importance_s": importance.seconds,
+        "pre_llm_s": seconds["pre_llm"],
+        "prefill_s": seconds["prefill"],
+        "importance_s": seconds.get("importance", 0.0),
+        "decode_tokens_per_s": batch * steps / seconds["decode"] if steps else 0.0,
         "peak_extra_mib": memory.extra / 2**20,
         "tokens_per_layer": [n[0] for n in output.reduction.visual_tokens_per_layer],
     }
 
 
 def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_tokens: int = 100,
-              decode_tokens: int = 16, repeats: int = 3, pixels: torch.Tensor | None = None) -> BenchReport:
-    """Measure every config in one process, alternating, after one warm-up round."""
+              decode_tokens: int = 16, repeats: int = 3, pixels: torch.Tensor | None = None,
+              batch: int = 1) -> BenchReport:
+    """Measure every config in one process, alternating, after one warm-up round; ``batch``
+    copies of the prompt are generated together."""
     device, config = model.device, model.config
     torch.manual_seed(0)
     if pixels is None:
         pixels = torch.randn(frames, 3, config.vision.image_size, config.vision.image_size)
+    pixels = pixels.to(device)
     frames = pixels.shape[0]
-    baseline = resolve_reduction("baseline", config, frames).build(config.text.num_hidden_layers)
-    with torch.no_grad(), Clock(device) as vision:
-        shared_features = model.encode_images(pixels.to(device), baseline)
     text = torch.randint(0, min(1000, config.text.vocab_size), (text_tokens,))
-    ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None].to(device)
+    ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None]
     reductions = [resolve_reduction(spec, config, frames, text_tokens) for spec in configs]
     plans = [reduction.build(config.text.num_hidden_layers) for reduction in reductions]
-    # Methods acting inside the vision tower get their own (timed, once) pass through it.
-    features, vision_seconds = [], []
-    for plan in plans:
-        if plan.vision_reducer(config.vision) is None:
-            features.append(shared_features)
-            vision_seconds.append(vision.seconds)
-            continue
-        with torch.no_grad(), Clock(device) as own:
-            features.append(model.encode_images(pixels.to(device), plan))
-        vision_seconds.append(own.seconds)
-    samples: dict[int, list[dict]] = {i: [] for i in range(len(reductions))}
+    # configs that do not act inside the tower share one vision pass per repeat
+    tower_owner = [index if plan.vision_reducer(config.vision) is not None else None
+                   for index, plan in enumerate(plans)]
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(plans))}
     for repeat in range(repeats + 1):
+        shared, shared_s = timed_vision(model, pixels, ReductionPlan())
         for index, plan in enumerate(plans):
-            result = measure_config(model, plan, features[index], ids, decode_tokens, device)
+            features, vision_s = (shared, shared_s) if tower_owner[index] is None else timed_vision(model, pixels, plan)
+            result = measure_config(model, plan, features, ids, decode_tokens, batch)
             if repeat > 0:
-                samples[index].append(result)
-    report = BenchReport(arch_name, frames, text_tokens, decode_tokens, str(device), machine_name(device),
+                samples[index].append({**result, "vision_s": vision_s})
+    report = BenchReport(arch_name, frames, text_tokens, decode_tokens, batch, str(device), machine_name(device),
                          str(model.dtype).replace("torch.", ""), model.model.attn_implementation, repeats,
-                         vision.seconds, torch.__version__)
+                         torch.__version__)
     for index, reduction in enumerate(reductions):
         runs = samples[index]
 
@@ -258,10 +216,10 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
             tokens_per_layer=entering,
             prefill_tflops=prefill_flops(config.text, leaving) / 1e12,
             prefill_tflops_executed=prefill_flops(config.text, executed_tokens(plan, entering)) / 1e12,
-            vision_s=vision_seconds[index],
+            vision_s=median("vision_s"),
             pre_llm_s=median("pre_llm_s"),
             prefill_s=median("prefill_s"),
-            ttft_s=vision_seconds[index] + median("pre_llm_s") + median("prefill_s"),
+            ttft_s=median("vision_s") + median("pre_llm_s") + median("prefill_s"),
             decode_tokens_per_s=median("decode_tokens_per_s"),
             importance_s=median("importance_s"),
             peak_extra_mib=median("peak_extra_mib"),
@@ -276,10 +234,9 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
 
 def markdown(report: BenchReport) -> str:
     lines = [
-        f"{report.arch}, {report.frames} frames, {report.text_tokens} text tokens, {report.decode_tokens} new tokens; "
-        f"{report.machine}; {report.dtype}, attention {report.attn}; torch {report.torch}; median of "
-        f"{report.repeats} after a warm-up; vision tower {report.vision_s:.2f} s (once, shared by the configs "
-        "that do not act inside it)",
+        f"{report.arch}, {report.frames} frames, {report.text_tokens} text tokens, {report.decode_tokens} new tokens, "
+        f"batch {report.batch}; {report.machine}; {report.dtype}, attention {report.attn}; torch {report.torch}; "
+        f"every stage timed warm, median of {report.repeats} after a warm-up",
         "",
         "| config | tokens in layer 0 / last | TFLOPs paper / executed | FLOPs reduction | prefill s | speedup | "
         "speedup / FLOPs red. | importance s (share) | vision s | TTFT s | decode tok/s | peak extra MiB |",

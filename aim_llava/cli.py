@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=positive_int, default=100)
     bench.add_argument("--decode-tokens", type=positive_int, default=16)
     bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--batch", type=positive_int, default=1, help="prompts generated together (decode tokens/s)")
     add_runtime_options(bench)
     bench.add_argument("--json", help="also write the full report as JSON to this file")
     bench.add_argument("--plot", help="write a PNG: FLOPs vs measured time, and tokens per layer")
@@ -369,7 +370,8 @@ def run_bench(args) -> int:
         processor = processor or SiglipImageProcessor.from_vision_config(model.config.vision)
         pixels = processor.preprocess(load_video(args.video, num_frames=args.frames).frames)["pixel_values"]
     with torch.no_grad():
-        report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels)
+        report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels,
+                       args.batch)
     print(markdown(report))
     if args.json:
         write_text_atomically(args.json, json.dumps(report.to_dict(), indent=2))

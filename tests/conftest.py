@@ -19,6 +19,10 @@ from aim_llava.tiny_checkpoint import write_tiny_checkpoint
 
 torch.set_num_threads(2)
 
+# The GPU tier (tests/gpu) needs CUDA: on a machine without it those files are not collected;
+# on the GPU machine run them with `pytest tests/gpu`.
+collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):

@@ -134,6 +134,8 @@ def test_image_merging_and_pruning(models):
         ({"method": "aim", "prune_mode": "drop"}, "prune_mode='drop'"),
         ({"method": "aim", "prune": "explicit", "prune_retention": [1, 1, 0.5]}, "has 3 values but the model has 6"),
         ("aim_fastest", "unknown preset 'aim_fastest'"),
+        ({"method": "aim", "importance_chunk_size": -5}, "importance_chunk_size=-5 must be at least 1"),
+        ({"method": "aim", "importance_kernel": "fastest"}, "importance_kernel='fastest' is not one of"),
     ],
 )
 def test_config_errors_are_clear(tiny_qwen_dir, reduction, message):
@@ -148,13 +150,14 @@ def test_overwrite_config_selects_reduction(tiny_qwen_dir):
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
-def test_flex_importance_kernel_keeps_the_same_tokens(models):
+def test_every_importance_kernel_keeps_the_same_tokens(models):
     tokenizer, model, processor, _ = models[0]
     video = processor.preprocess(random_frames(4, 64, 80, seed=8))["pixel_values"]
     ids = prompt_ids(tokenizer, "Describe.")
     kept = {}
-    for kernel in ("chunked", "flex"):
+    for kernel in ("chunked", "factored", "flex"):
         reduction = plan(model, {"method": "aim", "prune_start": 1, "importance_kernel": kernel})
         kept[kernel] = forward(model, ids, video, reduction=reduction).reduction.kept
     assert sorted(kept["flex"]) == [1, 2, 3, 4, 5]
-    assert all(torch.equal(kept["flex"][layer], kept["chunked"][layer]) for layer in kept["flex"])
+    for kernel in ("chunked", "factored"):
+        assert all(torch.equal(kept["flex"][layer], kept[kernel][layer]) for layer in kept["flex"]), kernel

@@ -38,10 +38,7 @@ def test_filter_scores(attention_matrix):
 
 def test_correlation(attention_matrix):
     a = attention_matrix
-    sources = torch.zeros(12, dtype=torch.bool)
-    sources[[4, 7]] = True
-    targets = torch.zeros(12, dtype=torch.bool)
-    targets[[3, 5, 6, 8]] = True
+    sources, targets = torch.tensor([4, 7]), torch.tensor([3, 5, 6, 8])
     text = torch.zeros(12, dtype=torch.bool)
     text[[0, 1, 2, 9, 10, 11]] = True
     ours = correlation(a, sources, targets, text, gamma=0.6)
@@ -75,7 +72,7 @@ def test_compress_follows_the_equations():
     original = torch.arange(510)
     merged = hidden.clone()
     sources, targets = torch.tensor([500, 503, 507]), torch.arange(500)
-    apply_merge(merged, original, Merge(sources, targets, weights))
+    apply_merge(merged, original, Merge(sources, targets, weights), 510)
     for j in range(500):
         mix = hidden[j] + sum(weights[s, j] * hidden[500 + [0, 3, 7][s]] for s in range(3))
         assert torch.allclose(merged[j], mix / (1 + weights[:, j].sum()), atol=1e-6)

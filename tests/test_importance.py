@@ -1,23 +1,48 @@
-"""Chunked PageRank importance against the dense formula of docs/algorithms.md §3."""
+"""PageRank importance (docs/algorithms.md §3) against the dense formula, the log-space kernels
+against each other, underflow and ties."""
 
 import pytest
 import torch
 
-from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
+from aim_llava.reduction.importance import (
+    flex_bucket,
+    log_start_weights,
+    pagerank_importance,
+    pagerank_log_importance,
+    pagerank_log_importance_factored,
+    pagerank_log_importance_flex,
+)
+
+CHUNKED_KERNELS = [pagerank_log_importance, pagerank_log_importance_factored]
+from aim_llava.reduction.tokens import TokenState, keep_top_visual
 
 
-def dense_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5):
-    """The formula as written, with the whole [B, H, N, N] matrix."""
+def dense_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5, dtype=torch.float64):
+    """The formula as written, with the whole [B, H, N, N] matrix (linear space)."""
     heads, kv_heads, n = q.shape[1], k.shape[1], q.shape[2]
-    k = k.repeat_interleave(heads // kv_heads, dim=1).double()
-    logits = (q.double() @ k.transpose(-1, -2)) * scale
+    k = k.repeat_interleave(heads // kv_heads, dim=1).to(dtype)
+    logits = (q.to(dtype) @ k.transpose(-1, -2)) * scale
     allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))[None] & key_mask[:, None, :]
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits / temperature, dim=-1).nan_to_num(0.0)  # rows that see nothing: 0
-    p = start.double()[:, None, :].expand(-1, heads, -1)
+    p = start.to(dtype)[:, None, :].expand(-1, heads, -1)
     for _ in range(iterations):
         p = (p[:, :, None, :] @ probs).squeeze(2)
     return p.pow(2).mean(dim=1).sqrt()
+
+
+def dense_log_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5):
+    """The same formula in float64 log space (no underflow), with the whole matrix and no chunks."""
+    heads, kv_heads, n = q.shape[1], k.shape[1], q.shape[2]
+    k = k.repeat_interleave(heads // kv_heads, dim=1).double()
+    logits = (q.double() @ k.transpose(-1, -2)) * scale / temperature
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool))[None] & key_mask[:, None, :]
+    log_m = torch.log_softmax(logits.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    log_m = torch.where(allowed[:, None].expand_as(log_m), log_m, torch.full_like(log_m, float("-inf")))
+    log_p = torch.log(start.double())[:, None, :].expand(-1, heads, -1)
+    for _ in range(iterations):
+        log_p = torch.logsumexp(log_p[..., :, None] + log_m, dim=-2)
+    return 0.5 * (torch.logsumexp(2 * log_p, dim=1) - torch.log(torch.tensor(float(heads), dtype=torch.float64)))
 
 
 @pytest.fixture
@@ -29,25 +54,28 @@ def inputs():
     key_mask = torch.ones(batch, n, dtype=torch.bool)
     key_mask[0, :5] = False  # left padding of sample 0
     key_mask[1, 10:14] = False  # tokens pruned earlier (mask mode)
-    start = key_mask.float() / key_mask.sum(dim=1, keepdim=True)
+    valid = torch.ones(batch, n, dtype=torch.bool)
+    valid[0, :5] = False
+    start = valid.float() / valid.sum(dim=1, keepdim=True)
     return q, k, key_mask, start
 
 
+@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
 @pytest.mark.parametrize("cache_budget", [0, 2**30])  # recompute the chunks every step / keep them
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, None])
-def test_chunked_equals_dense(inputs, chunk_size, cache_budget):
+def test_chunked_equals_dense(inputs, chunk_size, cache_budget, kernel):
     q, k, key_mask, start = inputs
-    ours = pagerank_importance(q, k, key_mask, start, scale=8**-0.5, chunk_size=chunk_size, cache_budget=cache_budget)
+    ours = kernel(q, k, key_mask, start.log(), 8**-0.5, chunk_size=chunk_size, cache_budget=cache_budget).exp()
     reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
     assert ours.shape == (2, 37) and ours.dtype == torch.float32
-    assert torch.allclose(ours.double(), reference, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
 def test_memory_budget_chooses_small_chunks(inputs):
     q, k, key_mask, start = inputs
     tiny_budget = pagerank_importance(q, k, key_mask, start, scale=0.35, memory_budget=2 * 4 * 37 * 4 * 3,
                                       cache_budget=0)
-    assert torch.allclose(tiny_budget, pagerank_importance(q, k, key_mask, start, scale=0.35), atol=1e-6)
+    assert torch.allclose(tiny_budget, pagerank_importance(q, k, key_mask, start, scale=0.35), rtol=1e-5)
 
 
 def test_settings_change_the_result(inputs):
@@ -60,6 +88,71 @@ def test_settings_change_the_result(inputs):
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")  # on CPU it runs its dense reference path
 def test_flex_kernel_equals_dense(inputs):
     q, k, key_mask, start = inputs
-    ours = pagerank_importance_flex(q, k, key_mask, start, scale=8**-0.5)
+    ours = pagerank_log_importance_flex(q, k, key_mask, torch.log(start), scale=8**-0.5).exp()
     reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
-    assert torch.allclose(ours.double(), reference, atol=1e-5, rtol=0)
+    assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
+
+
+def sharp_inputs(n=300, heads=4, dim=16, seed=3):
+    """Large logits: at T = 0.1 most float32 probabilities of the published formula underflow."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, n, dim, generator=gen) * 3
+    k = torch.randn(1, heads // 2, n, dim, generator=gen) * 3
+    mask = torch.ones(1, n, dtype=torch.bool)
+    return q, k, mask, mask.float() / n
+
+
+@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
+def test_log_space_does_not_underflow_and_keeps_the_published_order(kernel):
+    q, k, mask, start = sharp_inputs()
+    scale = 16**-0.5
+    published = dense_importance(q, k, mask, start, scale, dtype=torch.float32)[0]  # float32, as published
+    reference = dense_log_importance(q, k, mask, start, scale)[0]
+    ours = kernel(q, k, mask, torch.log(start), scale, chunk_size=128)[0]
+    assert (published == 0).sum() > 50  # the premise: many published scores are exactly 0 (tied)
+    assert torch.isfinite(ours).all()  # ours are all distinct finite log-scores
+    assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-3)
+    assert torch.equal(ours.argsort(descending=True), reference.argsort(descending=True))
+    # wherever the published scores are positive and differ, the order is the published one
+    distinct = published > 1e-30
+    i, j = torch.triu_indices(len(published), len(published), 1)
+    pairs = distinct[i] & distinct[j] & ((published[i] - published[j]).abs() > 1e-4 * published[i].max(published[j]))
+    assert pairs.sum() > 100
+    assert torch.equal((published[i] > published[j])[pairs], (ours[i] > ours[j])[pairs])
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_and_chunked_agree_in_log_space_and_keep_the_same_tokens():
+    q, k, mask, start = sharp_inputs(n=200)
+    scale = 16**-0.5
+    chunked = pagerank_log_importance(q, k, mask, torch.log(start), scale, chunk_size=64)
+    flex = pagerank_log_importance_flex(q, k, mask, torch.log(start), scale)
+    assert torch.allclose(chunked, flex, rtol=1e-4, atol=1e-3)
+    assert torch.equal(chunked.topk(100).indices.sort().values, flex.topk(100).indices.sort().values)
+
+
+def test_ties_keep_the_earlier_token():
+    n = 10
+    visual = torch.zeros(1, n, dtype=torch.bool)
+    visual[0, 2:8] = True  # visual tokens at 2..7
+    state = TokenState.start(torch.zeros(1, n, 1), torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), visual,
+                             False, num_visual=[6], rows=[n])
+    scores = torch.tensor([[9.0, 9.0, 1.0, 5.0, 5.0, 5.0, 2.0, 5.0, 0.0, 0.0]])
+    keep, kept = keep_top_visual(state, scores, [2])
+    assert kept == [2]
+    # of the four visual tokens scoring 5 (positions 3, 4, 5, 7) the two earliest stay; text always stays
+    assert keep[0].nonzero().flatten().tolist() == [0, 1, 3, 4, 8, 9]
+    scores[0, 3] = float("nan")  # NaN ranks last among candidates, never above a real score
+    keep, _ = keep_top_visual(state, scores, [2])
+    assert keep[0, 3].item() is False and keep[0, 5].item() is True
+
+
+def test_log_start_weights_are_uniform_over_real_rows():
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    assert torch.allclose(log_start_weights(valid).exp(), torch.tensor([[0, 1 / 3, 1 / 3, 1 / 3], [0.25] * 4]))
+
+
+def test_flex_buckets_are_few_and_cover_the_length():
+    sizes = {flex_bucket(n) for n in range(1, 12001)}
+    assert all(flex_bucket(n) >= n for n in range(1, 12001))
+    assert len(sizes) <= 20

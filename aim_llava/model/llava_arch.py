@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import get_anyres_image_grid_shape
 from aim_llava.model.config import LlavaConfig
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.tensors import to_device
+from aim_llava.timing import stage
 
 MODALITIES = ("image", "video")
 
@@ -35,6 +38,7 @@ class MultimodalInputs:
 
     inputs_embeds [B, L, H]; valid [B, L] (False on padding); position_ids [B, L];
     visual [B, L] marks visual tokens (including newline tokens); padded: any padding at all.
+    Host counts per sample: ``num_visual`` visual tokens, ``lengths`` real tokens.
     """
 
     inputs_embeds: torch.Tensor
@@ -42,6 +46,8 @@ class MultimodalInputs:
     position_ids: torch.Tensor
     visual: torch.Tensor
     padded: bool
+    num_visual: list[int]
+    lengths: list[int]
 
 
 def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
@@ -87,18 +93,20 @@ class LlavaMetaForCausalLM:
         """[N, 3, S, S] -> projected features [N, patches, H]."""
         dtype = self.model.embed_tokens.weight.dtype
         reducer = self.plan_for(reduction).vision_reducer(self.config.vision)
-        features = self.model.vision_tower(pixel_values.to(self.device, dtype), reducer)
-        return self.model.mm_projector(features)
+        with stage("vision", self.device):
+            features = self.model.vision_tower(to_device(pixel_values, self.device).to(dtype), reducer)
+            return self.model.mm_projector(features)
 
     def video_features(self, frame_features: torch.Tensor, reduction: ReductionPlan | None = None) -> torch.Tensor:
         """[F, patches, H] -> [F * pooled + 1, H]. Frames whose patch grid a vision-tower reducer
         has thinned out are not pooled (there is no grid left to pool)."""
-        if frame_features.shape[1] == self.config.vision.num_patches:
-            pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
-        else:
-            pooled = frame_features
-        pooled = self.plan_for(reduction).reduce_video_frames(pooled)
-        return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
+        with stage("pre_llm", frame_features.device):
+            if frame_features.shape[1] == self.config.vision.num_patches:
+                pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
+            else:
+                pooled = frame_features
+            pooled = self.plan_for(reduction).reduce_video_frames(pooled)
+            return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
 
     def anyres_features(self, view_features: torch.Tensor, image_size) -> torch.Tensor:
         """[1 + crops, patches, H] of one image of (width, height) -> its token sequence."""
@@ -177,15 +185,16 @@ class LlavaMetaForCausalLM:
         ``images`` are taken in order across the batch, one per placeholder; or pass
         ``visual_features`` already computed by :meth:`visual_features` (to encode a video once
         for several prompts). Returns a left-padded batch with explicit position ids and a
-        visual-token mask.
+        visual-token mask. The token ids are read on the host (pass them as the tokenizer gives
+        them, on the CPU): the layout is planned there and only the embeddings are assembled on the
+        device, without reading anything back from it.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        input_ids = input_ids.to(self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.to(self.device, torch.bool)
-        n_placeholders = int((input_ids[attention_mask] == IMAGE_TOKEN_INDEX).sum())
+        rows = input_ids.tolist()
+        keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
+        sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
+        n_placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
         if visual_features is not None:
             features = list(visual_features)
         else:
@@ -194,25 +203,59 @@ class LlavaMetaForCausalLM:
             raise InputError(
                 f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"
             )
-        embed = self.model.embed_tokens
-        feature_iter = iter(features)
-        sequences, visual_flags = [], []
-        for ids, keep in zip(input_ids, attention_mask):
-            ids = ids[keep]
-            positions = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-            pieces, flags, start = [], [], 0
-            for pos in positions + [len(ids)]:
-                text = ids[start:pos]
-                pieces.append(embed(text))
-                flags.append(torch.zeros(len(text), dtype=torch.bool, device=self.device))
-                if pos < len(ids):
-                    feature = next(feature_iter).to(embed.weight.dtype)
-                    pieces.append(feature)
-                    flags.append(torch.ones(feature.shape[0], dtype=torch.bool, device=self.device))
-                start = pos + 1
-            sequences.append(torch.cat(pieces, dim=0))
-            visual_flags.append(torch.cat(flags))
-        return left_pad(sequences, visual_flags, self.config.max_length)
+        return assemble_inputs(sequences, features, self.model.embed_tokens, self.config.max_length, self.device)
+
+
+def assemble_inputs(sequences: list[list[int]], features: list[torch.Tensor], embed: nn.Embedding,
+                    max_length: int, device: torch.device) -> MultimodalInputs:
+    """The left-padded batch of token sequences with every placeholder replaced, in order, by the
+    next visual features. The layout is planned on the host; the device gets one embedding lookup
+    of all text tokens, one copy per visual block and the masks."""
+    counts = [feature.shape[0] for feature in features]
+    lengths, num_visual, cursor = [], [], 0
+    for sequence in sequences:
+        placeholders = sequence.count(IMAGE_TOKEN_INDEX)
+        visual = sum(counts[cursor : cursor + placeholders])
+        cursor += placeholders
+        lengths.append(len(sequence) - placeholders + visual)
+        num_visual.append(visual)
+    longest = max(lengths)
+    if longest > max_length:
+        raise InputError(
+            f"the prompt is {longest} tokens long after inserting visual tokens, more than the model's "
+            f"{max_length}: use fewer frames or a shorter prompt"
+        )
+    batch = len(sequences)
+    text_ids, text_slots, visual_slots = [], [], []
+    valid = torch.zeros(batch, longest, dtype=torch.bool)
+    visual = torch.zeros(batch, longest, dtype=torch.bool)
+    feature_index = 0
+    for b, sequence in enumerate(sequences):
+        position = longest - lengths[b]
+        valid[b, position:] = True
+        for token in sequence:
+            if token == IMAGE_TOKEN_INDEX:
+                size = counts[feature_index]
+                visual_slots.append((feature_index, b * longest + position))
+                visual[b, position : position + size] = True
+                position += size
+                feature_index += 1
+            else:
+                text_ids.append(token)
+                text_slots.append(b * longest + position)
+                position += 1
+    dtype = embed.weight.dtype
+    embeds = torch.zeros(batch * longest, embed.weight.shape[1], device=device, dtype=dtype)
+    if text_ids:
+        ids = to_device(torch.tensor(text_ids, dtype=torch.long), device)
+        embeds.index_copy_(0, to_device(torch.tensor(text_slots, dtype=torch.long), device), embed(ids))
+    for index, start in visual_slots:
+        embeds[start : start + counts[index]] = features[index].to(dtype)
+    position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return MultimodalInputs(
+        embeds.view(batch, longest, -1), to_device(valid, device), to_device(position_ids, device),
+        to_device(visual, device), any(length != longest for length in lengths), num_visual, lengths,
+    )
 
 
 def normalize_images(images) -> list[torch.Tensor]:
@@ -230,25 +273,3 @@ def normalize_images(images) -> list[torch.Tensor]:
             raise InputError("each image/video must be a [views, 3, H, W] or [3, H, W] tensor (see process_images)")
         result.append(image[None] if image.dim() == 3 else image)
     return result
-
-
-def left_pad(sequences: list[torch.Tensor], visual_flags: list[torch.Tensor], max_length: int) -> MultimodalInputs:
-    longest = max(seq.shape[0] for seq in sequences)
-    if longest > max_length:
-        raise InputError(
-            f"the prompt is {longest} tokens long after inserting visual tokens, more than the model's "
-            f"{max_length}: use fewer frames or a shorter prompt"
-        )
-    batch, hidden = len(sequences), sequences[0].shape[1]
-    device, dtype = sequences[0].device, sequences[0].dtype
-    embeds = torch.zeros(batch, longest, hidden, device=device, dtype=dtype)
-    valid = torch.zeros(batch, longest, dtype=torch.bool, device=device)
-    visual = torch.zeros(batch, longest, dtype=torch.bool, device=device)
-    for i, (seq, flags) in enumerate(zip(sequences, visual_flags)):
-        n = seq.shape[0]
-        embeds[i, longest - n :] = seq
-        valid[i, longest - n :] = True
-        visual[i, longest - n :] = flags
-    position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
-    padded = any(seq.shape[0] != longest for seq in sequences)
-    return MultimodalInputs(embeds, valid, position_ids, visual, padded)

@@ -1,36 +1,73 @@
-"""Token importance from a layer's attention, computed in query chunks (no [heads, N, N] matrix).
+"""PageRank token importance from a layer's attention, in log space and without an [heads, N, N]
+matrix held at once (docs/algorithms.md §3).
 
-PageRank importance (docs/algorithms.md §3): with M = softmax((QK^T / sqrt(d) + causal mask) / T) over
-keys, p_0 the given start weights (1/N each in the published method) and p_{t+1} = p_t @ M,
-the importance of token j is sqrt(mean over heads of p_n[j]^2).
+With L = QK^T * scale / T plus the causal and key masks, M = softmax(L) over keys, p_0 the start
+weights and p_{t+1} = p_t M, the importance of token j is sqrt(mean over heads of p_n[j]^2).
 
-Each application of M is done a chunk of query rows at a time, so the extra memory is
-O(chunk x N) per head; the row normalisers (log-sum-exp) are computed in a first pass. When the
-whole matrix fits the memory budget it is computed once and reused by all iterations.
+Everything is computed on logarithms: with lse_i the log-normaliser of row i,
+
+    log p_{t+1}[j] = logsumexp_i (log p_t[i] - lse_i + L_ij)
+
+and the importance's logarithm is (logsumexp_h 2 log p[h, j] - log H) / 2. At T = 0.1 most
+float32 probabilities of the published formula underflow to exactly 0 (and their squares sooner),
+which turns their order into sort-tie order; in log space every score stays distinct and the order
+is the published one wherever the published scores differ.
+
+Three kernels compute it:
+
+* ``chunked``: plain PyTorch over blocks of query rows (O(chunk x N) extra memory); when the
+  whole logit matrix fits a memory budget it is computed once and reused by every step; each step
+  is a logsumexp reduction. On CUDA the logits come from the model-dtype q and k with float32
+  accumulation and output.
+* ``factored``: the same chunks, but each step is a matrix-vector product of column-shifted
+  exponentials, as cheap as the linear formula, with an exact repair of the columns that would
+  underflow (:func:`pagerank_log_importance_factored`); the repair is decided on the host, so it
+  is the CPU's kernel.
+* ``flex``: FlexAttention, whose fused kernels return each pass's log-sum-exp without storing the
+  matrix: the row normalisers are the LSE of the causal attention, and each PageRank step is the
+  LSE of the transposed problem (keys attend to the queries that see them) with
+  ``log p_t - lse`` as a per-query bias. Shapes are padded to buckets and the block masks (causal
+  and its transpose, which depend on the size alone) are built once per bucket, so the compiled
+  kernels are reused across layers and inputs.
+
+``kernel="auto"`` uses ``flex`` on CUDA from :data:`FLEX_MIN_TOKENS` tokens on, ``chunked`` on CUDA
+below that, and ``factored`` elsewhere. ``chunked`` and ``flex`` never synchronise with the host.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
-DEFAULT_CACHE_BUDGET = 2**30  # the whole matrix is kept (not recomputed) when it is this small
+DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) when it is this small
+FLEX_MIN_TOKENS = 1024  # below this the chunked kernel's few large matmuls win (unmeasured on GPU)
+IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex")
 
 
-def attention_logit_chunks(
-    q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, chunk: int
-):
-    """Yield (start, end, logits [B, H, c, N]) with causal and key masking applied (-inf)."""
+def logit_matmul(q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+    """q @ k_t in float32: on CUDA from half-precision inputs with float32 accumulation and output
+    (tensor cores, no rounding of the logits), elsewhere in float32."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        shape = torch.broadcast_shapes(q.shape[:-2], k_t.shape[:-2])
+        a = q.expand(*shape, *q.shape[-2:]).reshape(-1, *q.shape[-2:])
+        b = k_t.expand(*shape, *k_t.shape[-2:]).reshape(-1, *k_t.shape[-2:])
+        return torch.bmm(a, b, out_dtype=torch.float32).view(*shape, q.shape[-2], k_t.shape[-1])
+    return torch.matmul(q.float(), k_t.float())
+
+
+def attention_logit_chunks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, chunk: int):
+    """Yield (start, end, logits [B, H, c, N] float32) with causal and key masking applied (-inf)."""
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
-    q_grouped = q.float().reshape(batch, kv_heads, heads // kv_heads, n, dim)
-    k_t = k.float().transpose(-1, -2)[:, :, None]
+    q_grouped = q.reshape(batch, kv_heads, heads // kv_heads, n, dim)
+    k_t = k.transpose(-1, -2)[:, :, None]
     key_index = torch.arange(n, device=q.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        logits = torch.matmul(q_grouped[:, :, :, start:end], k_t).mul_(scale)
+        logits = logit_matmul(q_grouped[:, :, :, start:end], k_t).mul_(scale)
         causal = key_index[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         allowed = causal[None] & key_mask[:, None, :]
         logits = logits.reshape(batch, heads, end - start, n).masked_fill_(~allowed[:, None], float("-inf"))
@@ -44,11 +81,27 @@ def row_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return logits.sub_(lse[..., None]).exp_(), lse
 
 
-def pagerank_importance(
+def log_start_weights(valid: torch.Tensor) -> torch.Tensor:
+    """log p_0 [B, N]: uniform over each sample's real rows (-inf on padding)."""
+    counts = valid.sum(dim=1, keepdim=True).clamp(min=1).float()
+    return torch.where(valid, -torch.log(counts), torch.full(valid.shape, float("-inf"), device=valid.device))
+
+
+def head_log_importance(log_p: torch.Tensor) -> torch.Tensor:
+    """log sqrt(mean over heads of p^2) from log p [B, H, N]."""
+    return 0.5 * (torch.logsumexp(2 * log_p, dim=1) - math.log(log_p.shape[1]))
+
+
+def row_bias(log_p: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log p_t[i] - lse_i, with rows that see nothing (lse = -inf) contributing nothing."""
+    return torch.where(torch.isinf(lse), torch.full_like(lse, float("-inf")), log_p - lse)
+
+
+def pagerank_log_importance(
     q: torch.Tensor,
     k: torch.Tensor,
     key_mask: torch.Tensor,
-    start_weights: torch.Tensor,
+    log_start: torch.Tensor,
     scale: float,
     temperature: float = 0.1,
     iterations: int = 5,
@@ -56,112 +109,223 @@ def pagerank_importance(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     cache_budget: int = DEFAULT_CACHE_BUDGET,
 ) -> torch.Tensor:
-    """Importance [B, N] (float32) of every token.
+    """Log-importance [B, N] (float32) of every token, by query chunks.
 
     q [B, H, N, d] and k [B, H_kv, N, d] are the layer's rotated queries and keys; key_mask [B, N]
-    says which tokens may be attended (besides causality); start_weights [B, N] is p_0. Rows
-    that can attend to nothing contribute nothing. When the whole matrix fits ``cache_budget``
-    bytes it is computed once (softmax per chunk) and reused by every step; otherwise the first
-    pass keeps each chunk's row normalisers (with the first step) and later steps recompute the
-    chunks.
+    says which tokens may be attended (besides causality); log_start [B, N] is log p_0. Tokens that
+    receive no attention get -inf.
     """
     batch, heads, n, _ = q.shape
     row_bytes = max(1, batch * heads * n * 4)
     chunk = chunk_size or max(1, memory_budget // row_bytes)
     keep = row_bytes * n <= cache_budget
     scale = scale / temperature
-    p = start_weights.float()[:, None, :].expand(batch, heads, n)
-    nxt = torch.zeros(batch, heads, n, device=q.device, dtype=torch.float32)
-    # Rows that can attend to nothing (left padding) are zeroed; softmax alone would give NaN.
-    blind = key_mask.long().cumsum(dim=1) == 0
-    any_blind = bool(blind.any())
-    lse_parts, cached = [], []
+    cached, lse_parts = [], []
     for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
+        lse_parts.append(torch.logsumexp(logits, dim=-1))
         if keep:
-            probs = torch.softmax(logits, dim=-1)
-            if any_blind:
-                probs.masked_fill_(blind[:, None, start:end, None], 0.0)
-            cached.append((start, end, probs))
-        else:
-            probs, lse = row_probabilities(logits)
-            lse_parts.append(lse)
-        nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
-    lse = torch.cat(lse_parts, dim=-1) if lse_parts else None
-    p = nxt
-    for _ in range(iterations - 1):
-        nxt = torch.zeros_like(p)
+            cached.append((start, end, logits))
+    lse = torch.cat(lse_parts, dim=-1)
+    log_p = log_start.float()[:, None, :].expand(batch, heads, n)
+    for _ in range(iterations):
+        bias = row_bias(log_p, lse)
+        blocks = cached if keep else attention_logit_chunks(q, k, key_mask, scale, chunk)
+        total = None
+        for start, end, logits in blocks:
+            part = torch.logsumexp(logits + bias[..., start:end, None], dim=-2)
+            total = part if total is None else torch.logaddexp(total, part)
+        log_p = total
+    return head_log_importance(log_p)
+
+
+def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias: torch.Tensor, scale: float,
+                  columns: torch.Tensor) -> torch.Tensor:
+    """log sum_i exp(bias[h, i] + L[h, i, j]) [H, len(columns)] for one sample's ``columns``,
+    from its q [H, N, d], k [H_kv, N, d] and key mask [N]."""
+    heads, n = q.shape[0], q.shape[1]
+    keys = k[:, columns].repeat_interleave(heads // k.shape[0], dim=0)
+    logits = logit_matmul(q, keys.transpose(-1, -2)).mul_(scale)
+    rows = torch.arange(n, device=q.device)[:, None]
+    allowed = (rows >= columns[None, :]) & key_mask[columns][None, :]
+    logits = logits.masked_fill_(~allowed[None], float("-inf"))
+    return torch.logsumexp(logits + bias[:, :, None], dim=1)
+
+
+def pagerank_log_importance_factored(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor,
+    log_start: torch.Tensor,
+    scale: float,
+    temperature: float = 0.1,
+    iterations: int = 5,
+    chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    cache_budget: int = DEFAULT_CACHE_BUDGET,
+) -> torch.Tensor:
+    """The log-importance of :func:`pagerank_log_importance` at the cost of the linear formula
+    (for the CPU, where elementwise exponentials over the matrix dominate).
+
+    With c_j the largest logit of column j, E_ij = exp(L_ij - c_j) is computed once and every step
+    is one matrix-vector product in float32: log p_{t+1}[j] = A + c_j + log sum_i exp(a_i - A) E_ij,
+    a_i = log p_t[i] - lse_i and A = max a. A column whose sum falls below 2^-100 (where float32
+    terms may have underflowed) is recomputed exactly in log space. That decision is taken on the
+    host, which is why the CUDA path uses the other kernels.
+    """
+    batch, heads, n, _ = q.shape
+    row_bytes = max(1, batch * heads * n * 4)
+    chunk = chunk_size or max(1, memory_budget // row_bytes)
+    keep = row_bytes * n <= cache_budget
+    scale = scale / temperature
+    lse_parts, cached = [], []
+    column_max = torch.full((batch, heads, n), float("-inf"), device=q.device)
+    for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
+        lse_parts.append(torch.logsumexp(logits, dim=-1))
+        column_max = torch.maximum(column_max, logits.amax(dim=-2))
         if keep:
-            blocks = cached
-        else:
-            blocks = (
-                (start, end, logits.sub_(lse[..., start:end, None]).exp_())
-                for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk)
-            )
-        for start, end, probs in blocks:
-            nxt += torch.matmul(p[..., None, start:end], probs).squeeze(-2)
-        p = nxt
-    return p.pow(2).mean(dim=1).sqrt()
+            cached.append((start, end, logits))
+    lse = torch.cat(lse_parts, dim=-1)
+    dead = torch.isinf(column_max)  # keys that no query may attend to
+    shift = torch.where(dead, torch.zeros_like(column_max), column_max)
+    for _, _, logits in cached:
+        logits.sub_(shift[..., None, :]).exp_()
+    log_p = log_start.float()[:, None, :].expand(batch, heads, n)
+    for _ in range(iterations):
+        bias = row_bias(log_p, lse)
+        top = bias.amax(dim=-1, keepdim=True)
+        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+        weights = (bias - top).exp()
+        blocks = cached if keep else (
+            (start, end, logits.sub_(shift[..., None, :]).exp_())
+            for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk)
+        )
+        total = torch.zeros(batch, heads, n, device=q.device)
+        for start, end, exponentials in blocks:
+            total += (weights[..., None, start:end] @ exponentials).squeeze(-2)
+        log_p = torch.where(dead, torch.full_like(total, float("-inf")), top + shift + total.log())
+        repair = (total < 2.0**-100) & ~dead
+        for sample in range(batch):
+            columns = repair[sample].any(dim=0).nonzero().flatten()
+            if len(columns):
+                log_p[sample, :, columns] = exact_columns(q[sample], k[sample], key_mask[sample], bias[sample],
+                                                          scale, columns)
+    return head_log_importance(log_p)
+
+
+def pagerank_importance(q, k, key_mask, start_weights, scale, temperature=0.1, iterations=5, chunk_size=None,
+                        memory_budget=DEFAULT_MEMORY_BUDGET, cache_budget=DEFAULT_CACHE_BUDGET) -> torch.Tensor:
+    """The importance itself, exp of :func:`pagerank_log_importance` (start_weights [B, N] is p_0)."""
+    log_start = torch.log(start_weights.float())
+    return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size,
+                                   memory_budget, cache_budget).exp()
+
+
+def flex_bucket(n: int) -> int:
+    """Padded length for the compiled flex kernels: multiples of 256 up to 2048, of 1024 above."""
+    step = 256 if n <= 2048 else 1024
+    return -(-n // step) * step
 
 
 @functools.cache
 def flex_kernel(device_type: str):
-    """FlexAttention, compiled into a fused kernel on GPU (eager, dense reference on CPU)."""
+    """FlexAttention: compiled with static shapes on CUDA (one kernel per bucket), eager elsewhere
+    (a dense reference implementation, for checking)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device_type == "cuda":
-        return torch.compile(flex_attention, dynamic=True)
-    return flex_attention
+    if device_type != "cuda":
+        return flex_attention
+    import torch._dynamo.config as dynamo_config
+
+    # one compiled kernel per length bucket (see flex_bucket), more than dynamo's default of 8
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    return torch.compile(flex_attention, dynamic=False)
 
 
-def _log_sum_exp_rows(flex, query, key, block_mask, scale, score_mod=None, enable_gqa=False) -> torch.Tensor:
+def _causal(b, h, query_index, key_index):
+    return key_index <= query_index
+
+
+def _seen_by_later(b, h, key_index_as_query, query_index_as_key):
+    return query_index_as_key >= key_index_as_query
+
+
+@functools.lru_cache(maxsize=64)
+def triangle_block_mask(kind: str, n: int, device: str):
+    """The causal block mask (``rows``) or its transpose (``columns``) for length ``n``; they depend
+    on the size alone, so each is built once per bucket."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod = _causal if kind == "rows" else _seen_by_later
+    return create_block_mask(mask_mod, None, None, n, n, device=device, _compile=device.startswith("cuda"))
+
+
+def _flex_lse(flex, query, key, block_mask, scale, score_mod, enable_gqa=False) -> torch.Tensor:
     from torch.nn.attention.flex_attention import AuxRequest
 
-    batch, heads, n, _ = query.shape
-    value = query.new_zeros(batch, key.shape[1], key.shape[2], 16)
+    value = query.new_zeros(query.shape[0], key.shape[1], key.shape[2], 16)
     _, aux = flex(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scale,
                   enable_gqa=enable_gqa, return_aux=AuxRequest(lse=True))
-    return aux.lse
+    return aux.lse.float()
 
 
-def pagerank_importance_flex(
+def pagerank_log_importance_flex(
     q: torch.Tensor,
     k: torch.Tensor,
     key_mask: torch.Tensor,
-    start_weights: torch.Tensor,
+    log_start: torch.Tensor,
     scale: float,
     temperature: float = 0.1,
     iterations: int = 5,
 ) -> torch.Tensor:
-    """The same importance with FlexAttention: O(N) extra memory and fused kernels on GPU.
-
-    Row normalisers are the log-sum-exp of the causal attention; each PageRank step is the
-    log-sum-exp of the transposed problem (keys attend to the queries that see them), with
-    log p_t - lse_row as a per-query bias: log p_{t+1}[j] = logsumexp_i(L_ij / T - lse_i + log p_t[i]).
-    """
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    flex = flex_kernel(q.device.type)
+    """The same log-importance with FlexAttention: O(N) extra memory, fused kernels on CUDA."""
     batch, heads, n, _ = q.shape
-    qf, kf = q.float().contiguous(), k.float()
+    padded = flex_bucket(n) if q.is_cuda else n
+    pad = padded - n
+
+    def extend(tensor, value):
+        if not pad:
+            return tensor
+        shape = list(tensor.shape)
+        axis = 2 if tensor.dim() == 4 else 1
+        shape[axis] = pad
+        return torch.cat([tensor, tensor.new_full(shape, value)], dim=axis)
+
+    dtype = q.dtype if q.is_cuda else torch.float32
+    qf, kf = extend(q.to(dtype), 0).contiguous(), extend(k.to(dtype), 0).contiguous()
+    keys_allowed = extend(key_mask, False)
+    log_p = extend(log_start.float(), float("-inf"))[:, None, :].expand(batch, heads, padded)
+    flex = flex_kernel(q.device.type)
+    device = str(q.device)
     scale = scale / temperature
+    masked = torch.where(keys_allowed, 0.0, float("-inf"))
 
-    def causal_visible(b, h, query_index, key_index):
-        return (key_index <= query_index) & key_mask[b, key_index]
+    def mask_keys(score, b, h, query_index, key_index):
+        return score + masked[b, key_index]
 
-    def seen_by_later(b, h, key_index_as_query, query_index_as_key):
-        return (query_index_as_key >= key_index_as_query) & key_mask[b, key_index_as_query]
-
-    rows = create_block_mask(causal_visible, batch, None, n, n, device=q.device)
-    lse_rows = _log_sum_exp_rows(flex, qf, kf, rows, scale, enable_gqa=True)
-    empty = torch.isinf(lse_rows)
-    columns = create_block_mask(seen_by_later, batch, None, n, n, device=q.device)
-    keys_as_queries = kf.repeat_interleave(heads // kf.shape[1], dim=1).contiguous()
-    log_p = torch.log(start_weights.float())[:, None, :].expand(batch, heads, n)
+    lse = _flex_lse(flex, qf, kf, triangle_block_mask("rows", padded, device), scale, mask_keys, enable_gqa=True)
+    keys_as_queries = kf.repeat_interleave(heads // kf.shape[1], dim=1)
     for _ in range(iterations):
-        bias = torch.where(empty, torch.full_like(lse_rows, float("-inf")), log_p - lse_rows)
+        bias = row_bias(log_p, lse)
 
-        def add_row_bias(score, b, h, query_index, key_index):
-            return score + bias[b, h, key_index]
+        def add_row_bias(score, b, h, key_index_as_query, query_index_as_key):
+            return score + bias[b, h, query_index_as_key] + masked[b, key_index_as_query]
 
-        log_p = _log_sum_exp_rows(flex, keys_as_queries, qf, columns, scale, score_mod=add_row_bias)
-    return torch.exp(2 * log_p).mean(dim=1).sqrt()
+        log_p = _flex_lse(flex, keys_as_queries, qf, triangle_block_mask("columns", padded, device), scale,
+                          add_row_bias)
+    return head_log_importance(log_p)[:, :n]
+
+
+def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations=5, kernel="auto",
+                   chunk_size=None) -> torch.Tensor:
+    """Dispatch to a kernel (see the module docstring)."""
+    if kernel == "auto":
+        if q.is_cuda:
+            kernel = "flex" if q.shape[2] >= FLEX_MIN_TOKENS else "chunked"
+        else:
+            kernel = "factored"
+    if kernel == "flex":
+        return pagerank_log_importance_flex(q, k, key_mask, log_start, scale, temperature, iterations)
+    if kernel == "factored":
+        return pagerank_log_importance_factored(q, k, key_mask, log_start, scale, temperature, iterations,
+                                                chunk_size)
+    return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)

@@ -114,9 +114,10 @@ class Merge:
     weights: torch.Tensor
 
 
-def apply_merge(hidden: torch.Tensor, original_index: torch.Tensor, merge: Merge) -> None:
-    """Apply a merge in place to one sample's hidden rows [N, D]."""
-    lookup = torch.full((int(original_index.max()) + 1,), -1, dtype=torch.long, device=hidden.device)
+def apply_merge(hidden: torch.Tensor, original_index: torch.Tensor, merge: Merge, length: int) -> None:
+    """Apply a merge in place to one sample's hidden rows [N, D]; ``original_index`` [N] maps the
+    rows to prefill indices, which are below ``length``."""
+    lookup = torch.full((length,), -1, dtype=torch.long, device=hidden.device)
     lookup[original_index] = torch.arange(len(original_index), device=hidden.device)
     sources, targets = lookup[merge.sources], lookup[merge.targets]
     mixed = hidden[targets].float() + merge.weights.T @ hidden[sources].float()
@@ -134,21 +135,23 @@ class RecordingReducer(LayerReducer):
 
     def merge(self, layer: int, sample: int, state: TokenState, merge: Merge) -> None:
         """Fold rows of ``sample`` (in place in ``state.hidden``) and keep the record."""
-        apply_merge(state.hidden[sample], state.original_index[sample], merge)
+        apply_merge(state.hidden[sample], state.original_index[sample], merge, state.prefill_length)
         self.merges[(layer, sample)] = merge
 
-    def apply(self, layer: int, state: TokenState, keep: torch.Tensor) -> TokenState:
+    def apply(self, layer: int, state: TokenState, keep: torch.Tensor, visual_kept: list[int]) -> TokenState:
+        """Keep the rows of ``keep`` (with ``visual_kept[b]`` visual rows) and record them."""
         keep = keep & state.alive
         mask = torch.zeros(keep.shape[0], state.prefill_length, dtype=torch.bool, device=keep.device)
         self.kept[layer] = mask.scatter(1, state.original_index, keep)
-        return keep_tokens(state, keep, self.mode)
+        return keep_tokens(state, keep, self.mode, visual_kept)
 
 
 class ReplayReducer(LayerReducer):
     """Repeats the decisions of an earlier prefill of the same prompt.
 
     Rows beyond that prefill (tokens generated since) are always kept, so a prefill over
-    prompt + generated tokens sees the same visual tokens at every layer as cached decoding.
+    prompt + generated tokens sees the same visual tokens at every layer as cached decoding. This
+    is the reference path of uncached generation: it reads the kept counts back from the device.
     """
 
     def __init__(self, kept: dict[int, torch.Tensor], mode: str, merges: dict[tuple[int, int], Merge] | None = None):
@@ -161,9 +164,10 @@ class ReplayReducer(LayerReducer):
             return state
         for sample in range(state.hidden.shape[0]):
             if (layer, sample) in self.merges:
-                apply_merge(state.hidden[sample], state.original_index[sample], self.merges[(layer, sample)])
+                apply_merge(state.hidden[sample], state.original_index[sample], self.merges[(layer, sample)],
+                            state.prefill_length)
         recorded = self.recorded[layer]
         prompt_length = recorded.shape[1]
         inside = state.original_index < prompt_length
-        keep = recorded.gather(1, state.original_index.clamp(max=prompt_length - 1)) | ~inside
-        return keep_tokens(state, keep & state.alive, self.mode)
+        keep = (recorded.gather(1, state.original_index.clamp(max=prompt_length - 1)) | ~inside) & state.alive
+        return keep_tokens(state, keep, self.mode, (keep & state.visual).sum(dim=1).tolist())

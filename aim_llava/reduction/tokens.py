@@ -2,6 +2,11 @@
 
 This is the interface between the decoder loop and the reduction methods: the decoder hands a
 :class:`TokenState` to the method after each layer and continues with the one it gets back.
+
+Every count that decides a shape (rows per sample, visual tokens still alive) is kept on the
+host, next to the device tensors, and updated from the decisions themselves (a method keeps
+exactly the number of visual tokens it asks for). So a prefill never reads a value back from the
+device: no host-device synchronisation stalls the GPU's queue between layers.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from aim_llava.tensors import host_values
 
 PRUNE_MODES = ("remove", "mask")
 
@@ -27,11 +34,11 @@ class LayerAttention:
 class TokenState:
     """Per-sample token rows, left-padded.
 
-    valid: real (not padding) rows. alive: rows that later tokens may attend to (valid, and not
-    pruned in mask mode). visual: visual-token rows. original_index: the row's index in the
-    prefill sequence, which is ``prefill_length`` long. num_visual: per-sample visual-token
-    counts at the start of the prefill. visual_per_layer [layers, B]: visual tokens that entered each
-    layer (filled in by the decoder at the end).
+    Device tensors [B, N]: ``valid`` real (not padding) rows; ``alive`` rows that later tokens may
+    attend to (valid, and not pruned in mask mode); ``visual`` visual-token rows;
+    ``original_index`` the row's index in the prefill sequence (``prefill_length`` long).
+    Host counts per sample: ``num_visual`` visual tokens at the start of the prefill, ``rows``
+    valid rows now, ``live_visual`` visual tokens still alive now.
     """
 
     hidden: torch.Tensor
@@ -42,39 +49,41 @@ class TokenState:
     original_index: torch.Tensor
     padded: bool
     num_visual: list[int]
+    rows: list[int]
+    live_visual: list[int]
     prefill_length: int
-    visual_per_layer: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, hidden, position_ids, valid, visual, padded: bool, count: bool = True) -> TokenState:
-        """The state before the first layer; ``count=False`` (decoding steps) skips the per-sample
-        counts, which need a device sync."""
+    def start(cls, hidden, position_ids, valid, visual, padded: bool, num_visual: list[int] | None = None,
+              rows: list[int] | None = None) -> TokenState:
+        """The state before the first layer. ``num_visual`` and ``rows`` are the host's counts of
+        visual tokens and real rows per sample (None: none visual / every row real)."""
         batch, n = valid.shape
         visual = torch.zeros_like(valid) if visual is None else visual & valid
-        num_visual = visual.sum(dim=1).tolist() if count else []
+        num_visual = list(num_visual) if num_visual is not None else [0] * batch
+        rows = list(rows) if rows is not None else [n] * batch
         index = torch.arange(n, device=valid.device).expand(batch, n)
-        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, n)
-
-    def visual_alive_counts(self) -> torch.Tensor:
-        return (self.visual & self.alive).sum(dim=1)
+        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, rows, list(num_visual), n)
 
 
-def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str) -> TokenState:
-    """Keep the rows where ``keep`` [B, N] is True (a subset of ``state.alive``).
+def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str, visual_kept: list[int]) -> TokenState:
+    """Keep the rows where ``keep`` [B, N] is True: every live text row and exactly
+    ``visual_kept[b]`` live visual rows of sample b (the caller's decision, so the new shape is
+    known on the host).
 
     ``mask``: rows stay and are no longer attended to. ``remove``: rows are dropped; each
     sample's kept rows stay in order, right-aligned, with padding rows in front.
     """
     keep = keep & state.alive
     if mode == "mask":
-        return dataclasses.replace(state, alive=keep, padded=True)
-    counts = keep.sum(dim=1)
-    count_list = counts.tolist()
-    width = max(count_list)
+        return dataclasses.replace(state, alive=keep, padded=True, live_visual=list(visual_kept))
+    counts_host = [rows - live + kept for rows, live, kept in zip(state.rows, state.live_visual, visual_kept)]
+    width = max(counts_host)
     batch, n = keep.shape
-    columns = torch.where(keep, width - counts[:, None] + keep.long().cumsum(dim=1) - 1, width)
-    rows = torch.arange(n, device=keep.device).expand(batch, n)
-    index = torch.zeros(batch, width + 1, dtype=torch.long, device=keep.device).scatter(1, columns, rows)[:, :width]
+    counts = keep.sum(dim=1, keepdim=True)
+    columns = torch.where(keep, width - counts + keep.long().cumsum(dim=1) - 1, width)
+    source_rows = torch.arange(n, device=keep.device).expand(batch, n)
+    index = torch.zeros(batch, width + 1, dtype=torch.long, device=keep.device).scatter(1, columns, source_rows)[:, :width]
     valid = torch.zeros(batch, width + 1, dtype=torch.bool, device=keep.device).scatter(1, columns, keep)[:, :width]
 
     def take(values: torch.Tensor) -> torch.Tensor:
@@ -90,18 +99,39 @@ def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str) -> TokenState:
         alive=valid.clone(),
         visual=take(state.visual) & valid,
         original_index=take(state.original_index),
-        padded=any(c != width for c in count_list),
+        padded=any(c != width for c in counts_host),
+        rows=counts_host,
+        live_visual=list(visual_kept),
     )
 
 
-def keep_top_visual(state: TokenState, scores: torch.Tensor, visual_kept: list[int]) -> torch.Tensor:
-    """Keep mask: every text token plus the ``visual_kept[b]`` best-scoring live visual tokens."""
+def keep_top_visual(state: TokenState, scores: torch.Tensor, visual_kept: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Keep mask of every live text token plus the best-scoring live visual tokens of each sample,
+    ``min(visual_kept[b], live)`` of them; returns the mask and those counts.
+
+    Ties are broken by position: of equal scores the earlier token ranks higher (a stable sort).
+    A NaN or -inf score ranks below every finite one, but above tokens that are not candidates.
+    """
     candidates = state.visual & state.alive
-    ranked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    lowest = torch.finfo(torch.float32).min
+    ranked = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest, posinf=torch.finfo(torch.float32).max)
+    ranked = torch.where(candidates, ranked, torch.full_like(ranked, float("-inf")))
     order = ranked.sort(dim=-1, descending=True, stable=True).indices
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    top = ranks < torch.tensor(visual_kept, device=ranks.device)[:, None]
-    return (top & candidates) | (state.valid & ~state.visual)
+    kept = [min(count, live) for count, live in zip(visual_kept, state.live_visual)]
+    if len(set(kept)) == 1:
+        top = ranks < kept[0]
+    else:
+        top = ranks < host_values(kept, ranks.device)[:, None]
+    return (top & candidates) | (state.alive & ~state.visual), kept
+
+
+def mask_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the True entries of ``mask`` [..., N] in increasing order, when each row holds
+    exactly ``count`` of them (known to the caller, so no synchronisation): [..., count]."""
+    n = mask.shape[-1]
+    index = torch.arange(n, device=mask.device)
+    return torch.where(mask, index, index + n).sort(dim=-1).values[..., :count]
 
 
 class LayerReducer:

@@ -23,6 +23,7 @@ from aim_llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
 from aim_llava.model.multimodal_projector.builder import build_vision_projector
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord, ReplayReducer
 from aim_llava.reduction.tokens import TokenState
+from aim_llava.timing import stage
 
 
 @dataclass
@@ -101,12 +102,13 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             reducer = ReplayReducer(replay.kept, plan.prune_mode, replay.merges) if replay.kept else None
         else:
             reducer = plan.layer_reducer(len(self.model.layers))
-        hidden, state = self.model.decode(
-            inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache,
-            visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
-        )
-        record = ReductionRecord(plan.name, state.visual_per_layer.tolist(), getattr(reducer, "kept", {}),
-                                 getattr(reducer, "merges", {}))
+        with stage("prefill", inputs.inputs_embeds.device):
+            hidden, state, entering = self.model.decode(
+                inputs.inputs_embeds, inputs.position_ids, inputs.valid, inputs.padded, cache,
+                visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
+                num_visual=inputs.num_visual, rows=inputs.lengths,
+            )
+        record = ReductionRecord(plan.name, entering, getattr(reducer, "kept", {}), getattr(reducer, "merges", {}))
         return hidden, state, record
 
     @property
@@ -189,31 +191,34 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         new_tokens = []
         if streamer is not None:
             streamer.put(torch.empty(batch, 0, dtype=torch.long))
-        for _ in range(max_new_tokens):
-            logits = self.lm_head(hidden[:, -1]).float()
-            token = self.pick_token(logits, sample, temperature, top_p, generator)
-            token = torch.where(finished, torch.full_like(token, pad), token)
-            new_tokens.append(token)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()) or len(new_tokens) == max_new_tokens:
-                break
-            token_embeds = self.model.embed_tokens(token)[:, None]
-            step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
-            if cache is not None:
-                hidden, _ = self.model.decode(token_embeds, next_position, step_valid, False, cache,
-                                              attn_implementation=plan.attn_implementation)
-            else:
-                mm = MultimodalInputs(
-                    torch.cat([mm.inputs_embeds, token_embeds], dim=1),
-                    torch.cat([mm.valid, step_valid], dim=1),
-                    torch.cat([mm.position_ids, next_position], dim=1),
-                    torch.cat([mm.visual, torch.zeros_like(step_valid)], dim=1),
-                    mm.padded,
-                )
-                hidden, _, _ = self.prefill(mm, None, plan, replay=record)
-            next_position = next_position + 1
+        with stage("decode", self.device):
+            for _ in range(max_new_tokens):
+                logits = self.lm_head(hidden[:, -1]).float()
+                token = self.pick_token(logits, sample, temperature, top_p, generator)
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                new_tokens.append(token)
+                if streamer is not None:
+                    streamer.put(token.cpu())
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()) or len(new_tokens) == max_new_tokens:
+                    break
+                token_embeds = self.model.embed_tokens(token)[:, None]
+                step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
+                if cache is not None:
+                    hidden, _, _ = self.model.decode(token_embeds, next_position, step_valid, False, cache,
+                                                     attn_implementation=plan.attn_implementation)
+                else:
+                    mm = MultimodalInputs(
+                        torch.cat([mm.inputs_embeds, token_embeds], dim=1),
+                        torch.cat([mm.valid, step_valid], dim=1),
+                        torch.cat([mm.position_ids, next_position], dim=1),
+                        torch.cat([mm.visual, torch.zeros_like(step_valid)], dim=1),
+                        mm.padded,
+                        mm.num_visual,
+                        [length + 1 for length in mm.lengths],
+                    )
+                    hidden, _, _ = self.prefill(mm, None, plan, replay=record)
+                next_position = next_position + 1
         if streamer is not None:
             streamer.end()
         sequences = torch.stack(new_tokens, dim=1)

@@ -163,25 +163,26 @@ class Qwen2Model(nn.Module):
         visual: torch.Tensor | None = None,
         reducer: LayerReducer | None = None,
         attn_implementation: str | None = None,
-    ) -> tuple[torch.Tensor, TokenState]:
+        num_visual: list[int] | None = None,
+        rows: list[int] | None = None,
+    ) -> tuple[torch.Tensor, TokenState, list[list[int]]]:
         """Run the decoder over new tokens.
 
         inputs_embeds [B, L, H]; position_ids [B, L]; valid [B, L] marks real tokens and
-        ``padded`` whether any is False; visual [B, L] marks visual tokens (given for a prefill:
-        then the visual tokens entering each layer are counted). With a cache, the
-        tokens attend to everything cached before them and are appended to it (each layer caches
-        the tokens that entered it). A ``reducer`` may drop or mask tokens after any layer.
-        Returns the final-norm hidden states of the remaining tokens and their :class:`TokenState`;
-        ``state.visual_per_layer`` counts the visual tokens that entered each layer.
+        ``padded`` whether any is False; visual [B, L] marks visual tokens, of which each sample
+        holds ``num_visual[b]`` among its ``rows[b]`` real rows (host counts: the loop never reads
+        a value back from the device). With a cache, the tokens attend to everything cached before
+        them and are appended to it (each layer caches the tokens that entered it). A ``reducer``
+        may drop or mask tokens after any layer.
+        Returns the final-norm hidden states of the remaining tokens, their :class:`TokenState`,
+        and the visual tokens that entered each layer, per sample ([layer][sample]).
         """
-        counting = visual is not None
         implementation = attn_implementation or self.attn_implementation
-        state = TokenState.start(inputs_embeds, position_ids, valid, visual, padded, count=counting)
+        state = TokenState.start(inputs_embeds, position_ids, valid, visual, padded, num_visual, rows)
         cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
         entering = []
         for index, layer in enumerate(self.layers):
-            if counting:
-                entering.append(state.visual_alive_counts())
+            entering.append(list(state.live_visual))
             wants = reducer is not None and reducer.wants_attention(index)
             state.hidden, seen = layer(state.hidden, cos, sin, state.alive, state.padded, cache, implementation, wants)
             if reducer is not None:
@@ -189,6 +190,4 @@ class Qwen2Model(nn.Module):
                 state = reducer.after_layer(index, state, seen)
                 if state.position_ids is not positions:
                     cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
-        if counting:
-            state.visual_per_layer = torch.stack(entering, dim=0)
-        return self.norm(state.hidden), state
+        return self.norm(state.hidden), state, entering

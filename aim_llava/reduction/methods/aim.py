@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.reduction.importance import pagerank_importance, pagerank_importance_flex
+from aim_llava.reduction.importance import (
+    IMPORTANCE_KERNELS,
+    log_importance,
+    log_start_weights,
+)
 from aim_llava.reduction.merge import (
     ORDERS,
     WEIGHTINGS,
@@ -26,8 +30,7 @@ from aim_llava.reduction.tokens import (
     TokenState,
     keep_top_visual,
 )
-
-IMPORTANCE_KERNELS = ("chunked", "flex")
+from aim_llava.timing import stage
 
 
 @dataclass(frozen=True)
@@ -42,9 +45,10 @@ class AimOptions:
     14 of 28 layers, 13 of 32, else half), prune_end (l2, linear only), prune_step (published),
     prune_floor (linear), prune_retention (explicit, one value per layer);
     prune_mode: "remove" (tokens really dropped) or "mask" (the published masking, eager attention);
-    importance_temperature / importance_iterations / importance_chunk_size: PageRank settings;
-    importance_kernel: "chunked" (query chunks, plain PyTorch) or "flex" (FlexAttention, compiled
-    into fused kernels on GPU; not yet measured on a GPU, see docs/benchmarks.md).
+    importance_temperature / importance_iterations / importance_chunk_size: PageRank settings
+    (the chunk size, in query rows, is chosen from a memory budget when None);
+    importance_kernel: "auto" (FlexAttention on CUDA for long sequences, chunked on CUDA below,
+    factored on the CPU), "chunked", "factored" or "flex" (see ``aim_llava.reduction.importance``).
     """
 
     merge_ratio: float | None = 0.25
@@ -62,7 +66,7 @@ class AimOptions:
     importance_temperature: float = 0.1
     importance_iterations: int = 5
     importance_chunk_size: int | None = None
-    importance_kernel: str = "chunked"
+    importance_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("merge_ratio", "image_merge_ratio"):
@@ -86,6 +90,9 @@ class AimOptions:
             raise ScheduleError("prune: linear needs prune_end")
         if self.importance_temperature <= 0 or self.importance_iterations < 1:
             raise ScheduleError("importance_temperature must be > 0 and importance_iterations >= 1")
+        if self.importance_chunk_size is not None and self.importance_chunk_size < 1:
+            raise ScheduleError(f"importance_chunk_size={self.importance_chunk_size} must be at least 1 (or null: "
+                                "chosen from a memory budget)")
 
     def schedule(self, num_layers: int) -> RetentionSchedule:
         if self.prune is None:
@@ -112,26 +119,22 @@ class AimPruner(RecordingReducer):
         return self.schedule.prunes_after(layer)
 
     def importance(self, state: TokenState, attention: LayerAttention) -> torch.Tensor:
-        """PageRank importance [B, N] over the tokens still attended to."""
-        counts = state.valid.sum(dim=1, keepdim=True).clamp(min=1)
-        start = state.valid.float() / counts
+        """Log PageRank importance [B, N] over the tokens still attended to (every real row, pruned
+        ones in mask mode included, starts with the same weight, as published)."""
         options = self.options
-        if options.importance_kernel == "flex":
-            importance = pagerank_importance_flex(attention.q, attention.k, state.alive, start, attention.scale,
-                                                  options.importance_temperature, options.importance_iterations)
-        else:
-            importance = pagerank_importance(attention.q, attention.k, state.alive, start, attention.scale,
-                                             options.importance_temperature, options.importance_iterations,
-                                             options.importance_chunk_size)
-        return importance
+        with stage("importance", state.hidden.device):
+            return log_importance(attention.q, attention.k, state.alive, log_start_weights(state.valid),
+                                  attention.scale, options.importance_temperature, options.importance_iterations,
+                                  options.importance_kernel, options.importance_chunk_size)
 
     def after_layer(self, layer: int, state: TokenState, attention: LayerAttention | None) -> TokenState:
         if not self.schedule.prunes_after(layer):
             return state
         # Text always stays; of the visual tokens, int(original count * retention) with the
-        # highest importance (docs/algorithms.md §3: text scores 1, pruned -1, keep the top n_text + that many).
-        kept = [self.schedule.kept(layer, visual) for visual in state.num_visual]
-        return self.apply(layer, state, keep_top_visual(state, self.importance(state, attention), kept))
+        # highest importance (docs/algorithms.md §3).
+        wanted = [self.schedule.kept(layer, visual) for visual in state.num_visual]
+        keep, kept = keep_top_visual(state, self.importance(state, attention), wanted)
+        return self.apply(layer, state, keep, kept)
 
 
 class AimPlan(PruningPlan):

@@ -55,9 +55,9 @@ class FastVPruner(RecordingReducer):
         if layer != self.options.layer - 1:
             return state
         scores = last_token_attention(attention, state.alive)
-        live = (state.visual & state.alive).sum(dim=1).tolist()
-        kept = [int(n * (1.0 - self.options.drop_ratio)) for n in live]
-        return self.apply(layer, state, keep_top_visual(state, scores, kept))
+        wanted = [int(n * (1.0 - self.options.drop_ratio)) for n in state.live_visual]
+        keep, kept = keep_top_visual(state, scores, wanted)
+        return self.apply(layer, state, keep, kept)
 
 
 class FastVPlan(PruningPlan):

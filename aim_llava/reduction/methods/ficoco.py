@@ -37,6 +37,7 @@ from aim_llava.reduction.tokens import (
     LayerAttention,
     TokenState,
     VisionReducer,
+    mask_positions,
 )
 
 
@@ -89,22 +90,27 @@ def mean_head_attention(attention: LayerAttention, sample: int, alive: torch.Ten
     return torch.cat(rows, dim=0)
 
 
+def masked_row_mean(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of ``a`` [N, N] selected by the mask ``rows`` [N] (zeros when none)."""
+    weights = rows.to(a.dtype)
+    return (weights @ a) / weights.sum().clamp(min=1)
+
+
 def filter_scores(a: torch.Tensor, visual: torch.Tensor, text_queries: torch.Tensor, beta: float) -> torch.Tensor:
     """Redundancy of every token: beta * mean visual attention received - (1 - beta) * mean text
     attention received (only visual tokens' scores are used)."""
-    from_visual = a[visual].mean(dim=0) if bool(visual.any()) else torch.zeros(a.shape[1], device=a.device)
-    from_text = a[text_queries].mean(dim=0) if bool(text_queries.any()) else torch.zeros_like(from_visual)
-    return beta * from_visual - (1 - beta) * from_text
+    return beta * masked_row_mean(a, visual) - (1 - beta) * masked_row_mean(a, text_queries)
 
 
 def correlation(a: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, text: torch.Tensor,
                 gamma: float) -> torch.Tensor:
-    """C [|S|, |T|] = gamma * A_ST + (1 - gamma) * mean over text k of A_Sk A_kT."""
+    """C [|S|, |T|] = gamma * A_ST + (1 - gamma) * mean over text k of A_Sk A_kT, for the source and
+    target positions ``sources`` and ``targets`` and the text mask ``text`` (no text: C = A_ST)."""
     direct = a[sources][:, targets]
-    if not bool(text.any()):
-        return direct
-    via_text = a[sources][:, text] @ a[text][:, targets] / int(text.sum())
-    return gamma * direct + (1 - gamma) * via_text
+    text_weights = text.to(a.dtype)
+    count = text_weights.sum()
+    via_text = (a[sources] * text_weights) @ a[:, targets] / count.clamp(min=1)
+    return torch.where(count > 0, gamma * direct + (1 - gamma) * via_text, direct)
 
 
 def row_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -140,31 +146,26 @@ class FiCoCoLReducer(RecordingReducer):
         options = self.options
         keep = state.alive.clone()
         state = dataclasses.replace(state, hidden=state.hidden.clone())
-        n = state.valid.shape[1]
-        positions = torch.arange(n, device=keep.device)
+        kept = list(state.live_visual)
         for b in range(state.valid.shape[0]):
             live_visual = state.visual[b] & state.alive[b]
-            count = int(live_visual.sum()) - options.kept_after(layer, state.num_visual[b])
+            kept[b] = min(state.live_visual[b], options.kept_after(layer, state.num_visual[b]))
+            count = state.live_visual[b] - kept[b]
             if count <= 0:
                 continue
             a = mean_head_attention(attention, b, state.alive[b]).float()
-            first_visual = int(live_visual.float().argmax())
             text = state.alive[b] & ~state.visual[b]
-            scores = filter_scores(a, live_visual, text & (positions > first_visual), options.beta)
-            candidates = live_visual.nonzero().flatten()
-            removed = candidates[scores[candidates].topk(count).indices]
-            targets_mask = live_visual.clone()
-            targets_mask[removed] = False
-            targets = targets_mask.nonzero().flatten()
-            if len(targets):
-                removed_mask = torch.zeros_like(live_visual)
-                removed_mask[removed] = True
-                corr = correlation(a, removed_mask, targets_mask, text, options.gamma)
-                order = removed_mask.nonzero().flatten()  # correlation rows follow position order
-                weights = compress_weights(corr, options.eps)
-                self.merge(layer, b, state, Merge(state.original_index[b, order], state.original_index[b, targets], weights))
-            keep[b, removed] = False
-        return self.apply(layer, state, keep)
+            after_first_visual = live_visual.cumsum(dim=0) > 0
+            scores = filter_scores(a, live_visual, text & after_first_visual, options.beta)
+            removed = torch.where(live_visual, scores, float("-inf")).topk(count).indices.sort().values
+            removed_mask = torch.zeros_like(live_visual).scatter(0, removed, True)
+            if kept[b] > 0:
+                targets = mask_positions(live_visual & ~removed_mask, kept[b])
+                weights = compress_weights(correlation(a, removed, targets, text, options.gamma), options.eps)
+                self.merge(layer, b, state, Merge(state.original_index[b, removed], state.original_index[b, targets],
+                                                  weights))
+            keep[b] &= ~removed_mask
+        return self.apply(layer, state, keep, kept)
 
 
 class FiCoCoLPlan(PruningPlan):
@@ -274,7 +275,7 @@ class FiCoCoVReducer(VisionReducer):
             scores = torch.where(window_maxima(scores, self.positions, self.grid), 2 * scores, scores)
         removed = scores.topk(count, dim=1).indices.sort(dim=1).values
         keep_mask = torch.ones(views, n, dtype=torch.bool, device=hidden.device).scatter(1, removed, False)
-        kept = keep_mask.nonzero()[:, 1].view(views, n - count)
+        kept = mask_positions(keep_mask, n - count)
         corr = a.gather(1, removed[..., None].expand(-1, -1, n)).gather(2, kept[:, None, :].expand(-1, count, -1))
         weights = compress_weights(corr, self.options.eps)
         gather = lambda index: hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()  # noqa: E731

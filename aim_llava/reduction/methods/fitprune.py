@@ -218,9 +218,9 @@ class FitPrunePruner(RecordingReducer):
         if self.counts is None:
             self.counts = [self.recipe.scaled(n) for n in state.num_visual]
         c, v = attention_received(attention, state)
-        live = (state.visual & state.alive).sum(dim=1).tolist()
-        kept = [max(0, n - counts[layer]) for n, counts in zip(live, self.counts)]
-        return self.apply(layer, state, keep_top_visual(state, c * v, kept))
+        wanted = [max(0, n - counts[layer]) for n, counts in zip(state.live_visual, self.counts)]
+        keep, kept = keep_top_visual(state, c * v, wanted)
+        return self.apply(layer, state, keep, kept)
 
 
 class FitPrunePlan(PruningPlan):

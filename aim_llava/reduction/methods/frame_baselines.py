@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from aim_llava.reduction.merge import merge_steps_for_ratio
 from aim_llava.reduction.plan import ReductionPlan
 from aim_llava.reduction.schedule import ScheduleError
+from aim_llava.tensors import to_device
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ class RandomDropPlan(ReductionPlan):
     def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
         count = self.frame_tokens_after_merging(frames.shape[1])
         generator = torch.Generator().manual_seed(self.options.seed)
-        keep = torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
-                            for _ in range(frames.shape[0])]).to(frames.device)
+        keep = to_device(torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
+                                      for _ in range(frames.shape[0])]), frames.device)
         return frames.gather(1, keep[..., None].expand(-1, -1, frames.shape[-1]))
 
 

@@ -1,0 +1,50 @@
+"""A prefill never reads a value back from the device (no host-device synchronisation between
+layers), for every method; the input assembly reads only the host's own token ids.
+
+On the CPU the calls that would synchronise on a GPU are counted where the package makes them
+(tests/sync_points.py); the GPU tier (tests/gpu) runs the same calls under
+``torch.cuda.set_sync_debug_mode("error")``, which also sees inside torch.
+"""
+
+import pytest
+import torch
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
+from sync_points import count_sync_points
+
+# AIM with the importance kernels a GPU uses (the CPU's own, "factored", decides its exact repairs on
+# the host: it is the one kernel that reads values back, and it never runs on CUDA)
+GPU_KERNELS = [{"importance_kernel": "chunked"}, {"importance_kernel": "flex"}]
+AIM = [{"method": "aim", **kernel} for kernel in GPU_KERNELS] + [
+    {"method": "aim", "prune_mode": "mask", "importance_kernel": "chunked"},
+    {"method": "aim", "merge_ratio": None, "importance_kernel": "chunked"},
+    {"method": "aim", "prune_start": 1, "merge_order": "spatial", "importance_kernel": "chunked"}]
+PRESETS = AIM + ["baseline", "fastv_default", "pool_25", "random_25", "ficoco_l_25", "ficoco_v_25",
+                 {"method": "ficoco_l", "start_layer": 1, "end_layer": 3, "keep_ratio": 0.3, "prune_mode": "mask"}]
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+@pytest.mark.parametrize("spec", PRESETS, ids=str)
+def test_prefill_has_no_sync_point(loaded, spec):
+    tokenizer, model, processor, _ = loaded
+    reduction = plan(model, spec)
+    videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (4, 2)]
+    ids, mask = left_padded_batch([prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What?")])
+    with torch.no_grad():
+        with count_sync_points() as in_vision:
+            features = model.visual_features(videos, None, ["video", "video"], reduction)
+        with count_sync_points() as in_assembly:
+            inputs = model.prepare_multimodal_inputs(ids, mask, visual_features=features, reduction=reduction)
+        with count_sync_points() as in_prefill:
+            _, _, record = model.prefill(inputs, None, reduction)
+    ours = [point for point in in_vision + in_prefill if "aim_llava" in point.where]  # torch's CPU-only reference
+    assert ours == []                                                                 # paths (eager flex) aside
+    assert {point.tensor for point in in_assembly} <= {id(ids), id(mask)}  # the host's own token ids only
+    assert len(record.visual_tokens_per_layer) == model.config.text.num_hidden_layers
+
+
+def test_the_counter_sees_a_sync_point():
+    with count_sync_points() as found:
+        value = torch.arange(3).sum().item()
+        flags = torch.tensor([True, False])
+        torch.arange(2)[flags]
+    assert value == 3 and [point.call for point in found] == ["item", "__getitem__"]
