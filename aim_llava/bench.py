@@ -154,12 +154,12 @@ def timed_vision(model, pixels: torch.Tensor, plan) -> tuple[torch.Tensor, float
     return features, times.seconds()["vision"]
 
 
-def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: int) -> dict:
+def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: int, cuda_graph: bool) -> dict:
     """One warm run of one config: pre-LLM step, prefill with its importance, decode, memory."""
     with torch.no_grad(), StageTimes() as times, PeakMemory(model.device) as memory:
         features = model.video_features(frame_features, plan)
         output = model.generate(ids.expand(batch, -1), visual_features=[features] * batch, max_new_tokens=decode_tokens,
-                                eos_token_id=[], reduction=plan, return_dict_in_generate=True)
+                                eos_token_id=[], reduction=plan, return_dict_in_generate=True, cuda_graph=cuda_graph)
     seconds = times.seconds()
     steps = output.sequences.shape[1] - 1
     return {
@@ -174,7 +174,7 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
 
 def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_tokens: int = 100,
               decode_tokens: int = 16, repeats: int = 3, pixels: torch.Tensor | None = None,
-              batch: int = 1) -> BenchReport:
+              batch: int = 1, cuda_graph: bool = True) -> BenchReport:
     """Measure every config in one process, alternating, after one warm-up round; ``batch``
     copies of the prompt are generated together."""
     device, config = model.device, model.config
@@ -195,7 +195,7 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
         shared, shared_s = timed_vision(model, pixels, ReductionPlan())
         for index, plan in enumerate(plans):
             features, vision_s = (shared, shared_s) if tower_owner[index] is None else timed_vision(model, pixels, plan)
-            result = measure_config(model, plan, features, ids, decode_tokens, batch)
+            result = measure_config(model, plan, features, ids, decode_tokens, batch, cuda_graph)
             if repeat > 0:
                 samples[index].append({**result, "vision_s": vision_s})
     report = BenchReport(arch_name, frames, text_tokens, decode_tokens, batch, str(device), machine_name(device),

@@ -82,6 +82,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                        help="decode eagerly on a GPU (by default each decoding step is replayed as a CUDA graph)")
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -284,7 +286,8 @@ def run(args) -> int:
                         llm = VideoLLM.from_pretrained(
                             args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
                             conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
-                            generation=GenerationOptions(max_new_tokens=args.max_new_tokens),
+                            generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                                         cuda_graph=args.cuda_graph),
                         )
                     record = run_one(llm, video, asked, args)
                 failures += record["error"] is not None
@@ -371,7 +374,7 @@ def run_bench(args) -> int:
         pixels = processor.preprocess(load_video(args.video, num_frames=args.frames).frames)["pixel_values"]
     with torch.no_grad():
         report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels,
-                       args.batch)
+                       args.batch, args.cuda_graph)
     print(markdown(report))
     if args.json:
         write_text_atomically(args.json, json.dumps(report.to_dict(), indent=2))
@@ -483,7 +486,8 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
     device = shard.start(args.device)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
-                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens))
+                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                                                     cuda_graph=args.cuda_graph))
     rows, failures = [], 0
     for reduction, file in zip(reductions, results):
         progress = None

@@ -48,10 +48,13 @@ class SamplingOptions:
 
 @dataclass
 class GenerationOptions:
+    """How replies are generated; ``cuda_graph=False`` decodes eagerly on a GPU too."""
+
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 0.0
     top_p: float | None = None
+    cuda_graph: bool = True
 
 
 @dataclass
@@ -277,6 +280,7 @@ class VideoLLM:
             temperature=options.temperature,
             top_p=options.top_p,
             streamer=clock,
+            cuda_graph=options.cuda_graph,
             reduction=self.plan(visual.reduction),
             return_dict_in_generate=True,
         )

@@ -19,3 +19,24 @@ def test_appends_equal_concatenation(reserve):
     assert torch.equal(entry.valid, torch.cat(valid, dim=1))
     assert entry.padded == (not bool(torch.cat(valid, dim=1).all()))
     assert cache.layers[0] is None
+
+
+def test_decoding_slots_are_written_in_place_and_unwritten_slots_are_zero():
+    """A decoding step attends over the whole buffer with unwritten slots masked: those slots must
+    hold finite values (0 weight x NaN garbage would still be NaN)."""
+    gen = torch.Generator().manual_seed(1)
+    cache = KVCache(num_layers=1, reserve=4)
+    keys = torch.randn(2, 3, 5, 4, generator=gen)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    entry = cache.append(0, keys, keys + 1, valid, padded=False)
+    assert entry.key_buffer.shape[2] == 9
+    assert torch.count_nonzero(entry.key_buffer[:, :, 5:]) == 0 and torch.count_nonzero(entry.value_buffer[:, :, 5:]) == 0
+    assert not entry.valid_buffer[:, 5:].any()
+    step_keys = torch.randn(2, 3, 1, 4, generator=gen)
+    for step in range(2):
+        entry.write(step_keys + step, step_keys - step, torch.tensor([entry.length + step]))
+    cache.advance(2)
+    assert entry.length == 7
+    assert torch.equal(entry.keys, torch.cat([keys, step_keys, step_keys + 1], dim=2))
+    assert torch.equal(entry.values, torch.cat([keys + 1, step_keys, step_keys - 1], dim=2))
+    assert entry.valid.all() and not entry.valid_buffer[:, 7:].any()

@@ -138,6 +138,9 @@ def pagerank_log_importance(
     return head_log_importance(log_p)
 
 
+UNDERFLOW_FLOOR = 2.0**-100  # factored sums below this may have lost float32 terms: recomputed exactly
+
+
 def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias: torch.Tensor, scale: float,
                   columns: torch.Tensor) -> torch.Tensor:
     """log sum_i exp(bias[h, i] + L[h, i, j]) [H, len(columns)] for one sample's ``columns``,
@@ -149,6 +152,25 @@ def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias
     allowed = (rows >= columns[None, :]) & key_mask[columns][None, :]
     logits = logits.masked_fill_(~allowed[None], float("-inf"))
     return torch.logsumexp(logits + bias[:, :, None], dim=1)
+
+
+def exact_rows(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
+    """Row log-normalisers lse_i [H, len(rows)] of one sample's ``rows``."""
+    heads, n = q.shape[0], q.shape[1]
+    keys = k.repeat_interleave(heads // k.shape[0], dim=0)
+    logits = logit_matmul(q[:, rows], keys.transpose(-1, -2)).mul_(scale)
+    allowed = (torch.arange(n, device=q.device)[None, :] <= rows[:, None]) & key_mask[None, :]
+    return torch.logsumexp(logits.masked_fill_(~allowed[None], float("-inf")), dim=-1)
+
+
+def repair_underflow(target: torch.Tensor, sums: torch.Tensor, needed: torch.Tensor, exact) -> None:
+    """Overwrite ``target`` [B, H, N] where a factored sum fell below :data:`UNDERFLOW_FLOOR`
+    (among ``needed``) with ``exact(sample, positions)`` [H, len(positions)]."""
+    low = (sums < UNDERFLOW_FLOOR) & needed
+    for sample in range(target.shape[0]):
+        positions = low[sample].any(dim=0).nonzero().flatten()
+        if len(positions):
+            target[sample, :, positions] = exact(sample, positions)
 
 
 def pagerank_log_importance_factored(
@@ -166,49 +188,55 @@ def pagerank_log_importance_factored(
     """The log-importance of :func:`pagerank_log_importance` at the cost of the linear formula
     (for the CPU, where elementwise exponentials over the matrix dominate).
 
-    With c_j the largest logit of column j, E_ij = exp(L_ij - c_j) is computed once and every step
-    is one matrix-vector product in float32: log p_{t+1}[j] = A + c_j + log sum_i exp(a_i - A) E_ij,
-    a_i = log p_t[i] - lse_i and A = max a. A column whose sum falls below 2^-100 (where float32
-    terms may have underflowed) is recomputed exactly in log space. That decision is taken on the
-    host, which is why the CUDA path uses the other kernels.
+    With c_j the largest logit of column j and C the largest of all, E_ij = exp(L_ij - c_j) is
+    computed once; the row normalisers are lse_i = C + log sum_j E_ij exp(c_j - C), and every step
+    is one matrix-vector product in float32: log p_{t+1}[j] = A + c_j + log sum_i exp(a_i - A) E_ij
+    with a_i = log p_t[i] - lse_i and A = max a. A row or column whose sum falls below 2^-100
+    (where float32 terms may have underflowed) is recomputed exactly in log space. That decision
+    is taken on the host, which is why CUDA uses the other kernels.
     """
     batch, heads, n, _ = q.shape
     row_bytes = max(1, batch * heads * n * 4)
     chunk = chunk_size or max(1, memory_budget // row_bytes)
     keep = row_bytes * n <= cache_budget
     scale = scale / temperature
-    lse_parts, cached = [], []
+    cached = []
     column_max = torch.full((batch, heads, n), float("-inf"), device=q.device)
     for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
-        lse_parts.append(torch.logsumexp(logits, dim=-1))
         column_max = torch.maximum(column_max, logits.amax(dim=-2))
         if keep:
             cached.append((start, end, logits))
-    lse = torch.cat(lse_parts, dim=-1)
     dead = torch.isinf(column_max)  # keys that no query may attend to
     shift = torch.where(dead, torch.zeros_like(column_max), column_max)
     for _, _, logits in cached:
         logits.sub_(shift[..., None, :]).exp_()
+
+    def exponentials():
+        if keep:
+            return cached
+        return ((start, end, logits.sub_(shift[..., None, :]).exp_())
+                for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk))
+
+    top = shift.amax(dim=-1, keepdim=True)
+    column_weights = torch.where(dead, torch.zeros_like(shift), (shift - top).exp())
+    row_sums = torch.cat([(block @ column_weights[..., :, None]).squeeze(-1) for _, _, block in exponentials()], dim=-1)
+    lse = top + row_sums.log()
+    blind = key_mask.long().cumsum(dim=1) == 0  # rows that may attend to nothing
+    repair_underflow(lse, row_sums, ~blind[:, None, :],
+                     lambda sample, rows: exact_rows(q[sample], k[sample], key_mask[sample], scale, rows))
     log_p = log_start.float()[:, None, :].expand(batch, heads, n)
     for _ in range(iterations):
         bias = row_bias(log_p, lse)
-        top = bias.amax(dim=-1, keepdim=True)
-        top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
-        weights = (bias - top).exp()
-        blocks = cached if keep else (
-            (start, end, logits.sub_(shift[..., None, :]).exp_())
-            for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk)
-        )
+        peak = bias.amax(dim=-1, keepdim=True)
+        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
+        weights = (bias - peak).exp()
         total = torch.zeros(batch, heads, n, device=q.device)
-        for start, end, exponentials in blocks:
-            total += (weights[..., None, start:end] @ exponentials).squeeze(-2)
-        log_p = torch.where(dead, torch.full_like(total, float("-inf")), top + shift + total.log())
-        repair = (total < 2.0**-100) & ~dead
-        for sample in range(batch):
-            columns = repair[sample].any(dim=0).nonzero().flatten()
-            if len(columns):
-                log_p[sample, :, columns] = exact_columns(q[sample], k[sample], key_mask[sample], bias[sample],
-                                                          scale, columns)
+        for start, end, block in exponentials():
+            total += (weights[..., None, start:end] @ block).squeeze(-2)
+        log_p = torch.where(dead, torch.full_like(total, float("-inf")), peak + shift + total.log())
+        repair_underflow(log_p, total, ~dead,
+                         lambda sample, columns, bias=bias: exact_columns(q[sample], k[sample], key_mask[sample],
+                                                                          bias[sample], scale, columns))
     return head_log_importance(log_p)
 
 

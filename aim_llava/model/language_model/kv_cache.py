@@ -5,9 +5,11 @@ Each layer keeps keys and values of shape [B, kv_heads, L_layer, d] and a boolea
 reduction can shorten the cache of later layers only. ``next_position`` [B] is the position id
 the next generated token takes in each sample.
 
-Storage grows in place: each layer's buffers are allocated with room for ``reserve`` more tokens
-(generation reserves ``max_new_tokens``) and doubled when full, so a decoding step writes one
-slot instead of copying the whole cache.
+Storage is preallocated: a layer's buffers are allocated when the prefill reaches it, with its
+own length after pruning plus room for ``reserve`` more tokens (generation reserves
+``max_new_tokens``), and doubled if ever full. A decoding step (:meth:`LayerCache.write`) writes
+one slot at an index held in a device tensor and attends over the whole buffer, masked by
+``valid_buffer``: the step has the same shapes every time, so it can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ class LayerCache:
     @classmethod
     def allocate(cls, keys, values, valid, padded: bool, capacity: int) -> LayerCache:
         batch, heads, length, dim = keys.shape
-        key_buffer = keys.new_empty(batch, heads, capacity, dim)
-        value_buffer = values.new_empty(batch, heads, capacity, values.shape[3])
+        # zeros, not empty: a decoding step attends over the whole buffer with the unwritten slots
+        # masked, and a masked slot's weight 0 times a garbage NaN value would still be NaN
+        key_buffer = keys.new_zeros(batch, heads, capacity, dim)
+        value_buffer = values.new_zeros(batch, heads, capacity, values.shape[3])
         valid_buffer = valid.new_zeros(batch, capacity)
         key_buffer[:, :, :length], value_buffer[:, :, :length], valid_buffer[:, :length] = keys, values, valid
         return cls(key_buffer, value_buffer, valid_buffer, length, padded)
@@ -51,6 +55,13 @@ class LayerCache:
     def grow(self, needed: int) -> LayerCache:
         capacity = max(needed, 2 * self.key_buffer.shape[2])
         return LayerCache.allocate(self.keys, self.values, self.valid, self.padded, capacity)
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Write one step's keys and values [B, kv_heads, 1, d] at slot ``index`` ([1], on the
+        device) and mark the slot valid; ``length`` is advanced afterwards by :meth:`KVCache.advance`."""
+        self.key_buffer.index_copy_(2, index, keys)
+        self.value_buffer.index_copy_(2, index, values)
+        self.valid_buffer.index_fill_(1, index, True)
 
 
 @dataclass
@@ -87,3 +98,8 @@ class KVCache:
             entry.padded = entry.padded or padded
         self.layers[layer] = entry
         return entry
+
+    def advance(self, steps: int) -> None:
+        """Count ``steps`` decoding steps written with :meth:`LayerCache.write` into every layer."""
+        for entry in self.layers:
+            entry.length += steps

@@ -9,6 +9,7 @@ what it did comes back with the call's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,11 @@ from torch import nn
 
 from aim_llava.errors import AimLlavaError, InputError
 from aim_llava.model.config import LlavaConfig
+from aim_llava.model.language_model.generation import (
+    SamplingParams,
+    run_decoding,
+    step_runner,
+)
 from aim_llava.model.language_model.kv_cache import KVCache
 from aim_llava.model.language_model.modeling_qwen2 import Qwen2Model
 from aim_llava.model.llava_arch import LlavaMetaForCausalLM, MultimodalInputs
@@ -23,6 +29,7 @@ from aim_llava.model.multimodal_encoder.siglip_encoder import SigLipVisionTower
 from aim_llava.model.multimodal_projector.builder import build_vision_projector
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord, ReplayReducer
 from aim_llava.reduction.tokens import TokenState
+from aim_llava.tensors import host_values
 from aim_llava.timing import stage
 
 
@@ -59,7 +66,7 @@ class LlavaQwenModel(Qwen2Model):
     """The ``model.*`` namespace of the checkpoint: Qwen2 plus the visual modules."""
 
     def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
-        super().__init__(config.text, attn_implementation)
+        super().__init__(config.text, attn_implementation, max_positions=config.max_length)
         self.vision_tower = SigLipVisionTower(config.vision, attn_implementation)
         self.mm_projector = build_vision_projector(
             config.mm_projector_type, config.vision.hidden_size, config.text.hidden_size
@@ -144,6 +151,15 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             cache.next_position = inputs.position_ids[:, -1] + 1
         return LlavaOutput(self.lm_head(hidden), cache, inputs, state, record)
 
+    def step_logits(self, cache: KVCache, attn_implementation: str | None) -> Callable[..., torch.Tensor]:
+        """The fixed-shape decoding step over ``cache``: (tokens [B], positions [B], step [1]) ->
+        next-token logits [B, V] in float32."""
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self.model.step(tokens, positions, index, cache, attn_implementation)).float()
+
+        return step
+
     @torch.no_grad()
     def generate(
         self,
@@ -164,74 +180,76 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         visual_features: list[torch.Tensor] | None = None,
         reduction: ReductionPlan | None = None,
         return_dict_in_generate: bool = False,
+        cuda_graph: bool = True,
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
         reduction record.
 
         ``eos_token_id=[]`` disables stopping. ``streamer`` follows transformers' streamer protocol
-        (``put`` with the prompt first, then each new token; ``end`` at the end).
+        (``put`` with the prompt first, then each new token; ``end`` at the end). With the KV cache
+        (preallocated per layer for the prefill's length after pruning plus ``max_new_tokens``)
+        each step has fixed shapes and, on a GPU, is replayed as a CUDA graph unless
+        ``cuda_graph=False``. Without the cache every step recomputes the whole sequence, replaying
+        the prefill's reduction decisions (a reference path).
         """
         plan = self.plan_for(reduction)
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if eos_token_id is None:
             eos_token_id = self.generation_defaults.eos_token_ids
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=self.device)
+        eos = host_values([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), self.device)
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
-        sample = do_sample and temperature > 0
+        params = SamplingParams(do_sample, temperature, top_p, generator)
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features,
                                             plan)
+        longest = max(mm.lengths)
+        if longest + max_new_tokens > self.config.max_length:
+            raise InputError(
+                f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the model's context of "
+                f"{self.config.max_length} tokens: ask for at most {max(0, self.config.max_length - longest)}"
+            )
+        if streamer is not None:
+            streamer.put(torch.empty(mm.valid.shape[0], 0, dtype=torch.long))
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
         hidden, _, record = self.prefill(mm, cache, plan)
-        positions = mm.position_ids
-        next_position = positions[:, -1:] + 1
-        batch = positions.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        new_tokens = []
-        if streamer is not None:
-            streamer.put(torch.empty(batch, 0, dtype=torch.long))
         with stage("decode", self.device):
-            for _ in range(max_new_tokens):
-                logits = self.lm_head(hidden[:, -1]).float()
-                token = self.pick_token(logits, sample, temperature, top_p, generator)
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                new_tokens.append(token)
-                if streamer is not None:
-                    streamer.put(token.cpu())
-                finished |= torch.isin(token, eos)
-                if bool(finished.all()) or len(new_tokens) == max_new_tokens:
-                    break
-                token_embeds = self.model.embed_tokens(token)[:, None]
-                step_valid = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
-                if cache is not None:
-                    hidden, _, _ = self.model.decode(token_embeds, next_position, step_valid, False, cache,
-                                                     attn_implementation=plan.attn_implementation)
-                else:
-                    mm = MultimodalInputs(
-                        torch.cat([mm.inputs_embeds, token_embeds], dim=1),
-                        torch.cat([mm.valid, step_valid], dim=1),
-                        torch.cat([mm.position_ids, next_position], dim=1),
-                        torch.cat([mm.visual, torch.zeros_like(step_valid)], dim=1),
-                        mm.padded,
-                        mm.num_visual,
-                        [length + 1 for length in mm.lengths],
-                    )
-                    hidden, _, _ = self.prefill(mm, None, plan, replay=record)
-                next_position = next_position + 1
+            first = self.lm_head(hidden[:, -1]).float()
+            if cache is not None:
+                step = step_runner(self.step_logits(cache, plan.attn_implementation), self.device, cuda_graph,
+                                   max_new_tokens)
+                positions = mm.position_ids[:, -1] + 1
+                index = torch.zeros(1, dtype=torch.long, device=self.device)
+
+                def next_logits(tokens: torch.Tensor, number: int) -> torch.Tensor:
+                    index.fill_(number)
+                    logits = step(tokens, positions, index)
+                    positions.add_(1)
+                    return logits
+            else:
+                def next_logits(tokens: torch.Tensor, number: int) -> torch.Tensor:
+                    nonlocal mm
+                    mm = appended(mm, self.model.embed_tokens(tokens)[:, None])
+                    return self.lm_head(self.prefill(mm, None, plan, replay=record)[0][:, -1]).float()
+
+            sequences, steps = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer)
+        if cache is not None:
+            cache.advance(steps)
         if streamer is not None:
             streamer.end()
-        sequences = torch.stack(new_tokens, dim=1)
         return GenerationOutput(sequences, record) if return_dict_in_generate else sequences
 
-    @staticmethod
-    def pick_token(logits, sample: bool, temperature: float, top_p: float | None, generator) -> torch.Tensor:
-        if not sample:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        if top_p is not None and top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-            sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+def appended(inputs: MultimodalInputs, token_embeds: torch.Tensor) -> MultimodalInputs:
+    """The batch with one more (text) token per sample, at the next position."""
+    batch = token_embeds.shape[0]
+    ones = torch.ones(batch, 1, dtype=torch.bool, device=token_embeds.device)
+    return MultimodalInputs(
+        torch.cat([inputs.inputs_embeds, token_embeds], dim=1),
+        torch.cat([inputs.valid, ones], dim=1),
+        torch.cat([inputs.position_ids, inputs.position_ids[:, -1:] + 1], dim=1),
+        torch.cat([inputs.visual, torch.zeros_like(ones)], dim=1),
+        inputs.padded,
+        inputs.num_visual,
+        [length + 1 for length in inputs.lengths],
+    )

@@ -13,7 +13,7 @@ from torch import nn
 
 from aim_llava.model.attention import attend
 from aim_llava.model.config import TextConfig
-from aim_llava.model.language_model.kv_cache import KVCache
+from aim_llava.model.language_model.kv_cache import KVCache, LayerCache
 from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState
 
 
@@ -31,19 +31,30 @@ class Qwen2RMSNorm(nn.Module):
 
 
 class RotaryEmbedding:
-    """cos/sin tables for given position ids (computed on the fly; nothing to load)."""
+    """cos/sin of the rotary embedding for position ids, looked up in tables built once per device
+    and dtype for every position up to ``max_positions`` (a gather: no per-step computation, and
+    fixed shapes for a captured decoding step)."""
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, max_positions: int):
         self.head_dim = head_dim
         self.theta = theta
+        self.max_positions = max_positions
+        self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (torch.device(device), dtype)
+        if key not in self.tables:
+            exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+            inv_freq = 1.0 / (self.theta**exponent)
+            freqs = torch.arange(self.max_positions, device=device).float()[:, None] * inv_freq
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.tables[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self.tables[key]
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = position_ids.device
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta**exponent)
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        """cos, sin [*position_ids.shape, head_dim]."""
+        cos, sin = self.table(position_ids.device, dtype)
+        return cos[position_ids], sin[position_ids]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +124,17 @@ class Qwen2Attention(nn.Module):
         out = attend(q, k, v, mask, True, self.head_dim**-0.5, attn_implementation)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), seen
 
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache,
+             write_index: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+        """One new token per sample, x [B, 1, H]: its key and value are written into the layer's
+        preallocated buffers at ``write_index`` (a device tensor) and it attends over the whole
+        buffer, masked to the written entries: fixed shapes, no host values."""
+        q, k, v = self.project(x, cos, sin)
+        cache.write(k, v, write_index)
+        mask = cache.valid_buffer[:, None, None, :]
+        out = attend(q, cache.key_buffer, cache.value_buffer, mask, False, self.head_dim**-0.5, attn_implementation)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], 1, -1))
+
 
 class Qwen2MLP(nn.Module):
     def __init__(self, config: TextConfig):
@@ -140,18 +162,23 @@ class Qwen2DecoderLayer(nn.Module):
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), seen
 
+    def step(self, x, cos, sin, cache: LayerCache, write_index: torch.Tensor, attn_implementation: str):
+        x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, cache, write_index, attn_implementation)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Qwen2Model(nn.Module):
     """Embeddings, decoder layers and final norm (checkpoint names ``model.*``)."""
 
-    def __init__(self, config: TextConfig, attn_implementation: str = "sdpa"):
+    def __init__(self, config: TextConfig, attn_implementation: str = "sdpa", max_positions: int | None = None):
         super().__init__()
         self.text_config = config
         self.attn_implementation = attn_implementation
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
+                                      max(config.max_position_embeddings, max_positions or 0))
 
     def decode(
         self,
@@ -191,3 +218,15 @@ class Qwen2Model(nn.Module):
                 if state.position_ids is not positions:
                     cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
         return self.norm(state.hidden), state, entering
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, step: torch.Tensor, cache: KVCache,
+             attn_implementation: str | None = None) -> torch.Tensor:
+        """One decoding step with fixed shapes: tokens [B] at positions [B] (device tensors), the
+        step's index [1] (device). Layer l writes at its prefill length + step. Returns the
+        final-norm hidden states [B, H]."""
+        implementation = attn_implementation or self.attn_implementation
+        x = self.embed_tokens(tokens)[:, None]
+        cos, sin = self.rotary(positions[:, None], x.dtype)
+        for layer, entry in zip(self.layers, cache.layers):
+            x = layer.step(x, cos, sin, entry, entry.length + step, implementation)
+        return self.norm(x)[:, 0]

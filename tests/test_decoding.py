@@ -1,0 +1,87 @@
+"""Decoding with the preallocated cache and the fixed-shape step: equal to recomputing the whole
+sequence for every preset and in padded batches; sampling on the device, reproducible and with
+the right distribution; stopping, padding and streaming."""
+
+import pytest
+import torch
+from conftest import left_padded_batch, plan, prompt_ids, random_frames
+
+from aim_llava.errors import InputError
+from aim_llava.model.language_model.generation import SamplingParams, pick_tokens, run_decoding
+from aim_llava.reduction.config import available_presets
+
+GEN = dict(max_new_tokens=6, eos_token_id=[])
+
+
+@pytest.fixture(scope="module")
+def batch(loaded):
+    tokenizer, _, processor, _ = loaded
+    videos = [processor.preprocess(random_frames(n, 48, 64, seed=40 + n))["pixel_values"] for n in (4, 2)]
+    prompts = [prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What do the people do next?")]
+    return prompts, videos
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_decodes_like_recomputation_in_a_padded_batch(loaded, batch, preset):
+    _, model, _, _ = loaded
+    reduction = plan(model, preset)
+    prompts, videos = batch
+    ids, mask = left_padded_batch(prompts)
+    kwargs = dict(attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=reduction, **GEN)
+    cached = model.generate(ids, **kwargs)
+    assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
+    for i in range(2):
+        single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], reduction=reduction, **GEN)
+        assert torch.equal(cached[i], single[0])
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator(loaded, batch):
+    _, model, _, _ = loaded
+    prompts, videos = batch
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return model.generate(prompts[0], images=[videos[0]], modalities=["video"], max_new_tokens=12, eos_token_id=[],
+                              do_sample=True, temperature=1.5, generator=generator)
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+@pytest.mark.parametrize("top_p, expected", [(None, [0.1, 0.2, 0.3, 0.4]), (0.5, [0.0, 0.0, 3 / 7, 4 / 7])])
+def test_device_sampler_draws_from_the_distribution(top_p, expected):
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])).expand(40000, 4)
+    generator = torch.Generator().manual_seed(0)
+    tokens = pick_tokens(logits, SamplingParams(True, 1.0, top_p, generator))
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert torch.allclose(frequencies, torch.tensor(expected), atol=0.01)
+    assert torch.equal(pick_tokens(logits[:3], SamplingParams()), torch.tensor([3, 3, 3]))  # greedy
+
+
+def test_stop_pad_and_stream():
+    """Sample 0 emits EOS (id 9) at step 1, sample 1 at step 3: sample 0 is padded afterwards and
+    decoding stops after step 3; the streamer sees exactly the returned steps."""
+    script = [[1, 2], [9, 4], [5, 6], [7, 9], [8, 8]]
+
+    def logits_for(step):
+        rows = torch.full((2, 12), -1.0)
+        rows[0, script[step][0]] = rows[1, script[step][1]] = 1.0
+        return rows
+
+    seen = []
+
+    class Streamer:
+        def put(self, tokens):
+            seen.append(tokens.tolist())
+
+    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 5, torch.tensor([9]), 0,
+                              SamplingParams(), Streamer())
+    assert out.tolist() == [[1, 9, 0, 0], [2, 4, 6, 9]]
+    assert seen == [[1, 2], [9, 4], [0, 6], [0, 9]] and calls == 3
+
+
+def test_new_tokens_beyond_the_context_are_refused(loaded):
+    tokenizer, model, _, _ = loaded
+    ids = prompt_ids(tokenizer, "Hi", num_images=0)
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        model.generate(ids, max_new_tokens=10**12)
