@@ -12,9 +12,9 @@ from aim_llava.reduction.importance import (
     pagerank_log_importance_factored,
     pagerank_log_importance_flex,
 )
+from aim_llava.reduction.tokens import TokenState, keep_top_visual
 
 CHUNKED_KERNELS = [pagerank_log_importance, pagerank_log_importance_factored]
-from aim_llava.reduction.tokens import TokenState, keep_top_visual
 
 
 def dense_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5, dtype=torch.float64):
