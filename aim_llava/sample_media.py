@@ -6,6 +6,7 @@ survive lossy compression, so a reader can tell exactly which source frames were
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -35,18 +36,37 @@ def read_frame_index(frame: np.ndarray) -> int:
     return value
 
 
-def write_sample_video(path: str | Path, num_frames: int = 90, fps: int = 30, height: int = 96, width: int = 160) -> Path:
-    """Encode an H.264 mp4 of ``num_frames`` index frames at ``fps``."""
+def write_sample_video(path: str | Path, num_frames: int = 90, fps: int = 30, height: int = 96, width: int = 160,
+                       gop: int = 12, bframes: int | None = None) -> Path:
+    """Encode an H.264 mp4 of ``num_frames`` index frames at ``fps`` (a keyframe every ``gop``
+    frames; ``bframes`` B-frames between references, x264's default when None)."""
+    return _encode(path, [1] * num_frames, fps, height, width, gop, bframes)
+
+
+def write_vfr_sample_video(path: str | Path, durations: list[int], height: int = 96, width: int = 160,
+                           gop: int = 12) -> Path:
+    """A variable-frame-rate mp4: frame i lasts ``durations[i]`` ticks of 1/90 s."""
+    return _encode(path, durations, 90, height, width, gop, None)
+
+
+def _encode(path, durations: list[int], rate: int, height: int, width: int, gop: int, bframes: int | None) -> Path:
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18", "g": "12"}
-        for i in range(num_frames):
+        stream.codec_context.time_base = Fraction(1, rate)
+        options = {"crf": "18", "g": str(gop), "keyint_min": str(gop)}
+        if bframes is not None:
+            options["bf"] = str(bframes)
+        stream.options = options
+        pts = 0
+        for i, duration in enumerate(durations):
             frame = av.VideoFrame.from_ndarray(index_frame(i, height, width), format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, rate)
+            pts += duration
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

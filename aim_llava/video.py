@@ -12,15 +12,18 @@ Sampling rules (the source's frame i has timestamp i / fps):
   that gives more than ``max_frames``, uniform sampling of ``max_frames`` over the window instead
   (LLaVA-Video's rule).
 
-Backends: ``decord``, ``pyav`` and ``qwen`` (qwen-vl-utils' reader). ``qwen`` keeps
-qwen-vl-utils' own uniform rule (``round(torch.linspace(first, last, n))`` with n rounded to an
-even number) because that is what a user picking it wants; use decord or pyav for the published
-indices. ``auto`` tries decord, then pyav (qwen only when neither is installed). What the
-decoder libraries print is silenced: a failure becomes one VideoError line.
+Backends: ``decord``, ``pyav``, ``torchcodec`` and ``qwen`` (qwen-vl-utils' reader). Each decodes
+only what the sampled frames need, with all cores: pyav indexes the packets (no decoding) and
+decodes from the keyframe before each sampled frame, decord and torchcodec seek themselves.
+``qwen`` keeps qwen-vl-utils' own uniform rule (``round(torch.linspace(first, last, n))`` with n
+rounded to an even number) because that is what a user picking it wants; use another backend for
+the published indices. ``auto`` tries decord, then pyav (qwen only when neither is installed).
+What the decoder libraries print is silenced: a failure becomes one VideoError line.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import os
@@ -35,7 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from aim_llava.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-BACKENDS = ("auto", "decord", "pyav", "qwen")
+BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
 
 
 class VideoError(InputError):
@@ -97,7 +100,7 @@ def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> li
 def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
     import decord
 
-    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)  # 0: decode with all cores
     total, source_fps = len(reader), float(reader.get_avg_fps())
     if total == 0:
         raise VideoError(f"{path} has no video frames")
@@ -105,28 +108,110 @@ def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, i
     return reader.get_batch(indices).asnumpy(), indices, source_fps, total
 
 
+@dataclass
+class PacketIndex:
+    """Presentation timestamps of a stream's frames (sorted: frame i has ``pts[i]``) and of its
+    keyframes, read by demuxing alone (no decoding)."""
+
+    pts: list[int]
+    keyframes: list[int]
+
+    @classmethod
+    def read(cls, container, stream) -> PacketIndex | None:
+        """None when some packet has no timestamp (then frames can only be counted by decoding)."""
+        pts, keyframes = [], []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            if packet.pts is None:
+                return None
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+        pts.sort()
+        keyframes.sort()
+        return cls(pts, keyframes or pts[:1])
+
+    def keyframe_before(self, pts: int) -> int:
+        return self.keyframes[max(0, bisect.bisect_right(self.keyframes, pts) - 1)]
+
+
+def _decode_seeking(container, stream, index: PacketIndex, indices: list[int]) -> dict[int, np.ndarray] | None:
+    """The frames at ``indices``, decoded from the keyframe before each run of them rather than
+    from the start; None if the decoder's timestamps do not match the packets' (then the caller
+    decodes sequentially)."""
+    wanted = {index.pts[i]: i for i in set(indices)}
+    decoded: dict[int, np.ndarray] = {}
+    frames, last = None, None
+    for target in sorted(wanted):
+        if target in decoded:
+            continue
+        keyframe = index.keyframe_before(target)
+        if frames is None or last is None or last < keyframe or last >= target:
+            container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+        for frame in frames:
+            if frame.pts is None:
+                return None
+            last = frame.pts
+            if frame.pts in wanted:
+                decoded[wanted[frame.pts]] = frame.to_ndarray(format="rgb24")
+            if frame.pts >= target:
+                break
+        if wanted[target] not in decoded:
+            return None
+    return decoded
+
+
+def _decode_sequential(container, stream, indices: list[int]) -> dict[int, np.ndarray]:
+    """The frames at ``indices``, counting decoded frames from the start (any container)."""
+    wanted, decoded = set(indices), {}
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            decoded[i] = frame.to_ndarray(format="rgb24")
+        if i >= indices[-1]:
+            break
+    return decoded
+
+
 def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
+    """Frame i is the i-th frame in presentation order. The packets are indexed first (demuxing
+    only); the sampled frames are then decoded from the keyframe before each of them, with the
+    codec's own threads."""
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
         stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
-        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size > 0)
+        index = PacketIndex.read(container, stream)
+        total = len(index.pts) if index is not None else stream.frames
+        if total == 0 or source_fps <= 0:
+            raise VideoError(f"{path} has no decodable video frames")
+        indices = choose_indices(total, source_fps, opts, path)
+        decoded = _decode_seeking(container, stream, index, indices) if index is not None else None
+        if decoded is None:
+            container.seek(0)
+            decoded = _decode_sequential(container, stream, indices)
+    missing = set(indices) - set(decoded)
+    if missing:
+        raise VideoError(f"{path} is truncated or damaged: frame {max(missing)} of {total} does not decode")
+    return np.stack([decoded[i] for i in indices]), indices, source_fps, total
+
+
+def _read_torchcodec(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
+    """torchcodec's decoder, exact frame index (a scan of the file), FFmpeg's threads."""
+    from torchcodec.decoders import VideoDecoder
+
+    decoder = VideoDecoder(path, seek_mode="exact", num_ffmpeg_threads=0)
+    total, source_fps = int(decoder.metadata.num_frames or 0), float(decoder.metadata.average_fps or 0)
     if total == 0 or source_fps <= 0:
         raise VideoError(f"{path} has no decodable video frames")
     indices = choose_indices(total, source_fps, opts, path)
-    wanted, decoded = set(indices), {}
-    with av.open(path) as container:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i in wanted:
-                decoded[i] = frame.to_ndarray(format="rgb24")
-            if i >= indices[-1]:
-                break
-    if len(decoded) < len(wanted):
-        raise VideoError(f"{path} is truncated or damaged: frame {max(wanted - set(decoded))} of {total} does not decode")
-    return np.stack([decoded[i] for i in indices]), indices, source_fps, total
+    frames = decoder.get_frames_at(indices).data
+    return frames.permute(0, 2, 3, 1).numpy(), indices, source_fps, total
 
 
 def _read_qwen(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
@@ -148,7 +233,7 @@ def _read_qwen(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
     return frames, list(metadata["frames_indices"]), float(metadata["fps"]), int(metadata["total_num_frames"])
 
 
-READERS = {"decord": _read_decord, "pyav": _read_pyav, "qwen": _read_qwen}
+READERS = {"decord": _read_decord, "pyav": _read_pyav, "qwen": _read_qwen, "torchcodec": _read_torchcodec}
 
 
 @contextlib.contextmanager
@@ -169,7 +254,7 @@ def native_output_silenced():
 def _backend_available(name: str) -> bool:
     import importlib.util
 
-    module = {"decord": "decord", "pyav": "av", "qwen": "qwen_vl_utils"}[name]
+    module = {"decord": "decord", "pyav": "av", "qwen": "qwen_vl_utils", "torchcodec": "torchcodec"}[name]
     return importlib.util.find_spec(module) is not None
 
 
