@@ -5,6 +5,8 @@ a loaded checkpoint; synthetic frames or a real video. Every stage is timed warm
 round), as the median of the repeats, with CUDA events on a GPU (no synchronisation inside the
 measured code) and the clock on the CPU:
 
+* read: sampling the frames from ``--video`` (on the host), and preprocess: resizing and
+  normalising them on the model's device (synthetic 640x360 frames without a video);
 * vision: the tower and projector (once per repeat, shared by the configs that do not act inside
   the tower; each config that does, FiCoCo-V, has its own);
 * pre-LLM: pooling and merging before the LLM;
@@ -24,6 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import psutil
 import torch
 
@@ -31,10 +34,12 @@ from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.cost import prefill_flops
 from aim_llava.flops import executed_tokens
 from aim_llava.model.config import LlavaConfig
+from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.reduction.budget import resolve_reduction
 from aim_llava.reduction.plan import ReductionPlan
-from aim_llava.timing import StageTimes
+from aim_llava.timing import StageTimes, stage
+from aim_llava.video import load_video
 
 
 def release_freed_memory() -> None:
@@ -86,6 +91,8 @@ class ConfigResult:
     tokens_per_layer: list[int]
     prefill_tflops: float
     prefill_tflops_executed: float
+    read_s: float
+    preprocess_s: float
     vision_s: float
     pre_llm_s: float
     prefill_s: float
@@ -111,6 +118,7 @@ class BenchReport:
     attn: str
     repeats: int
     torch: str
+    source: str
     rows: list[ConfigResult] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -172,17 +180,31 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
     }
 
 
+def read_frames(video: str | None, frames: int, backend: str) -> tuple[np.ndarray, float]:
+    """The sampled frames (uint8 [T, H, W, 3]) of ``video`` and the time reading them took, or
+    synthetic 640x360 frames (read time 0)."""
+    if video is None:
+        return np.random.default_rng(0).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8), 0.0
+    started = time.perf_counter()
+    clip = load_video(video, num_frames=frames, backend=backend)
+    return clip.frames, time.perf_counter() - started
+
+
+def timed_preprocess(model, processor, frames: np.ndarray) -> tuple[torch.Tensor, float]:
+    with torch.no_grad(), StageTimes() as times, stage("preprocess", model.device):
+        pixels = processor.preprocess_frames(frames, model.device, model.dtype)
+    return pixels, times.seconds()["preprocess"]
+
+
 def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_tokens: int = 100,
-              decode_tokens: int = 16, repeats: int = 3, pixels: torch.Tensor | None = None,
+              decode_tokens: int = 16, repeats: int = 3, video: str | None = None, backend: str = "auto",
               batch: int = 1, cuda_graph: bool = True) -> BenchReport:
     """Measure every config in one process, alternating, after one warm-up round; ``batch``
-    copies of the prompt are generated together."""
+    copies of the prompt are generated together. With ``video`` the frames are read from it
+    (timed) every repeat; otherwise synthetic 640x360 frames are used."""
     device, config = model.device, model.config
     torch.manual_seed(0)
-    if pixels is None:
-        pixels = torch.randn(frames, 3, config.vision.image_size, config.vision.image_size)
-    pixels = pixels.to(device)
-    frames = pixels.shape[0]
+    processor = SiglipImageProcessor.from_vision_config(config.vision)
     text = torch.randint(0, min(1000, config.text.vocab_size), (text_tokens,))
     ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None]
     reductions = [resolve_reduction(spec, config, frames, text_tokens) for spec in configs]
@@ -192,15 +214,18 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
                    for index, plan in enumerate(plans)]
     samples: dict[int, list[dict]] = {i: [] for i in range(len(plans))}
     for repeat in range(repeats + 1):
+        raw, read_s = read_frames(video, frames, backend)
+        pixels, preprocess_s = timed_preprocess(model, processor, raw)
         shared, shared_s = timed_vision(model, pixels, ReductionPlan())
         for index, plan in enumerate(plans):
             features, vision_s = (shared, shared_s) if tower_owner[index] is None else timed_vision(model, pixels, plan)
             result = measure_config(model, plan, features, ids, decode_tokens, batch, cuda_graph)
             if repeat > 0:
-                samples[index].append({**result, "vision_s": vision_s})
+                samples[index].append({**result, "vision_s": vision_s, "read_s": read_s, "preprocess_s": preprocess_s})
+    frames = pixels.shape[0]
     report = BenchReport(arch_name, frames, text_tokens, decode_tokens, batch, str(device), machine_name(device),
                          str(model.dtype).replace("torch.", ""), model.model.attn_implementation, repeats,
-                         torch.__version__)
+                         torch.__version__, video or "synthetic 640x360 frames")
     for index, reduction in enumerate(reductions):
         runs = samples[index]
 
@@ -216,10 +241,12 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
             tokens_per_layer=entering,
             prefill_tflops=prefill_flops(config.text, leaving) / 1e12,
             prefill_tflops_executed=prefill_flops(config.text, executed_tokens(plan, entering)) / 1e12,
+            read_s=median("read_s"),
+            preprocess_s=median("preprocess_s"),
             vision_s=median("vision_s"),
             pre_llm_s=median("pre_llm_s"),
             prefill_s=median("prefill_s"),
-            ttft_s=median("vision_s") + median("pre_llm_s") + median("prefill_s"),
+            ttft_s=sum(median(key) for key in ("read_s", "preprocess_s", "vision_s", "pre_llm_s", "prefill_s")),
             decode_tokens_per_s=median("decode_tokens_per_s"),
             importance_s=median("importance_s"),
             peak_extra_mib=median("peak_extra_mib"),
@@ -235,19 +262,22 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
 def markdown(report: BenchReport) -> str:
     lines = [
         f"{report.arch}, {report.frames} frames, {report.text_tokens} text tokens, {report.decode_tokens} new tokens, "
-        f"batch {report.batch}; {report.machine}; {report.dtype}, attention {report.attn}; torch {report.torch}; "
-        f"every stage timed warm, median of {report.repeats} after a warm-up",
+        f"batch {report.batch}; frames from {report.source}; {report.machine}; {report.dtype}, attention "
+        f"{report.attn}; torch {report.torch}; every stage timed warm, median of {report.repeats} after a warm-up; "
+        "TTFT = read + preprocess + vision + pre-LLM + prefill",
         "",
         "| config | tokens in layer 0 / last | TFLOPs paper / executed | FLOPs reduction | prefill s | speedup | "
-        "speedup / FLOPs red. | importance s (share) | vision s | TTFT s | decode tok/s | peak extra MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "speedup / FLOPs red. | importance s (share) | read s | preprocess s | vision s | pre-LLM s | TTFT s | "
+        "decode tok/s | peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
         lines.append(
             f"| {r.config} | {r.tokens_per_layer[0]} / {r.tokens_per_layer[-1]} | "
             f"{r.prefill_tflops:.2f} / {r.prefill_tflops_executed:.2f} | {r.flops_reduction:.2f}x | {r.prefill_s:.3f} | "
             f"{r.speedup:.2f}x | {r.speedup_over_flops_reduction:.2f} | "
-            f"{r.importance_s:.3f} ({100 * r.importance_s / r.prefill_s:.1f}%) | {r.vision_s:.2f} | {r.ttft_s:.2f} | "
+            f"{r.importance_s:.3f} ({100 * r.importance_s / r.prefill_s:.1f}%) | {r.read_s:.3f} | "
+            f"{r.preprocess_s:.3f} | {r.vision_s:.3f} | {r.pre_llm_s:.3f} | {r.ttft_s:.3f} | "
             f"{r.decode_tokens_per_s:.1f} | {r.peak_extra_mib:.0f} |"
         )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ others go on; the exit code is then 2 as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -63,6 +64,16 @@ def _float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _float(text)
     if value <= 0:
@@ -86,6 +97,14 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
                         help="decode eagerly on a GPU (by default each decoding step is replayed as a CUDA graph)")
 
 
+def add_batch_options(parser: argparse.ArgumentParser) -> None:
+    """How many items are generated together, and how many threads read ahead."""
+    parser.add_argument("--batch-size", type=positive_int, default=1,
+                        help="videos encoded and generated together (default 1)")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="threads reading the next videos while the model works (0: none; default 2)")
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
@@ -103,8 +122,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--json", action="store_true", help="one JSON line per video on stdout")
-    parser.add_argument("--output", type=Path, help="write JSONL results here (atomically, after every video)")
+    parser.add_argument("--output", type=Path, help="write JSONL results here (one record appended per video)")
     parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
+    add_batch_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--configs", default="baseline,aim_default", help="comma-separated presets/YAML/budget:X")
     bench.add_argument("--frames", type=positive_int, default=16)
     bench.add_argument("--video", help="read the frames from this video (default: synthetic frames)")
+    bench.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder for --video")
     bench.add_argument("--text-tokens", type=positive_int, default=100)
     bench.add_argument("--decode-tokens", type=positive_int, default=16)
     bench.add_argument("--repeats", type=positive_int, default=3)
@@ -158,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--frames", type=positive_int, default=32)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
     add_runtime_options(evaluate)
+    add_batch_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     return parser
 
@@ -196,16 +218,15 @@ def caption_key(record: dict) -> tuple:
     return record["video"], record.get("question"), record.get("config")
 
 
-def run_one(llm, video: str, question: str, args) -> dict:
-    """Caption or answer for one input; failures become the record's ``error``."""
-    record = {"video": video, "question": question, "config": llm.reduction.name, "text": None, "error": None}
-    stream = print_now if args.stream and not args.json else None
-    try:
-        visual = llm.encode(video)
-        response = llm.respond(visual, [(question, None)], stream, max_new_tokens=args.max_new_tokens)
-    except Exception as err:  # a failing item must not end the batch; its message is kept
-        record["error"] = error_message(err)
+def caption_record(video: str, question: str, config: str, result=None, error: str | None = None) -> dict:
+    """The JSONL record of one caption/ask item (``result``: a pipeline Result)."""
+    record = {"video": video, "question": question, "config": config, "text": None, "error": error}
+    if result is None:
         return record
+    if result.error is not None:
+        record["error"] = error_message(result.error)
+        return record
+    visual, response = result.visual, result.response
     record.update(
         text=response.text,
         modality=visual.modality,
@@ -242,7 +263,7 @@ def report(record: dict, args, many: bool, progress=None) -> None:
 
 def run(args) -> int:
     from aim_llava.model.builder import checkpoint_config
-    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.pipeline import SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
     if args.resume and args.output is None:
@@ -250,6 +271,8 @@ def run(args) -> int:
     shard = Shard.from_environment()
     if shard.world > 1 and args.output is None:
         raise CliError("with several processes give --output FILE (each writes FILE.rankN; rank 0 merges into FILE)")
+    if args.stream and args.batch_size > 1:
+        raise CliError("--stream prints one reply as it is generated: use it with --batch-size 1")
     sources = args.videos if args.command == "caption" else [args.video]
     videos = expand_inputs(sources)
     question = args.question if args.command == "ask" else None
@@ -269,7 +292,6 @@ def run(args) -> int:
             print(f"aim-llava: resuming: {len(items) - len(todo)} of {len(items)} already in {args.output}",
                   file=sys.stderr)
         device = shard.start(args.device)
-        llm = None
         failures = 0
         progress = None
         if len(items) > 1:
@@ -277,19 +299,7 @@ def run(args) -> int:
 
             progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
         try:
-            for video, asked in todo:
-                if not os.path.exists(video):
-                    record = {"video": video, "question": asked, "config": reduction.name, "text": None,
-                              "error": f"file not found: {video}"}
-                else:
-                    if llm is None:
-                        llm = VideoLLM.from_pretrained(
-                            args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
-                            conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
-                            generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                         cuda_graph=args.cuda_graph),
-                        )
-                    record = run_one(llm, video, asked, args)
+            for record in caption_records(args, todo, reduction, sampling, device):
                 failures += record["error"] is not None
                 if results is not None:
                     results.append(record)
@@ -303,6 +313,26 @@ def run(args) -> int:
         if results is not None:
             results.close()
     return merge_caption_shards(shard, videos, args.output, failures)
+
+
+def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, device):
+    """The records of the (video, question) items, in order. The model is loaded only if some
+    video exists; the next videos are read in worker threads while the model works on a batch."""
+    from aim_llava.pipeline import GenerationOptions, Request, VideoLLM
+
+    if not any(os.path.exists(video) for video, _ in todo):
+        for video, asked in todo:
+            yield caption_record(video, asked, reduction.name, error=f"file not found: {video}")
+        return
+    llm = VideoLLM.from_pretrained(
+        args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
+        conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
+        generation=GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph),
+    )
+    stream = print_now if args.stream and not args.json else None
+    requests = [Request(video, [(asked, None)]) for video, asked in todo]
+    for (video, asked), result in zip(todo, llm.run(requests, args.batch_size, args.workers, stream=stream)):
+        yield caption_record(video, asked, reduction.name, result)
 
 
 def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int) -> int:
@@ -341,13 +371,8 @@ def run_bench(args) -> int:
     from aim_llava.architectures import architecture
     from aim_llava.bench import markdown, plot, random_model
     from aim_llava.bench import run_bench as bench
-    from aim_llava.model.builder import (
-        load_pretrained_model,
-        resolve_device,
-        resolve_dtype,
-    )
+    from aim_llava.model.builder import load_pretrained_model, resolve_device, resolve_dtype
     from aim_llava.reduction.budget import check_reduction_spec
-    from aim_llava.video import load_video
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs:
@@ -357,24 +382,20 @@ def run_bench(args) -> int:
     for path, option in ((args.json, "--json"), (args.plot, "--plot")):
         if path:
             resolve_output(path, what=option)
+    if args.video and not os.path.exists(args.video):
+        raise CliError(f"video not found: {args.video}")
     if args.model:
-        _, model, processor, _ = load_pretrained_model(args.model, device_map=args.device, torch_dtype=args.dtype,
-                                                       attn_implementation=args.attn)
+        _, model, _, _ = load_pretrained_model(args.model, device_map=args.device, torch_dtype=args.dtype,
+                                               attn_implementation=args.attn)
         name = args.model
     else:
         config = architecture(args.arch)
         device = resolve_device(args.device)
         model = random_model(config, device, resolve_dtype(args.dtype, config, device), args.attn)
-        processor, name = None, args.arch
-    pixels = None
-    if args.video:
-        from aim_llava.model.image_processor import SiglipImageProcessor
-
-        processor = processor or SiglipImageProcessor.from_vision_config(model.config.vision)
-        pixels = processor.preprocess(load_video(args.video, num_frames=args.frames).frames)["pixel_values"]
+        name = args.arch
     with torch.no_grad():
-        report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats, pixels,
-                       args.batch, args.cuda_graph)
+        report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats,
+                       args.video, args.backend, args.batch, args.cuda_graph)
     print(markdown(report))
     if args.json:
         write_text_atomically(args.json, json.dumps(report.to_dict(), indent=2))
@@ -502,7 +523,8 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
             (progress.write if progress is not None else print)(message, file=sys.stderr)
 
         try:
-            records = evaluation.run_config(llm, items, shard, file, reduction, progress, report)
+            records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
+                                            args.workers)
         finally:
             if progress is not None:
                 progress.close()
@@ -538,9 +560,41 @@ COMMANDS = {
 }
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Messages written to the process's stderr from C (decoder libraries, in any thread) go
+    nowhere for the command's lifetime, so an error stays the one line we print; Python's
+    ``sys.stderr`` (our messages, progress, warnings, logging) is moved to a copy of the real
+    stream first, or left alone when something else already captures it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    if sys.stderr is sys.__stderr__:
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,  # noqa: SIM115
+                          errors=python_stderr.errors)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if sys.stderr is not python_stderr:
+            sys.stderr.close()
+            sys.stderr = python_stderr
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with native_stderr_silenced():
+        logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s", stream=sys.stderr, force=True)
+        return run_command(argv)
+
+
+def run_command(argv: list[str] | None) -> int:
+    """Parse and run one command; the package's errors become one line and exit code 2."""
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
+from aim_llava.pipeline import Request
 from aim_llava.records import (
     error_message,
     latest_by_key,
@@ -89,16 +90,14 @@ def parse_choice(text: str, count: int) -> str | None:
     return match.group(1) if match else None
 
 
-def evaluate_item(llm, item: Item, reduction) -> dict:
-    """Answer one item with one reduction config; any failure is recorded in ``error``."""
+def item_record(item: Item, config_name: str, result) -> dict:
+    """The record of one answered (or failed) item; ``result`` is a pipeline Result."""
     record = {"id": item.id, "video": item.video, "category": item.category, "answer": item.answer,
-              "config": reduction.name, "prediction": None, "correct": False, "text": None, "error": None}
-    try:
-        visual = llm.encode(item.video, reduction)
-        response = llm.respond(visual, [(item.prompt(), None)])
-    except Exception as err:  # a failing item must not end the run; its message is kept
-        record["error"] = error_message(err)
+              "config": config_name, "prediction": None, "correct": False, "text": None, "error": None}
+    if result.error is not None:
+        record["error"] = error_message(result.error)
         return record
+    response = result.response
     prediction = parse_choice(response.text, len(item.options))
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
@@ -138,16 +137,17 @@ def records_path(out_dir: Path, name: str, shard: Shard) -> Path:
     return out_dir / f"{safe_name(name)}{suffix}"
 
 
-def run_config(llm, items: list[Item], shard: Shard, results, reduction, progress=None,
-               report=None) -> list[dict]:
-    """Evaluate this process's share of ``items`` with one reduction config, appending each
-    record to ``results`` (a :class:`~aim_llava.records.ResultsFile`); items already done there
-    are skipped. ``report(record)`` is told of every failed item. Returns this share's records."""
+def run_config(llm, items: list[Item], shard: Shard, results, reduction, progress=None, report=None,
+               batch_size: int = 1, workers: int = 2) -> list[dict]:
+    """Evaluate this process's share of ``items`` with one reduction config, ``batch_size`` items
+    generated together while ``workers`` threads read the next videos, appending each record to
+    ``results`` (a :class:`~aim_llava.records.ResultsFile`); items already done there are
+    skipped. ``report(record)`` is told of every failed item. Returns this share's records."""
     done = results.done()
-    for item in shard.take(items):
-        if item.id in done:
-            continue
-        record = evaluate_item(llm, item, reduction)
+    todo = [item for item in shard.take(items) if item.id not in done]
+    requests = [Request(item.video, [(item.prompt(), None)]) for item in todo]
+    for item, result in zip(todo, llm.run(requests, batch_size, workers, reduction=reduction)):
+        record = item_record(item, reduction.name, result)
         results.append(record)
         if record["error"] is not None and report is not None:
             report(record)

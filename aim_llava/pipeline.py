@@ -3,15 +3,21 @@
 >>> llm = VideoLLM.from_pretrained("model/llava-onevision-qwen2-7b-ov", reduction="baseline")
 >>> llm.caption("clip.mp4")
 >>> llm.caption("clip.mp4", reduction="aim_default")   # another reduction for this call only
+>>> llm.caption(["a.mp4", "b.mp4", "c.mp4"], batch_size=4)   # read ahead, encoded and generated together
 >>> session = llm.chat("clip.mp4")          # the video is encoded once
 >>> session.ask("Who is in it?"); session.ask("What do they do next?")
+
+Frames are read on the host (in worker threads when several items are given), then travel once as
+uint8 to the model's device, where they are resized and normalised, encoded and merged; the
+prompts of a batch are generated together.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +26,15 @@ import torch
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN
 from aim_llava.conversation import get_conversation
 from aim_llava.errors import InputError
+from aim_llava.flops import video_token_counts
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.prefetch import batches, read_ahead
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
-from aim_llava.video import VideoClip, load_video, validate_sampling
+from aim_llava.timing import stage
+from aim_llava.video import VideoClip, is_image_file, load_video, validate_sampling
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
 DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
@@ -48,13 +57,15 @@ class SamplingOptions:
 
 @dataclass
 class GenerationOptions:
-    """How replies are generated; ``cuda_graph=False`` decodes eagerly on a GPU too."""
+    """How replies are generated; ``seed`` makes sampling reproducible; ``cuda_graph=False``
+    decodes eagerly on a GPU too."""
 
     max_new_tokens: int = 256
     do_sample: bool = False
     temperature: float = 0.0
     top_p: float | None = None
     cuda_graph: bool = True
+    seed: int | None = None
 
 
 @dataclass
@@ -84,6 +95,52 @@ class Response:
     seconds: float
     first_token_s: float
     reduction: ReductionRecord
+
+
+@dataclass
+class Request:
+    """One item of :meth:`VideoLLM.run`: a video (path, clip or encoded) and the conversation
+    turns [(question, answer or None)]; None asks for a caption (the default request for the
+    video's modality)."""
+
+    source: str | Path | VideoClip | EncodedVisual
+    turns: list[tuple[str, str | None]] | None = None
+
+
+@dataclass
+class Result:
+    """What became of a :class:`Request`: the encoded video and the response, or the error."""
+
+    request: Request
+    visual: EncodedVisual | None = None
+    response: Response | None = None
+    error: BaseException | None = None
+
+    @property
+    def question(self) -> str | None:
+        """The first question asked (the caption request for requests without turns)."""
+        if self.request.turns:
+            return self.request.turns[0][0]
+        if self.visual is not None:
+            return default_caption_prompt(self.visual.modality == "image")
+        source = self.request.source
+        return default_caption_prompt(isinstance(source, (str, Path)) and is_image_file(source))
+
+
+class BatchError(InputError):
+    """Some items of a list failed; ``results`` holds every item's :class:`Result`."""
+
+    def __init__(self, results: list[Result]):
+        failed = [r for r in results if r.error is not None]
+        first = failed[0]
+        source = first.request.source
+        super().__init__(f"{len(failed)} of {len(results)} items failed; the first, "
+                         f"{source if isinstance(source, (str, Path)) else 'an item'}: {first.error}")
+        self.results = results
+
+
+def default_caption_prompt(image: bool) -> str:
+    return DEFAULT_IMAGE_CAPTION_PROMPT if image else DEFAULT_CAPTION_PROMPT
 
 
 def time_instruction(clip: VideoClip) -> str:
@@ -215,12 +272,19 @@ class VideoLLM:
             self._plans[config] = config.build(self.model.config.text.num_hidden_layers)
         return self._plans[config]
 
-    def load(self, source: str | Path | VideoClip, **sampling) -> VideoClip:
+    def frame_limit(self, config: ReductionConfig) -> int:
+        """The most frames whose visual tokens (after this reduction's merging) fit the context."""
+        per_frame = video_token_counts(self.model.config, self.plan(config), 1, 0)[0] - 1
+        return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
+
+    def load(self, source: str | Path | VideoClip, reduction=None, **sampling) -> VideoClip:
+        """Read the sampled frames (on the host; safe in worker threads). A sampling that cannot
+        fit the model's context is refused before any frame is decoded."""
         if isinstance(source, VideoClip):
             return source
         options = dataclasses.replace(self.sampling, **sampling)
         return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
-                          options.end, options.backend)
+                          options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)))
 
     @torch.no_grad()
     def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, **sampling) -> EncodedVisual:
@@ -228,25 +292,40 @@ class VideoLLM:
         the same reduction)."""
         config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
-            if source.reduction != config:
-                raise InputError(
-                    f"this video was encoded for reduction {source.reduction.name!r}, not {config.name!r}: "
-                    "encode it again with the reduction you want"
-                )
-            return source
+            return self.check_encoded(source, config)
+        return self.encode_clips([self.load(source, config, **sampling)], config)[0]
+
+    @staticmethod
+    def check_encoded(visual: EncodedVisual, config: ReductionConfig) -> EncodedVisual:
+        if visual.reduction != config:
+            raise InputError(
+                f"this video was encoded for reduction {visual.reduction.name!r}, not {config.name!r}: "
+                "encode it again with the reduction you want"
+            )
+        return visual
+
+    @torch.no_grad()
+    def encode_clips(self, clips: list[VideoClip], config: ReductionConfig) -> list[EncodedVisual]:
+        """Encode read clips together: video frames are resized and normalised on the model's
+        device, and every view of every clip goes through the vision tower in one pass."""
         plan = self.plan(config)
-        clip = self.load(source, **sampling)
         started = time.perf_counter()
-        if clip.is_image:
-            pixels = process_images(list(clip.frames), self.image_processor, self.model.config)
-            height, width = clip.frames.shape[1:3]
-            features = self.model.visual_features(pixels, [(width, height)], ["image"], plan)[0]
-            modality = "image"
-        else:
-            pixels = self.image_processor.preprocess(clip.frames)["pixel_values"]
-            features = self.model.visual_features([pixels], None, ["video"], plan)[0]
-            modality = "video"
-        return EncodedVisual(clip, features, modality, time.perf_counter() - started, config)
+        pixels, sizes, modalities = [], [], []
+        with stage("preprocess", self.model.device):
+            for clip in clips:
+                if clip.is_image:
+                    pixels.append(process_images(list(clip.frames), self.image_processor, self.model.config)[0])
+                    sizes.append((clip.frames.shape[2], clip.frames.shape[1]))
+                    modalities.append("image")
+                else:
+                    pixels.append(self.image_processor.preprocess_frames(clip.frames, self.model.device,
+                                                                         self.model.dtype))
+                    sizes.append(None)
+                    modalities.append("video")
+        features = self.model.visual_features(pixels, sizes, modalities, plan)
+        seconds = time.perf_counter() - started
+        return [EncodedVisual(clip, feature, modality, seconds, config)
+                for clip, feature, modality in zip(clips, features, modalities)]
 
     def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]]) -> str:
         """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first."""
@@ -260,50 +339,161 @@ class VideoLLM:
             conv.append_message(conv.roles[1], answer)
         return conv.get_prompt()
 
+    def respond(self, visual: EncodedVisual, turns: list[tuple[str, str | None]],
+                stream: Callable[[str], None] | None = None, **generation) -> Response:
+        """Generate the reply to ``turns`` about an encoded video; ``stream`` gets the text as it
+        is generated."""
+        return self.respond_many([visual], [turns], stream, **generation)[0]
+
     @torch.no_grad()
-    def respond(
-        self,
-        visual: EncodedVisual,
-        turns: list[tuple[str, str | None]],
-        stream: Callable[[str], None] | None = None,
-        **generation,
-    ) -> Response:
+    def respond_many(self, visuals: list[EncodedVisual], turns: list[list[tuple[str, str | None]]],
+                     stream: Callable[[str], None] | None = None, **generation) -> list[Response]:
+        """Generate the replies of several conversations together (one left-padded batch; the
+        visuals must share one reduction). ``stream`` is for a single conversation."""
         options = dataclasses.replace(self.generation, **generation)
-        ids = tokenizer_image_token(self.prompt(visual, turns), self.tokenizer, return_tensors="pt")[None]
+        configs = {visual.reduction for visual in visuals}
+        if len(configs) != 1:
+            raise InputError("the items of one batch must be encoded with the same reduction")
+        if stream is not None and len(visuals) != 1:
+            raise InputError("streaming shows one reply as it is generated: use it with one item at a time")
+        prompts = [tokenizer_image_token(self.prompt(v, t), self.tokenizer) for v, t in zip(visuals, turns)]
+        ids, mask = left_padded(prompts, self.model.generation_defaults.pad_token_id)
         clock = TokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
+        generator = None
+        if options.do_sample and options.seed is not None:
+            generator = torch.Generator(self.model.device).manual_seed(options.seed)
         started = time.perf_counter()
         output = self.model.generate(
             ids,
-            visual_features=[visual.features],
+            attention_mask=mask,
+            visual_features=[visual.features for visual in visuals],
             max_new_tokens=options.max_new_tokens,
             do_sample=options.do_sample,
             temperature=options.temperature,
             top_p=options.top_p,
+            generator=generator,
             streamer=clock,
             cuda_graph=options.cuda_graph,
-            reduction=self.plan(visual.reduction),
+            reduction=self.plan(configs.pop()),
             return_dict_in_generate=True,
         )
-        tokens = output.sequences
-        text = self.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
-        return Response(text, int(tokens.shape[1]), visual.num_tokens, elapsed, first, output.reduction)
+        eos = set(self.model.generation_defaults.eos_token_ids)
+        responses = []
+        for row, (visual, tokens) in enumerate(zip(visuals, output.sequences.tolist())):
+            ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
+            text = self.tokenizer.decode(tokens[:ended], skip_special_tokens=True).strip()
+            responses.append(Response(text, ended, visual.num_tokens, elapsed, first, output.reduction.sample(row)))
+        return responses
 
-    def ask(self, video, question: str, stream: Callable[[str], None] | None = None, reduction=None,
-            **generation) -> str:
-        """Answer one question about a video, image, frame directory or :class:`EncodedVisual`."""
+    def run(self, requests: Iterable[Request], batch_size: int = 1, workers: int = 2, reduction=None,
+            stream: Callable[[str], None] | None = None, **generation) -> Iterator[Result]:
+        """Answer every request, in order: ``workers`` threads read the next items' frames while
+        the model works on a batch of ``batch_size``. A failing item (unreadable video, prompt too
+        long...) becomes its result's ``error``; the other items of its batch are still answered.
+        ``stream`` (with ``batch_size=1``) gets each reply's text as it is generated."""
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        if stream is not None and batch_size != 1:
+            raise InputError("streaming shows one reply as it is generated: use it with a batch size of 1")
+        if stream is not None:
+            generation = dict(generation, stream=stream)
+        config = self.resolve(reduction)
+
+        def read(request: Request):
+            source = request.source
+            if isinstance(source, EncodedVisual):
+                return self.check_encoded(source, config)
+            return self.load(source, config)
+
+        loaded = read_ahead(requests, read, workers, depth=max(2 * workers, 2 * batch_size))
+        for batch in batches(loaded, batch_size):
+            yield from self.answer_batch(batch, config, generation)
+
+    def answer_batch(self, batch: list[tuple[Request, object]], config: ReductionConfig,
+                     generation: dict) -> list[Result]:
+        """Encode and answer one batch of read items; an item's failure stays its own."""
+        results = [Result(request, error=item if isinstance(item, BaseException) else None) for request, item in batch]
+        pending = [(result, item) for result, (_, item) in zip(results, batch) if result.error is None]
+        clips = [(result, item) for result, item in pending if isinstance(item, VideoClip)]
+        for result, item in pending:
+            if isinstance(item, EncodedVisual):
+                result.visual = item
+        self.each_or_one_by_one(clips, lambda group: self.encode_clips([item for _, item in group], config),
+                                lambda result, visual: setattr(result, "visual", visual))
+        ready = [(result, None) for result, _ in pending if result.error is None]
+        self.each_or_one_by_one(
+            ready,
+            lambda group: self.respond_many([r.visual for r, _ in group],
+                                            [r.request.turns or [(r.question, None)] for r, _ in group],
+                                            **generation),
+            lambda result, response: setattr(result, "response", response),
+        )
+        return results
+
+    @staticmethod
+    def each_or_one_by_one(group: list[tuple[Result, object]], work: Callable[[list], list],
+                           store: Callable[[Result, object], None]) -> None:
+        """Run ``work`` on the whole group; if it fails, on each member alone, so that only the
+        members that fail by themselves get an error."""
+        if not group:
+            return
+        try:
+            outputs = work(group)
+        except Exception:
+            if len(group) == 1:
+                group[0][0].error = sys.exc_info()[1]
+                return
+            for member in group:
+                VideoLLM.each_or_one_by_one([member], work, store)
+            return
+        for (result, _), output in zip(group, outputs):
+            store(result, output)
+
+    def answer_list(self, requests: list[Request], batch_size: int, reduction, generation: dict) -> list[str]:
+        results = list(self.run(requests, batch_size, reduction=reduction, **generation))
+        if any(result.error is not None for result in results):
+            raise BatchError(results)
+        return [result.response.text for result in results]
+
+    def ask(self, video, question: str | list[str], stream: Callable[[str], None] | None = None, reduction=None,
+            batch_size: int = 8, **generation) -> str | list[str]:
+        """Answer a question about a video, image, frame directory or :class:`EncodedVisual`; or,
+        given a list of videos (and one question or a list of them), answer them in batches of
+        ``batch_size`` (a :class:`BatchError` carries every result if some item failed)."""
+        if isinstance(video, (list, tuple)):
+            questions = question if isinstance(question, (list, tuple)) else [question] * len(video)
+            if len(questions) != len(video):
+                raise InputError(f"{len(video)} videos but {len(questions)} questions")
+            requests = [Request(v, [(q, None)]) for v, q in zip(video, questions)]
+            return self.answer_list(requests, batch_size, reduction, generation)
         return self.respond(self.encode(video, reduction), [(question, None)], stream, **generation).text
 
     def caption(self, video, prompt: str | None = None, stream: Callable[[str], None] | None = None,
-                reduction=None, **generation) -> str:
+                reduction=None, batch_size: int = 8, **generation) -> str | list[str]:
+        """Describe a video (or image); or a list of them in batches of ``batch_size``."""
+        if isinstance(video, (list, tuple)):
+            requests = [Request(v, [(prompt, None)] if prompt else None) for v in video]
+            return self.answer_list(requests, batch_size, reduction, generation)
         visual = self.encode(video, reduction)
-        default = DEFAULT_IMAGE_CAPTION_PROMPT if visual.modality == "image" else DEFAULT_CAPTION_PROMPT
-        return self.respond(visual, [(prompt or default, None)], stream, **generation).text
+        request = prompt or default_caption_prompt(visual.modality == "image")
+        return self.respond(visual, [(request, None)], stream, **generation).text
 
     def chat(self, video, reduction=None) -> ChatSession:
         """A multi-turn conversation about one video; the video is encoded once."""
         return ChatSession(self, self.encode(video, reduction))
+
+
+def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists right-aligned in one [B, L] tensor, with the attention mask."""
+    longest = max(len(prompt) for prompt in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
 
 
 @dataclass

@@ -18,17 +18,15 @@ decodes from the keyframe before each sampled frame, decord and torchcodec seek 
 ``qwen`` keeps qwen-vl-utils' own uniform rule (``round(torch.linspace(first, last, n))`` with n
 rounded to an even number) because that is what a user picking it wants; use another backend for
 the published indices. ``auto`` tries decord, then pyav (qwen only when neither is installed).
-What the decoder libraries print is silenced: a failure becomes one VideoError line.
+A failure becomes one VideoError line. Reading is thread-safe (the command line reads ahead in
+worker threads); decoders' own C-level messages are the command's concern (aim_llava.cli).
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,16 +87,30 @@ def frame_window(total: int, fps: float, start: float | None, end: float | None,
     return first, last
 
 
+def check_frame_count(count: int, limit: int | None, source: str) -> None:
+    if limit is not None and count > limit:
+        raise VideoError(
+            f"sampling {source} gives {count} frames but at most {limit} fit in the model's context: "
+            "ask for fewer frames (--frames, or --max-frames with --fps)"
+        )
+
+
 def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> list[int]:
     first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
     if opts["fps"] is not None:
-        return fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
-    count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
-    return uniform_indices(first, last, count)
+        indices = fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+    else:
+        count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
+        indices = uniform_indices(first, last, count)
+    check_frame_count(len(indices), opts.get("frame_limit"), source)
+    return indices
 
 
 def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
     import decord
+    import decord.logging
+
+    decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg's log lines; failures raise
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)  # 0: decode with all cores
     total, source_fps = len(reader), float(reader.get_avg_fps())
@@ -236,21 +248,6 @@ def _read_qwen(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
 READERS = {"decord": _read_decord, "pyav": _read_pyav, "qwen": _read_qwen, "torchcodec": _read_torchcodec}
 
 
-@contextlib.contextmanager
-def native_output_silenced():
-    """Decoder libraries print to the process's stderr from C; keep it for our one-line errors."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _backend_available(name: str) -> bool:
     import importlib.util
 
@@ -293,9 +290,14 @@ def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
                      source_fps, "frames")
 
 
+MAX_FRAMES = 100_000  # far beyond any model's context; a bound on what a request may ask
+
+
 def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end) -> None:
     if num_frames is None or num_frames < 1:
         raise VideoError(f"the number of frames must be at least 1, got {num_frames}")
+    if num_frames > MAX_FRAMES or (max_frames is not None and max_frames > MAX_FRAMES):
+        raise VideoError(f"at most {MAX_FRAMES} frames can be sampled, got {max(num_frames, max_frames or 0)}")
     if fps is not None and fps <= 0:
         raise VideoError(f"fps must be positive, got {fps}")
     if max_frames is not None and max_frames < 1:
@@ -314,19 +316,23 @@ def load_video(
     start: float | None = None,
     end: float | None = None,
     backend: str = "auto",
+    frame_limit: int | None = None,
 ) -> VideoClip:
     """Sample frames from a video file, a directory of frame images, or one image file.
 
     Frame directories are taken at 1 frame per second (sorted by name, numbers compared as
-    numbers). An image file gives one frame with ``is_image=True``.
+    numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
+    ``frame_limit`` frames is refused before any frame is decoded.
     """
     validate_sampling(num_frames, fps, max_frames, start, end)
+    if fps is None:
+        check_frame_count(num_frames if max_frames is None else min(num_frames, max_frames), frame_limit, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path)
     if not path.exists():
         raise VideoError(f"file not found: {path}")
-    opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
+    opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit)
     if path.is_dir():
         return _load_frame_dir(path, opts)
     if path.stat().st_size == 0:
@@ -341,13 +347,13 @@ def load_video(
     failures = []
     for name in names:
         try:
-            with native_output_silenced():
-                frames, indices, source_fps, total = READERS[name](str(path), opts)
+            frames, indices, source_fps, total = READERS[name](str(path), opts)
         except VideoError:
             raise
         except Exception as err:  # each decoder library raises its own error types
             failures.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
             continue
+        check_frame_count(len(indices), frame_limit, str(path))  # qwen-vl-utils picks its own count
         timestamps = [i / source_fps for i in indices]
         return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name)
     if not failures:

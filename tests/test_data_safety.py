@@ -222,9 +222,9 @@ def test_missing_video_reported_without_loading_the_model(capsys, tiny_qwen_dir,
 
 def test_interrupted_is_on_its_own_line(tiny_qwen_dir, clip, tmp_path):
     """Ctrl-C during a batch: the message starts a line of its own, after the progress bar."""
-    code = ("import aim_llava.cli as cli, sys\n"
+    code = ("import aim_llava.cli as cli, aim_llava.pipeline as pipeline, sys\n"
             "def stop(*a, **k): raise KeyboardInterrupt\n"
-            "cli.run_one = stop\n"
+            "pipeline.VideoLLM.answer_batch = stop\n"
             f"sys.exit(cli.main(['caption', {str(clip)!r}, {str(clip)!r}, '--model', {str(tiny_qwen_dir)!r}]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 130

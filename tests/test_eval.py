@@ -72,7 +72,7 @@ def test_accuracy_equals_independent_recount(dataset, tmp_path, capsys):
 
 
 def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, monkeypatch):
-    original, calls = evaluation.evaluate_item, []
+    original, calls = evaluation.item_record, []
 
     def interrupted(*args):
         calls.append(1)
@@ -80,11 +80,11 @@ def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, 
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(evaluation, "evaluate_item", interrupted)
+    monkeypatch.setattr(evaluation, "item_record", interrupted)
     assert run_eval(dataset, tmp_path) == 130
     first = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert [r["id"] for r in first] == ["q0", "q1"]
-    monkeypatch.setattr(evaluation, "evaluate_item", original)
+    monkeypatch.setattr(evaluation, "item_record", original)
     assert run_eval(dataset, tmp_path, "--resume") == 2  # the missing video of item "broken"
     final = [json.loads(line) for line in (tmp_path / "baseline.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in final) == sorted(["q0", "q1", "q2", "q3", "q4", "q5", "broken"])

@@ -90,3 +90,21 @@ def test_bench_command_on_tiny_model(capsys, tiny_qwen_dir, tmp_path):
     assert [row["config"] for row in report["rows"]][:2] == ["baseline", "aim_default"]
     assert report["rows"][1]["tokens_per_layer"][0] < report["rows"][0]["tokens_per_layer"][0]
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_bench_reports_every_stage_from_a_video(capsys, tiny_qwen_dir, tmp_path):
+    from aim_llava.sample_media import write_sample_video
+
+    video = write_sample_video(tmp_path / "clip.mp4", num_frames=40, fps=20)
+    code = main(["bench", "--model", str(tiny_qwen_dir), "--frames", "3", "--repeats", "1", "--decode-tokens", "3",
+                 "--configs", "baseline,aim_default", "--video", str(video), "--batch", "2",
+                 "--json", str(tmp_path / "b.json")])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["source"] == str(video) and report["batch"] == 2
+    for row in report["rows"]:
+        stages = [row[key] for key in ("read_s", "preprocess_s", "vision_s", "pre_llm_s", "prefill_s")]
+        assert all(value > 0 for value in stages)
+        assert row["ttft_s"] == pytest.approx(sum(stages))
+        assert row["decode_tokens_per_s"] > 0
+    assert "| read s | preprocess s | vision s | pre-LLM s | TTFT s |" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def test_lmms_eval_runs_the_plugin_and_agrees_with_the_local_runner(tmp_path, ti
     (task_dir / "utils.py").write_text(TASK_UTILS)
     command = [sys.executable, "-m", "lmms_eval", "--model", "aim_llava",
                "--model_args", f"pretrained={tiny_qwen_dir},config=aim_default,max_frames_num=4,max_new_tokens=4",
-               "--tasks", "aim_local_mcq", "--include_path", str(tmp_path / "tasks"), "--batch_size", "1",
+               "--tasks", "aim_local_mcq", "--include_path", str(tmp_path / "tasks"), "--batch_size", "3",
                "--output_path", str(tmp_path / "lmms_out")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)

@@ -1,4 +1,5 @@
-"""SigLIP preprocessing: resize to a square with bicubic resampling, rescale, normalise."""
+"""SigLIP preprocessing: resize to a square with bicubic resampling, rescale, normalise (with PIL on
+the host, or batched on the model's device for video frames)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from aim_llava.errors import InputError
 from aim_llava.model.config import VisionConfig
+from aim_llava.tensors import to_device
 
 
 def to_pil(image) -> Image.Image:
@@ -59,3 +62,29 @@ class SiglipImageProcessor:
         return {"pixel_values": torch.stack([self.to_pixels(image) for image in images])}
 
     __call__ = preprocess
+
+    def preprocess_frames(self, frames, device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Video frames [T, H, W, 3] uint8 (array or tensor) -> pixels [T, 3, S, S] on ``device``.
+
+        The frames travel once, as uint8, and are resized there in batched calls the way PIL resizes
+        a uint8 image: two separable bicubic passes with PIL's kernel (antialiased, a = -0.5), the
+        one that shrinks more first, each rounded to 8 bits. Against :meth:`preprocess` (PIL) every
+        pixel is within 2/255 before normalisation (0.016 after it, std 0.5), and on average within
+        0.2/255 (tests/test_preprocessing.py).
+        """
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(np.ascontiguousarray(frames))
+        if frames.dim() != 4 or frames.shape[-1] != 3:
+            raise InputError(f"frames must be [T, H, W, 3], got shape {tuple(frames.shape)}")
+        pixels = to_device(frames, device).permute(0, 3, 1, 2).float()
+        size = self.image_size
+        height, width = pixels.shape[-2:]
+        passes = [(pixels.shape[-2], size), (size, size)] if size / height >= size / width else \
+            [(size, pixels.shape[-1]), (size, size)]
+        for target in passes:
+            if tuple(pixels.shape[-2:]) != target:
+                pixels = F.interpolate(pixels, size=target, mode="bicubic", antialias=True, align_corners=False)
+                pixels = pixels.round_().clamp_(0, 255)
+        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
+        return ((pixels / 255.0 - mean) / std).to(dtype)

@@ -38,6 +38,15 @@ class ReductionRecord:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)
     merges: dict = field(default_factory=dict)
 
+    def sample(self, row: int) -> ReductionRecord:
+        """The record of one sample of the batch."""
+        return ReductionRecord(
+            self.plan,
+            [[layer[row]] for layer in self.visual_tokens_per_layer],
+            {layer: mask[row : row + 1] for layer, mask in self.kept.items()},
+            {(layer, 0): merge for (layer, sample), merge in self.merges.items() if sample == row},
+        )
+
 
 class ReductionPlan:
     """No reduction. Methods override the hooks they need."""
