@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from aim_llava.conversation import check_text
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
 from aim_llava.records import (
@@ -181,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_options(evaluate)
     add_batch_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions)")
+    serve.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
+    serve.add_argument("--media-root", required=True, type=Path,
+                       help="the only directory whose files (videos, images) requests may name")
+    serve.add_argument("--config", default="baseline", help="default reduction (requests may pick another)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=positive_int, default=8000)
+    serve.add_argument("--served-model-name", help="the model id of the API (default: the checkpoint's folder name)")
+    serve.add_argument("--frames", type=positive_int, default=32, help="frames sampled per video by default")
+    serve.add_argument("--max-new-tokens", type=positive_int, default=256, help="default max_tokens")
+    serve.add_argument("--max-batch-size", type=positive_int, default=8, help="requests generated together (1: none)")
+    serve.add_argument("--max-wait-ms", type=non_negative_float, default=10.0,
+                       help="how long a request waits for others to batch with")
+    add_runtime_options(serve)
     return parser
 
 
@@ -201,6 +216,12 @@ def expand_inputs(items: list[str]) -> list[str]:
 def print_now(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def check_new_tokens(max_new_tokens: int, model_config) -> None:
+    if max_new_tokens >= model_config.max_length:
+        raise CliError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context of "
+                       f"{model_config.max_length} tokens")
 
 
 def planned_question(video: str, question: str | None, prompt: str | None) -> str:
@@ -275,9 +296,13 @@ def run(args) -> int:
         raise CliError("--stream prints one reply as it is generated: use it with --batch-size 1")
     sources = args.videos if args.command == "caption" else [args.video]
     videos = expand_inputs(sources)
-    question = args.question if args.command == "ask" else None
+    question = check_text(args.question, "the question") if args.command == "ask" else None
+    if getattr(args, "prompt", None) is not None:
+        check_text(args.prompt, "--prompt")
     sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
-    reduction = resolve_reduction(args.config, checkpoint_config(args.model), sampling.max_frames or sampling.num_frames)
+    model_config = checkpoint_config(args.model)
+    check_new_tokens(args.max_new_tokens, model_config)
+    reduction = resolve_reduction(args.config, model_config, sampling.max_frames or sampling.num_frames)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
         resolve_output(args.output, videos + sources)
@@ -472,6 +497,7 @@ def run_eval(args) -> int:
         raise CliError("no config given: use --config NAME or --configs A,B")
     check_output_dir(args.output)
     model_config = checkpoint_config(args.model)
+    check_new_tokens(args.max_new_tokens, model_config)
     prompt = build_prompt(items[0].prompt(), "qwen_1_5")
     text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(Path(args.model)))) - 1  # for the FLOPs column
     reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
@@ -554,9 +580,43 @@ def check_output_dir(path: Path) -> None:
         raise CliError(f"--output {path} cannot be written (permission denied): give a writable directory")
 
 
+def run_serve(args) -> int:
+    from aim_llava.model.builder import checkpoint_config
+    from aim_llava.reduction.budget import resolve_reduction
+
+    if not args.media_root.is_dir():
+        raise CliError(f"--media-root {args.media_root} is not a directory")
+    if args.port > 65535:
+        raise CliError(f"--port {args.port} is not a port number (1..65535)")
+    model_config = checkpoint_config(args.model)
+    check_new_tokens(args.max_new_tokens, model_config)
+    resolve_reduction(args.config, model_config, args.frames)
+    try:
+        import uvicorn
+
+        from aim_llava.serve import Service, create_app
+    except ImportError:
+        raise CliError("aim-llava serve needs FastAPI and uvicorn: pip install 'aim-llava[serve]'") from None
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+
+    llm = VideoLLM.from_pretrained(args.model, args.config, device=args.device, dtype=args.dtype,
+                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
+                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                                                cuda_graph=args.cuda_graph))
+    name = args.served_model_name or Path(args.model).resolve().name
+    service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms)
+    print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root})",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.worker.stop()
+    return 0
+
+
 COMMANDS = {
     "caption": run, "ask": run, "flops": run_flops, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
-    "eval": run_eval,
+    "eval": run_eval, "serve": run_serve,
 }
 
 

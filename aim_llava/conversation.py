@@ -18,6 +18,8 @@ class Conversation:
     sep: str = "<|im_end|>"
 
     def append_message(self, role: str, message: str | None) -> None:
+        if message is not None:
+            check_text(message, "a message")
         self.messages.append([role, message])
 
     def get_prompt(self) -> str:
@@ -29,6 +31,17 @@ class Conversation:
 
     def copy(self) -> Conversation:
         return copy.deepcopy(self)
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogates, which invalid UTF-8 bytes on a command
+    line become); otherwise one clear InputError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{what} is not valid UTF-8 text (character {err.start} cannot be encoded): "
+                         "give the text in UTF-8") from None
+    return text
 
 
 conv_templates: dict[str, Conversation] = {

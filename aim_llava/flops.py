@@ -28,7 +28,7 @@ from aim_llava.cost import (
     vision_flops,
 )
 from aim_llava.errors import AimLlavaError
-from aim_llava.model.config import LlavaConfig, config_from_dict
+from aim_llava.model.config import LlavaConfig, config_from_file
 from aim_llava.reduction.config import ReductionConfig
 
 
@@ -81,11 +81,7 @@ def resolve_architecture(name_or_path: str) -> tuple[str, LlavaConfig]:
         raise AimLlavaError(
             f"unknown architecture {name_or_path!r}: give one of {', '.join(ARCHITECTURES)} or a config.json path"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise AimLlavaError(f"{path} is not valid JSON ({err})") from None
-    return str(path), config_from_dict(raw, str(path))
+    return str(path), config_from_file(path)
 
 
 def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int,

@@ -95,6 +95,8 @@ class Response:
     seconds: float
     first_token_s: float
     reduction: ReductionRecord
+    ended_by_eos: bool = False
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Request:
 
     source: str | Path | VideoClip | EncodedVisual
     turns: list[tuple[str, str | None]] | None = None
+    stream: Callable[[str], None] | None = None
+    max_new_tokens: int | None = None
+    system: str | None = None
 
 
 @dataclass
@@ -153,20 +158,16 @@ def time_instruction(clip: VideoClip) -> str:
     )
 
 
-class TextStreamer:
-    """Streams decoded text to a callback (transformers' streamer protocol, batch size 1)."""
+class IncrementalText:
+    """Decodes a growing token list and hands each new piece of text to a callback."""
 
     def __init__(self, tokenizer, callback: Callable[[str], None]):
         self.tokenizer, self.callback = tokenizer, callback
         self.tokens: list[int] = []
         self.printed = 0
-        self.prompt_seen = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.tokens.extend(value.flatten().tolist())
+    def add(self, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # an incomplete multi-byte character: wait for the next token
@@ -174,11 +175,41 @@ class TextStreamer:
             self.callback(text[self.printed :])
             self.printed = len(text)
 
-    def end(self) -> None:
+    def finish(self) -> None:
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if len(text) > self.printed:
             self.callback(text[self.printed :])
         self.printed = len(text)
+
+
+class TextStreamer:
+    """Transformers' streamer protocol over a batch: row b's new tokens become text for
+    ``callbacks[b]`` (None: not streamed), up to its EOS or its token limit."""
+
+    def __init__(self, tokenizer, callbacks: list[Callable[[str], None] | None], eos: set[int],
+                 limits: list[int | None]):
+        self.rows = [IncrementalText(tokenizer, callback) if callback else None for callback in callbacks]
+        self.eos, self.limits = eos, limits
+        self.counts = [0] * len(callbacks)
+        self.open = [callback is not None for callback in callbacks]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.flatten().tolist()):
+            if not self.open[row]:
+                continue
+            self.counts[row] += 1
+            self.rows[row].add([token])
+            if token in self.eos or self.counts[row] == self.limits[row]:
+                self.open[row] = False
+
+    def end(self) -> None:
+        for row in self.rows:
+            if row is not None:
+                row.finish()
 
 
 class TokenClock:
@@ -327,9 +358,12 @@ class VideoLLM:
         return [EncodedVisual(clip, feature, modality, seconds, config)
                 for clip, feature, modality in zip(clips, features, modalities)]
 
-    def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]]) -> str:
-        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first."""
+    def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]], system: str | None = None) -> str:
+        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first;
+        ``system`` replaces the template's system message."""
         conv = get_conversation(self.conv_template)
+        if system is not None:
+            conv.system = system
         for i, (question, answer) in enumerate(turns):
             if i == 0:
                 if self.time_aware and visual.modality == "video":
@@ -347,18 +381,29 @@ class VideoLLM:
 
     @torch.no_grad()
     def respond_many(self, visuals: list[EncodedVisual], turns: list[list[tuple[str, str | None]]],
-                     stream: Callable[[str], None] | None = None, **generation) -> list[Response]:
+                     stream: Callable[[str], None] | list[Callable[[str], None] | None] | None = None,
+                     limits: list[int | None] | None = None, systems: list[str | None] | None = None,
+                     **generation) -> list[Response]:
         """Generate the replies of several conversations together (one left-padded batch; the
-        visuals must share one reduction). ``stream`` is for a single conversation."""
+        visuals must share one reduction). ``stream``: one callback, or one per conversation
+        (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
+        token limits below the batch's ``max_new_tokens``; ``systems``: per-conversation system
+        messages."""
         options = dataclasses.replace(self.generation, **generation)
         configs = {visual.reduction for visual in visuals}
         if len(configs) != 1:
             raise InputError("the items of one batch must be encoded with the same reduction")
-        if stream is not None and len(visuals) != 1:
-            raise InputError("streaming shows one reply as it is generated: use it with one item at a time")
-        prompts = [tokenizer_image_token(self.prompt(v, t), self.tokenizer) for v, t in zip(visuals, turns)]
+        callbacks = stream if isinstance(stream, list) else [stream] * len(visuals)
+        if len(callbacks) != len(visuals) or (callable(stream) and len(visuals) != 1):
+            raise InputError("give one stream callback per conversation (a single one streams a single conversation)")
+        limits = [min(limit or options.max_new_tokens, options.max_new_tokens) for limit in limits or [None] * len(visuals)]
+        systems = systems or [None] * len(visuals)
+        prompts = [tokenizer_image_token(self.prompt(v, t, system), self.tokenizer)
+                   for v, t, system in zip(visuals, turns, systems)]
         ids, mask = left_padded(prompts, self.model.generation_defaults.pad_token_id)
-        clock = TokenClock(TextStreamer(self.tokenizer, stream) if stream else None)
+        eos = set(self.model.generation_defaults.eos_token_ids)
+        streamer = TextStreamer(self.tokenizer, callbacks, eos, limits) if any(callbacks) else None
+        clock = TokenClock(streamer)
         generator = None
         if options.do_sample and options.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(options.seed)
@@ -367,7 +412,7 @@ class VideoLLM:
             ids,
             attention_mask=mask,
             visual_features=[visual.features for visual in visuals],
-            max_new_tokens=options.max_new_tokens,
+            max_new_tokens=max(limits),
             do_sample=options.do_sample,
             temperature=options.temperature,
             top_p=options.top_p,
@@ -379,12 +424,14 @@ class VideoLLM:
         )
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
-        eos = set(self.model.generation_defaults.eos_token_ids)
         responses = []
         for row, (visual, tokens) in enumerate(zip(visuals, output.sequences.tolist())):
-            ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), len(tokens))
-            text = self.tokenizer.decode(tokens[:ended], skip_special_tokens=True).strip()
-            responses.append(Response(text, ended, visual.num_tokens, elapsed, first, output.reduction.sample(row)))
+            tokens = tokens[: limits[row]]
+            ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
+            kept = tokens[:ended] if ended else tokens
+            text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+            responses.append(Response(text, len(kept), visual.num_tokens, elapsed, first, output.reduction.sample(row),
+                                      ended is not None, len(prompts[row]) - 1 + visual.num_tokens))
         return responses
 
     def run(self, requests: Iterable[Request], batch_size: int = 1, workers: int = 2, reduction=None,
@@ -396,9 +443,10 @@ class VideoLLM:
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         if stream is not None and batch_size != 1:
-            raise InputError("streaming shows one reply as it is generated: use it with a batch size of 1")
+            raise InputError("one stream callback shows one reply as it is generated: use it with a batch size of 1 "
+                             "(or give each Request its own stream)")
         if stream is not None:
-            generation = dict(generation, stream=stream)
+            requests = (dataclasses.replace(request, stream=stream) for request in requests)
         config = self.resolve(reduction)
 
         def read(request: Request):
@@ -427,7 +475,9 @@ class VideoLLM:
             ready,
             lambda group: self.respond_many([r.visual for r, _ in group],
                                             [r.request.turns or [(r.question, None)] for r, _ in group],
-                                            **generation),
+                                            [r.request.stream for r, _ in group],
+                                            [r.request.max_new_tokens for r, _ in group],
+                                            [r.request.system for r, _ in group], **generation),
             lambda result, response: setattr(result, "response", response),
         )
         return results

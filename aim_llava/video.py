@@ -255,16 +255,18 @@ def _backend_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def open_image_rgb(path: Path) -> Image.Image:
-    """An image file as RGB; unreadable files and decompression bombs (images whose declared size
-    is far beyond any real frame) become one VideoError."""
+def open_image_rgb(path, name: str | None = None) -> Image.Image:
+    """An image file (a path or a binary file object, called ``name`` in messages) as RGB;
+    unreadable files and decompression bombs (images whose declared size is far beyond any real
+    frame) become one VideoError."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise VideoError(f"{path} declares an image too large to decode safely (a decompression bomb?)") from None
+        raise VideoError(f"{name} declares an image too large to decode safely (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise VideoError(f"cannot read {path} as an image ({err})") from None
+        raise VideoError(f"cannot read {name} as an image ({err})") from None
 
 
 def _load_image_file(path: Path) -> VideoClip:

@@ -1,5 +1,6 @@
 """With no token reduction, our model computes transformers' LlavaOnevision function exactly."""
 
+import pytest
 import torch
 from conftest import expand_placeholders, prompt_ids, random_frames, random_image
 
@@ -127,3 +128,31 @@ def test_two_videos_in_one_prompt_logits_match(loaded, hf_oracle):
         hf_ids = expand_placeholders(ids, visual_counts(ours), hf_oracle.config.video_token_id)
         theirs = hf_oracle(input_ids=hf_ids, pixel_values_videos=torch.stack(videos)).logits
     assert (ours.logits - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("origin", ["loaded", "built from its config"])
+def test_checkpoints_saved_by_the_installed_transformers_load(tiny_hf_dir, tmp_path, origin):
+    """Whatever names the installed transformers writes (current versions flatten SigLIP:
+    vision_tower.embeddings.*), the saved checkpoint loads and computes transformers' logits."""
+    import shutil
+
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    if origin == "loaded":
+        theirs = LlavaOnevisionForConditionalGeneration.from_pretrained(str(tiny_hf_dir), dtype=torch.float32)
+    else:
+        torch.manual_seed(0)
+        theirs = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_pretrained(str(tiny_hf_dir)))
+    theirs = theirs.eval()
+    theirs.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_hf_dir / name).exists():
+            shutil.copy(tiny_hf_dir / name, tmp_path / name)
+    tokenizer, ours, processor, _ = load_pretrained_model(tmp_path, device_map="cpu", torch_dtype="float32")
+    video = processor.preprocess(random_frames(3, seed=5))["pixel_values"]
+    ids = prompt_ids(tokenizer, "Describe the video.")
+    with torch.no_grad():
+        mine = ours(ids, images=[video], modalities=["video"])
+        hf_ids = expand_placeholders(ids, visual_counts(mine), theirs.config.video_token_id)
+        reference = theirs(input_ids=hf_ids, pixel_values_videos=video[None]).logits
+    assert (mine.logits - reference).abs().max() <= TOL

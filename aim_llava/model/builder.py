@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
 from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
-from aim_llava.model.config import LlavaConfig, config_from_dict
+from aim_llava.model.config import LlavaConfig, config_from_file
 from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.reduction.config import load_reduction_config
@@ -27,11 +26,7 @@ def read_config(model_dir: Path) -> LlavaConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise CheckpointError(f"{model_dir} has no config.json: is this a checkpoint directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
-    return config_from_dict(raw, str(path))
+    return config_from_file(path)
 
 
 def checkpoint_config(model_path: str | Path) -> LlavaConfig:
@@ -60,7 +55,10 @@ def resolve_device(device_map) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(device_map, dict):
         raise CheckpointError("device_map dictionaries (multi-device sharding) are not supported: give one device")
-    device = torch.device(device_map)
+    try:
+        device = torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {device_map!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device_map!r} requested but CUDA is not available: use device_map='cpu'")
     return device
@@ -84,7 +82,21 @@ def load_tokenizer(model_dir: Path):
 
     if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
         raise CheckpointError(f"{model_dir} has no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+    except Exception as err:  # tokenizers and transformers raise many types for damaged files
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first})") from None
+
+
+def check_tokenizer_fits(tokenizer, config: LlavaConfig, model_dir: Path) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding table."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= config.text.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {model_dir} produces ids up to {largest} but the model's vocabulary has "
+            f"{config.text.vocab_size} entries: the tokenizer and the weights do not belong together"
+        )
 
 
 def build_model(
@@ -142,6 +154,7 @@ def load_pretrained_model(
     dtype = resolve_dtype(torch_dtype, config, device)
     attn = resolve_attn_implementation(attn_implementation)
     tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(tokenizer, config, model_dir)
     model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
     model.set_reduction(reduction.build(config.text.num_hidden_layers))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

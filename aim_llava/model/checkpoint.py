@@ -7,6 +7,7 @@ any tensor is read, and each error names the file or tensor at fault.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,24 +18,18 @@ from safetensors import safe_open
 
 from aim_llava.errors import CheckpointError
 
-# Prefix rewrites from the transformers layouts (v5 names first, then the v4 names found on the
-# hub) to ours, which are the LLaVA-NeXT names.
-HF_NAME_RULES: list[tuple[str, str]] = [
-    ("model.language_model.", "model."),
-    ("model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
-    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ("model.image_newline", "model.image_newline"),
-    ("lm_head.", "lm_head."),
-    ("language_model.model.", "model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
-    ("multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    ("multi_modal_projector.linear_2.", "model.mm_projector.2."),
-    ("image_newline", "model.image_newline"),
-]
-
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
+# Prefix rewrites from the names transformers writes for LlavaOnevision (v5 and v4 names, and the
+# flat SigLIP names that current versions save: vision_tower.embeddings.*) to ours, which are the
+# LLaVA-NeXT names.
+HF_NAME_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"^(model\.)?vision_tower\.(vision_model\.)?"), VISION_PREFIX),
+    (re.compile(r"^(model\.language_model\.|language_model\.model\.)"), "model."),
+    (re.compile(r"^(language_model\.)?lm_head\."), "lm_head."),
+    (re.compile(r"^(model\.)?multi_modal_projector\.linear_1\."), "model.mm_projector.0."),
+    (re.compile(r"^(model\.)?multi_modal_projector\.linear_2\."), "model.mm_projector.2."),
+    (re.compile(r"^(model\.)?image_newline$"), "model.image_newline"),
+]
 VISION_LAYER = re.compile(re.escape(VISION_PREFIX) + r"encoder\.layers\.(\d+)\.")
 # Derived buffers that some exporters saved; they are recomputed, never loaded.
 DERIVED_BUFFERS = re.compile(r"(\.position_ids|\.rotary_emb\.inv_freq)$")
@@ -44,9 +39,9 @@ def map_name(name: str, layout: str) -> str:
     """Checkpoint tensor name -> our module name."""
     if layout == "llava_qwen":
         return name
-    for old, new in HF_NAME_RULES:
-        if name.startswith(old):
-            return new + name[len(old) :]
+    for pattern, replacement in HF_NAME_RULES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name, count=1)
     return name
 
 
@@ -71,8 +66,10 @@ def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (its weight_map is not names -> files)")
         files = sorted({model_dir / shard for shard in weight_map.values()})
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -80,6 +77,10 @@ def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
                 f"checkpoint shard {missing[0]} listed in {index.name} is missing from {model_dir}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
+        unreadable = [f.name for f in files if not f.is_file() or not os.access(f, os.R_OK)]
+        if unreadable:
+            raise CheckpointError(f"checkpoint shard {unreadable[0]} in {model_dir} cannot be read "
+                                  "(not a regular file, or permission denied)")
         return files
     single = sorted(model_dir.glob("*.safetensors"))
     if single:
@@ -95,11 +96,23 @@ def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {model_dir}")
 
 
+def load_pickle(file: Path, map_location) -> dict:
+    """A pickled state dict, with only tensors allowed (``weights_only``): anything else in the
+    file is refused with one line, and no code from it runs."""
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle and torch raise many types, with multi-line messages
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load {file} as a tensor-only checkpoint ({type(err).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file} does not hold a dictionary of tensors")
+    return state
+
+
 def list_tensors(files: list[Path]) -> Iterator[TensorRef]:
     for file in files:
         if file.suffix == ".bin":
-            state = torch.load(file, map_location="meta", weights_only=True)
-            for name, tensor in state.items():
+            for name, tensor in load_pickle(file, "meta").items():
                 yield TensorRef(file, name, tuple(tensor.shape))
             continue
         try:
@@ -150,7 +163,7 @@ def read_tensors(plan: dict[str, TensorRef], device: torch.device, dtype: torch.
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         if file.suffix == ".bin":
-            raw = torch.load(file, map_location="cpu", weights_only=True)
+            raw = load_pickle(file, "cpu")
             for target, name in names:
                 state[target] = raw[name].to(device=device, dtype=dtype)
             continue

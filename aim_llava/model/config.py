@@ -13,7 +13,10 @@ Two layouts exist on disk:
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aim_llava.errors import CheckpointError
@@ -114,33 +117,67 @@ def _require(cfg: dict, key: str, source: str) -> Any:
     return cfg[key]
 
 
+def _mapping(value, key: str, source: str) -> dict:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{source}: '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(cfg: dict, key: str, source: str, default: int | None = None) -> int:
+    value = cfg.get(key, default) if default is not None else _require(cfg, key, source)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: '{key}' must be a positive whole number, got {value!r}")
+    return value
+
+
+def _positive_float(cfg: dict, key: str, source: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise CheckpointError(f"{source}: '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
 def _text_config(cfg: dict, source: str) -> TextConfig:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = _mapping(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}, "rope_parameters", source)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{source}: rope type '{rope_type}' is not supported (only 'default')")
     if cfg.get("use_sliding_window"):
         raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
-    return TextConfig(
-        vocab_size=_require(cfg, "vocab_size", source),
-        hidden_size=_require(cfg, "hidden_size", source),
-        intermediate_size=_require(cfg, "intermediate_size", source),
-        num_hidden_layers=_require(cfg, "num_hidden_layers", source),
-        num_attention_heads=_require(cfg, "num_attention_heads", source),
-        num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))),
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+    heads = _positive_int(cfg, "num_attention_heads", source)
+    text = TextConfig(
+        vocab_size=_positive_int(cfg, "vocab_size", source),
+        hidden_size=_positive_int(cfg, "hidden_size", source),
+        intermediate_size=_positive_int(cfg, "intermediate_size", source),
+        num_hidden_layers=_positive_int(cfg, "num_hidden_layers", source),
+        num_attention_heads=heads,
+        num_key_value_heads=_positive_int(cfg, "num_key_value_heads", source, heads),
+        rms_norm_eps=_positive_float(cfg, "rms_norm_eps", source, 1e-6),
+        rope_theta=_positive_float(rope, "rope_theta", source, _positive_float(cfg, "rope_theta", source, 1e6)),
+        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", source, 32768),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+    if text.hidden_size % heads or heads % text.num_key_value_heads:
+        raise CheckpointError(f"{source}: hidden_size {text.hidden_size}, {heads} attention heads and "
+                              f"{text.num_key_value_heads} key/value heads do not divide evenly")
+    return text
 
 
-def _vision_config(fields: dict, num_layers: int) -> VisionConfig:
+def _vision_config(fields: dict, num_layers: int, source: str) -> VisionConfig:
     known = {f.name for f in dataclasses.fields(VisionConfig)}
     kwargs = {k: v for k, v in fields.items() if k in known}
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "patch_size", "image_size",
+                "num_channels"):
+        if key in kwargs:
+            _positive_int(kwargs, key, source)
     for key in ("image_mean", "image_std"):
         if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
+            values = kwargs[key]
+            if not isinstance(values, list) or len(values) != 3 or not all(isinstance(v, (int, float)) for v in values):
+                raise CheckpointError(f"{source}: '{key}' must be a list of three numbers")
+            kwargs[key] = tuple(values)
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise CheckpointError(f"{source}: the vision tower must keep at least one layer")
     kwargs["num_hidden_layers"] = num_layers
     return VisionConfig(**kwargs)
 
@@ -152,7 +189,7 @@ def _check_supported(values: dict, source: str) -> None:
                 f"{source}: {key}={values[key]!r} is not supported (supported: {', '.join(allowed)})"
             )
     aspect = values.get("image_aspect_ratio", "anyres_max_9")
-    if not (aspect in ("pad", "anyres") or aspect.startswith("anyres_max_")):
+    if not isinstance(aspect, str) or not (aspect in ("pad", "anyres") or re.fullmatch(r"anyres_max_\d+", aspect)):
         raise CheckpointError(f"{source}: image_aspect_ratio={aspect!r} is not supported")
 
 
@@ -161,8 +198,8 @@ def config_from_llava_qwen(cfg: dict, source: str = "config.json") -> LlavaConfi
     tower = cfg.get("mm_vision_tower", "google/siglip-so400m-patch14-384")
     if "mm_vision_config" in cfg:
         # Full tower as trained; like the published towers, the last layer is not used.
-        vision_fields = cfg["mm_vision_config"]
-        vision = _vision_config(vision_fields, vision_fields["num_hidden_layers"] - 1)
+        vision_fields = _mapping(cfg["mm_vision_config"], "mm_vision_config", source)
+        vision = _vision_config(vision_fields, _positive_int(vision_fields, "num_hidden_layers", source) - 1, source)
     elif tower in KNOWN_VISION_TOWERS:
         vision = dataclasses.replace(KNOWN_VISION_TOWERS[tower])
     else:
@@ -195,22 +232,37 @@ def config_from_llava_qwen(cfg: dict, source: str = "config.json") -> LlavaConfi
         )
         if cfg.get(k) is not None
     }
+    for key in ("mm_spatial_pool_stride", "tokenizer_model_max_length"):
+        if key in overrides:
+            _positive_int(overrides, key, source)
+    if "image_token_index" in overrides and not isinstance(overrides["image_token_index"], int):
+        raise CheckpointError(f"{source}: 'image_token_index' must be a whole number")
+    if "image_grid_pinpoints" in overrides:
+        _check_pinpoints(overrides["image_grid_pinpoints"], source)
     return dataclasses.replace(defaults, **overrides)
+
+
+def _check_pinpoints(pinpoints, source: str) -> None:
+    if not isinstance(pinpoints, list) or not pinpoints or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in p)
+        for p in pinpoints
+    ):
+        raise CheckpointError(f"{source}: 'image_grid_pinpoints' must be a list of [width, height] pairs of sizes")
 
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> LlavaConfig:
     """Read the transformers ``llava_onevision`` config."""
-    text_cfg = _require(cfg, "text_config", source)
-    vision_cfg = dict(_require(cfg, "vision_config", source))
+    text_cfg = _mapping(_require(cfg, "text_config", source), "text_config", source)
+    vision_cfg = dict(_mapping(_require(cfg, "vision_config", source), "vision_config", source))
     strategy = cfg.get("vision_feature_select_strategy", "full")
     if strategy != "full":
         raise CheckpointError(f"{source}: vision_feature_select_strategy={strategy!r} is not supported")
     feature_layer = cfg.get("vision_feature_layer", -1)
     if not isinstance(feature_layer, int):
         raise CheckpointError(f"{source}: several vision_feature_layer values are not supported")
-    built_layers = vision_cfg.get("num_hidden_layers", 26)
+    built_layers = _positive_int(vision_cfg, "num_hidden_layers", source, 26)
     used_layers = built_layers + 1 + feature_layer if feature_layer < 0 else feature_layer
-    vision = _vision_config(vision_cfg, used_layers)
+    vision = _vision_config(vision_cfg, used_layers, source)
     if cfg.get("projector_hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{source}: projector_hidden_act must be 'gelu'")
     aspect = cfg.get("vision_aspect_ratio", "anyres_max_9")
@@ -228,13 +280,15 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> LlavaConfig:
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype") or text_cfg.get("torch_dtype"),
     )
     if cfg.get("image_grid_pinpoints"):
+        _check_pinpoints(cfg["image_grid_pinpoints"], source)
         # transformers lists (height, width); LLaVA-NeXT, and this package, (width, height).
         result.image_grid_pinpoints = [[w, h] for h, w in cfg["image_grid_pinpoints"]]
     return result
 
 
 def config_from_dict(cfg: dict, source: str = "config.json") -> LlavaConfig:
-    """Dispatch on ``model_type``; unknown types get a clear error."""
+    """Dispatch on ``model_type``; unknown types and ill-typed fields get a clear error."""
+    _mapping(cfg, "the whole file", source)
     model_type = cfg.get("model_type")
     if model_type in LLAVA_QWEN_MODEL_TYPES:
         return config_from_llava_qwen(cfg, source)
@@ -244,3 +298,12 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> LlavaConfig:
         f"{source}: model_type {model_type!r} is not a LLaVA-OneVision checkpoint "
         f"(expected one of {', '.join(LLAVA_QWEN_MODEL_TYPES + HF_MODEL_TYPES)})"
     )
+
+
+def config_from_file(path: Path) -> LlavaConfig:
+    """Read a checkpoint's ``config.json`` (either layout)."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    return config_from_dict(raw, str(path))

@@ -177,12 +177,16 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(**data)
+            recipe = cls(**json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise RecipeError(f"FitPrune recipe not found: {path}") from None
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
             raise RecipeError(f"{path} is not a FitPrune recipe ({err})") from None
+        numbers = (int, float)
+        if (not isinstance(recipe.drop, list) or not all(isinstance(d, numbers) and d >= 0 for d in recipe.drop)
+                or not isinstance(recipe.visual_tokens, numbers) or recipe.visual_tokens < 0):
+            raise RecipeError(f"{path} is not a FitPrune recipe (drop must be a list of counts, visual_tokens a count)")
+        return recipe
 
 
 @dataclass(frozen=True)

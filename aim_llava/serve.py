@@ -1,0 +1,568 @@
+"""An OpenAI-compatible HTTP server (``aim-llava serve``): a thin layer over :class:`VideoLLM`.
+
+    aim-llava serve --model DIR --media-root /data/videos [--config aim_default] [--port 8000]
+
+``POST /v1/chat/completions`` takes OpenAI chat messages whose content parts are ``text``,
+``image_url`` and ``video_url``. Media are files under ``--media-root`` (``file://`` URLs or paths,
+relative to the root or absolute inside it; nothing outside the root is ever opened), or images
+as ``data:`` URLs; http(s) URLs are refused (the server is offline). Several images in one request
+are taken as the frames of one video (what OpenAI-style clients send for videos). Options:
+``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``seed``, ``stop``,
+``stream`` (server-sent events in OpenAI's chunk format, with ``stream_options.include_usage``),
+and the extras ``frames``, ``fps``, ``max_frames`` and ``config`` (a preset name or
+``budget:X``). ``GET /v1/models`` and ``GET /health`` complete the API.
+
+Every request field is treated as hostile: it is checked before anything is read or computed,
+and a bad request gets a 4xx with an OpenAI-style error body. Frames are read in threads off the
+event loop; one model thread takes the requests that arrived together (up to
+``--max-batch-size``, waiting at most ``--max-wait-ms`` for more) and generates the greedy ones in
+one batch (sampled ones alone, so that a seed reproduces). A client that goes away mid-stream
+affects nobody else; an unexpected failure is logged and answered 500, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+
+from aim_llava.errors import AimLlavaError
+from aim_llava.pipeline import Request, Result, VideoLLM
+from aim_llava.reduction.budget import parse_budget
+from aim_llava.reduction.config import available_presets
+from aim_llava.video import MAX_FRAMES, VideoClip, VideoError, open_image_rgb
+
+logger = logging.getLogger("aim_llava.serve")
+
+MAX_BODY_BYTES = 64 * 2**20
+MAX_DATA_URL_BYTES = 32 * 2**20
+MAX_STOP_SEQUENCES = 4
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+# ---------------------------------------------------------------------------- request fields
+
+
+def integer(body: dict, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be a whole number", name)
+    if not low <= value <= high:
+        raise bad(f"'{name}' must lie in [{low}, {high}], got {value}", name)
+    return value
+
+
+def number(body: dict, name: str, low: float, high: float, default: float | None = None,
+           low_open: bool = False) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"'{name}' must be a finite number", name)
+    if value < low or value > high or (low_open and value == low):
+        interval = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise bad(f"'{name}' must lie in {interval}, got {value}", name)
+    return float(value)
+
+
+def stop_sequences(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str) else value
+    if (not isinstance(values, list) or len(values) > MAX_STOP_SEQUENCES
+            or not all(isinstance(v, str) and v for v in values)):
+        raise bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES} of them", "stop")
+    return values
+
+
+def resolve_media_path(url: str, media_root: Path, param: str) -> Path:
+    """A media reference (``file://`` URL or path) as a file inside the media root, or an error.
+
+    The path is resolved with symbolic links followed before the check, so neither ``..`` nor a
+    link can lead outside the root."""
+    if "\x00" in url:
+        raise bad("a media path must not contain NUL characters", param)
+    parsed = urlparse(url)
+    if parsed.scheme in ("http", "https", "ftp"):
+        raise bad("remote media URLs are not fetched (the server is offline): give a file:// URL or a path under "
+                  "the server's media root", param, "remote_media")
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise bad("file:// URLs must name a local path", param)
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme and len(parsed.scheme) > 1:
+        raise bad(f"unsupported media URL scheme {parsed.scheme!r}: use file:// URLs or paths", param)
+    else:
+        path = Path(url)
+    root = media_root.resolve()
+    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ApiError(403, "media outside the server's media root are not served", param, "outside_media_root")
+    if not resolved.is_file():
+        raise ApiError(404, f"media file not found under the media root: {url}", param, "media_not_found")
+    return resolved
+
+
+def check_data_url(url: str, param: str) -> str:
+    """A ``data:image/...;base64,...`` URL of acceptable size (decoded later, off the event loop)."""
+    header, _, payload = url.partition(",")
+    if not header.startswith("data:image/") or ";base64" not in header:
+        raise bad("data: URLs must be base64 images (data:image/...;base64,...)", param)
+    if len(payload) > MAX_DATA_URL_BYTES * 4 // 3 + 4:
+        raise ApiError(413, f"an inline image may hold at most {MAX_DATA_URL_BYTES >> 20} MiB", param, "too_large")
+    return url
+
+
+def data_url_image(url: str) -> Image.Image:
+    try:
+        raw = base64.b64decode(url.partition(",")[2], validate=True)
+    except (binascii.Error, ValueError):
+        raise VideoError("an inline image is not valid base64") from None
+    return open_image_rgb(io.BytesIO(raw), "an inline image")
+
+
+@dataclass
+class Media:
+    """What a request shows: one video file, one image, or several images taken as frames."""
+
+    video: Path | None = None
+    images: list = field(default_factory=list)  # a Path under the media root, or a data: URL
+
+
+def part_url(part: dict, kind: str, param: str) -> str:
+    value = part.get(kind)
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad(f"a {kind} part needs a url", param)
+    return url
+
+
+def parse_messages(messages, media_root: Path) -> tuple[list[tuple[str, str | None]], Media, str | None]:
+    """(turns [(user text, assistant text or None)], media, system prompt) of the messages."""
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list", "messages")
+    media, system, texts = Media(), None, []
+    for number, message in enumerate(messages):
+        param = f"messages[{number}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise bad(f"{param} must be an object with a role in {', '.join(ROLES)}", param)
+        role, content = message["role"], message.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = content
+        else:
+            raise bad(f"{param}.content must be a string or a list of content parts", param)
+        text = []
+        for index, part in enumerate(parts):
+            where = f"{param}.content[{index}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise bad(f"{where}.text must be a string", where)
+                text.append(part["text"])
+            elif kind in ("image_url", "video_url"):
+                if role != "user":
+                    raise bad(f"{where}: images and videos belong in user messages", where)
+                if kind == "video_url":
+                    if media.video is not None or media.images:
+                        raise bad("a request may show one video (or one image, or the frames of one video)", where)
+                    media.video = resolve_media_path(part_url(part, kind, where), media_root, where)
+                else:
+                    if media.video is not None:
+                        raise bad("a request may show one video (or one image, or the frames of one video)", where)
+                    url = part_url(part, kind, where)
+                    media.images.append(check_data_url(url, where) if url.startswith("data:")
+                                        else resolve_media_path(url, media_root, where))
+            else:
+                raise bad(f"{where}: unknown content type {kind!r} (use text, image_url or video_url)", where,
+                          "unknown_content_type")
+        if role == "system":
+            if number != 0:
+                raise bad("a system message may only come first", param)
+            system = "\n".join(text)
+        else:
+            texts.append((role, "\n".join(text)))
+    if media.video is None and not media.images:
+        raise bad("the request shows no video or image: add a video_url or image_url part", "messages")
+    turns = []
+    for position, (role, text) in enumerate(texts):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if role != expected:
+            raise bad("after an optional system message, user and assistant messages must alternate, starting and "
+                      "ending with a user message", "messages")
+        if role == "user":
+            turns.append((text, None))
+        else:
+            turns[-1] = (turns[-1][0], text)
+    if texts[-1][0] != "user":
+        raise bad("the last message must come from the user", "messages")
+    return turns, media, system
+
+
+# ---------------------------------------------------------------------------- jobs and the model thread
+
+
+@dataclass
+class Job:
+    """One chat completion on its way through the server."""
+
+    turns: list[tuple[str, str | None]]
+    system: str | None
+    media: Media
+    config: object
+    sampling: dict
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    loop: asyncio.AbstractEventLoop
+    clip: VideoClip | None = None
+    done: asyncio.Future | None = None
+    pieces: asyncio.Queue | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def batch_key(self) -> tuple:
+        """Jobs that may share one generate call: greedy ones with the same reduction (a sampled
+        job runs alone, so that its seed reproduces)."""
+        return (self.config, True) if self.greedy else (self.config, id(self))
+
+    def generation(self) -> dict:
+        if self.greedy:
+            return {}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+
+
+class ModelThread:
+    """Runs the model for every job: takes what arrived together as one batch."""
+
+    def __init__(self, llm: VideoLLM, max_batch_size: int, max_wait_ms: float):
+        self.llm, self.max_batch_size, self.max_wait = llm, max_batch_size, max_wait_ms / 1000.0
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self.loop, name="aim-llava-model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+    def loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            batch, deadline = [job], time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                try:
+                    waiting = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if waiting is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(waiting)
+            groups: dict[tuple, list[Job]] = {}
+            for waiting in batch:
+                groups.setdefault(waiting.batch_key(), []).append(waiting)
+            for group in groups.values():
+                self.answer(group)
+
+    def answer(self, group: list[Job]) -> None:
+        try:
+            items = []
+            for job in group:
+                stream = self.streamer(job) if job.stream else None
+                items.append((Request(job.clip, job.turns, stream, job.max_tokens, job.system), job.clip))
+            generation = dict(group[0].generation(), max_new_tokens=max(job.max_tokens for job in group))
+            results = self.llm.answer_batch(items, group[0].config, generation)
+        except Exception as err:  # the model thread must survive anything
+            logger.exception("a batch failed")
+            results = [Result(Request(job.clip), error=err) for job in group]
+        for job, result in zip(group, results):
+            job.loop.call_soon_threadsafe(finish, job, result)
+
+    @staticmethod
+    def streamer(job: Job):
+        def piece(text: str) -> None:
+            job.loop.call_soon_threadsafe(job.pieces.put_nowait, text)
+
+        return piece
+
+
+def finish(job: Job, result: Result) -> None:
+    if not job.done.done():
+        job.done.set_result(result)
+    if job.pieces is not None:
+        job.pieces.put_nowait(None)
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the earliest stop sequence, and whether one was found."""
+    cut = min((text.find(stop) for stop in stops if stop in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Service:
+    """Request parsing, validation and replies; the HTTP layer only routes to it."""
+
+    def __init__(self, llm: VideoLLM, media_root: Path, model_name: str, max_batch_size: int = 8,
+                 max_wait_ms: float = 10.0):
+        self.llm, self.media_root, self.model_name = llm, media_root, model_name
+        self.worker = ModelThread(llm, max_batch_size, max_wait_ms)
+        self.presets = set(available_presets())
+        self.created = int(time.time())
+        self.configs: dict[str, object] = {}
+
+    def reduction(self, spec) -> object:
+        if spec is None:
+            return self.llm.reduction
+        if not isinstance(spec, str) or not spec:
+            raise bad("'config' must be a preset name or budget:FRACTION", "config")
+        if spec not in self.configs:
+            if spec.strip().lower().startswith("budget:"):
+                try:
+                    parse_budget(spec)
+                except AimLlavaError as err:
+                    raise bad(str(err), "config") from None
+            elif spec not in self.presets:
+                raise bad(f"unknown config {spec!r}: use one of {', '.join(sorted(self.presets))} or budget:FRACTION",
+                          "config")
+            try:
+                self.configs[spec] = self.llm.resolve(spec)
+            except AimLlavaError as err:
+                raise bad(str(err), "config") from None
+        return self.configs[spec]
+
+    def parse(self, body, loop: asyncio.AbstractEventLoop) -> Job:
+        if not isinstance(body, dict):
+            raise bad("the request body must be a JSON object")
+        model = body.get("model", self.model_name)
+        if model != self.model_name:
+            raise ApiError(404, f"model {model!r} is not served here (this server serves {self.model_name!r})",
+                           "model", "model_not_found")
+        if integer(body, "n", 1, 1, 1) != 1:
+            raise bad("only n=1 is supported", "n")
+        turns, media, system = parse_messages(body.get("messages"), self.media_root)
+        context = self.llm.model.config.max_length
+        max_tokens = integer(body, "max_completion_tokens", 1, context)
+        max_tokens = integer(body, "max_tokens", 1, context, max_tokens or self.llm.generation.max_new_tokens)
+        config = self.reduction(body.get("config"))
+        sampling = {}
+        frames = integer(body, "frames", 1, MAX_FRAMES)
+        if frames is not None:
+            sampling["num_frames"] = frames
+        fps = number(body, "fps", 0.0, 1000.0, low_open=True)
+        if fps is not None:
+            sampling["fps"] = fps
+        max_frames = integer(body, "max_frames", 1, MAX_FRAMES)
+        if max_frames is not None:
+            sampling["max_frames"] = max_frames
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise bad("'stream' must be true or false", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise bad("'stream_options' must be an object", "stream_options")
+        return Job(
+            turns=turns, system=system, media=media, config=config, sampling=sampling, max_tokens=max_tokens,
+            temperature=number(body, "temperature", 0.0, 2.0, 0.0), top_p=number(body, "top_p", 0.0, 1.0, None, True),
+            seed=integer(body, "seed", -(2**63), 2**63 - 1), stop=stop_sequences(body), stream=stream,
+            include_usage=bool(options.get("include_usage", False)), loop=loop,
+        )
+
+    def read_media(self, job: Job) -> VideoClip:
+        """The job's frames (runs in a worker thread, off the event loop)."""
+        media = job.media
+        try:
+            if media.video is not None:
+                return self.llm.load(media.video, job.config, **job.sampling)
+            images = [open_image_rgb(image) if isinstance(image, Path) else data_url_image(image)
+                      for image in media.images]
+            if len(images) == 1:
+                frame = np.asarray(images[0])
+                return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+            limit = self.llm.frame_limit(job.config)
+            if len(images) > limit:
+                raise VideoError(f"{len(images)} frames but at most {limit} fit in the model's context")
+            size = images[0].size
+            frames = np.stack([np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR))
+                               for image in images])
+            return VideoClip(frames, list(range(len(images))), [float(i) for i in range(len(images))],
+                             float(len(images)), 1.0, "frames")
+        except AimLlavaError as err:
+            raise bad(str(err), "messages", "unreadable_media") from None
+
+    async def complete(self, body) -> dict | AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        job = self.parse(body, loop)
+        job.clip = await asyncio.to_thread(self.read_media, job)
+        job.done = loop.create_future()
+        job.pieces = asyncio.Queue() if job.stream else None
+        self.worker.submit(job)
+        if job.stream:
+            return self.stream(job)
+        result = await job.done
+        return self.reply(job, result)
+
+    def failure(self, result: Result) -> ApiError:
+        if isinstance(result.error, AimLlavaError):
+            return bad(str(result.error), "messages", "invalid_prompt")
+        logger.error("a request failed: %s", result.error, exc_info=result.error)
+        return ApiError(500, "the server failed to answer this request (see its log)", code="server_error")
+
+    def usage(self, result: Result, text: str) -> dict:
+        response = result.response
+        completion = response.num_new_tokens - (1 if response.ended_by_eos else 0)
+        if text != response.text:  # cut at a stop sequence: count the tokens of what is returned
+            completion = len(self.llm.tokenizer(text).input_ids) if text else 0
+        return {"prompt_tokens": response.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": response.prompt_tokens + completion}
+
+    def header(self, kind: str) -> dict:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": self.model_name}
+
+    def reply(self, job: Job, result: Result) -> dict:
+        if result.error is not None:
+            raise self.failure(result)
+        text, stopped = cut_at_stop(result.response.text, job.stop)
+        reason = "stop" if stopped or result.response.ended_by_eos else "length"
+        return {**self.header("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+                "usage": self.usage(result, text)}
+
+    async def stream(self, job: Job) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format. The streamed text is exactly the text of
+        the plain reply: leading blanks are skipped, and the last characters are held back while
+        they could still be trailing blanks or the start of a stop sequence."""
+        header = self.header("chat.completion.chunk")
+
+        def chunk(delta: dict, reason: str | None = None) -> str:
+            payload = {**header, "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        produced, sent = "", 0
+        hold = max((len(stop) for stop in job.stop), default=1) - 1
+        while (piece := await job.pieces.get()) is not None:
+            produced += piece
+            visible = produced.lstrip()
+            safe = min(len(cut_at_stop(visible, job.stop)[0]), len(visible) - hold, len(visible.rstrip()))
+            if safe > sent:
+                yield chunk({"content": visible[sent:safe]})
+                sent = safe
+        result = await job.done
+        if result.error is not None:
+            yield f"data: {json.dumps(self.failure(result).body())}\n\n"
+            return
+        text, stopped = cut_at_stop(result.response.text, job.stop)
+        if len(text) > sent:
+            yield chunk({"content": text[sent:]})
+        yield chunk({}, "stop" if stopped or result.response.ended_by_eos else "length")
+        if job.include_usage:
+            usage = {**header, "choices": [], "usage": self.usage(result, text)}
+            yield f"data: {json.dumps(usage)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "aim-llava"}]}
+
+
+def create_app(service: Service):
+    """The FastAPI application routing to ``service``."""
+
+    app = FastAPI(title="aim-llava", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, error: Exception):
+        logger.exception("unexpected server error")
+        return JSONResponse(ApiError(500, "internal server error (see the server's log)").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        body = await read_json(request)
+        answer = await service.complete(body)
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+async def read_json(request) -> object:
+    """The request body as JSON, read up to :data:`MAX_BODY_BYTES`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise ApiError(413, f"the request body may hold at most {MAX_BODY_BYTES >> 20} MiB", code="too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body may hold at most {MAX_BODY_BYTES >> 20} MiB", code="too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None

@@ -1,0 +1,246 @@
+"""aim-llava serve, driven by the official openai client against a real server process on
+127.0.0.1: answers equal the command line's, streaming, concurrency, every class of bad request,
+a client that disconnects mid-stream, and server errors that do not kill the server."""
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from aim_llava.cli import main
+from aim_llava.sample_media import write_sample_video
+
+openai = pytest.importorskip("openai", reason="the dev extra installs openai")
+
+QUESTION = "What is shown in the video?"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    for i in range(4):
+        write_sample_video(root / f"clip{i}.mp4", num_frames=20 + 10 * i, fps=20)
+    (root / "sub").mkdir()
+    write_sample_video(root / "sub" / "nested.mp4", num_frames=30, fps=20)
+    outside = tmp_path_factory.mktemp("outside")
+    write_sample_video(outside / "secret.mp4", num_frames=10, fps=10)
+    (root / "link.mp4").symlink_to(outside / "secret.mp4")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen_dir, media, tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [sys.executable, "-m", "aim_llava.cli", "serve", "--model", str(tiny_qwen_dir), "--media-root",
+               str(media), "--port", str(port), "--device", "cpu", "--frames", "4", "--max-new-tokens", "8",
+               "--max-batch-size", "8", "--max-wait-ms", "50", "--served-model-name", "tiny"]
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, OMP_NUM_THREADS="2"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail(f"the server did not start: {log.read_text()}")
+    yield base, process, log
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def video_message(url: str, text: str = QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def cli_answer(capsys, tiny_qwen_dir, video: Path, question: str = QUESTION) -> str:
+    assert main(["ask", str(video), question, "--model", str(tiny_qwen_dir), "--frames", "4",
+                 "--max-new-tokens", "8"]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+    assert [model.id for model in client.models.list().data] == ["tiny"]
+
+
+def test_plain_and_streamed_answers_equal_the_command_line(client, media, capsys, tiny_qwen_dir):
+    expected = cli_answer(capsys, tiny_qwen_dir, media / "clip1.mp4")
+    reply = client.chat.completions.create(model="tiny", messages=video_message("clip1.mp4"), max_tokens=8)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 4 * 196
+    pieces, usage = [], None
+    stream = client.chat.completions.create(model="tiny", messages=video_message(f"file://{media}/clip1.mp4"),
+                                            max_tokens=8, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+    assert "".join(pieces) == expected
+    assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_multi_turn_system_and_stop(client):
+    messages = [{"role": "system", "content": "You describe videos."}, *video_message("clip0.mp4"),
+                {"role": "assistant", "content": "Bars."}, {"role": "user", "content": "And then?"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8).choices[0].message.content
+    assert full
+    stop = full[3:5]
+    cut = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, stop=[stop], stream=True) if c.choices]
+    assert "".join(pieces) == full[: full.index(stop)]
+
+
+def test_sampling_with_a_seed_reproduces(client):
+    def sample(seed):
+        return client.chat.completions.create(model="tiny", messages=video_message("clip2.mp4"), max_tokens=8,
+                                              temperature=1.5, top_p=0.9, seed=seed).choices[0].message.content
+
+    assert sample(3) == sample(3)
+
+
+def test_image_and_frames_as_images(client, media):
+    frame = Image.new("RGB", (64, 48), (200, 30, 30))
+    buffer = io.BytesIO()
+    frame.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": "What colour?"}]}]
+    assert client.chat.completions.create(model="tiny", messages=one, max_tokens=4).choices[0].message.content
+    frames = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 3
+               + [{"type": "text", "text": "What happens?"}]}]
+    reply = client.chat.completions.create(model="tiny", messages=frames, max_tokens=4)
+    assert reply.usage.prompt_tokens > 3 * 196  # three frames of a video, 196 tokens each
+
+
+def test_sixteen_concurrent_requests_equal_one_at_a_time(client):
+    questions = [f"Question number {i}: what is in the video?" for i in range(16)]
+    alone = [client.chat.completions.create(model="tiny", messages=video_message(f"clip{i % 4}.mp4", q),
+                                            max_tokens=6).choices[0].message.content
+             for i, q in enumerate(questions[:4])]
+    answers, errors = [None] * 16, []
+
+    def ask(i):
+        try:
+            reply = client.chat.completions.create(model="tiny", messages=video_message(f"clip{i % 4}.mp4", questions[i]),
+                                                   max_tokens=6)
+            answers[i] = reply.choices[0].message.content
+        except Exception as err:  # collected and reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and all(answer is not None for answer in answers)
+    assert answers[:4] == alone  # batched together, the same greedy answers
+
+
+def error_of(server_url: str, body, status: int) -> dict:
+    raw = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    response = httpx.post(f"{server_url}/v1/chat/completions", content=raw,
+                          headers={"content-type": "application/json"}, timeout=120)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"]
+    return error
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"messages": "hi"}, 400, "non-empty list"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "a.wav"}}]}]}, 400,
+     "unknown content type"),
+    ({"messages": video_message("absent.mp4")}, 404, "not found"),
+    ({"messages": video_message("../outside/secret.mp4")}, 403, "outside the server's media root"),
+    ({"messages": video_message("/etc/passwd")}, 403, "outside the server's media root"),
+    ({"messages": video_message("link.mp4")}, 403, "outside the server's media root"),
+    ({"messages": video_message("http://example.com/v.mp4")}, 400, "not fetched"),
+    ({"messages": video_message("clip0.mp4"), "frames": 100000}, 400, "fit in the model's context"),
+    ({"messages": video_message("clip0.mp4", "word " * 40000)}, 400, "more than the model's"),
+    ({"messages": video_message("clip0.mp4"), "max_tokens": 0}, 400, "'max_tokens' must lie in"),
+    ({"messages": video_message("clip0.mp4"), "temperature": "hot"}, 400, "'temperature' must be a finite number"),
+    ({"messages": video_message("clip0.mp4"), "n": 2}, 400, "'n' must lie in [1, 1]"),
+    ({"messages": video_message("clip0.mp4"), "config": "/etc/passwd.yaml"}, 400, "unknown config"),
+    ({"messages": video_message("clip0.mp4"), "config": "budget:7"}, 400, "fraction must lie in"),
+    ({"messages": video_message("clip0.mp4"), "model": "gpt-4o"}, 404, "not served here"),
+    ({"messages": [{"role": "user", "content": "no video at all"}]}, 400, "no video or image"),
+    ({"messages": video_message("clip0.mp4") + [{"role": "user", "content": "twice"}]}, 400, "alternate"),
+])
+def test_bad_requests_get_openai_style_errors(server, body, status, words):
+    assert words in error_of(server[0], body, status)["message"]
+
+
+def test_disconnect_mid_stream_disturbs_no_one(server, client):
+    base, process, _ = server
+    body = {"model": "tiny", "messages": video_message("clip3.mp4"), "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # leave after the first event
+    reply = client.chat.completions.create(model="tiny", messages=video_message("clip3.mp4"), max_tokens=8)
+    assert reply.choices[0].message.content and process.poll() is None
+
+
+def test_server_errors_are_500_and_the_server_goes_on(tiny_qwen_dir, media, monkeypatch):
+    """In process: a failure inside the model thread answers 500 with an error body; the next
+    request is served."""
+    from fastapi.testclient import TestClient
+
+    from aim_llava.pipeline import SamplingOptions, VideoLLM
+    from aim_llava.serve import Service, create_app
+
+    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
+    service = Service(llm, media, "tiny", max_batch_size=2, max_wait_ms=0)
+    try:
+        with TestClient(create_app(service)) as http:
+            original = llm.answer_batch
+            monkeypatch.setattr(llm, "answer_batch", lambda *a, **k: 1 / 0)
+            body = {"messages": video_message("clip0.mp4"), "max_tokens": 2}
+            failed = http.post("/v1/chat/completions", json=body)
+            assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
+            monkeypatch.setattr(llm, "answer_batch", original)
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        service.worker.stop()
+
+
+def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
+    assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
