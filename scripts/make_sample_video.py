@@ -11,8 +11,11 @@ def main() -> None:
     parser.add_argument("out", help="mp4 path to write")
     parser.add_argument("--frames", type=int, default=90)
     parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--width", type=int, default=160)
+    parser.add_argument("--height", type=int, default=96)
+    parser.add_argument("--gop", type=int, default=12, help="frames between keyframes (x264's default is 250)")
     args = parser.parse_args()
-    print(write_sample_video(args.out, args.frames, args.fps))
+    print(write_sample_video(args.out, args.frames, args.fps, args.height, args.width, args.gop))
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ def row_bias(log_p: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.full_like(lse, float("-inf")), log_p - lse)
 
 
+def chunk_plan(q: torch.Tensor, chunk_size: int | None, memory_budget: int, cache_budget: int) -> tuple[int, bool]:
+    """Query rows per chunk (from the memory budget unless given), and whether the whole float32
+    logit matrix fits the cache budget (then it is computed once and kept)."""
+    batch, heads, n, _ = q.shape
+    row_bytes = max(1, batch * heads * n * 4)
+    return chunk_size or max(1, memory_budget // row_bytes), row_bytes * n <= cache_budget
+
+
 def pagerank_log_importance(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,9 +124,7 @@ def pagerank_log_importance(
     receive no attention get -inf.
     """
     batch, heads, n, _ = q.shape
-    row_bytes = max(1, batch * heads * n * 4)
-    chunk = chunk_size or max(1, memory_budget // row_bytes)
-    keep = row_bytes * n <= cache_budget
+    chunk, keep = chunk_plan(q, chunk_size, memory_budget, cache_budget)
     scale = scale / temperature
     cached, lse_parts = [], []
     for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
@@ -196,9 +202,7 @@ def pagerank_log_importance_factored(
     is taken on the host, which is why CUDA uses the other kernels.
     """
     batch, heads, n, _ = q.shape
-    row_bytes = max(1, batch * heads * n * 4)
-    chunk = chunk_size or max(1, memory_budget // row_bytes)
-    keep = row_bytes * n <= cache_budget
+    chunk, keep = chunk_plan(q, chunk_size, memory_budget, cache_budget)
     scale = scale / temperature
     cached = []
     column_max = torch.full((batch, heads, n), float("-inf"), device=q.device)
