@@ -229,3 +229,17 @@ def test_interrupted_is_on_its_own_line(tiny_qwen_dir, clip, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 130
     assert any(line.startswith("aim-llava: interrupted") for line in result.stderr.replace("\r", "\n").splitlines())
+
+
+@pytest.mark.parametrize("kind, words", [("directory", "is a directory"), ("parent_file", "is a file, not a directory")])
+def test_caption_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch, kind, words):
+    import aim_llava.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    if kind == "directory":
+        output = tmp_path
+    else:
+        (tmp_path / "plain").write_text("a file")
+        output = tmp_path / "plain" / "out.jsonl"
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output)
+    assert code == 2 and words in one_error_line(err)
