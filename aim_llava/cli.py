@@ -24,6 +24,7 @@ from aim_llava.records import (
     latest_by_key,
     read_records,
     resolve_output,
+    write_records,
     write_text_atomically,
 )
 from aim_llava.text_files import read_text_file
@@ -374,7 +375,7 @@ def merge_caption_shards(shard, videos: list[str], output: Path | None, failures
         order = {video: index for index, video in enumerate(videos)}
         merged = sorted((r for r in latest_by_key(records, caption_key) if r["video"] in order),
                         key=lambda r: order[r["video"]])
-        write_text_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+        write_records(output, merged)
         failures = sum(r.get("error") is not None for r in merged)
     shard.finish()
     return EXIT_BAD_INPUT if failures else 0

@@ -29,7 +29,7 @@ from aim_llava.records import (
     error_message,
     latest_by_key,
     read_records,
-    write_text_atomically,
+    write_records,
 )
 from aim_llava.text_files import read_text_file
 
@@ -162,8 +162,7 @@ def merge_shards(items: list[Item], out_dir: Path, name: str, world: int) -> lis
     for rank in range(world):
         records += read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl", item_key)
     merged = ordered_records(items, records)
-    write_text_atomically(out_dir / f"{safe_name(name)}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged))
+    write_records(out_dir / f"{safe_name(name)}.jsonl", merged)
     return merged
 
 

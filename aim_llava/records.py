@@ -77,6 +77,11 @@ def write_text_atomically(path: str | Path, text: str, inputs: Iterable[str | Pa
         raise
 
 
+def write_records(path: str | Path, records: Iterable[dict]) -> None:
+    """A whole JSONL file of records, written atomically (used to merge or compact)."""
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def parse_records(text: str, source: Path, key: Callable[[dict], Hashable] | None) -> tuple[list[dict], int]:
     """The records of a results file and the byte length of its intact part.
 
@@ -184,8 +189,7 @@ class ResultsFile:
             return
         try:
             if compact and self.superseded:
-                lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in latest_by_key(self.records, self.key))
-                write_text_atomically(self.path, "".join(lines))
+                write_records(self.path, latest_by_key(self.records, self.key))
         finally:
             self.handle.close()
 
