@@ -13,7 +13,8 @@ fi
 # torchcodec (an optional video reader) loads FFmpeg's shared libraries from the system.
 ffmpeg_libs=(libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8)
 if ! ldconfig -p | grep -q "libavcodec\.so" && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
-  apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1; } \
+  timeout 300 apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1 \
+    || { timeout 300 apt-get update -q >/dev/null 2>&1 \
+         && timeout 300 apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1; } \
     || echo "note: FFmpeg's shared libraries could not be installed: the torchcodec reader stays unusable" >&2
 fi
