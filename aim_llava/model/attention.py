@@ -45,10 +45,13 @@ def _causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
     return k_idx <= q_idx
 
 
+def expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, kv_heads, L, d] -> [B, heads, L, d]: query head h reads key/value head h // (heads / kv_heads)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
 def eager_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
+    k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is None and causal and q.shape[2] > 1:
         mask = _causal_mask(q.shape[2], k.shape[2], q.device)
@@ -62,9 +65,15 @@ def sdpa_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
     is_causal = mask is None and causal and q.shape[2] > 1
     if is_causal and q.shape[2] != k.shape[2]:
         mask, is_causal = _causal_mask(q.shape[2], k.shape[2], q.device), False
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    grouped = q.shape[1] != k.shape[1]
+    if grouped and mask is not None:
+        # On CUDA the kernel that takes a mask (memory-efficient) has no grouped-query support and
+        # the flash kernel takes no mask, so SDPA would fall back to its math kernel and hold the
+        # whole score matrix; shared key/value heads are expanded instead (O(L) extra memory).
+        k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
+        grouped = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=grouped)
 
 
 def flash_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
@@ -91,5 +100,16 @@ def attend(
     scale: float,
     implementation: str,
 ) -> torch.Tensor:
-    """Run attention with the named kernel; returns [B, heads, Lq, d]."""
+    """Run attention with the named kernel; returns [B, heads, Lq, d].
+
+    A single query per sample over grouped key/value heads (a decoding step) is folded into an
+    ungrouped call: the query heads that share a key/value head become that head's queries
+    ([B, kv_heads, groups, d]), which every kernel runs without copying the cache per head.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_heads = k.shape[1]
+    if q_len == 1 and heads != kv_heads:
+        folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)
+        out = KERNELS[implementation](folded, k, v, mask, False, scale)
+        return out.reshape(batch, heads, 1, dim)
     return KERNELS[implementation](q, k, v, mask, causal, scale)

@@ -4,6 +4,7 @@ in padded batches, and on the 7B architecture. Run on a CUDA machine: ``pytest t
 import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aim_llava.architectures import architecture
 from aim_llava.bench import random_model
@@ -29,15 +30,42 @@ def test_graph_equals_eager_for_every_preset(cuda_model, preset):
     assert torch.equal(graphed, model.generate(ids, cuda_graph=False, **kwargs))
 
 
-def test_graph_equals_eager_on_the_7b_architecture():
-    model = random_model(architecture("llava-onevision-qwen2-7b"), torch.device("cuda"), torch.bfloat16)
+@pytest.fixture(scope="module")
+def model_7b():
+    return random_model(architecture("llava-onevision-qwen2-7b"), torch.device("cuda"), torch.bfloat16)
+
+
+def video_prompt(model, frames: int, text_after: int, seed: int):
+    """(ids [1, L], visual features) of a random 32-frame-style prompt for the 7B architecture."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        frames = model.encode_images(torch.randn(32, 3, 384, 384, device="cuda"))
-    ids = torch.cat([torch.randint(0, 1000, (14,)), torch.tensor([IMAGE_TOKEN_INDEX]), torch.randint(0, 1000, (86,))])
+        features = model.encode_images(torch.randn(frames, 3, 384, 384, generator=gen).cuda())
+    ids = torch.cat([torch.randint(0, 1000, (14,), generator=gen), torch.tensor([IMAGE_TOKEN_INDEX]),
+                     torch.randint(0, 1000, (text_after,), generator=gen)])
+    return ids[None], features
+
+
+def test_graph_equals_eager_on_the_7b_architecture(model_7b):
+    ids, frames = video_prompt(model_7b, 32, 86, seed=0)
     for spec in ("baseline", "aim_default"):
-        reduction = plan(model, spec)
+        reduction = plan(model_7b, spec)
         with torch.no_grad():
-            features = model.video_features(frames, reduction)
+            features = model_7b.video_features(frames, reduction)
         kwargs = dict(visual_features=[features], max_new_tokens=64, eos_token_id=[], reduction=reduction)
-        assert torch.equal(model.generate(ids[None], cuda_graph=True, **kwargs),
-                           model.generate(ids[None], cuda_graph=False, **kwargs)), spec
+        assert torch.equal(model_7b.generate(ids, cuda_graph=True, **kwargs),
+                           model_7b.generate(ids, cuda_graph=False, **kwargs)), spec
+
+
+def test_masked_attention_never_needs_the_math_kernel(model_7b):
+    """A padded batch's prefill and every decoding step (masked, grouped heads) run on the fused
+    SDPA kernels: with the math kernel disallowed, SDPA would raise instead of falling back."""
+    prompts = [video_prompt(model_7b, frames, after, seed=frames) for frames, after in ((8, 40), (4, 9))]
+    ids, mask = left_padded_batch([p[0] for p in prompts])
+    for spec in ("baseline", "aim_default"):
+        reduction = plan(model_7b, spec)
+        with torch.no_grad():
+            features = [model_7b.video_features(p[1], reduction) for p in prompts]
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            tokens = model_7b.generate(ids, attention_mask=mask, visual_features=features, max_new_tokens=16,
+                                       eos_token_id=[], reduction=reduction)
+        assert tokens.shape == (2, 16), spec
