@@ -93,6 +93,17 @@ def test_flex_kernel_equals_dense(inputs):
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_kernel_padded_to_its_bucket_equals_dense(inputs):
+    """The CUDA layout (sequence padded to a bucket, padding masked) gives the same scores."""
+    q, k, key_mask, start = inputs
+    assert flex_bucket(q.shape[2]) > q.shape[2]
+    ours = pagerank_log_importance_flex(q, k, key_mask, torch.log(start), scale=8**-0.5, bucketed=True).exp()
+    assert ours.shape == (2, 37)
+    assert torch.allclose(ours.double(), dense_importance(q, k, key_mask, start, scale=8**-0.5), rtol=1e-4,
+                          atol=1e-12)
+
+
 def sharp_inputs(n=300, heads=4, dim=16, seed=3):
     """Large logits: at T = 0.1 most float32 probabilities of the published formula underflow."""
     gen = torch.Generator().manual_seed(seed)
@@ -153,6 +164,33 @@ def test_log_start_weights_are_uniform_over_real_rows():
 
 
 def test_flex_buckets_are_few_and_cover_the_length():
-    sizes = {flex_bucket(n) for n in range(1, 12001)}
-    assert all(flex_bucket(n) >= n for n in range(1, 12001))
-    assert len(sizes) <= 20
+    lengths = range(1, 32769)
+    assert all(n <= flex_bucket(n) <= max(n + 255, 1.25 * n) for n in lengths)  # <= 25% padding above 1024
+    assert len({flex_bucket(n) for n in range(1, 12001)}) <= 20
+    assert len({flex_bucket(n) for n in lengths}) <= 24
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_passes_are_traced_once_per_bucket(monkeypatch):
+    """Compiled with static shapes, the two flex passes are traced once per length bucket, not again
+    for every layer (new closures over new tensors) or every length inside the bucket. (The CPU
+    cannot compile flex's LSE output, so dynamo traces here without inductor: same guards.)"""
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from aim_llava.reduction import importance
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False, backend="aot_eager")
+    monkeypatch.setattr(importance, "flex_kernel", lambda device_type: compiled)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        counters.clear()
+        for n in (300, 290, 300, 260, 700):
+            q, k = torch.randn(1, 4, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+            mask = torch.rand(1, n, generator=gen) > 0.1
+            log_start = torch.full((1, n), -torch.log(torch.tensor(float(n))).item())
+            importance.pagerank_log_importance_flex(q, k, mask, log_start, 0.25, bucketed=True)
+        assert counters["stats"]["unique_graphs"] == 2 * len({flex_bucket(n) for n in (300, 290, 260, 700)})
+    finally:
+        torch._dynamo.reset()

@@ -252,9 +252,14 @@ def pagerank_importance(q, k, key_mask, start_weights, scale, temperature=0.1, i
                                    memory_budget, cache_budget).exp()
 
 
+FLEX_GRAPHS_PER_BUCKET = 2  # the row pass and the column pass
+
+
 def flex_bucket(n: int) -> int:
-    """Padded length for the compiled flex kernels: multiples of 256 up to 2048, of 1024 above."""
-    step = 256 if n <= 2048 else 1024
+    """Padded length for the compiled flex kernels: multiples of 256 up to 2048, then multiples of
+    a quarter of the power of two below ``n`` (at most 25% padding; 4 buckets per doubling, so a
+    32k-token context needs 24 compiled shapes)."""
+    step = 256 if n <= 2048 else 1 << ((n - 1).bit_length() - 3)
     return -(-n // step) * step
 
 
@@ -268,8 +273,10 @@ def flex_kernel(device_type: str):
         return flex_attention
     import torch._dynamo.config as dynamo_config
 
-    # one compiled kernel per length bucket (see flex_bucket), more than dynamo's default of 8
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    # one compiled graph per pass and length bucket (see flex_bucket), far more than dynamo's
+    # default of 8: past the limit it would fall back to the dense, uncompiled implementation
+    buckets = len({flex_bucket(n) for n in range(1, 2**17 + 1, 64)})
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_GRAPHS_PER_BUCKET * buckets)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -308,10 +315,16 @@ def pagerank_log_importance_flex(
     scale: float,
     temperature: float = 0.1,
     iterations: int = 5,
+    bucketed: bool | None = None,
 ) -> torch.Tensor:
-    """The same log-importance with FlexAttention: O(N) extra memory, fused kernels on CUDA."""
+    """The same log-importance with FlexAttention: O(N) extra memory, fused kernels on CUDA.
+
+    ``bucketed`` pads the sequence to its :func:`flex_bucket` length (padding is masked out) so
+    that the compiled kernels and block masks are reused across lengths; the default is to do so
+    on CUDA, where they are compiled.
+    """
     batch, heads, n, _ = q.shape
-    padded = flex_bucket(n) if q.is_cuda else n
+    padded = flex_bucket(n) if (q.is_cuda if bucketed is None else bucketed) else n
     pad = padded - n
 
     def extend(tensor, value):
