@@ -6,10 +6,14 @@ On the CPU the calls that would synchronise on a GPU are counted where the packa
 ``torch.cuda.set_sync_debug_mode("error")``, which also sees inside torch.
 """
 
+import inspect
+
 import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
 from sync_points import count_sync_points
+
+from aim_llava.model.language_model.generation import HostMirror
 
 # AIM with the importance kernels a GPU uses (the CPU's own, "factored", decides its exact repairs on
 # the host: it is the one kernel that reads values back, and it never runs on CUDA)
@@ -48,3 +52,25 @@ def test_the_counter_sees_a_sync_point():
         flags = torch.tensor([True, False])
         torch.arange(2)[flags]
     assert value == 3 and [point.call for point in found] == ["item", "__getitem__"]
+
+
+@pytest.mark.parametrize("spec", ["baseline", {"method": "aim", "importance_kernel": "chunked"}], ids=str)
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9}], ids=["greedy", "top_p"])
+def test_decoding_reads_back_only_its_host_copies(loaded, spec, sampling):
+    """Sampling, EOS tracking and the cache writes stay on the device: the only values the loop
+    reads are the asynchronous host copies of tokens and flags (HostMirror.deliver)."""
+    tokenizer, model, processor, _ = loaded
+    reduction = plan(model, spec)
+    videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (3, 2)]
+    ids, mask = left_padded_batch([prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What?")])
+    lines, first = inspect.getsourcelines(HostMirror.deliver)
+    deliver = range(first, first + len(lines))
+    generator = torch.Generator().manual_seed(0)
+    with count_sync_points() as found:
+        tokens = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=reduction,
+                                max_new_tokens=12, eos_token_id=[5, 7], generator=generator, **sampling)
+    ours = [point for point in found if "aim_llava" in point.where and point.tensor not in (id(ids), id(mask))]
+    assert tokens.shape[0] == 2 and ours
+    stray = [p for p in ours if not (p.where.startswith(inspect.getfile(HostMirror)) and
+                                     int(p.where.rsplit(":", 1)[1]) in deliver)]
+    assert stray == []

@@ -161,7 +161,7 @@ def run_decoding(
         tokens = torch.where(finished, torch.full_like(finished, pad_token_id, dtype=torch.long),
                              pick_tokens(logits, params))
         out[:, step] = tokens
-        finished |= torch.isin(tokens, eos)
+        finished |= (tokens[:, None] == eos).any(dim=1)  # a broadcast compare: no host sync, empty eos fine
         mirror.push(step, tokens, finished.all())
         stop = mirror.deliver(step - lag, streamer)
         if stop is not None or step + 1 == max_new_tokens:
