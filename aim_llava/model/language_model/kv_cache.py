@@ -10,6 +10,8 @@ own length after pruning plus room for ``reserve`` more tokens (generation reser
 ``max_new_tokens``), and doubled if ever full. A decoding step (:meth:`LayerCache.write`) writes
 one slot at an index held in a device tensor and attends over the whole buffer, masked by
 ``valid_buffer``: the step has the same shapes every time, so it can be captured as a CUDA graph.
+Capacities are rounded up to :data:`CAPACITY_ALIGNMENT` slots: SDPA's memory-efficient kernel
+(the one that takes the step's mask) would otherwise copy the mask into an aligned one every step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+CAPACITY_ALIGNMENT = 16  # slots; the memory-efficient attention kernel's mask alignment
 
 
 @dataclass
@@ -44,6 +48,7 @@ class LayerCache:
     @classmethod
     def allocate(cls, keys, values, valid, padded: bool, capacity: int) -> LayerCache:
         batch, heads, length, dim = keys.shape
+        capacity = -(-capacity // CAPACITY_ALIGNMENT) * CAPACITY_ALIGNMENT
         # zeros, not empty: a decoding step attends over the whole buffer with the unwritten slots
         # masked, and a masked slot's weight 0 times a garbage NaN value would still be NaN
         key_buffer = keys.new_zeros(batch, heads, capacity, dim)
