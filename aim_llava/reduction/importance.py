@@ -47,15 +47,19 @@ FLEX_MIN_TOKENS = 1024  # below this the chunked kernel's few large matmuls win 
 IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex")
 
 
-def logit_matmul(q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
-    """q @ k_t in float32: on CUDA from half-precision inputs with float32 accumulation and output
-    (tensor cores, no rounding of the logits), elsewhere in float32."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        shape = torch.broadcast_shapes(q.shape[:-2], k_t.shape[:-2])
-        a = q.expand(*shape, *q.shape[-2:]).reshape(-1, *q.shape[-2:])
-        b = k_t.expand(*shape, *k_t.shape[-2:]).reshape(-1, *k_t.shape[-2:])
-        return torch.bmm(a, b, out_dtype=torch.float32).view(*shape, q.shape[-2], k_t.shape[-1])
-    return torch.matmul(q.float(), k_t.float())
+def grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T [B, kv_heads * groups, rows, N] in float32 for q [B, kv_heads, groups, rows, d] and
+    k [B, kv_heads, N, d]: the query heads that share a key head are stacked as rows of one matrix
+    product, so k is never copied per query head. On CUDA, half-precision inputs are multiplied
+    with float32 accumulation and output (tensor cores, no rounding of the logits)."""
+    batch, kv_heads, groups, rows, dim = q.shape
+    a = q.reshape(batch * kv_heads, groups * rows, dim)
+    b = k.transpose(-1, -2).reshape(batch * kv_heads, dim, k.shape[2])
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        out = torch.bmm(a, b, out_dtype=torch.float32)
+    else:
+        out = torch.bmm(a.float(), b.float())
+    return out.view(batch, kv_heads * groups, rows, k.shape[2])
 
 
 def attention_logit_chunks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, chunk: int):
@@ -63,15 +67,13 @@ def attention_logit_chunks(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Ten
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     q_grouped = q.reshape(batch, kv_heads, heads // kv_heads, n, dim)
-    k_t = k.transpose(-1, -2)[:, :, None]
     key_index = torch.arange(n, device=q.device)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        logits = logit_matmul(q_grouped[:, :, :, start:end], k_t).mul_(scale)
+        logits = grouped_logits(q_grouped[:, :, :, start:end], k).mul_(scale)
         causal = key_index[None, :] <= torch.arange(start, end, device=q.device)[:, None]
         allowed = causal[None] & key_mask[:, None, :]
-        logits = logits.reshape(batch, heads, end - start, n).masked_fill_(~allowed[:, None], float("-inf"))
-        yield start, end, logits
+        yield start, end, logits.masked_fill_(~allowed[:, None], float("-inf"))
 
 
 def row_probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +154,7 @@ def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias
     """log sum_i exp(bias[h, i] + L[h, i, j]) [H, len(columns)] for one sample's ``columns``,
     from its q [H, N, d], k [H_kv, N, d] and key mask [N]."""
     heads, n = q.shape[0], q.shape[1]
-    keys = k[:, columns].repeat_interleave(heads // k.shape[0], dim=0)
-    logits = logit_matmul(q, keys.transpose(-1, -2)).mul_(scale)
+    logits = grouped_logits(q.reshape(1, k.shape[0], heads // k.shape[0], n, -1), k[None, :, columns])[0].mul_(scale)
     rows = torch.arange(n, device=q.device)[:, None]
     allowed = (rows >= columns[None, :]) & key_mask[columns][None, :]
     logits = logits.masked_fill_(~allowed[None], float("-inf"))
@@ -163,8 +164,8 @@ def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias
 def exact_rows(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
     """Row log-normalisers lse_i [H, len(rows)] of one sample's ``rows``."""
     heads, n = q.shape[0], q.shape[1]
-    keys = k.repeat_interleave(heads // k.shape[0], dim=0)
-    logits = logit_matmul(q[:, rows], keys.transpose(-1, -2)).mul_(scale)
+    grouped = q[:, rows].reshape(1, k.shape[0], heads // k.shape[0], len(rows), -1)
+    logits = grouped_logits(grouped, k[None])[0].mul_(scale)
     allowed = (torch.arange(n, device=q.device)[None, :] <= rows[:, None]) & key_mask[None, :]
     return torch.logsumexp(logits.masked_fill_(~allowed[None], float("-inf")), dim=-1)
 
