@@ -30,8 +30,11 @@ Three kernels compute it:
   and its transpose, which depend on the size alone) are built once per bucket, so the compiled
   kernels are reused across layers and inputs.
 
-``kernel="auto"`` uses ``flex`` on CUDA from :data:`FLEX_MIN_TOKENS` tokens on, ``chunked`` on CUDA
-below that, and ``factored`` elsewhere. ``chunked`` and ``flex`` never synchronise with the host.
+``kernel="auto"`` uses, on CUDA, ``chunked`` while the whole logit matrix fits the cache budget
+(it is then computed once and each step is one pass over it, with nothing to compile) and
+``flex`` above that, where ``chunked`` would recompute the matrix at every step (the H100 kernel
+timings behind this rule are in docs/benchmarks.md); elsewhere ``factored``. ``chunked`` and
+``flex`` never synchronise with the host.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import torch
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
 DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) when it is this small
-FLEX_MIN_TOKENS = 1024  # below this the chunked kernel's few large matmuls win (unmeasured on GPU)
 IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex")
 
 
@@ -366,7 +368,7 @@ def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations
     """Dispatch to a kernel (see the module docstring)."""
     if kernel == "auto":
         if q.is_cuda:
-            kernel = "flex" if q.shape[2] >= FLEX_MIN_TOKENS else "chunked"
+            kernel = "chunked" if chunk_plan(q, chunk_size, DEFAULT_MEMORY_BUDGET, DEFAULT_CACHE_BUDGET)[1] else "flex"
         else:
             kernel = "factored"
     if kernel == "flex":
