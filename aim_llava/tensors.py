@@ -20,6 +20,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def host_values(values: Sequence[int] | Sequence[bool], device: torch.device, dtype: torch.dtype = torch.long):
+def host_values(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A small tensor of Python values on ``device`` (see :func:`to_device`)."""
     return to_device(torch.tensor(list(values), dtype=dtype), device)

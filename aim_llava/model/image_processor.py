@@ -12,7 +12,7 @@ from PIL import Image
 
 from aim_llava.errors import InputError
 from aim_llava.model.config import VisionConfig
-from aim_llava.tensors import to_device
+from aim_llava.tensors import host_values, to_device
 
 
 def to_pil(image) -> Image.Image:
@@ -85,6 +85,6 @@ class SiglipImageProcessor:
             if tuple(pixels.shape[-2:]) != target:
                 pixels = F.interpolate(pixels, size=target, mode="bicubic", antialias=True, align_corners=False)
                 pixels = pixels.round_().clamp_(0, 255)
-        mean = torch.tensor(self.image_mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, device=pixels.device).view(1, 3, 1, 1)
+        mean = host_values(self.image_mean, pixels.device, torch.float32).view(1, 3, 1, 1)
+        std = host_values(self.image_std, pixels.device, torch.float32).view(1, 3, 1, 1)
         return ((pixels / 255.0 - mean) / std).to(dtype)
