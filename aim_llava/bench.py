@@ -142,7 +142,7 @@ def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, 
     """A model of this architecture with random weights (speed does not depend on the values)."""
     with torch.device("meta"):
         model = LlavaQwenForCausalLM(config, attn_implementation)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: the device never holds float32 weights
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

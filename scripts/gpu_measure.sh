@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU measurements that docs/benchmarks.md lists as not measured yet, in phases that each fit
+# one call of at most 10 minutes on the GPU machine (torch, transformers and pytest installed
+# there; the wheels it lacks come from scripts/fetch_gpu_wheels.sh, in .whl/).
+#
+#   bash scripts/gpu_measure.sh PHASE [OUTDIR]      PHASE: tests | prefill | decode | decode-eager | video
+#
+# Logs and JSON reports go to OUTDIR (default: $OUT where set, else gpu_results/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+phase=${1:?"usage: gpu_measure.sh tests|prefill|decode|decode-eager|video [OUTDIR]"}
+out=${2:-${OUT:-gpu_results}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=$PWD:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} > "$out/machine_$phase.txt"
+
+bench() {  # bench NAME ARGS...: one bench run, its table in NAME.log and its report in NAME.json
+  local name=$1; shift
+  python3 -m aim_llava.cli bench --device cuda --dtype bfloat16 --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
+}
+all_presets=baseline,aim_default,aim_merge_only,aim_prune_only,aim_default_mask,budget:0.15,fastv_budget15,pool_12
+
+case $phase in
+  tests)  # sync-free prefill, flex == chunked, graph == eager, no math-kernel fallback
+    python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests_gpu.log" ;;
+  prefill)  # issue 11's table: 7B, 32 and 192 frames, every preset
+    for frames in 32 192; do
+      bench "prefill_7b_${frames}f" --arch llava-onevision-qwen2-7b --frames "$frames" --repeats 5 --decode-tokens 16 \
+        --configs "$all_presets"
+    done ;;
+  decode|decode-eager)  # issue 12's table: tokens/s at batch 1, 4 and 16, CUDA graphs (or not)
+    graph=(); [[ $phase == decode-eager ]] && graph=(--no-cuda-graph)
+    for arch in llava-onevision-qwen2-7b llava-onevision-qwen2-0.5b; do
+      for batch in 1 4 16; do
+        bench "${phase}_${arch#llava-onevision-qwen2-}_b${batch}" --arch "$arch" --frames 32 --repeats 3 \
+          --decode-tokens 128 --batch "$batch" --configs baseline,aim_default "${graph[@]}"
+      done
+    done ;;
+  video)  # issue 13: time to first token from a 60 s 640x360 clip, per reader
+    python3 scripts/make_sample_video.py /tmp/clip60.mp4 --frames 1800 --fps 30 --width 640 --height 360 --gop 250
+    for backend in pyav decord; do
+      bench "video_${backend}" --arch llava-onevision-qwen2-7b --frames 32 --repeats 5 --video /tmp/clip60.mp4 \
+        --backend "$backend" --configs baseline,aim_default
+    done ;;
+  *) echo "unknown phase '$phase': use tests, prefill, decode, decode-eager or video" >&2; exit 2 ;;
+esac
