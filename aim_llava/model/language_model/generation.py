@@ -99,12 +99,13 @@ class GraphedStep:
     The first call runs the step for real on a side stream (which also warms up cuBLAS and the
     allocator) and then captures it; later calls copy their inputs into the captured static
     tensors and replay. The graph belongs to one generation (its KV buffers), so concurrent
-    calls never share one.
+    calls never share one. If the capture fails, the generation goes on eagerly (logged).
     """
 
     def __init__(self, function: Callable[..., torch.Tensor]):
         self.function = function
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager = False
         self.inputs: list[torch.Tensor] = []
         self.output: torch.Tensor | None = None
 
@@ -114,17 +115,36 @@ class GraphedStep:
                 static.copy_(value)
             self.graph.replay()
             return self.output
+        if self.eager:
+            return self.function(*inputs)
         self.inputs = [value.clone() for value in inputs]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             result = self.function(*self.inputs).clone()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.output = self.function(*self.inputs)
-        self.graph = graph
+        try:
+            self.graph = self.capture()
+        except RuntimeError as error:
+            logger.warning("the decoding step could not be captured as a CUDA graph, decoding eagerly: %s", error)
+            self.eager = True
         return result
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """Record the step on a side stream. ``torch.cuda.graph`` would first synchronise the
+        device and empty the allocator's cache, so every generate call would hand the cached
+        blocks back to the driver and the next prefill would allocate them again."""
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.output = self.function(*self.inputs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        return graph
 
 
 def step_runner(function: Callable[..., torch.Tensor], device: torch.device, use_graph: bool,
