@@ -15,7 +15,8 @@ def cuda_model(tiny_qwen_dir):
 
 
 @pytest.mark.parametrize("spec", ["baseline", "aim_default", "aim_prune_only", "aim_default_mask", "fastv_default",
-                                  "ficoco_l_25", "pool_25", "random_25"])
+                                  "ficoco_l_25", "pool_25", "random_25", {"method": "aim", "importance_kernel": "flex"},
+                                  {"method": "aim", "importance_kernel": "chunked"}], ids=str)
 def test_prefill_does_not_synchronise(cuda_model, spec):
     tokenizer, model, processor, _ = cuda_model
     reduction = plan(model, spec)
