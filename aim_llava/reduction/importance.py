@@ -256,6 +256,7 @@ def pagerank_importance(q, k, key_mask, start_weights, scale, temperature=0.1, i
 
 
 FLEX_GRAPHS_PER_BUCKET = 2  # the row pass and the column pass
+FLEX_MAX_TOKENS = 2**17  # the compile budget covers every bucket up to this length
 
 
 def flex_bucket(n: int) -> int:
@@ -278,7 +279,7 @@ def flex_kernel(device_type: str):
 
     # one compiled graph per pass and length bucket (see flex_bucket), far more than dynamo's
     # default of 8: past the limit it would fall back to the dense, uncompiled implementation
-    buckets = len({flex_bucket(n) for n in range(1, 2**17 + 1, 64)})
+    buckets = len({flex_bucket(n) for n in range(1, FLEX_MAX_TOKENS + 1, 256)})  # buckets are >= 256 wide
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_GRAPHS_PER_BUCKET * buckets)
     return torch.compile(flex_attention, dynamic=False)
 
