@@ -18,7 +18,8 @@ Three kernels compute it:
 * ``chunked``: plain PyTorch over blocks of query rows (O(chunk x N) extra memory); when the
   whole logit matrix fits a memory budget it is computed once and reused by every step; each step
   is a logsumexp reduction. On CUDA the logits come from the model-dtype q and k with float32
-  accumulation and output.
+  accumulation and output, and each reduction is one pass over memory (a Triton kernel,
+  :mod:`aim_llava.reduction.logsumexp`).
 * ``factored``: the same chunks, but each step is a matrix-vector product of column-shifted
   exponentials, as cheap as the linear formula, with an exact repair of the columns that would
   underflow (:func:`pagerank_log_importance_factored`); the repair is decided on the host, so it
@@ -43,6 +44,8 @@ import functools
 import math
 
 import torch
+
+from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
 DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) when it is this small
@@ -132,7 +135,7 @@ def pagerank_log_importance(
     scale = scale / temperature
     cached, lse_parts = [], []
     for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
-        lse_parts.append(torch.logsumexp(logits, dim=-1))
+        lse_parts.append(logsumexp_with_bias(logits, -1))
         if keep:
             cached.append((start, end, logits))
     lse = torch.cat(lse_parts, dim=-1)
@@ -142,7 +145,7 @@ def pagerank_log_importance(
         blocks = cached if keep else attention_logit_chunks(q, k, key_mask, scale, chunk)
         total = None
         for start, end, logits in blocks:
-            part = torch.logsumexp(logits + bias[..., start:end, None], dim=-2)
+            part = logsumexp_with_bias(logits, -2, bias[..., start:end])
             total = part if total is None else torch.logaddexp(total, part)
         log_p = total
     return head_log_importance(log_p)

@@ -7,6 +7,7 @@ from conftest import plan, prompt_ids, random_frames
 
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.reduction.importance import pagerank_log_importance, pagerank_log_importance_flex
+from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +47,15 @@ def test_flex_importance_equals_chunked_float32(n):
     assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-3)
     half = n // 2
     assert torch.equal(fused.topk(half).indices.sort().values, reference.topk(half).indices.sort().values)
+
+
+@pytest.mark.parametrize("dim", [-1, -2])
+def test_one_pass_logsumexp_equals_torch(dim):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 28, 1769, 1769, device="cuda", generator=gen) * 30
+    x.masked_fill_(torch.ones(1769, 1769, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    bias = torch.randn(1, 28, 1769, device="cuda", generator=gen)
+    ours = logsumexp_with_bias(x, dim, bias)
+    reference = torch.logsumexp(x.double() + (bias.double()[..., :, None] if dim == -2 else bias.double()[..., None, :]),
+                                dim=dim)
+    assert torch.allclose(ours.double(), reference, rtol=1e-5, atol=1e-4)
