@@ -8,7 +8,8 @@
   value on the host); EOS is tracked on the device.
 * The new tokens and an "all finished" flag are copied to pinned host memory asynchronously
   (:class:`HostMirror`); the host looks at them a couple of steps late, so the GPU always has the
-  next steps queued. Streaming reads the same copies.
+  next steps queued (the first token excepted: it is handed on as soon as the prefill is done).
+  Streaming reads the same copies.
 """
 
 from __future__ import annotations
@@ -183,7 +184,9 @@ def run_decoding(
         out[:, step] = tokens
         finished |= (tokens[:, None] == eos).any(dim=1)  # a broadcast compare: no host sync, empty eos fine
         mirror.push(step, tokens, finished.all())
-        stop = mirror.deliver(step - lag, streamer)
+        # the first token is handed on at once (it waits only for the prefill, and a streaming
+        # client's time to first token would otherwise include the graph capture); later ones late
+        stop = mirror.deliver(step - lag if step else 0, streamer)
         if stop is not None or step + 1 == max_new_tokens:
             break
         logits = next_logits(tokens, step)
