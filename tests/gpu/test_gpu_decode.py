@@ -36,7 +36,7 @@ def model_7b():
 
 
 def video_prompt(model, frames: int, text_after: int, seed: int):
-    """(ids [1, L], visual features) of a random 32-frame-style prompt for the 7B architecture."""
+    """(ids [1, L], frame features) of a random prompt with a video of ``frames`` frames."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         features = model.encode_images(torch.randn(frames, 3, 384, 384, generator=gen).cuda())
