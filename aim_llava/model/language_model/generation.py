@@ -125,18 +125,17 @@ class GraphedStep:
             result = self.function(*self.inputs).clone()
         torch.cuda.current_stream().wait_stream(side)
         try:
-            self.graph = self.capture()
+            self.graph = self.capture(side)
         except RuntimeError as error:
             logger.warning("the decoding step could not be captured as a CUDA graph, decoding eagerly: %s", error)
             self.eager = True
         return result
 
-    def capture(self) -> torch.cuda.CUDAGraph:
-        """Record the step on a side stream. ``torch.cuda.graph`` would first synchronise the
-        device and empty the allocator's cache, so every generate call would hand the cached
-        blocks back to the driver and the next prefill would allocate them again."""
+    def capture(self, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+        """Record the step on ``stream`` (the warm-up's side stream). ``torch.cuda.graph`` would
+        first synchronise the device and empty the allocator's cache, so every generate call would
+        hand the cached blocks back to the driver and the next prefill would allocate them again."""
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")

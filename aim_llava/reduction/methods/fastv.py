@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aim_llava.reduction.importance import grouped_logits
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.schedule import ScheduleError, check_layer
 from aim_llava.reduction.tokens import (
@@ -35,10 +36,10 @@ class FastVOptions:
 
 def last_token_attention(attention: LayerAttention, key_mask: torch.Tensor) -> torch.Tensor:
     """[B, N]: the softmax attention row of each sample's last token, averaged over heads."""
-    q_last = attention.q[:, :, -1:].float()
-    heads, kv_heads = q_last.shape[1], attention.k.shape[1]
-    k = attention.k.float().repeat_interleave(heads // kv_heads, dim=1)
-    logits = (q_last @ k.transpose(-1, -2)).squeeze(2) * attention.scale
+    batch, heads, _, dim = attention.q.shape
+    kv_heads = attention.k.shape[1]
+    q_last = attention.q[:, :, -1:].reshape(batch, kv_heads, heads // kv_heads, 1, dim)
+    logits = grouped_logits(q_last, attention.k)[:, :, 0] * attention.scale
     logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1).mean(dim=1)
 
