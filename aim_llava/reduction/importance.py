@@ -13,8 +13,12 @@ float32 probabilities of the published formula underflow to exactly 0 (and their
 which turns their order into sort-tie order; in log space every score stays distinct and the order
 is the published one wherever the published scores differ.
 
-Three kernels compute it:
+Four kernels compute it:
 
+* ``fused``: a flash-style Triton kernel (:mod:`aim_llava.reduction.attention_lse`) that
+  recomputes the logits tile by tile from the model-dtype q and k (float32 accumulation) at every
+  pass and keeps only the running log-sum-exp: O(N) extra memory, no host synchronisation, and one
+  compiled kernel for every sequence length.
 * ``chunked``: plain PyTorch over blocks of query rows (O(chunk x N) extra memory); when the
   whole logit matrix fits a memory budget it is computed once and reused by every step; each step
   is a logsumexp reduction. On CUDA the logits come from the model-dtype q and k with float32
@@ -31,11 +35,12 @@ Three kernels compute it:
   and its transpose, which depend on the size alone) are built once per bucket, so the compiled
   kernels are reused across layers and inputs.
 
-``kernel="auto"`` uses, on CUDA, ``chunked`` while the whole logit matrix fits the cache budget
-(it is then computed once and each step is one pass over it, with nothing to compile) and
-``flex`` above that, where ``chunked`` would recompute the matrix at every step (the H100 kernel
-timings behind this rule are in docs/benchmarks.md); elsewhere ``factored``. ``chunked`` and
-``flex`` never synchronise with the host.
+``kernel="auto"`` uses ``fused`` on CUDA (``flex`` compiles two graphs for every length bucket a
+prefill meets, several per 192-frame prefill as the pruned length shrinks; ``chunked`` rereads an
+N x N float32 matrix about eight times per call, or recomputes it at every step once it is larger
+than the cache budget) and ``factored`` elsewhere; where Triton is missing, CUDA falls back to
+``chunked`` while the logit matrix fits the cache budget and ``flex`` above. ``fused``,
+``chunked`` and ``flex`` never synchronise with the host.
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ import math
 
 import torch
 
+from aim_llava.reduction.attention_lse import Tiling, attention_lse, attention_lse_kernel
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
 DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) when it is this small
-IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex")
+IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex", "fused")
 
 
 def grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -367,14 +373,42 @@ def pagerank_log_importance_flex(
     return head_log_importance(log_p)[:, :n]
 
 
+def pagerank_log_importance_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: torch.Tensor,
+    log_start: torch.Tensor,
+    scale: float,
+    temperature: float = 0.1,
+    iterations: int = 5,
+    tiling: Tiling = Tiling(),
+) -> torch.Tensor:
+    """The same log-importance with the flash-style Triton kernel of
+    :mod:`aim_llava.reduction.attention_lse`: logits recomputed in tiles from the model-dtype q and
+    k at every pass (O(N) extra memory), one compiled kernel for every length (on CUDA, or on any
+    device under ``TRITON_INTERPRET=1``)."""
+    batch, heads, n, _ = q.shape
+    scale = scale / temperature
+    key_bias = torch.where(key_mask, 0.0, float("-inf"))
+    lse = attention_lse(q, k, heads, scale, key_bias, torch.zeros_like(key_bias), True, tiling)
+    log_p = log_start.float()[:, None, :].expand(batch, heads, n)
+    for _ in range(iterations):
+        log_p = attention_lse(k, q, heads, scale, row_bias(log_p, lse), key_bias, False, tiling)
+    return head_log_importance(log_p)
+
+
 def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations=5, kernel="auto",
                    chunk_size=None) -> torch.Tensor:
     """Dispatch to a kernel (see the module docstring)."""
     if kernel == "auto":
-        if q.is_cuda:
-            kernel = "chunked" if chunk_plan(q, chunk_size, DEFAULT_MEMORY_BUDGET, DEFAULT_CACHE_BUDGET)[1] else "flex"
-        else:
+        if not q.is_cuda:
             kernel = "factored"
+        elif attention_lse_kernel() is not None:
+            kernel = "fused"
+        else:
+            kernel = "chunked" if chunk_plan(q, chunk_size, DEFAULT_MEMORY_BUDGET, DEFAULT_CACHE_BUDGET)[1] else "flex"
+    if kernel == "fused":
+        return pagerank_log_importance_fused(q, k, key_mask, log_start, scale, temperature, iterations)
     if kernel == "flex":
         return pagerank_log_importance_flex(q, k, key_mask, log_start, scale, temperature, iterations)
     if kernel == "factored":

@@ -1,12 +1,16 @@
-"""GPU tier: the prefill never synchronises with the host, and the fused (FlexAttention) importance
-equals the float32 chunked one. Run on a CUDA machine: ``pytest tests/gpu``."""
+"""GPU tier: the prefill never synchronises with the host, and the importance of the fused Triton
+kernel and of FlexAttention, from bfloat16 q and k, equals the float32 chunked one. Run on a CUDA machine: ``pytest tests/gpu``."""
 
 import pytest
 import torch
 from conftest import plan, prompt_ids, random_frames
 
 from aim_llava.model.builder import load_pretrained_model
-from aim_llava.reduction.importance import pagerank_log_importance, pagerank_log_importance_flex
+from aim_llava.reduction.importance import (
+    pagerank_log_importance,
+    pagerank_log_importance_flex,
+    pagerank_log_importance_fused,
+)
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 
@@ -17,7 +21,8 @@ def cuda_model(tiny_qwen_dir):
 
 @pytest.mark.parametrize("spec", ["baseline", "aim_default", "aim_prune_only", "aim_default_mask", "fastv_default",
                                   "ficoco_l_25", "pool_25", "random_25", {"method": "aim", "importance_kernel": "flex"},
-                                  {"method": "aim", "importance_kernel": "chunked"}], ids=str)
+                                  {"method": "aim", "importance_kernel": "chunked"},
+                                  {"method": "aim", "importance_kernel": "fused"}], ids=str)
 def test_prefill_does_not_synchronise(cuda_model, spec):
     tokenizer, model, processor, _ = cuda_model
     reduction = plan(model, spec)
@@ -35,15 +40,16 @@ def test_prefill_does_not_synchronise(cuda_model, spec):
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("kernel", [pagerank_log_importance_fused, pagerank_log_importance_flex])
 @pytest.mark.parametrize("n", [1769, 6373])
-def test_flex_importance_equals_chunked_float32(n):
+def test_bf16_importance_equals_chunked_float32(n, kernel):
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, 28, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
     k = torch.randn(1, 4, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
     mask = torch.ones(1, n, dtype=torch.bool, device="cuda")
     log_start = torch.full((1, n), -torch.log(torch.tensor(float(n))).item(), device="cuda")
     reference = pagerank_log_importance(q.float(), k.float(), mask, log_start, 128**-0.5)
-    fused = pagerank_log_importance_flex(q, k, mask, log_start, 128**-0.5)
+    fused = kernel(q, k, mask, log_start, 128**-0.5)
     assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-3)
     half = n // 2
     assert torch.equal(fused.topk(half).indices.sort().values, reference.topk(half).indices.sort().values)
