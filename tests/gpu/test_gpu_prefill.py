@@ -7,6 +7,7 @@ from conftest import plan, prompt_ids, random_frames
 
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.reduction.importance import (
+    log_start_weights,
     pagerank_log_importance,
     pagerank_log_importance_flex,
     pagerank_log_importance_fused,
@@ -43,16 +44,25 @@ def test_prefill_does_not_synchronise(cuda_model, spec):
 @pytest.mark.parametrize("kernel", [pagerank_log_importance_fused, pagerank_log_importance_flex])
 @pytest.mark.parametrize("n", [1769, 6373])
 def test_bf16_importance_equals_chunked_float32(n, kernel):
+    """A batch of two at 7B's head shapes: sample 1 left-padded by 300 tokens, with keys pruned
+    earlier (mask mode) in both."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, 28, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    k = torch.randn(1, 4, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
-    mask = torch.ones(1, n, dtype=torch.bool, device="cuda")
-    log_start = torch.full((1, n), -torch.log(torch.tensor(float(n))).item(), device="cuda")
+    q = torch.randn(2, n, 28, 128, device="cuda", generator=gen).to(torch.bfloat16).transpose(1, 2)  # as the model's
+    k = torch.randn(2, 4, n, 128, device="cuda", generator=gen).to(torch.bfloat16)
+    valid = torch.ones(2, n, dtype=torch.bool, device="cuda")
+    valid[1, :300] = False
+    mask = valid.clone()
+    mask[:, 500:520] = False
+    log_start = log_start_weights(valid)
     reference = pagerank_log_importance(q.float(), k.float(), mask, log_start, 128**-0.5)
     fused = kernel(q, k, mask, log_start, 128**-0.5)
-    assert torch.allclose(fused, reference, rtol=1e-4, atol=1e-3)
-    half = n // 2
-    assert torch.equal(fused.topk(half).indices.sort().values, reference.topk(half).indices.sort().values)
+    assert torch.equal(torch.isinf(fused), torch.isinf(reference))
+    finite = torch.isfinite(reference)
+    assert torch.allclose(fused[finite], reference[finite], rtol=1e-4, atol=1e-3)
+    for sample, real in enumerate(valid.sum(dim=1).tolist()):
+        half = real // 2
+        assert torch.equal(fused[sample].topk(half).indices.sort().values,
+                           reference[sample].topk(half).indices.sort().values)
 
 
 @pytest.mark.parametrize("dim", [-1, -2])
