@@ -12,6 +12,7 @@ measured code) and the clock on the CPU:
 * pre-LLM: pooling and merging before the LLM;
 * prefill: the LLM's pass over the prompt, and inside it the PageRank importance;
 * decode: the generation after the prefill, as tokens per second over the batch;
+* the KV cache's buffers (every layer's own length after pruning plus room for the new tokens);
 * peak memory of the generation (CUDA max allocated on GPU, sampled RSS on CPU).
 
 Configs run alternating, so slow drifts of the machine affect all of them alike.
@@ -100,6 +101,7 @@ class ConfigResult:
     decode_tokens_per_s: float
     importance_s: float
     peak_extra_mib: float
+    kv_cache_mib: float
     flops_reduction: float = 1.0
     speedup: float = 1.0
     speedup_over_flops_reduction: float = 1.0
@@ -176,6 +178,7 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
         "importance_s": seconds.get("importance", 0.0),
         "decode_tokens_per_s": batch * steps / seconds["decode"] if steps else 0.0,
         "peak_extra_mib": memory.extra / 2**20,
+        "kv_cache_mib": output.kv_cache_bytes / 2**20,
         "tokens_per_layer": [n[0] for n in output.reduction.visual_tokens_per_layer],
     }
 
@@ -250,6 +253,7 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
             decode_tokens_per_s=median("decode_tokens_per_s"),
             importance_s=median("importance_s"),
             peak_extra_mib=median("peak_extra_mib"),
+            kv_cache_mib=median("kv_cache_mib"),
         ))
     base = report.rows[0]
     for row in report.rows:
@@ -268,8 +272,8 @@ def markdown(report: BenchReport) -> str:
         "",
         "| config | tokens in layer 0 / last | TFLOPs paper / executed | FLOPs reduction | prefill s | speedup | "
         "speedup / FLOPs red. | importance s (share) | read s | preprocess s | vision s | pre-LLM s | TTFT s | "
-        "decode tok/s | peak extra MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode tok/s | KV cache MiB | peak extra MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
         lines.append(
@@ -278,7 +282,7 @@ def markdown(report: BenchReport) -> str:
             f"{r.speedup:.2f}x | {r.speedup_over_flops_reduction:.2f} | "
             f"{r.importance_s:.3f} ({100 * r.importance_s / r.prefill_s:.1f}%) | {r.read_s:.3f} | "
             f"{r.preprocess_s:.3f} | {r.vision_s:.3f} | {r.pre_llm_s:.3f} | {r.ttft_s:.3f} | "
-            f"{r.decode_tokens_per_s:.1f} | {r.peak_extra_mib:.0f} |"
+            f"{r.decode_tokens_per_s:.1f} | {r.kv_cache_mib:.1f} | {r.peak_extra_mib:.0f} |"
         )
     return "\n".join(lines)
 

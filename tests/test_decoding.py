@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
 
+from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.model.language_model.generation import SamplingParams, pick_tokens, run_decoding
 from aim_llava.reduction.config import available_presets
@@ -85,3 +86,23 @@ def test_new_tokens_beyond_the_context_are_refused(loaded):
     ids = prompt_ids(tokenizer, "Hi", num_images=0)
     with pytest.raises(InputError, match="exceeds the model's context"):
         model.generate(ids, max_new_tokens=10**12)
+
+
+@pytest.mark.parametrize("preset", ["baseline", "aim_default", "aim_prune_only"])
+def test_kv_cache_holds_each_layers_own_tokens_plus_the_new_ones(loaded, batch, preset):
+    """The bytes reported equal, layer by layer, the tokens that entered the layer (from the
+    record) plus max_new_tokens, rounded up to 16 slots, in keys and values of the model's shape."""
+    _, model, _, _ = loaded
+    prompts, videos = batch
+    text = (prompts[0] != IMAGE_TOKEN_INDEX).sum().item()  # the video placeholder is replaced by its tokens
+    out = model.generate(prompts[0], images=[videos[0]], modalities=["video"], reduction=plan(model, preset),
+                         return_dict_in_generate=True, **GEN)
+    config = model.config.text
+    head_dim = config.hidden_size // config.num_attention_heads
+    slot_bytes = 2 * config.num_key_value_heads * head_dim * 4 + 1  # float32 key and value, one validity flag
+    slots = [-(-(visual[0] + text + GEN["max_new_tokens"]) // 16) * 16 for visual in out.reduction.visual_tokens_per_layer]
+    assert out.kv_cache_bytes == slot_bytes * sum(slots)
+    if preset != "baseline":
+        reference = model.generate(prompts[0], images=[videos[0]], modalities=["video"], return_dict_in_generate=True,
+                                   **GEN)
+        assert out.kv_cache_bytes < reference.kv_cache_bytes

@@ -104,6 +104,12 @@ class KVCache:
         self.layers[layer] = entry
         return entry
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the allocated buffers take (keys, values and validity, reserve included)."""
+        return sum(buffer.nbytes for entry in self.layers if entry is not None
+                   for buffer in (entry.key_buffer, entry.value_buffer, entry.valid_buffer))
+
     def advance(self, steps: int) -> None:
         """Count ``steps`` decoding steps written with :meth:`LayerCache.write` into every layer."""
         for entry in self.layers:

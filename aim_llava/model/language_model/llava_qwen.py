@@ -56,10 +56,12 @@ class LlavaOutput:
 
 @dataclass
 class GenerationOutput:
-    """``generate(..., return_dict_in_generate=True)``: the new tokens [B, T] and the record."""
+    """``generate(..., return_dict_in_generate=True)``: the new tokens [B, T], the record, and the
+    bytes the KV cache's buffers took (0 without the cache)."""
 
     sequences: torch.Tensor
     reduction: ReductionRecord
+    kv_cache_bytes: int = 0
 
 
 class LlavaQwenModel(Qwen2Model):
@@ -237,7 +239,9 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             cache.advance(steps)
         if streamer is not None:
             streamer.end()
-        return GenerationOutput(sequences, record) if return_dict_in_generate else sequences
+        if not return_dict_in_generate:
+            return sequences
+        return GenerationOutput(sequences, record, cache.nbytes if cache is not None else 0)
 
 
 def appended(inputs: MultimodalInputs, token_embeds: torch.Tensor) -> MultimodalInputs:
