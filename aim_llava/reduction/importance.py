@@ -38,9 +38,9 @@ Four kernels compute it:
 ``kernel="auto"`` uses ``fused`` on CUDA (``flex`` compiles two graphs for every length bucket a
 prefill meets, several per 192-frame prefill as the pruned length shrinks; ``chunked`` rereads an
 N x N float32 matrix about eight times per call, or recomputes it at every step once it is larger
-than the cache budget) and ``factored`` elsewhere; where Triton is missing, CUDA falls back to
-``chunked`` while the logit matrix fits the cache budget and ``flex`` above. ``fused``,
-``chunked`` and ``flex`` never synchronise with the host.
+than the cache budget) and ``factored`` elsewhere; on CUDA without Triton (which ``flex`` needs
+too) it falls back to ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the
+host.
 """
 
 from __future__ import annotations
@@ -403,10 +403,8 @@ def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations
     if kernel == "auto":
         if not q.is_cuda:
             kernel = "factored"
-        elif attention_lse_kernel() is not None:
-            kernel = "fused"
         else:
-            kernel = "chunked" if chunk_plan(q, chunk_size, DEFAULT_MEMORY_BUDGET, DEFAULT_CACHE_BUDGET)[1] else "flex"
+            kernel = "fused" if attention_lse_kernel() is not None else "chunked"
     if kernel == "fused":
         return pagerank_log_importance_fused(q, k, key_mask, log_start, scale, temperature, iterations)
     if kernel == "flex":
