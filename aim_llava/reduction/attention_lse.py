@@ -54,7 +54,7 @@ def attention_lse_kernel():
     except ImportError:
         return None
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every length, not one per n % 16
     def reduce_attention(outer_ptr, inner_ptr, inner_bias_ptr, outer_bias_ptr, out_ptr, n, heads,
                          outer_group, inner_group, dim, scale,
                          stride_outer_b, stride_outer_h, stride_outer_n, stride_outer_d,
