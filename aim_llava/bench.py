@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import ctypes
 import platform
+import re
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -52,20 +54,29 @@ def release_freed_memory() -> None:
 
 
 class PeakMemory:
-    """Extra peak memory of a block: CUDA max allocated, or RSS sampled every millisecond."""
+    """Extra peak memory of a block: CUDA max allocated; on Linux the kernel's peak RSS (VmHWM,
+    reset on entry through /proc/self/clear_refs), elsewhere RSS sampled every millisecond by a
+    thread (which competes with the measured code for the CPU and the GIL)."""
+
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+    STATUS = Path("/proc/self/status")
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            release_freed_memory()
-            self.process = psutil.Process()
-            self.base = self.peak = self.process.memory_info().rss
+            return self
+        release_freed_memory()
+        self.process = psutil.Process()
+        self.base = self.peak = self.process.memory_info().rss
+        try:
+            self.CLEAR_REFS.write_text("5")  # the peak RSS restarts from the current RSS
+        except OSError:
             self.running = True
             self.thread = threading.Thread(target=self.sample, daemon=True)
             self.thread.start()
@@ -80,6 +91,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.thread is None:
+            peak_kib = re.search(r"VmHWM:\s*(\d+) kB", self.STATUS.read_text()).group(1)
+            self.extra = int(peak_kib) * 1024 - self.base
         else:
             self.running = False
             self.thread.join()

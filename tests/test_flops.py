@@ -108,3 +108,26 @@ def test_bench_reports_every_stage_from_a_video(capsys, tiny_qwen_dir, tmp_path)
         assert row["ttft_s"] == pytest.approx(sum(stages))
         assert row["decode_tokens_per_s"] > 0
     assert "| read s | preprocess s | vision s | pre-LLM s | TTFT s |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_peak_memory_sees_a_freed_allocation(monkeypatch, exact):
+    """A 256 MiB buffer written and freed inside the block: the kernel's peak RSS (Linux) or the
+    sampling thread (elsewhere; forced here) reports it, though RSS is back down at the end."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from aim_llava.bench import PeakMemory
+
+    if exact and not PeakMemory.CLEAR_REFS.exists():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    if not exact:
+        monkeypatch.setattr(PeakMemory, "CLEAR_REFS", PeakMemory.CLEAR_REFS.parent / "no-such-file" / "x")
+    with PeakMemory(torch.device("cpu")) as memory:
+        buffer = np.ones(256 * 2**20, dtype=np.uint8)
+        time.sleep(0.05)
+        del buffer
+    assert (memory.thread is None) == exact
+    assert 240 * 2**20 < memory.extra < 300 * 2**20
