@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--frames", type=positive_int, default=32, help="frames sampled per video by default")
     serve.add_argument("--max-new-tokens", type=positive_int, default=256, help="default max_tokens")
     serve.add_argument("--max-batch-size", type=positive_int, default=8, help="requests generated together (1: none)")
+    serve.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                       help="take requests at once (by default one synthetic request runs first, so that the first "
+                            "client does not pay for compiling GPU kernels)")
     serve.add_argument("--max-wait-ms", type=non_negative_float, default=10.0,
                        help="how long a request waits for others to batch with")
     add_runtime_options(serve)
@@ -583,6 +586,8 @@ def check_output_dir(path: Path) -> None:
 
 
 def run_serve(args) -> int:
+    import torch
+
     from aim_llava.model.builder import checkpoint_config
     from aim_llava.reduction.budget import resolve_reduction
 
@@ -596,7 +601,7 @@ def run_serve(args) -> int:
     try:
         import uvicorn
 
-        from aim_llava.serve import Service, create_app
+        from aim_llava.serve import Service, create_app, warm_up
     except ImportError:
         raise CliError("aim-llava serve needs FastAPI and uvicorn: pip install 'aim-llava[serve]'") from None
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
@@ -605,6 +610,15 @@ def run_serve(args) -> int:
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
                                                                 cuda_graph=args.cuda_graph))
+    if args.warm_up:
+        try:
+            seconds = warm_up(llm, args.frames)
+        except AimLlavaError as err:
+            raise CliError(f"the warm-up request ({args.frames} frames) failed: {err}") from None
+        except torch.OutOfMemoryError:
+            raise CliError(f"the warm-up request ({args.frames} frames) ran out of device memory: serve fewer "
+                           "--frames (or use --no-warm-up to find out with the first request)") from None
+        print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or Path(args.model).resolve().name
     service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms)
     print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root})",

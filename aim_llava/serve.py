@@ -276,6 +276,24 @@ class Job:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
 
 
+WARM_UP_QUESTION = "Describe the video."
+
+
+def warm_up(llm: VideoLLM, frames: int) -> float:
+    """Answer one synthetic request (``frames`` random 640x360 frames, the default reduction, a few
+    graph-replayed tokens) before the server takes requests, so that the first client does not pay
+    for compiling the GPU kernels (the importance kernel), setting up cuBLAS and the allocator's
+    first blocks. Returns the seconds it took; a failure raises (the server would fail alike)."""
+    from aim_llava.model.language_model.generation import MIN_GRAPHED_TOKENS
+
+    pixels = np.random.default_rng(0).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8)
+    clip = VideoClip(pixels, list(range(frames)), [index / 30 for index in range(frames)], frames / 30, 30.0,
+                     "warm-up")
+    started = time.perf_counter()
+    llm.ask(clip, WARM_UP_QUESTION, max_new_tokens=MIN_GRAPHED_TOKENS + 1)
+    return time.perf_counter() - started
+
+
 class ModelThread:
     """Runs the model for every job: takes what arrived together as one batch."""
 

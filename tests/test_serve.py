@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -91,6 +92,17 @@ def cli_answer(capsys, tiny_qwen_dir, video: Path, question: str = QUESTION) -> 
 def test_health_and_models(server, client):
     assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
     assert [model.id for model in client.models.list().data] == ["tiny"]
+    assert re.search(r"warmed up in \d+\.\d s", server[2].read_text())  # before it took requests
+
+
+def test_a_server_whose_warm_up_fails_does_not_start(capsys, tiny_qwen_dir, media):
+    """170 frames of 196 tokens exceed the tiny model's 32,768-token context: the warm-up request
+    fails as every request would, so the server refuses to start with a one-line error."""
+    code = main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media), "--device", "cpu",
+                 "--frames", "170", "--port", str(free_port())])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("aim-llava: error: the warm-up request (170 frames) failed")
+    assert "use fewer frames" in error and "\n" not in error
 
 
 def test_plain_and_streamed_answers_equal_the_command_line(client, media, capsys, tiny_qwen_dir):
