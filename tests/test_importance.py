@@ -194,3 +194,26 @@ def test_flex_passes_are_traced_once_per_bucket(monkeypatch):
         assert counters["stats"]["unique_graphs"] == 2 * len({flex_bucket(n) for n in (300, 290, 260, 700)})
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
+    """scripts/bench_importance.py (the GPU plan's 'kernels' phase) on the CPU at small sizes: a
+    row per kernel and length, each agreeing with the float32 chunked kernel."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_importance.py"
+    report = tmp_path / "kernels.json"
+    result = subprocess.run([sys.executable, "-W", "ignore", str(script), "--device", "cpu", "--dtype", "float32",
+                             "--tokens", "64,100", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                             "--repeats", "1", "--kernels", "factored,chunked,flex", "--json", str(report)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert [(row["tokens"], row["kernel"]) for row in rows] == [(n, k) for n in (64, 100)
+                                                                for k in ("factored", "chunked", "flex")]
+    assert all(row["same_top_half"] and row["max_rel_diff"] < 1e-4 and row["warm_ms"] > 0 for row in rows)
+    assert result.stdout.count("| 64 |") == 3
