@@ -618,6 +618,10 @@ def run_serve(args) -> int:
         except torch.OutOfMemoryError:
             raise CliError(f"the warm-up request ({args.frames} frames) ran out of device memory: serve fewer "
                            "--frames (or use --no-warm-up to find out with the first request)") from None
+        except Exception as err:  # a kernel that cannot compile on this machine, ...: one line, not a traceback
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CliError(f"the warm-up request failed on {llm.model.device}: {type(err).__name__}: {first_line} "
+                           "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or Path(args.model).resolve().name
     service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms)

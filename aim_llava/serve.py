@@ -281,16 +281,27 @@ WARM_UP_QUESTION = "Describe the video."
 
 def warm_up(llm: VideoLLM, frames: int) -> float:
     """Answer one synthetic request (``frames`` random 640x360 frames, the default reduction, a few
-    graph-replayed tokens) before the server takes requests, so that the first client does not pay
-    for compiling the GPU kernels (the importance kernel), setting up cuBLAS and the allocator's
-    first blocks. Returns the seconds it took; a failure raises (the server would fail alike)."""
+    graph-replayed tokens) and run the PageRank importance once at the model's head shapes (which
+    requests with a pruning config need) before the server takes requests, so that the first
+    client does not pay for compiling GPU kernels, setting up cuBLAS and the allocator's first
+    blocks. Returns the seconds it took; a failure raises (the server would fail alike)."""
+    import torch
+
     from aim_llava.model.language_model.generation import MIN_GRAPHED_TOKENS
+    from aim_llava.reduction.importance import log_importance
 
     pixels = np.random.default_rng(0).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8)
     clip = VideoClip(pixels, list(range(frames)), [index / 30 for index in range(frames)], frames / 30, 30.0,
                      "warm-up")
     started = time.perf_counter()
     llm.ask(clip, WARM_UP_QUESTION, max_new_tokens=MIN_GRAPHED_TOKENS + 1)
+    text, device, dtype = llm.model.config.text, llm.model.device, llm.model.dtype
+    head_dim, tokens = text.hidden_size // text.num_attention_heads, 64
+    with torch.no_grad():
+        q = torch.randn(1, text.num_attention_heads, tokens, head_dim, device=device, dtype=dtype)
+        k = torch.randn(1, text.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)
+        log_importance(q, k, torch.ones(1, tokens, dtype=torch.bool, device=device),
+                       torch.zeros(1, tokens, device=device), head_dim**-0.5)
     return time.perf_counter() - started
 
 

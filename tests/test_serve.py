@@ -256,3 +256,18 @@ def test_server_errors_are_500_and_the_server_goes_on(tiny_qwen_dir, media, monk
 def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
     assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_an_unexpected_warm_up_failure_is_one_line(monkeypatch, capsys, tiny_qwen_dir, media):
+    import aim_llava.serve
+
+    def failing(llm, frames):
+        raise RuntimeError("kernel compilation failed\ndetails the user does not need")
+
+    monkeypatch.setattr(aim_llava.serve, "warm_up", failing)
+    code = main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media), "--device", "cpu",
+                 "--port", str(free_port())])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert error == ("aim-llava: error: the warm-up request failed on cpu: RuntimeError: kernel compilation failed "
+                     "(--no-warm-up starts the server without it)")
