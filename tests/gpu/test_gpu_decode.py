@@ -11,6 +11,7 @@ from aim_llava.bench import random_model
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.reduction.config import available_presets
+from aim_llava.timing import StageTimes
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,19 @@ def test_graph_equals_eager_for_every_preset(cuda_model, preset):
                   max_new_tokens=24, eos_token_id=[])
     graphed = model.generate(ids, cuda_graph=True, **kwargs)
     assert torch.equal(graphed, model.generate(ids, cuda_graph=False, **kwargs))
+
+
+def test_graph_capture_is_timed_apart_and_only_with_graphs(cuda_model):
+    tokenizer, model, processor, _ = cuda_model
+    video = processor.preprocess(random_frames(4, 48, 64))["pixel_values"]
+    kwargs = dict(images=[video], modalities=["video"], max_new_tokens=24, eos_token_id=[])
+    seconds = {}
+    for graph in (True, False):
+        with torch.no_grad(), StageTimes() as times:
+            model.generate(prompt_ids(tokenizer, "Describe the video."), cuda_graph=graph, **kwargs)
+        seconds[graph] = times.seconds()
+    assert 0 < seconds[True]["graph_capture"] < seconds[True]["decode"]
+    assert "graph_capture" not in seconds[False]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aim_llava.timing import stage
+
 logger = logging.getLogger(__name__)
 
 HOST_LAG_STEPS = 2  # on CUDA, how many steps old the flags are that the host waits for
@@ -118,17 +120,18 @@ class GraphedStep:
             return self.output
         if self.eager:
             return self.function(*inputs)
-        self.inputs = [value.clone() for value in inputs]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            result = self.function(*self.inputs).clone()
-        torch.cuda.current_stream().wait_stream(side)
-        try:
-            self.graph = self.capture(side)
-        except RuntimeError as error:
-            logger.warning("the decoding step could not be captured as a CUDA graph, decoding eagerly: %s", error)
-            self.eager = True
+        with stage("graph_capture", inputs[0].device):  # the warm-up step and the capture, reported apart
+            self.inputs = [value.clone() for value in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                result = self.function(*self.inputs).clone()
+            torch.cuda.current_stream().wait_stream(side)
+            try:
+                self.graph = self.capture(side)
+            except RuntimeError as error:
+                logger.warning("the decoding step could not be captured as a CUDA graph, decoding eagerly: %s", error)
+                self.eager = True
         return result
 
     def capture(self, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
