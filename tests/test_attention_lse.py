@@ -71,6 +71,15 @@ CHECK = textwrap.dedent('''
         half = int(valid[sample].sum()) // 2
         assert torch.equal(ours[sample].topk(half).indices.sort().values,
                            reference[sample].topk(half).indices.sort().values)
+
+    # sharp logits (most float32 probabilities of the published formula underflow): the same order
+    from test_importance import sharp_inputs
+    q, k, mask, start = sharp_inputs()  # 300 tokens, as the chunked kernels are checked
+    reference = dense_log_importance(q, k, mask, start, 16**-0.5)[0]
+    ours = pagerank_log_importance_fused(q, k, mask, torch.log(start), 16**-0.5)[0]
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-3)
+    assert torch.equal(ours.argsort(descending=True), reference.argsort(descending=True))
     print("ok")
 ''')
 
