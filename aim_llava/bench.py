@@ -42,6 +42,7 @@ from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.reduction.budget import resolve_reduction
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.sample_media import random_frames
 from aim_llava.timing import StageTimes, stage
 from aim_llava.video import load_video
 
@@ -204,7 +205,7 @@ def read_frames(video: str | None, frames: int, backend: str) -> tuple[np.ndarra
     """The sampled frames (uint8 [T, H, W, 3]) of ``video`` and the time reading them took, or
     synthetic 640x360 frames (read time 0)."""
     if video is None:
-        return np.random.default_rng(0).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8), 0.0
+        return random_frames(frames), 0.0
     started = time.perf_counter()
     clip = load_video(video, num_frames=frames, backend=backend)
     return clip.frames, time.perf_counter() - started

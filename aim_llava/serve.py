@@ -48,6 +48,7 @@ from aim_llava.errors import AimLlavaError
 from aim_llava.pipeline import Request, Result, VideoLLM
 from aim_llava.reduction.budget import parse_budget
 from aim_llava.reduction.config import available_presets
+from aim_llava.sample_media import random_frames
 from aim_llava.video import MAX_FRAMES, VideoClip, VideoError, open_image_rgb
 
 logger = logging.getLogger("aim_llava.serve")
@@ -290,13 +291,12 @@ def warm_up(llm: VideoLLM, frames: int) -> float:
     from aim_llava.model.language_model.generation import MIN_GRAPHED_TOKENS
     from aim_llava.reduction.importance import log_importance
 
-    pixels = np.random.default_rng(0).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8)
-    clip = VideoClip(pixels, list(range(frames)), [index / 30 for index in range(frames)], frames / 30, 30.0,
+    clip = VideoClip(random_frames(frames), list(range(frames)), [index / 30 for index in range(frames)], frames / 30, 30.0,
                      "warm-up")
     started = time.perf_counter()
     llm.ask(clip, WARM_UP_QUESTION, max_new_tokens=MIN_GRAPHED_TOKENS + 1)
     text, device, dtype = llm.model.config.text, llm.model.device, llm.model.dtype
-    head_dim, tokens = text.hidden_size // text.num_attention_heads, 64
+    head_dim, tokens = text.head_dim, 64
     with torch.no_grad():
         q = torch.randn(1, text.num_attention_heads, tokens, head_dim, device=device, dtype=dtype)
         k = torch.randn(1, text.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)

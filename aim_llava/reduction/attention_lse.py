@@ -118,10 +118,11 @@ def attention_lse(outer: torch.Tensor, inner: torch.Tensor, heads: int, scale: f
     ``inner_bias`` and ``outer_bias`` are float32 [B, N] (shared by every head) or [B, heads, N];
     -inf excludes a position. An outer position that sees nothing gets -inf (plus its bias).
     """
-    if attention_lse_kernel() is None or not (outer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    kernel = attention_lse_kernel()
+    if kernel is None or not (outer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ScheduleError("importance_kernel 'fused' needs a CUDA device with Triton; use 'auto' (or 'factored' "
                             "on the CPU)")
-    triton, reduce_attention = attention_lse_kernel()
+    triton, reduce_attention = kernel
     batch, _, n, dim = outer.shape
     inner_bias, outer_bias = inner_bias.contiguous(), outer_bias.contiguous()  # read with unit stride along N
     out = torch.empty(batch, heads, n, dtype=torch.float32, device=outer.device)

@@ -50,6 +50,7 @@ import math
 
 import torch
 
+from aim_llava.model.attention import expand_kv_heads
 from aim_llava.reduction.attention_lse import Tiling, attention_lse, attention_lse_kernel
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
@@ -361,7 +362,7 @@ def pagerank_log_importance_flex(
         return score + masked[b, key_index]
 
     lse = _flex_lse(flex, qf, kf, triangle_block_mask("rows", padded, device), scale, mask_keys, enable_gqa=True)
-    keys_as_queries = kf.repeat_interleave(heads // kf.shape[1], dim=1)
+    keys_as_queries = expand_kv_heads(kf, heads)
     for _ in range(iterations):
         bias = row_bias(log_p, lse)
 
