@@ -1,6 +1,9 @@
 """Shared fixtures: tiny checkpoints written offline, our model and transformers' oracle."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -86,3 +89,14 @@ def left_padded_batch(prompts: list[torch.Tensor], pad: int = 0) -> tuple[torch.
 def plan(model, spec):
     """The built reduction plan of a preset name / mapping for this model."""
     return build_plan(spec, model.config.text.num_hidden_layers)
+
+
+def run_under_triton_interpreter(code: str) -> None:
+    """Run ``code`` in a fresh Python with ``TRITON_INTERPRET=1`` (Triton kernels executed on the
+    CPU; the flag is read at import) and this directory importable; it must print ``ok``."""
+    pytest.importorskip("triton")  # installed with torch on Linux x86-64, where CI runs
+    tests = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -4,13 +4,10 @@ against the dense formula (docs/algorithms.md §3). The interpreter cannot multi
 tiles (its tl.dot returns garbage for them), so half precision is checked in float16 here and in
 bfloat16 by the GPU tier (tests/gpu)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import run_under_triton_interpreter
 
 CHECK = textwrap.dedent('''
     import torch
@@ -85,12 +82,7 @@ CHECK = textwrap.dedent('''
 
 
 def test_fused_attention_lse_equals_dense_float64():
-    pytest.importorskip("triton")  # installed with torch on Linux x86-64, where CI runs
-    tests = Path(__file__).parent
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent)]))
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", CHECK], capture_output=True, text=True,
-                            timeout=600, env=env)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_under_triton_interpreter(CHECK)
 
 
 def test_fused_kernel_on_the_cpu_is_a_clear_error(monkeypatch):

@@ -1,13 +1,10 @@
 """The one-pass log-sum-exp kernel (Triton; run here by Triton's interpreter on the CPU) against
 torch.logsumexp in float64, for the shapes and -inf patterns of the importance kernel."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
 import torch
+from conftest import run_under_triton_interpreter
 
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
@@ -56,10 +53,7 @@ CHECK = textwrap.dedent('''
 
 
 def test_triton_kernel_equals_logsumexp_in_float64():
-    pytest.importorskip("triton")  # installed with torch on Linux x86-64, where CI runs
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+    run_under_triton_interpreter(CHECK)
 
 
 def test_cpu_path_equals_logsumexp_of_the_biased_matrix():
