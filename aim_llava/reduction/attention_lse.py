@@ -101,12 +101,28 @@ def attention_lse_kernel():
                              mask=outer < n, other=0.0)
         tl.store(out_ptr + bh * n + outer, result + outer_bias, mask=outer < n)
 
-    return triton, reduce_attention
+    return reduce_attention
 
 
 def _heads_strides(bias: torch.Tensor) -> tuple[int, int]:
     """(batch, head) strides of a [B, N] (shared by the heads) or [B, H, N] bias."""
     return (bias.stride(0), 0) if bias.dim() == 2 else (bias.stride(0), bias.stride(1))
+
+
+def launch_arguments(outer: torch.Tensor, inner: torch.Tensor, heads: int, scale: float, inner_bias: torch.Tensor,
+                     outer_bias: torch.Tensor, out: torch.Tensor, outer_is_query: bool,
+                     tiling: Tiling) -> tuple[tuple, dict, tuple[int, int]]:
+    """The kernel's arguments, its compile-time constants and launch options, and its grid for one
+    pass (see :func:`attention_lse`); shared with the offline compile check
+    (:mod:`aim_llava.offline_compile`), so that it compiles what a launch would."""
+    batch, _, n, dim = outer.shape
+    arguments = (outer, inner, inner_bias, outer_bias, out, n, heads, heads // outer.shape[1], heads // inner.shape[1],
+                 dim, scale, *outer.stride(), *inner.stride(), *_heads_strides(inner_bias),
+                 *_heads_strides(outer_bias))
+    options = dict(OUTER_IS_QUERY=outer_is_query, IEEE=outer.dtype == torch.float32, BLOCK_OUTER=tiling.block_outer,
+                   BLOCK_INNER=tiling.block_inner, BLOCK_DIM=max(16, 1 << (dim - 1).bit_length()),
+                   num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    return arguments, options, (batch * heads, -(-n // tiling.block_outer))
 
 
 def attention_lse(outer: torch.Tensor, inner: torch.Tensor, heads: int, scale: float, inner_bias: torch.Tensor,
@@ -118,21 +134,16 @@ def attention_lse(outer: torch.Tensor, inner: torch.Tensor, heads: int, scale: f
     ``inner_bias`` and ``outer_bias`` are float32 [B, N] (shared by every head) or [B, heads, N];
     -inf excludes a position. An outer position that sees nothing gets -inf (plus its bias).
     """
-    kernel = attention_lse_kernel()
-    if kernel is None or not (outer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    reduce_attention = attention_lse_kernel()
+    if reduce_attention is None or not (outer.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ScheduleError("importance_kernel 'fused' needs a CUDA device with Triton; use 'auto' (or 'factored' "
                             "on the CPU)")
-    triton, reduce_attention = kernel
-    batch, _, n, dim = outer.shape
+    batch, _, n, _ = outer.shape
     inner_bias, outer_bias = inner_bias.contiguous(), outer_bias.contiguous()  # read with unit stride along N
     out = torch.empty(batch, heads, n, dtype=torch.float32, device=outer.device)
     if n == 0:
         return out
-    block_dim = max(16, triton.next_power_of_2(dim))
-    grid = (batch * heads, triton.cdiv(n, tiling.block_outer))
-    reduce_attention[grid](
-        outer, inner, inner_bias, outer_bias, out, n, heads, heads // outer.shape[1], heads // inner.shape[1], dim,
-        scale, *outer.stride(), *inner.stride(), *_heads_strides(inner_bias), *_heads_strides(outer_bias),
-        OUTER_IS_QUERY=outer_is_query, IEEE=outer.dtype == torch.float32, BLOCK_OUTER=tiling.block_outer,
-        BLOCK_INNER=tiling.block_inner, BLOCK_DIM=block_dim, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+    arguments, options, grid = launch_arguments(outer, inner, heads, scale, inner_bias, outer_bias, out,
+                                                outer_is_query, tiling)
+    reduce_attention[grid](*arguments, **options)
     return out

@@ -58,24 +58,33 @@ def triton_kernel():
         result = tl.where(running_max == float("-inf"), float("-inf"), running_max + tl.log(running_sum))
         tl.store(out_ptr + bh * stride_out_bh + kept, result, mask=kept < n_kept)
 
-    return triton, reduce_lines
+    return reduce_lines
 
 
-def logsumexp_triton(x: torch.Tensor, dim: int, bias: torch.Tensor | None = None,
-                     block_reduced: int = 32, block_kept: int = 64) -> torch.Tensor:
-    """:func:`logsumexp_with_bias` by the Triton kernel (on CUDA, or on any device under
-    ``TRITON_INTERPRET=1``)."""
-    triton, reduce_lines = triton_kernel()
+def launch_arguments(x: torch.Tensor, dim: int, bias: torch.Tensor | None, out: torch.Tensor,
+                     block_reduced: int = 32, block_kept: int = 64) -> tuple[tuple, dict, tuple[int, int]]:
+    """The kernel's arguments, compile-time constants and grid for ``x`` [B, H, R, C] reduced along
+    ``dim`` into ``out`` [B * H, kept]; shared with the offline compile check
+    (:mod:`aim_llava.offline_compile`), so that it compiles what a launch would."""
     batch, heads, rows, cols = x.shape
     flat = x.reshape(batch * heads, rows, cols)
     if dim in (-2, 2):
         n_reduced, n_kept, stride_reduced, stride_kept = rows, cols, flat.stride(1), flat.stride(2)
     else:
         n_reduced, n_kept, stride_reduced, stride_kept = cols, rows, flat.stride(2), flat.stride(1)
-    out = torch.empty(batch * heads, n_kept, dtype=torch.float32, device=x.device)
     flat_bias = bias.reshape(batch * heads, n_reduced) if bias is not None else out
-    grid = (batch * heads, triton.cdiv(n_kept, block_kept))
-    reduce_lines[grid](flat, flat_bias, out, n_reduced, n_kept, flat.stride(0), stride_reduced, stride_kept,
-                       flat_bias.stride(0), out.stride(0), HAS_BIAS=bias is not None, BLOCK_REDUCED=block_reduced,
-                       BLOCK_KEPT=block_kept)
-    return out.view(batch, heads, n_kept)
+    arguments = (flat, flat_bias, out, n_reduced, n_kept, flat.stride(0), stride_reduced, stride_kept,
+                 flat_bias.stride(0), out.stride(0))
+    options = dict(HAS_BIAS=bias is not None, BLOCK_REDUCED=block_reduced, BLOCK_KEPT=block_kept)
+    return arguments, options, (batch * heads, -(-n_kept // block_kept))
+
+
+def logsumexp_triton(x: torch.Tensor, dim: int, bias: torch.Tensor | None = None,
+                     block_reduced: int = 32, block_kept: int = 64) -> torch.Tensor:
+    """:func:`logsumexp_with_bias` by the Triton kernel (on CUDA, or on any device under
+    ``TRITON_INTERPRET=1``)."""
+    batch, heads, rows, cols = x.shape
+    out = torch.empty(batch * heads, cols if dim in (-2, 2) else rows, dtype=torch.float32, device=x.device)
+    arguments, options, grid = launch_arguments(x, dim, bias, out, block_reduced, block_kept)
+    triton_kernel()[grid](*arguments, **options)
+    return out.view(batch, heads, out.shape[1])
