@@ -35,11 +35,15 @@ Four kernels compute it:
   and its transpose, which depend on the size alone) are built once per bucket, so the compiled
   kernels are reused across layers and inputs.
 
-``kernel="auto"`` uses ``fused`` on CUDA (``flex`` compiles two graphs for every length bucket a
-prefill meets, several per 192-frame prefill as the pruned length shrinks; ``chunked`` rereads an
-N x N float32 matrix about eight times per call, or recomputes it at every step once it is larger
-than the cache budget) and ``factored`` elsewhere; on CUDA without Triton (which ``flex`` needs
-too) it falls back to ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the
+``kernel="auto"`` uses ``fused`` on CUDA for float16 and bfloat16 (``flex`` compiles two graphs
+for every length bucket a prefill meets, several per 192-frame prefill as the pruned length
+shrinks; ``chunked`` rereads an N x N float32 matrix about eight times per call, or recomputes it
+at every step once it is larger than the cache budget) and ``factored`` elsewhere. Float32 q and k
+on CUDA go to ``chunked``: the fused kernel recomputes the logits at each of its six passes, and in
+float32 (IEEE, as the reference needs) it has no tensor cores, where the chunked kernel computes
+them once with cuBLAS; compiled for an H100 by the GPU machine's Triton 3.6 it also spills about
+8 KB per thread to local memory (``scripts/compile_kernels.py``, docs/benchmarks.md). On CUDA
+without Triton (which ``flex`` needs too) ``auto`` is ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the
 host.
 """
 
@@ -398,14 +402,20 @@ def pagerank_log_importance_fused(
     return head_log_importance(log_p)
 
 
+def auto_kernel(device_type: str, dtype: torch.dtype) -> str:
+    """The kernel ``auto`` means for q and k of ``dtype`` on a ``device_type`` device (see the
+    module docstring)."""
+    if device_type != "cuda":
+        return "factored"
+    half = dtype in (torch.float16, torch.bfloat16)
+    return "fused" if half and attention_lse_kernel() is not None else "chunked"
+
+
 def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations=5, kernel="auto",
                    chunk_size=None) -> torch.Tensor:
     """Dispatch to a kernel (see the module docstring)."""
     if kernel == "auto":
-        if not q.is_cuda:
-            kernel = "factored"
-        else:
-            kernel = "fused" if attention_lse_kernel() is not None else "chunked"
+        kernel = auto_kernel(q.device.type, q.dtype)
     if kernel == "fused":
         return pagerank_log_importance_fused(q, k, key_mask, log_start, scale, temperature, iterations)
     if kernel == "flex":
