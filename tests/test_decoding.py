@@ -5,9 +5,11 @@ the right distribution; stopping, padding and streaming."""
 import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
+from aim_llava.model.language_model import llava_qwen
 from aim_llava.model.language_model.generation import SamplingParams, pick_tokens, run_decoding
 from aim_llava.reduction.config import available_presets
 
@@ -34,6 +36,48 @@ def test_every_preset_decodes_like_recomputation_in_a_padded_batch(loaded, batch
     for i in range(2):
         single = model.generate(prompts[i], images=[videos[i]], modalities=["video"], reduction=reduction, **GEN)
         assert torch.equal(cached[i], single[0])
+
+
+class FrozenReplay:
+    """What a CUDA graph does to the decoding step, on the CPU: the first call runs the step and
+    records it once (``make_fx``: the ops with every host value baked in, as a capture would; a
+    host read such as ``.item()`` fails the recording); every later call copies its inputs into the
+    recorded static ones and replays the recording."""
+
+    def __init__(self, function):
+        self.function, self.recording, self.replays = function, None, 0
+
+    def __call__(self, *inputs):
+        if self.recording is None:
+            self.inputs = [value.clone() for value in inputs]
+            result = self.function(*self.inputs)  # the warm-up step; recording repeats its writes
+            self.recording = make_fx(self.function)(*self.inputs)
+            return result
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        self.replays += 1
+        return self.recording(*self.inputs)
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_a_step_recorded_once_and_replayed_decodes_like_eager(loaded, batch, preset, monkeypatch):
+    """The contract GraphedStep relies on: the step's effect depends only on its tensor inputs and
+    the cache's buffers, never on host values that change between steps (every preset, padded)."""
+    _, model, _, _ = loaded
+    prompts, videos = batch
+    ids, mask = left_padded_batch(prompts)
+    kwargs = dict(attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=plan(model, preset),
+                  max_new_tokens=12, eos_token_id=[])
+    eager = model.generate(ids, **kwargs)
+    runners = []
+
+    def frozen_runner(function, *_):
+        runners.append(FrozenReplay(function))
+        return runners[-1]
+
+    monkeypatch.setattr(llava_qwen, "step_runner", frozen_runner)
+    assert torch.equal(model.generate(ids, **kwargs), eager)
+    assert runners[0].replays == 12 - 2  # 11 steps after the prefill's token: one recorded, ten replayed
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(loaded, batch):
