@@ -42,9 +42,9 @@ at every step once it is larger than the cache budget) and ``factored`` elsewher
 on CUDA go to ``chunked``: the fused kernel recomputes the logits at each of its six passes, and in
 float32 (IEEE, as the reference needs) it has no tensor cores, where the chunked kernel computes
 them once with cuBLAS; compiled for an H100 by the GPU machine's Triton 3.6 it also spills about
-8 KB per thread to local memory (``scripts/compile_kernels.py``, docs/benchmarks.md). On CUDA
-without Triton (which ``flex`` needs too) ``auto`` is ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the
-host.
+8 KB per thread at the default launch shape (``scripts/compile_kernels.py``, docs/benchmarks.md).
+On CUDA without Triton (which ``flex`` needs too) ``auto`` is ``chunked``. ``fused``, ``chunked``
+and ``flex`` never synchronise with the host.
 """
 
 from __future__ import annotations
