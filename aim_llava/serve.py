@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import logging
@@ -55,6 +56,8 @@ logger = logging.getLogger("aim_llava.serve")
 
 MAX_BODY_BYTES = 64 * 2**20
 MAX_DATA_URL_BYTES = 32 * 2**20
+MAX_REQUEST_PIXELS = 2**27  # decoded image pixels per request (~400 MB as RGB): 64 frames of 1080p
+MAX_CACHED_CONFIGS = 256
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")
 
@@ -102,6 +105,13 @@ def number(body: dict, name: str, low: float, high: float, default: float | None
     return float(value)
 
 
+def flag(body: dict, name: str, param: str | None = None) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad(f"'{param or name}' must be true or false", param or name)
+    return value
+
+
 def stop_sequences(body: dict) -> list[str]:
     value = body.get("stop")
     if value is None:
@@ -133,10 +143,15 @@ def resolve_media_path(url: str, media_root: Path, param: str) -> Path:
     else:
         path = Path(url)
     root = media_root.resolve()
-    resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
-    if not resolved.is_relative_to(root):
-        raise ApiError(403, "media outside the server's media root are not served", param, "outside_media_root")
-    if not resolved.is_file():
+    try:
+        resolved = (root / path).resolve()
+        if not resolved.is_relative_to(root):
+            raise ApiError(403, "media outside the server's media root are not served", param, "outside_media_root")
+        is_file = resolved.is_file()
+    except (OSError, ValueError, RuntimeError) as err:  # too long, not encodable, a link loop
+        raise bad(f"the media path cannot be used on this server ({getattr(err, 'strerror', None) or err})",
+                  param) from None
+    if not is_file:
         raise ApiError(404, f"media file not found under the media root: {url}", param, "media_not_found")
     return resolved
 
@@ -151,12 +166,12 @@ def check_data_url(url: str, param: str) -> str:
     return url
 
 
-def data_url_image(url: str) -> Image.Image:
+def data_url_image(url: str, max_pixels: int) -> Image.Image:
     try:
         raw = base64.b64decode(url.partition(",")[2], validate=True)
     except (binascii.Error, ValueError):
         raise VideoError("an inline image is not valid base64") from None
-    return open_image_rgb(io.BytesIO(raw), "an inline image")
+    return open_image_rgb(io.BytesIO(raw), "an inline image", max_pixels)
 
 
 @dataclass
@@ -165,6 +180,20 @@ class Media:
 
     video: Path | None = None
     images: list = field(default_factory=list)  # a Path under the media root, or a data: URL
+    references: dict[str, str] = field(default_factory=dict)  # resolved path -> the client's reference
+
+    def file(self, url: str, media_root: Path, param: str) -> Path:
+        """The file a reference names under the media root (remembered for error messages)."""
+        path = resolve_media_path(url, media_root, param)
+        self.references[str(path)] = url
+        return path
+
+    def in_client_terms(self, message: str) -> str:
+        """An error message with the server's paths replaced by the client's own references, so
+        that errors do not reveal where the media root lies."""
+        for path, url in self.references.items():
+            message = message.replace(path, url)
+        return message
 
 
 def part_url(part: dict, kind: str, param: str) -> str:
@@ -205,13 +234,13 @@ def parse_messages(messages, media_root: Path) -> tuple[list[tuple[str, str | No
                 if kind == "video_url":
                     if media.video is not None or media.images:
                         raise bad("a request may show one video (or one image, or the frames of one video)", where)
-                    media.video = resolve_media_path(part_url(part, kind, where), media_root, where)
+                    media.video = media.file(part_url(part, kind, where), media_root, where)
                 else:
                     if media.video is not None:
                         raise bad("a request may show one video (or one image, or the frames of one video)", where)
                     url = part_url(part, kind, where)
                     media.images.append(check_data_url(url, where) if url.startswith("data:")
-                                        else resolve_media_path(url, media_root, where))
+                                        else media.file(url, media_root, where))
             else:
                 raise bad(f"{where}: unknown content type {kind!r} (use text, image_url or video_url)", where,
                           "unknown_content_type")
@@ -389,27 +418,30 @@ class Service:
         self.worker = ModelThread(llm, max_batch_size, max_wait_ms)
         self.presets = set(available_presets())
         self.created = int(time.time())
-        self.configs: dict[str, object] = {}
+        # every spelling of a budget is a new key: the cache of resolved configs stays bounded
+        self.resolve_config = functools.lru_cache(maxsize=MAX_CACHED_CONFIGS)(self._resolve_config)
 
     def reduction(self, spec) -> object:
+        """The reduction config a request's ``config`` names (the server's default when absent)."""
         if spec is None:
             return self.llm.reduction
         if not isinstance(spec, str) or not spec:
             raise bad("'config' must be a preset name or budget:FRACTION", "config")
-        if spec not in self.configs:
-            if spec.strip().lower().startswith("budget:"):
-                try:
-                    parse_budget(spec)
-                except AimLlavaError as err:
-                    raise bad(str(err), "config") from None
-            elif spec not in self.presets:
-                raise bad(f"unknown config {spec!r}: use one of {', '.join(sorted(self.presets))} or budget:FRACTION",
-                          "config")
+        return self.resolve_config(spec)
+
+    def _resolve_config(self, spec: str) -> object:
+        if spec.strip().lower().startswith("budget:"):
             try:
-                self.configs[spec] = self.llm.resolve(spec)
+                parse_budget(spec)
             except AimLlavaError as err:
                 raise bad(str(err), "config") from None
-        return self.configs[spec]
+        elif spec not in self.presets:
+            raise bad(f"unknown config {spec!r}: use one of {', '.join(sorted(self.presets))} or budget:FRACTION",
+                      "config")
+        try:
+            return self.llm.resolve(spec)
+        except AimLlavaError as err:
+            raise bad(str(err), "config") from None
 
     def parse(self, body, loop: asyncio.AbstractEventLoop) -> Job:
         if not isinstance(body, dict):
@@ -435,9 +467,10 @@ class Service:
         max_frames = integer(body, "max_frames", 1, MAX_FRAMES)
         if max_frames is not None:
             sampling["max_frames"] = max_frames
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise bad("'stream' must be true or false", "stream")
+        if len(media.images) > 1 and len(media.images) > (limit := self.llm.frame_limit(config)):
+            raise bad(f"{len(media.images)} images as frames but at most {limit} fit in the model's context",
+                      "messages")
+        stream = flag(body, "stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise bad("'stream_options' must be an object", "stream_options")
@@ -445,7 +478,7 @@ class Service:
             turns=turns, system=system, media=media, config=config, sampling=sampling, max_tokens=max_tokens,
             temperature=number(body, "temperature", 0.0, 2.0, 0.0), top_p=number(body, "top_p", 0.0, 1.0, None, True),
             seed=integer(body, "seed", -(2**63), 2**63 - 1), stop=stop_sequences(body), stream=stream,
-            include_usage=bool(options.get("include_usage", False)), loop=loop,
+            include_usage=flag(options, "include_usage", "stream_options.include_usage"), loop=loop,
         )
 
     def read_media(self, job: Job) -> VideoClip:
@@ -454,21 +487,21 @@ class Service:
         try:
             if media.video is not None:
                 return self.llm.load(media.video, job.config, **job.sampling)
-            images = [open_image_rgb(image) if isinstance(image, Path) else data_url_image(image)
-                      for image in media.images]
+            images, pixels_left = [], MAX_REQUEST_PIXELS
+            for image in media.images:
+                images.append(open_image_rgb(image, max_pixels=pixels_left) if isinstance(image, Path)
+                              else data_url_image(image, pixels_left))
+                pixels_left -= images[-1].width * images[-1].height
             if len(images) == 1:
                 frame = np.asarray(images[0])
                 return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
-            limit = self.llm.frame_limit(job.config)
-            if len(images) > limit:
-                raise VideoError(f"{len(images)} frames but at most {limit} fit in the model's context")
             size = images[0].size
             frames = np.stack([np.asarray(image if image.size == size else image.resize(size, Image.BILINEAR))
                                for image in images])
             return VideoClip(frames, list(range(len(images))), [float(i) for i in range(len(images))],
                              float(len(images)), 1.0, "frames")
         except AimLlavaError as err:
-            raise bad(str(err), "messages", "unreadable_media") from None
+            raise bad(media.in_client_terms(str(err)), "messages", "unreadable_media") from None
 
     async def complete(self, body) -> dict | AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -593,5 +626,12 @@ async def read_json(request) -> object:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None
+    except json.JSONDecodeError as err:
+        reason = str(err)
+    except UnicodeDecodeError:
+        reason = "it is not UTF-8 text"
+    except RecursionError:
+        reason = "it is nested too deeply"
+    except ValueError:  # Python's limit on the digits of an integer
+        reason = "it holds an integer of over 4,300 digits"
+    raise bad(f"the request body is not valid JSON ({reason})", code="malformed_body")

@@ -255,17 +255,23 @@ def _backend_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def open_image_rgb(path, name: str | None = None) -> Image.Image:
+def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """An image file (a path or a binary file object, called ``name`` in messages) as RGB;
-    unreadable files and decompression bombs (images whose declared size is far beyond any real
-    frame) become one VideoError."""
+    unreadable files, decompression bombs (images whose declared size is far beyond any real
+    frame) and images declaring more than ``max_pixels`` pixels (checked before decoding) become
+    one VideoError."""
     name = name or str(path)
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise VideoError(f"{name} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
+                                 "allowed: send smaller images")
             return image.convert("RGB")
     except Image.DecompressionBombError:
         raise VideoError(f"{name} declares an image too large to decode safely (a decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except UnidentifiedImageError:
+        raise VideoError(f"cannot read {name} as an image (not in a format Pillow knows)") from None
+    except OSError as err:
         raise VideoError(f"cannot read {name} as an image ({err})") from None
 
 

@@ -42,6 +42,8 @@ def media(tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     write_sample_video(outside / "secret.mp4", num_frames=10, fps=10)
     (root / "link.mp4").symlink_to(outside / "secret.mp4")
+    (root / "not_a_video.mp4").write_bytes(b"plain text, not a video")
+    Image.new("RGB", (32, 24), (10, 200, 10)).save(root / "frame.png")
     return root
 
 
@@ -214,9 +216,70 @@ def error_of(server_url: str, body, status: int) -> dict:
     ({"messages": video_message("clip0.mp4"), "model": "gpt-4o"}, 404, "not served here"),
     ({"messages": [{"role": "user", "content": "no video at all"}]}, 400, "no video or image"),
     ({"messages": video_message("clip0.mp4") + [{"role": "user", "content": "twice"}]}, 400, "alternate"),
+    (b"[" * 100_000, 400, "nested too deeply"),
+    (b'{"messages": 1' + b"1" * 5000 + b"}", 400, "integer of over 4,300 digits"),
+    (b'{"messages": "\xff"}', 400, "not UTF-8"),
+    ({"messages": video_message("a" * 5000)}, 400, "cannot be used on this server (File name too long)"),
+    ({"messages": video_message("clip\ud800.mp4")}, 400, "cannot be used on this server"),
+    ({"messages": video_message("clip0.mp4"), "stream": True, "stream_options": {"include_usage": "no"}}, 400,
+     "'stream_options.include_usage' must be true or false"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "not_a_video.mp4"}]
+                    + [{"type": "image_url", "image_url": "frame.png"}] * 4999}]}, 400,
+     "5000 images as frames but at most"),  # counted before any is decoded
 ])
 def test_bad_requests_get_openai_style_errors(server, body, status, words):
     assert words in error_of(server[0], body, status)["message"]
+
+
+def png_data_url(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_images_beyond_the_pixel_budget_are_refused_before_decoding(server, client):
+    """A few hundred KB of PNG can declare gigabytes of pixels: a request's images may hold
+    2**27 pixels in all, checked from each header before it is decoded. 8200 x 8200 fits alone,
+    twice it does not (134,480,000 > 134,217,728); 12000 x 12000 is refused at once."""
+    from aim_llava.serve import MAX_REQUEST_PIXELS
+
+    assert 8200 * 8200 <= MAX_REQUEST_PIXELS < 2 * 8200 * 8200
+    fits = png_data_url(8200, 8200)
+    one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": fits}},
+                                        {"type": "text", "text": "What colour?"}]}]
+    assert client.chat.completions.create(model="tiny", messages=one, max_tokens=1).choices[0].message.content is not None
+    two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": fits}}] * 2}]
+    error = error_of(server[0], {"messages": two}, 400)
+    assert "an inline image is 8200x8200 pixels, more than the" in error["message"]
+    bomb = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(12000, 12000)}}]}]
+    assert "12000x12000 pixels" in error_of(server[0], {"messages": bomb}, 400)["message"]
+
+
+def test_errors_name_media_as_the_client_did(server, media):
+    """An undecodable file is reported by the client's own reference, never by the server path
+    it resolved to (which would reveal where the media root lies)."""
+    message = error_of(server[0], {"messages": video_message("sub/../not_a_video.mp4")}, 400)["message"]
+    assert "cannot decode sub/../not_a_video.mp4 as a video" in message and str(media) not in message
+
+
+def test_the_config_cache_stays_bounded(tiny_qwen_dir, media):
+    """Every spelling of a budget is a new cache key: a client inventing them cannot grow the
+    server's memory without bound, and a config pushed out is resolved again when asked for."""
+    from aim_llava.pipeline import SamplingOptions, VideoLLM
+    from aim_llava.serve import MAX_CACHED_CONFIGS, Service
+
+    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=8))
+    service = Service(llm, media, "tiny")
+    try:
+        first = service.reduction("budget:0.15")
+        spellings = [f"budget:0.15{'0' * zeros}" for zeros in range(1, MAX_CACHED_CONFIGS + 50)]
+        assert all(service.reduction(spec) == first for spec in spellings)
+        cache = service.resolve_config.cache_info()
+        assert cache.currsize == MAX_CACHED_CONFIGS and cache.misses == len(spellings) + 1
+        assert service.reduction("budget:0.15") == first == llm.resolve("budget:0.15")
+        assert service.resolve_config.cache_info().misses == cache.misses + 1  # it had been pushed out
+    finally:
+        service.worker.stop()
 
 
 def test_disconnect_mid_stream_disturbs_no_one(server, client):
