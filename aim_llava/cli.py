@@ -27,7 +27,7 @@ from aim_llava.records import (
     write_records,
     write_text_atomically,
 )
-from aim_llava.text_files import read_text_file
+from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
 EXIT_BAD_INPUT = 2
@@ -440,9 +440,9 @@ def read_calibration_items(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
-        except json.JSONDecodeError:
-            raise CliError(f"{path} line {number} is not JSON") from None
+            item = parse_json(line)
+        except ValueError as err:
+            raise CliError(f"{path} line {number} is not JSON ({err})") from None
         if not isinstance(item, dict) or not (item.get("video") or item.get("image")) or not item.get("question"):
             raise CliError(f'{path} line {number} needs "video" (or "image") and "question"')
         items.append(item)

@@ -15,7 +15,6 @@ writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in data order.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import string
@@ -31,7 +30,7 @@ from aim_llava.records import (
     read_records,
     write_records,
 )
-from aim_llava.text_files import read_text_file
+from aim_llava.text_files import parse_json, read_text_file
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
 
@@ -60,11 +59,11 @@ def read_items(path: Path) -> list[Item]:
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            raw = parse_json(line)
             options = [str(o) for o in raw["options"]]
             answer = str(raw["answer"]).strip()
             video, question = str(raw["video"]), str(raw["question"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             raise EvalDataError(f'{path} line {number}: needs JSON with "video", "question", "options", "answer"') from None
         if not 2 <= len(options) <= 26:
             raise EvalDataError(f"{path} line {number}: give between 2 and 26 options")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
 from aim_llava.errors import AimLlavaError
+from aim_llava.text_files import parse_json
 
 
 class ResultsError(AimLlavaError):
@@ -97,7 +98,7 @@ def parse_records(text: str, source: Path, key: Callable[[dict], Hashable] | Non
             intact = offset
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             if not isinstance(record, dict):
                 raise ValueError("not an object")
             if key is not None:

@@ -50,6 +50,7 @@ from aim_llava.pipeline import Request, Result, VideoLLM
 from aim_llava.reduction.budget import parse_budget
 from aim_llava.reduction.config import available_presets
 from aim_llava.sample_media import random_frames
+from aim_llava.text_files import parse_json
 from aim_llava.video import MAX_FRAMES, VideoClip, VideoError, open_image_rgb
 
 logger = logging.getLogger("aim_llava.serve")
@@ -625,13 +626,6 @@ async def read_json(request) -> object:
             raise ApiError(413, f"the request body may hold at most {MAX_BODY_BYTES >> 20} MiB", code="too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except json.JSONDecodeError as err:
-        reason = str(err)
-    except UnicodeDecodeError:
-        reason = "it is not UTF-8 text"
-    except RecursionError:
-        reason = "it is nested too deeply"
-    except ValueError:  # Python's limit on the digits of an integer
-        reason = "it holds an integer of over 4,300 digits"
-    raise bad(f"the request body is not valid JSON ({reason})", code="malformed_body")
+        return parse_json(b"".join(chunks))
+    except ValueError as err:
+        raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aim_llava.errors import InputError
@@ -19,3 +20,20 @@ def read_text_file(path: str | Path, what: str) -> str:
                          "give a text file") from None
     except OSError as err:
         raise InputError(f"cannot read {what} {path} ({err.strerror})") from None
+
+
+def parse_json(text: str | bytes) -> object:
+    """``json.loads``, with every way that hostile text makes it fail raised as one ValueError
+    with a short reason: besides JSONDecodeError, the standard library raises RecursionError for
+    deep nesting, UnicodeDecodeError for bytes that are not UTF-8 and a plain ValueError (whose
+    advice is for the program, not its user) for integers of over 4,300 digits."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except UnicodeDecodeError:
+        raise ValueError("it is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except ValueError:
+        raise ValueError("it holds an integer of over 4,300 digits") from None

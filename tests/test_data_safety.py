@@ -168,6 +168,31 @@ def test_binary_list_or_data_file(capsys, tiny_qwen_dir, tmp_path, command):
     assert code == 2 and "is not UTF-8 text" in one_error_line(err)
 
 
+HOSTILE_JSON_LINES = {"nested": "[" * 100_000, "long_integer": '{"id": ' + "1" * 5000 + "}"}
+
+
+@pytest.mark.parametrize("line", HOSTILE_JSON_LINES.values(), ids=HOSTILE_JSON_LINES.keys())
+@pytest.mark.parametrize("role", ["eval_data", "calibration_data", "results_file"])
+def test_json_lines_the_standard_library_chokes_on(capsys, tiny_qwen_dir, clip, tmp_path, role, line):
+    """json.loads raises RecursionError for deep nesting and a plain ValueError for integers of over
+    4,300 digits, not JSONDecodeError: each data or results file holding such a line is one error
+    line and exit 2, and a results file is left as it was."""
+    hostile = tmp_path / "hostile.jsonl"
+    good = json.dumps({"video": str(clip), "question": "q", "options": ["a", "b"], "answer": "A"})
+    hostile.write_text(f"{good}\n{line}\n")
+    if role == "eval_data":
+        args = ["eval", "--data", hostile, "--output", tmp_path / "o", "--model", tiny_qwen_dir]
+    elif role == "calibration_data":
+        args = ["fitprune-calibrate", "--data", hostile, "--budget", 0.4, "--out", tmp_path / "r.json",
+                "--model", tiny_qwen_dir]
+    else:
+        args = ["caption", clip, "--output", hostile, "--resume", "--model", tiny_qwen_dir]
+    before = hostile.read_bytes()
+    code, _, err = run_cli(capsys, *args)
+    message = one_error_line(err)
+    assert code == 2 and "line 2" in message and hostile.read_bytes() == before
+
+
 @pytest.mark.parametrize("kind", ["file", "parent_file", "read_only"])
 def test_eval_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch, kind):
     data = tmp_path / "data.jsonl"

@@ -58,6 +58,13 @@ def test_ill_typed_config_fields(ckpt, change, words):
     assert words in loading_error(ckpt)
 
 
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_json_nested_beyond_the_parsers_recursion_limit(ckpt, name):
+    (ckpt / name).write_text("[" * 100_000)
+    message = loading_error(ckpt)
+    assert f"{name} is not" in message and "nested too deeply" in message
+
+
 def test_corrupt_tokenizer(ckpt):
     (ckpt / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     assert "cannot load the tokenizer" in loading_error(ckpt)

@@ -6,7 +6,6 @@ any tensor is read, and each error names the file or tensor at fault.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from aim_llava.errors import CheckpointError
+from aim_llava.text_files import parse_json
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # Prefix rewrites from the names transformers writes for LlavaOnevision (v5 and v4 names, and the
@@ -65,8 +65,8 @@ def find_weight_files(model_dir: Path, allow_pickle: bool) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            weight_map = parse_json(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index} is not a valid safetensors index ({type(err).__name__}: {err})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index} is not a valid safetensors index (its weight_map is not names -> files)")

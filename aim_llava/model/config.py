@@ -13,13 +13,13 @@ Two layouts exist on disk:
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aim_llava.errors import CheckpointError
+from aim_llava.text_files import parse_json
 
 LLAVA_QWEN_MODEL_TYPES = ("llava", "llava_qwen")
 HF_MODEL_TYPES = ("llava_onevision",)
@@ -303,7 +303,7 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> LlavaConfig:
 def config_from_file(path: Path) -> LlavaConfig:
     """Read a checkpoint's ``config.json`` (either layout)."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raw = parse_json(Path(path).read_text(encoding="utf-8"))
+    except ValueError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err})") from None
     return config_from_dict(raw, str(path))
