@@ -31,6 +31,7 @@ from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
 EXIT_BAD_INPUT = 2
+EXIT_SYSTEM_ERROR = 1  # the operating system refused (a full disk, a file that became unreadable)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 DEFAULT_MODEL_DIR = "model/llava-onevision-qwen2-7b-ov"
 
@@ -208,7 +209,7 @@ def expand_inputs(items: list[str]) -> list[str]:
     """Paths as given; a ``.txt`` file contributes its non-empty, non-# lines."""
     paths = []
     for item in items:
-        if item.endswith(".txt") and Path(item).is_file() and not is_image_file(item):
+        if item.endswith(".txt") and os.path.isfile(item) and not is_image_file(item):
             lines = read_text_file(item, "video list").splitlines()
             paths += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         else:
@@ -576,8 +577,11 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
 def check_output_dir(path: Path) -> None:
     """An output directory that can be created and written, checked before any work."""
     existing = path
-    while not existing.exists():
-        existing = existing.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as err:  # a name too long for the file system, a parent that cannot be searched
+        raise CliError(f"--output {path} cannot be created ({err.strerror}): give another directory") from None
     if not existing.is_dir():
         what = "is a file" if existing == path else f"is inside {existing}, which is a file"
         raise CliError(f"--output {path} {what}: give a directory")
@@ -591,7 +595,7 @@ def run_serve(args) -> int:
     from aim_llava.model.builder import checkpoint_config
     from aim_llava.reduction.budget import resolve_reduction
 
-    if not args.media_root.is_dir():
+    if not os.path.isdir(args.media_root):
         raise CliError(f"--media-root {args.media_root} is not a directory")
     if args.port > 65535:
         raise CliError(f"--port {args.port} is not a port number (1..65535)")
@@ -689,6 +693,11 @@ def run_command(argv: list[str] | None) -> int:
         # stop quietly, as command-line tools do, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as err:  # what was checked up front cannot cover a disk that fills up mid-run
+        where = f": {err.filename}" if err.filename else ""
+        print(f"aim-llava: error: {err.strerror or err}{where} (what was finished is saved; --resume goes on "
+              "from there)", file=sys.stderr)
+        return EXIT_SYSTEM_ERROR
 
 
 if __name__ == "__main__":

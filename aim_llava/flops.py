@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,9 +76,9 @@ def resolve_architecture(name_or_path: str) -> tuple[str, LlavaConfig]:
     if name_or_path in ARCHITECTURES:
         return name_or_path, architecture(name_or_path)
     path = Path(name_or_path)
-    if path.is_dir():
+    if os.path.isdir(path):
         path = path / "config.json"
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise AimLlavaError(
             f"unknown architecture {name_or_path!r}: give one of {', '.join(ARCHITECTURES)} or a config.json path"
         )

@@ -40,6 +40,13 @@ def resolve_output(path: str | Path, inputs: Iterable[str | Path] = (), what: st
     """The file an output path writes to (a symlink's target), checked before any work is done:
     not a directory or special file, not one of ``inputs``, in a writable directory."""
     path = Path(path)
+    try:
+        return _checked_output(path, inputs, what)
+    except OSError as err:  # a name too long for the file system, a parent that cannot be searched
+        raise ResultsError(f"{what} {path} cannot be written ({err.strerror}): give another path") from None
+
+
+def _checked_output(path: Path, inputs: Iterable[str | Path], what: str) -> Path:
     target = Path(os.path.realpath(path))
     if target.exists():
         mode = target.stat().st_mode
@@ -117,7 +124,7 @@ def parse_records(text: str, source: Path, key: Callable[[dict], Hashable] | Non
 
 def read_records(path: Path | None, key: Callable[[dict], Hashable] | None = None) -> list[dict]:
     """The records of a results file (a torn last line dropped); [] when there is none."""
-    if path is None or not path.exists():
+    if path is None or not os.path.exists(path):
         return []
     try:
         text = path.read_text(encoding="utf-8")

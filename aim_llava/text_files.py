@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from aim_llava.errors import InputError
@@ -11,7 +12,7 @@ from aim_llava.errors import InputError
 def read_text_file(path: str | Path, what: str) -> str:
     """The UTF-8 text of ``path``; a missing, unreadable or binary file is one clear error."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise InputError(f"{what} not found: {path}")
     try:
         return path.read_text(encoding="utf-8")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +339,7 @@ def load_video(
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):
         raise VideoError(f"file not found: {path}")
     opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit)
     if path.is_dir():

@@ -193,6 +193,53 @@ def test_json_lines_the_standard_library_chokes_on(capsys, tiny_qwen_dir, clip, 
     assert code == 2 and "line 2" in message and hostile.read_bytes() == before
 
 
+def test_a_disk_that_fills_up_mid_run_is_one_line(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch):
+    """What cannot be checked before the run (the disk filling up) ends it with one line and exit
+    code 1; the records written before stay."""
+    import errno
+
+    output = tmp_path / "out.jsonl"
+    original, calls = ResultsFile.append, []
+
+    def append_until_full(self, record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(output))
+        original(self, record)
+
+    monkeypatch.setattr(ResultsFile, "append", append_until_full)
+    second = write_sample_video(tmp_path / "second.mp4", num_frames=12, fps=10)
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, second, "--output", output, "--json")
+    assert code == 1
+    assert one_error_line(err) == (f"aim-llava: error: No space left on device: {output} (what was finished is "
+                                   "saved; --resume goes on from there)")
+    assert [json.loads(line)["video"] for line in output.read_text().splitlines()] == [str(clip)]
+
+
+@pytest.mark.parametrize("name", ["output_file", "output_dir"])
+def test_output_names_too_long_for_the_file_system(capsys, tiny_qwen_dir, clip, tmp_path, name):
+    too_long = tmp_path / ("x" * 300)
+    if name == "output_file":
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", too_long / "out.jsonl")
+    else:
+        data = tmp_path / "data.jsonl"
+        data.write_text(json.dumps({"video": str(clip), "question": "q", "options": ["a", "b"], "answer": "A"}))
+        code, _, err = run_cli(capsys, "eval", "--data", data, "--output", too_long, "--model", tiny_qwen_dir)
+    assert code == 2 and "(File name too long)" in one_error_line(err)
+
+
+@pytest.mark.parametrize("option", ["--config", "--data", "--model"])
+def test_input_names_too_long_are_not_found(capsys, tiny_qwen_dir, clip, tmp_path, option):
+    too_long = str(tmp_path / ("y" * 300))
+    if option == "--data":
+        code, _, err = run_cli(capsys, "eval", "--data", too_long, "--output", tmp_path / "o", "--model", tiny_qwen_dir)
+    elif option == "--config":
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, "--config", too_long + ".yaml")
+    else:
+        code, _, err = run_cli(capsys, "caption", clip, "--model", too_long)
+    assert code == 2 and too_long in one_error_line(err)
+
+
 @pytest.mark.parametrize("kind", ["file", "parent_file", "read_only"])
 def test_eval_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch, kind):
     data = tmp_path / "data.jsonl"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def read_config(model_dir: Path) -> LlavaConfig:
     path = model_dir / "config.json"
-    if not path.exists():
+    if not os.path.exists(path):
         raise CheckpointError(f"{model_dir} has no config.json: is this a checkpoint directory?")
     return config_from_file(path)
 
@@ -32,7 +33,7 @@ def read_config(model_dir: Path) -> LlavaConfig:
 def checkpoint_config(model_path: str | Path) -> LlavaConfig:
     """The config of a local checkpoint directory, read without loading any weights."""
     model_dir = Path(model_path).expanduser()
-    if not model_dir.is_dir():
+    if not os.path.isdir(model_dir):
         raise CheckpointError(
             f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,7 @@ def load_reduction_config(spec: str | Path | dict | ReductionConfig | None) -> R
         return config_from_mapping({"name": spec, "method": "fitprune", "recipe": spec.split(":", 1)[1]}, spec)
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {spec}")
         source, name = path, path.stem
     else:

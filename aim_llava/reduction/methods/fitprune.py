@@ -12,6 +12,7 @@ remain; its counts are for the calibration's mean visual-token count and scale t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,7 +200,7 @@ class FitPruneOptions:
     def __post_init__(self) -> None:
         if self.recipe is None:
             raise RecipeError("fitprune needs a recipe: use --config fitprune:RECIPE.json")
-        if not Path(self.recipe).is_file():
+        if not os.path.isfile(self.recipe):
             raise RecipeError(f"FitPrune recipe not found: {self.recipe} (make one with aim-llava fitprune-calibrate)")
         if self.prune_mode not in PRUNE_MODES:
             raise RecipeError(f"prune_mode={self.prune_mode!r} is not one of {', '.join(PRUNE_MODES)}")
