@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "client does not pay for compiling GPU kernels)")
     serve.add_argument("--max-wait-ms", type=non_negative_float, default=10.0,
                        help="how long a request waits for others to batch with")
+    serve.add_argument("--max-pending", type=positive_int, default=32,
+                       help="requests in progress (reading frames or waiting for the model) beyond which new "
+                            "ones are answered 503 (default 32)")
     add_runtime_options(serve)
     return parser
 
@@ -628,7 +631,7 @@ def run_serve(args) -> int:
                            "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or Path(args.model).resolve().name
-    service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms)
+    service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms, args.max_pending)
     print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root})",
           file=sys.stderr, flush=True)
     try:

@@ -16,7 +16,8 @@ Every request field is treated as hostile: it is checked before anything is read
 and a bad request gets a 4xx with an OpenAI-style error body. Frames are read in threads off the
 event loop; one model thread takes the requests that arrived together (up to
 ``--max-batch-size``, waiting at most ``--max-wait-ms`` for more) and generates the greedy ones in
-one batch (sampled ones alone, so that a seed reproduces). A client that goes away mid-stream
+one batch (sampled ones alone, so that a seed reproduces); beyond ``--max-pending`` requests in
+progress, new ones are answered 503. A client that goes away mid-stream
 affects nobody else; an unexpected failure is logged and answered 500, and the server goes on.
 """
 
@@ -34,7 +35,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -66,9 +67,11 @@ ROLES = ("system", "user", "assistant")
 class ApiError(Exception):
     """A request the server refuses: HTTP status and an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -291,6 +294,7 @@ class Job:
     clip: VideoClip | None = None
     done: asyncio.Future | None = None
     pieces: asyncio.Queue | None = None
+    answered: Callable[[], None] = lambda: None  # called on the event loop once the model has answered
 
     @property
     def greedy(self) -> bool:
@@ -395,6 +399,7 @@ class ModelThread:
 
 
 def finish(job: Job, result: Result) -> None:
+    job.answered()
     if not job.done.done():
         job.done.set_result(result)
     if job.pieces is not None:
@@ -414,8 +419,9 @@ class Service:
     """Request parsing, validation and replies; the HTTP layer only routes to it."""
 
     def __init__(self, llm: VideoLLM, media_root: Path, model_name: str, max_batch_size: int = 8,
-                 max_wait_ms: float = 10.0):
+                 max_wait_ms: float = 10.0, max_pending: int = 32):
         self.llm, self.media_root, self.model_name = llm, media_root, model_name
+        self.max_pending, self.pending = max_pending, 0
         self.worker = ModelThread(llm, max_batch_size, max_wait_ms)
         self.presets = set(available_presets())
         self.created = int(time.time())
@@ -504,10 +510,29 @@ class Service:
         except AimLlavaError as err:
             raise bad(media.in_client_terms(str(err)), "messages", "unreadable_media") from None
 
+    def admit(self, job: Job) -> None:
+        """Count the job in, or refuse it while ``max_pending`` requests hold frames or wait for the
+        model: a flood of requests must not pile up decoded frames without bound. A job counts
+        until the model has answered it, even if its client has gone."""
+        if self.pending >= self.max_pending:
+            raise ApiError(503, f"the server is busy ({self.pending} requests in progress): retry shortly",
+                           code="server_busy", headers={"Retry-After": "1"})
+        self.pending += 1
+
+        def release() -> None:
+            self.pending -= 1
+
+        job.answered = release
+
     async def complete(self, body) -> dict | AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         job = self.parse(body, loop)
-        job.clip = await asyncio.to_thread(self.read_media, job)
+        self.admit(job)
+        try:
+            job.clip = await asyncio.to_thread(self.read_media, job)
+        except BaseException:
+            job.answered()
+            raise
         job.done = loop.create_future()
         job.pieces = asyncio.Queue() if job.stream else None
         self.worker.submit(job)
@@ -588,7 +613,7 @@ def create_app(service: Service):
 
     @app.exception_handler(ApiError)
     async def api_error(_, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def server_error(_, error: Exception):

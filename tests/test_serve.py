@@ -316,6 +316,63 @@ def test_server_errors_are_500_and_the_server_goes_on(tiny_qwen_dir, media, monk
         service.worker.stop()
 
 
+def test_requests_beyond_max_pending_are_503_until_the_model_answers(tiny_qwen_dir, media, monkeypatch):
+    """With one request in progress and --max-pending 1, the next is refused with 503 and
+    Retry-After; a client that goes away does not free its slot before the model has answered it,
+    and once it has, requests are taken again."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from aim_llava.pipeline import SamplingOptions, VideoLLM
+    from aim_llava.serve import ApiError, Service, create_app
+
+    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
+    service = Service(llm, media, "tiny", max_batch_size=1, max_wait_ms=0, max_pending=1)
+    gate, entered, original = threading.Event(), threading.Event(), llm.answer_batch
+
+    def held_answer_batch(*args, **kwargs):
+        entered.set()
+        assert gate.wait(timeout=60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(llm, "answer_batch", held_answer_batch)
+    body = {"messages": video_message("clip0.mp4"), "max_tokens": 2}
+
+    async def scenario():
+        first = asyncio.create_task(service.complete(body))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
+        first.cancel()  # the client goes away; the model is still working on its request
+        await asyncio.sleep(0.05)
+        still_busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
+        gate.set()
+        while service.pending:
+            await asyncio.sleep(0.01)
+        return busy[0], still_busy[0], await service.complete(body)
+
+    try:
+        busy, still_busy, reply = asyncio.run(scenario())
+        assert isinstance(busy, ApiError) and busy.status == 503 and busy.code == "server_busy"
+        assert isinstance(still_busy, ApiError) and still_busy.status == 503
+        assert reply["choices"][0]["message"]["content"] is not None and service.pending == 0
+        gate.clear()
+        entered.clear()
+        with TestClient(create_app(service)) as http:
+            waiting = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": body})
+            waiting.start()
+            assert entered.wait(timeout=60)
+            refused = http.post("/v1/chat/completions", json=body)
+            gate.set()
+            waiting.join(timeout=60)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_busy"
+    finally:
+        gate.set()
+        service.worker.stop()
+
+
 def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
     assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
