@@ -60,6 +60,9 @@ MAX_BODY_BYTES = 64 * 2**20
 MAX_DATA_URL_BYTES = 32 * 2**20
 MAX_REQUEST_PIXELS = 2**27  # decoded image pixels per request (~400 MB as RGB): 64 frames of 1080p
 MAX_CACHED_CONFIGS = 256
+# characters of text per request: far beyond any context (32k tokens are ~130k characters), but
+# a bound on the tokenizer's time in the model thread (a 60 MB text takes it minutes)
+MAX_TEXT_CHARS = 2**20
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")
 
@@ -256,6 +259,10 @@ def parse_messages(messages, media_root: Path) -> tuple[list[tuple[str, str | No
             texts.append((role, "\n".join(text)))
     if media.video is None and not media.images:
         raise bad("the request shows no video or image: add a video_url or image_url part", "messages")
+    characters = sum(len(text) for _, text in texts) + len(system or "")
+    if characters > MAX_TEXT_CHARS:
+        raise ApiError(413, f"the messages hold {characters:,} characters of text; the server takes at most "
+                       f"{MAX_TEXT_CHARS:,}", "messages", "too_large")
     turns = []
     for position, (role, text) in enumerate(texts):
         expected = "user" if position % 2 == 0 else "assistant"

@@ -208,6 +208,7 @@ def error_of(server_url: str, body, status: int) -> dict:
     ({"messages": video_message("http://example.com/v.mp4")}, 400, "not fetched"),
     ({"messages": video_message("clip0.mp4"), "frames": 100000}, 400, "fit in the model's context"),
     ({"messages": video_message("clip0.mp4", "word " * 40000)}, 400, "more than the model's"),
+    ({"messages": video_message("clip0.mp4", "w" * (2**20 + 1))}, 413, "the server takes at most 1,048,576"),
     ({"messages": video_message("clip0.mp4"), "max_tokens": 0}, 400, "'max_tokens' must lie in"),
     ({"messages": video_message("clip0.mp4"), "temperature": "hot"}, 400, "'temperature' must be a finite number"),
     ({"messages": video_message("clip0.mp4"), "n": 2}, 400, "'n' must lie in [1, 1]"),
