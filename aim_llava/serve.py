@@ -72,6 +72,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # echoed fields stay on one line
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers
