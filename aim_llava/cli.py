@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aim_llava.conversation import check_text
 from aim_llava.distributed import Shard
-from aim_llava.errors import AimLlavaError
+from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
     ResultsFile,
     error_message,
@@ -284,11 +284,7 @@ def report(record: dict, args, many: bool, progress=None) -> None:
     else:
         print(record["text"], flush=True)
     if record["error"] is not None:
-        message = f"aim-llava: error: {record['video']}: {record['error']}"
-        if progress is not None:
-            progress.write(message, file=sys.stderr)  # keeps the line apart from the progress bar
-        else:
-            print(message, file=sys.stderr, flush=True)
+        print_error(f"{record['video']}: {record['error']}", progress)
 
 
 def run(args) -> int:
@@ -476,7 +472,7 @@ def run_fitprune_calibrate(args) -> int:
         try:
             visual = llm.encode(source)
         except AimLlavaError as err:
-            print(f"aim-llava: error: {source}: {err} (skipped)", file=sys.stderr)
+            print_error(f"{source}: {err} (skipped)")
             continue
         prompt = llm.prompt(visual, [(item["question"], None)])
         ids = tokenizer_image_token(prompt, llm.tokenizer, return_tensors="pt")[None]
@@ -554,8 +550,7 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
             progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=reduction.name)
 
         def report(record, progress=progress):
-            message = f"aim-llava: error: item {record['id']} ({record['video']}): {record['error']}"
-            (progress.write if progress is not None else print)(message, file=sys.stderr)
+            print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
         try:
             records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
@@ -680,13 +675,23 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv)
 
 
+def print_error(message: str, progress=None) -> None:
+    """One ``aim-llava: error:`` line on stderr, kept apart from a progress bar when one is shown;
+    names and fields echoed into the message cannot break it over lines."""
+    line = f"aim-llava: error: {one_line(message)}"
+    if progress is not None:
+        progress.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def run_command(argv: list[str] | None) -> int:
     """Parse and run one command; the package's errors become one line and exit code 2."""
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except AimLlavaError as err:
-        print(f"aim-llava: error: {err}", file=sys.stderr)
+        print_error(str(err))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("\naim-llava: interrupted (what was finished is saved; --resume goes on from there)", file=sys.stderr)
@@ -698,8 +703,7 @@ def run_command(argv: list[str] | None) -> int:
         return EXIT_BROKEN_PIPE
     except OSError as err:  # what was checked up front cannot cover a disk that fills up mid-run
         where = f": {err.filename}" if err.filename else ""
-        print(f"aim-llava: error: {err.strerror or err}{where} (what was finished is saved; --resume goes on "
-              "from there)", file=sys.stderr)
+        print_error(f"{err.strerror or err}{where} (what was finished is saved; --resume goes on from there)")
         return EXIT_SYSTEM_ERROR
 
 

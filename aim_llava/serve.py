@@ -46,7 +46,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
-from aim_llava.errors import AimLlavaError
+from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.pipeline import Request, Result, VideoLLM
 from aim_llava.reduction.budget import parse_budget
 from aim_llava.reduction.config import available_presets
@@ -72,7 +72,7 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
-        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)  # echoed fields stay on one line
+        message = one_line(message)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers

@@ -110,6 +110,20 @@ def test_bad_runtime_options(capsys, tiny_qwen_dir, clip, args, words):
     assert code == 2 and words in one_line(capsys.readouterr().err)
 
 
+def test_names_with_line_breaks_stay_on_one_line(capsys, tiny_qwen_dir, tmp_path):
+    """A name echoed into an error has its control characters escaped: the error is one line, for
+    the run's only input and for a failing item of a batch alike."""
+    broken = tmp_path / "two\nlines\u2028.mp4"
+    broken.write_bytes(b"not a video")
+    code = main(["caption", str(tmp_path / "gone\r\nfile.mp4"), "--model", str(tiny_qwen_dir)])
+    assert code == 2 and one_line(capsys.readouterr().err).endswith("file not found: " + str(tmp_path) + "/gone\\r\\nfile.mp4")
+    good = write_sample_video(tmp_path / "good.mp4", num_frames=10, fps=10)
+    code = main(["caption", str(broken), str(good), "--model", str(tiny_qwen_dir), "--frames", "2",
+                 "--max-new-tokens", "2", "--output", str(tmp_path / "out.jsonl")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "two\\nlines\\u2028.mp4" in errors[0]
+
+
 def test_question_with_invalid_utf8_bytes(tiny_qwen_dir, clip):
     result = subprocess.run([sys.executable, "-m", "aim_llava.cli", "ask", str(clip).encode(), b"What \xff is it?",
                              "--model", str(tiny_qwen_dir).encode(), "--frames", b"2"],
