@@ -110,6 +110,7 @@ class Request:
     stream: Callable[[str], None] | None = None
     max_new_tokens: int | None = None
     system: str | None = None
+    cancelled: Callable[[], bool] | None = None  # asked once a decoding step: True ends this item's reply
 
 
 @dataclass
@@ -210,6 +211,21 @@ class TextStreamer:
         for row in self.rows:
             if row is not None:
                 row.finish()
+
+
+def cancellation_watch(checks: list[Callable[[], bool] | None]) -> Callable[[], list[int]] | None:
+    """The rows whose check has newly said True, each named once (None when nothing is watched)."""
+    watched = {row: check for row, check in enumerate(checks) if check is not None}
+    if not watched:
+        return None
+
+    def cancelled_rows() -> list[int]:
+        rows = [row for row, check in watched.items() if check()]
+        for row in rows:
+            del watched[row]
+        return rows
+
+    return cancelled_rows
 
 
 class TokenClock:
@@ -383,12 +399,13 @@ class VideoLLM:
     def respond_many(self, visuals: list[EncodedVisual], turns: list[list[tuple[str, str | None]]],
                      stream: Callable[[str], None] | list[Callable[[str], None] | None] | None = None,
                      limits: list[int | None] | None = None, systems: list[str | None] | None = None,
-                     **generation) -> list[Response]:
+                     cancelled: list[Callable[[], bool] | None] | None = None, **generation) -> list[Response]:
         """Generate the replies of several conversations together (one left-padded batch; the
         visuals must share one reduction). ``stream``: one callback, or one per conversation
         (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
-        token limits below the batch's ``max_new_tokens``; ``systems``: per-conversation system
-        messages."""
+        token limits below the batch's ``max_new_tokens`` (a conversation that reaches its own
+        stops taking part); ``systems``: per-conversation system messages; ``cancelled``:
+        per-conversation checks, asked once a step, whose True ends that reply where it is."""
         options = dataclasses.replace(self.generation, **generation)
         configs = {visual.reduction for visual in visuals}
         if len(configs) != 1:
@@ -412,7 +429,7 @@ class VideoLLM:
             ids,
             attention_mask=mask,
             visual_features=[visual.features for visual in visuals],
-            max_new_tokens=max(limits),
+            max_new_tokens=limits,
             do_sample=options.do_sample,
             temperature=options.temperature,
             top_p=options.top_p,
@@ -421,6 +438,7 @@ class VideoLLM:
             cuda_graph=options.cuda_graph,
             reduction=self.plan(configs.pop()),
             return_dict_in_generate=True,
+            cancelled_rows=cancellation_watch(cancelled or []),
         )
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
@@ -477,7 +495,8 @@ class VideoLLM:
                                             [r.request.turns or [(r.question, None)] for r, _ in group],
                                             [r.request.stream for r, _ in group],
                                             [r.request.max_new_tokens for r, _ in group],
-                                            [r.request.system for r, _ in group], **generation),
+                                            [r.request.system for r, _ in group],
+                                            [r.request.cancelled for r, _ in group], **generation),
             lambda result, response: setattr(result, "response", response),
         )
         return results

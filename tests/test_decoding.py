@@ -125,6 +125,62 @@ def test_stop_pad_and_stream():
     assert seen == [[1, 2], [9, 4], [0, 6], [0, 9]] and calls == 3
 
 
+def scripted(script, vocab=12):
+    """Logits whose argmax at step s is script[s][b] for sample b."""
+    def logits_for(step):
+        rows = torch.full((len(script[step]), vocab), -1.0)
+        for row, token in enumerate(script[step]):
+            rows[row, token] = 1.0
+        return rows
+
+    return logits_for
+
+
+def test_samples_end_at_their_own_limit_and_the_batch_stops_when_all_have():
+    """Sample 0 may have 2 tokens and never emits EOS; sample 1 (limit 6) emits EOS (9) at step 3.
+    Decoding stops after step 3, not at the batch's longest limit, and sample 0 is padded after
+    its second token."""
+    logits_for = scripted([[1, 2], [3, 4], [5, 6], [7, 9], [8, 8], [8, 8]])
+    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 6, torch.tensor([9]), 0,
+                              SamplingParams(), row_limits=torch.tensor([2, 6]))
+    assert out.tolist() == [[1, 3, 0, 0], [2, 4, 6, 9]] and calls == 3
+
+
+def test_cancelled_samples_end_where_they_are():
+    """Sample 1 is cancelled after its second token (the check is asked after each step) and
+    sample 0 after its fourth: both are padded from then on and decoding stops there, long
+    before EOS or the limit; each sample is named once."""
+    logits_for = scripted([[1, 2]] * 10)
+    asked, named = [], []
+
+    def cancelled_rows():
+        asked.append(len(asked))
+        rows = {1: [1], 3: [0]}.get(len(asked) - 1, [])
+        named.extend(rows)
+        return rows
+
+    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 10, torch.tensor([9]), 0,
+                              SamplingParams(), cancelled_rows=cancelled_rows)
+    assert out.tolist() == [[1, 1, 1, 1], [2, 2, 0, 0]] and calls == 3 and named == [1, 0]
+
+
+def test_per_sample_limits_give_each_samples_own_tokens(loaded, batch):
+    """A batch with limits [3, 9] gives each sample the tokens it gets alone with its limit (the
+    oracle: greedy decoding of that sample by itself)."""
+    _, model, _, _ = loaded
+    prompts, videos = batch
+    ids, mask = left_padded_batch(prompts)
+    together = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2,
+                              max_new_tokens=[3, 9], eos_token_id=[])
+    for row, limit in enumerate([3, 9]):
+        alone = model.generate(prompts[row], images=[videos[row]], modalities=["video"], max_new_tokens=limit,
+                               eos_token_id=[])
+        assert together[row, :limit].tolist() == alone[0].tolist()
+    assert together[0, 3:].eq(model.generation_defaults.pad_token_id).all() and together.shape[1] == 9
+    with pytest.raises(InputError, match="one value, or one per sample"):
+        model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, max_new_tokens=[3])
+
+
 def test_new_tokens_beyond_the_context_are_refused(loaded):
     tokenizer, model, _, _ = loaded
     ids = prompt_ids(tokenizer, "Hi", num_images=0)

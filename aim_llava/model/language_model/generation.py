@@ -5,7 +5,9 @@
   instead of one per kernel (:class:`GraphedStep`); elsewhere, or with ``cuda_graph=False``, it
   runs eagerly.
 * Sampling runs on the device (greedy argmax, or an exponential race for sampling, which needs no
-  value on the host); EOS is tracked on the device.
+  value on the host); EOS and each sample's own token limit are tracked on the device, so a
+  batch stops once every sample has ended, whatever their limits. A sample whose caller has gone
+  (a server's client that disconnected) is ended from the host, the one time it happens.
 * The new tokens and an "all finished" flag are copied to pinned host memory asynchronously
   (:class:`HostMirror`); the host looks at them a couple of steps late, so the GPU always has the
   next steps queued (the first token excepted: it is handed on as soon as the prefill is done).
@@ -166,10 +168,14 @@ def run_decoding(
     pad_token_id: int,
     params: SamplingParams,
     streamer=None,
+    row_limits: torch.Tensor | None = None,
+    cancelled_rows: Callable[[], list[int]] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sample up to ``max_new_tokens`` tokens per sample, starting from the prefill's logits [B, V];
-    ``next_logits(tokens, step)`` feeds step ``step``'s tokens back. Samples that finished get
-    ``pad_token_id``. Stops after the step at which every sample has emitted an EOS id.
+    ``next_logits(tokens, step)`` feeds step ``step``'s tokens back. A sample ends at an EOS id,
+    after ``row_limits[b]`` tokens (a device tensor [B], when samples have limits of their own) or
+    once ``cancelled_rows()`` (asked every step) has named it; ended samples get ``pad_token_id``.
+    Stops after the step at which every sample has ended.
 
     Returns the tokens [B, T] and how many times ``next_logits`` ran.
     """
@@ -185,6 +191,10 @@ def run_decoding(
                              pick_tokens(logits, params))
         out[:, step] = tokens
         finished |= (tokens[:, None] == eos).any(dim=1)  # a broadcast compare: no host sync, empty eos fine
+        if row_limits is not None:
+            finished |= row_limits <= step + 1
+        if cancelled_rows is not None and (rows := cancelled_rows()):
+            finished[rows] = True  # copies the row numbers to the device: once per cancelled sample
         mirror.push(step, tokens, finished.all())
         # the first token is handed on at once (it waits only for the prefill, and a streaming
         # client's time to first token would otherwise include the graph capture); later ones late

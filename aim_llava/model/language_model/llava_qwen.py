@@ -170,7 +170,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         image_sizes=None,
         modalities=None,
         attention_mask: torch.Tensor | None = None,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | list[int] = 128,
         do_sample: bool = False,
         temperature: float = 0.0,
         top_p: float | None = None,
@@ -183,11 +183,15 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         reduction: ReductionPlan | None = None,
         return_dict_in_generate: bool = False,
         cuda_graph: bool = True,
+        cancelled_rows: Callable[[], list[int]] | None = None,
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
         reduction record.
 
+        ``max_new_tokens`` is one limit or one per sample (a sample that reaches its own is padded
+        like one that emitted EOS, and the batch stops once all have ended). ``cancelled_rows``,
+        asked once a step, names samples to end now (e.g. those whose client went away).
         ``eos_token_id=[]`` disables stopping. ``streamer`` follows transformers' streamer protocol
         (``put`` with the prompt first, then each new token; ``end`` at the end). With the KV cache
         (preallocated per layer for the prefill's length after pruning plus ``max_new_tokens``)
@@ -196,8 +200,11 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         the prefill's reduction decisions (a reference path).
         """
         plan = self.plan_for(reduction)
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != len(inputs) or min(limits) < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (one value, or one per sample), got {max_new_tokens}")
+        max_new_tokens = max(limits)
+        row_limits = host_values(limits, self.device) if len(set(limits)) > 1 else None
         if eos_token_id is None:
             eos_token_id = self.generation_defaults.eos_token_ids
         eos = host_values([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), self.device)
@@ -234,7 +241,8 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
                     mm = appended(mm, self.model.embed_tokens(tokens)[:, None])
                     return self.lm_head(self.prefill(mm, None, plan, replay=record)[0][:, -1]).float()
 
-            sequences, steps = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer)
+            sequences, steps = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer,
+                                            row_limits, cancelled_rows)
         if cache is not None:
             cache.advance(steps)
         if streamer is not None:
