@@ -17,8 +17,9 @@ and a bad request gets a 4xx with an OpenAI-style error body. Frames are read in
 event loop; one model thread takes the requests that arrived together (up to
 ``--max-batch-size``, waiting at most ``--max-wait-ms`` for more) and generates the greedy ones in
 one batch (sampled ones alone, so that a seed reproduces); beyond ``--max-pending`` requests in
-progress, new ones are answered 503. A client that goes away mid-stream
-affects nobody else; an unexpected failure is logged and answered 500, and the server goes on.
+progress, new ones are answered 503. A client that goes away affects nobody else: its reply is
+ended at the model's next decoding step. An unexpected failure is logged and answered 500, and
+the server goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -303,6 +304,7 @@ class Job:
     done: asyncio.Future | None = None
     pieces: asyncio.Queue | None = None
     answered: Callable[[], None] = lambda: None  # called on the event loop once the model has answered
+    abandoned: bool = False  # the client went away: the model ends this reply at its next step
 
     @property
     def greedy(self) -> bool:
@@ -389,7 +391,8 @@ class ModelThread:
             items = []
             for job in group:
                 stream = self.streamer(job) if job.stream else None
-                items.append((Request(job.clip, job.turns, stream, job.max_tokens, job.system), job.clip))
+                items.append((Request(job.clip, job.turns, stream, job.max_tokens, job.system,
+                                      cancelled=lambda job=job: job.abandoned), job.clip))
             generation = dict(group[0].generation(), max_new_tokens=max(job.max_tokens for job in group))
             results = self.llm.answer_batch(items, group[0].config, generation)
         except Exception as err:  # the model thread must survive anything
@@ -532,7 +535,11 @@ class Service:
 
         job.answered = release
 
-    async def complete(self, body) -> dict | AsyncIterator[str]:
+    async def complete(self, body, disconnected: Callable[[], Awaitable[None]] | None = None
+                       ) -> dict | AsyncIterator[str]:
+        """The reply to a request body: a completion, or the events of a streamed one.
+        ``disconnected()`` returns once the client has gone (a streamed reply learns it from its
+        events no longer being taken); either way the model stops working on the reply."""
         loop = asyncio.get_running_loop()
         job = self.parse(body, loop)
         self.admit(job)
@@ -546,8 +553,19 @@ class Service:
         self.worker.submit(job)
         if job.stream:
             return self.stream(job)
-        result = await job.done
-        return self.reply(job, result)
+        return self.reply(job, await self.answer(job, disconnected))
+
+    @staticmethod
+    async def answer(job: Job, disconnected: Callable[[], Awaitable[None]] | None) -> Result:
+        """The model's result for ``job``; if its client leaves first, the reply is abandoned."""
+        if disconnected is not None:
+            watcher = asyncio.ensure_future(disconnected())
+            try:
+                await asyncio.wait({job.done, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watcher.cancel()
+            job.abandoned = not job.done.done()
+        return await job.done
 
     def failure(self, result: Result) -> ApiError:
         if isinstance(result.error, AimLlavaError):
@@ -577,6 +595,15 @@ class Service:
                 "usage": self.usage(result, text)}
 
     async def stream(self, job: Job) -> AsyncIterator[str]:
+        """The events of a streamed reply; when they stop being taken (the client went away)
+        before the model is done, the reply is abandoned."""
+        try:
+            async for event in self.events(job):
+                yield event
+        finally:
+            job.abandoned = not job.done.done()
+
+    async def events(self, job: Job) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format. The streamed text is exactly the text of
         the plain reply: leading blanks are skipped, and the last characters are held back while
         they could still be trailing blanks or the start of a stop sequence."""
@@ -639,12 +666,18 @@ def create_app(service: Service):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         body = await read_json(request)
-        answer = await service.complete(body)
+        answer = await service.complete(body, lambda: until_disconnected(request))
         if isinstance(answer, dict):
             return JSONResponse(answer)
         return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+async def until_disconnected(request: HttpRequest) -> None:
+    """Returns once the client has gone (the body has been read: what comes next is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_json(request) -> object:

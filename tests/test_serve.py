@@ -374,6 +374,57 @@ def test_requests_beyond_max_pending_are_503_until_the_model_answers(tiny_qwen_d
         service.worker.stop()
 
 
+def test_a_client_that_leaves_stops_its_generation(tiny_qwen_dir, media, monkeypatch):
+    """A streamed client that leaves after the first words, and a plain one that gives up after a
+    second, each asked for 3,000 tokens with EOS disabled: the model ends both replies soon after
+    (far short of the limit), and the server is free again."""
+    import uvicorn
+
+    from aim_llava.pipeline import SamplingOptions, VideoLLM
+    from aim_llava.serve import Service, create_app
+
+    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
+    monkeypatch.setattr(llm.model.generation_defaults, "eos_token_ids", [])
+    produced, original = [], llm.answer_batch
+
+    def recording(*args, **kwargs):
+        results = original(*args, **kwargs)
+        produced.extend(result.response.num_new_tokens for result in results)
+        return results
+
+    monkeypatch.setattr(llm, "answer_batch", recording)
+    service = Service(llm, media, "tiny", max_batch_size=1, max_wait_ms=0)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
+    body = {"messages": video_message("clip0.mp4"), "max_tokens": 3000}
+
+    def until_free():
+        deadline = time.monotonic() + 120
+        while service.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as response:
+            for line in response.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # the first words arrived: leave
+        until_free()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, timeout=httpx.Timeout(120, read=1.0))
+        until_free()
+        assert len(produced) == 2 and all(count < 1500 for count in produced), produced
+        assert service.pending == 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        service.worker.stop()
+
+
 def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
     assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
