@@ -529,11 +529,10 @@ class Service:
             raise ApiError(503, f"the server is busy ({self.pending} requests in progress): retry shortly",
                            code="server_busy", headers={"Retry-After": "1"})
         self.pending += 1
+        job.answered = self.release
 
-        def release() -> None:
-            self.pending -= 1
-
-        job.answered = release
+    def release(self) -> None:
+        self.pending -= 1
 
     async def complete(self, body, disconnected: Callable[[], Awaitable[None]] | None = None
                        ) -> dict | AsyncIterator[str]:
