@@ -66,6 +66,15 @@ MAX_CACHED_CONFIGS = 256
 MAX_TEXT_CHARS = 2**20
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant")
+# OpenAI fields this server does not implement, with the values that leave a reply as it would be
+# without them: any other value is refused rather than silently ignored (other unknown fields,
+# such as user or metadata, change nothing and are ignored)
+NEUTRAL_VALUES = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
+    "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+}
 
 
 class ApiError(Exception):
@@ -470,6 +479,10 @@ class Service:
                            "model", "model_not_found")
         if integer(body, "n", 1, 1, 1) != 1:
             raise bad("only n=1 is supported", "n")
+        for name, neutral in NEUTRAL_VALUES.items():
+            value = body.get(name)
+            if not any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):
+                raise bad(f"'{name}' is not supported by this server (leave it out)", name, "unsupported_parameter")
         turns, media, system = parse_messages(body.get("messages"), self.media_root)
         context = self.llm.model.config.max_length
         max_tokens = integer(body, "max_completion_tokens", 1, context)

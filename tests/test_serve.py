@@ -139,6 +139,17 @@ def test_multi_turn_system_and_stop(client):
     assert "".join(pieces) == full[: full.index(stop)]
 
 
+def test_unsupported_fields_at_their_neutral_values_are_accepted(client):
+    """What clients send by default (logprobs false, zero penalties, a text response format) changes
+    nothing and is taken; only values that would change the reply are refused."""
+    neutral = {"logprobs": False, "frequency_penalty": 0.0, "presence_penalty": 0, "logit_bias": {},
+               "response_format": {"type": "text"}, "tools": [], "user": "someone", "metadata": {"a": "b"}}
+    plain = client.chat.completions.create(model="tiny", messages=video_message("clip2.mp4"), max_tokens=4)
+    with_neutral = client.chat.completions.create(model="tiny", messages=video_message("clip2.mp4"), max_tokens=4,
+                                                  extra_body=neutral)
+    assert with_neutral.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_sampling_with_a_seed_reproduces(client):
     def sample(seed):
         return client.chat.completions.create(model="tiny", messages=video_message("clip2.mp4"), max_tokens=8,
@@ -217,6 +228,12 @@ def error_of(server_url: str, body, status: int) -> dict:
     ({"messages": video_message("clip0.mp4"), "model": "gpt-4o"}, 404, "not served here"),
     ({"messages": [{"role": "user", "content": "no video at all"}]}, 400, "no video or image"),
     ({"messages": video_message("clip0.mp4") + [{"role": "user", "content": "twice"}]}, 400, "alternate"),
+    ({"messages": video_message("clip0.mp4"), "logprobs": True}, 400, "'logprobs' is not supported"),
+    ({"messages": video_message("clip0.mp4"), "response_format": {"type": "json_object"}}, 400,
+     "'response_format' is not supported"),
+    ({"messages": video_message("clip0.mp4"), "frequency_penalty": 0.5}, 400, "'frequency_penalty' is not supported"),
+    ({"messages": video_message("clip0.mp4"), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "'tools' is not supported"),
     (b"[" * 100_000, 400, "nested too deeply"),
     (b'{"messages": 1' + b"1" * 5000 + b"}", 400, "integer of over 4,300 digits"),
     (b'{"messages": "\xff"}', 400, "not UTF-8"),
