@@ -8,12 +8,15 @@ gives the same weights in both layouts. Its outputs are random text: it is for t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from aim_llava.model.config import LlavaConfig
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 TINY_VISION = {
@@ -46,6 +49,7 @@ WORDS = (
     "holding playing talking looking into out up down small large bright dark one two three four five"
 ).split()
 LAYOUTS = ("llava_qwen", "hf")
+MAX_SHARD_BYTES = 4 * 2**30
 
 
 def printable_byte_alphabet() -> list[str]:
@@ -87,14 +91,19 @@ def build_tokenizer(seed: int):
     )
 
 
-def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """Weights under our (LLaVA-NeXT) names, including the unused vision parts a real file has."""
+def random_state_dict(seed: int, vision: dict = TINY_VISION, text: dict = TINY_TEXT,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Weights under our (LLaVA-NeXT) names, including the unused vision parts a real file has.
+    Matrices wider than the tiny model's are drawn with a smaller spread (by the square root of
+    their width), so that activations of a full-size model stay of order one."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape, std=0.1, mean=0.0):
-        return torch.randn(*shape, generator=gen) * std + mean
+        if len(shape) == 2:
+            std *= min(1.0, (128 / shape[1]) ** 0.5)
+        return (torch.randn(*shape, generator=gen) * std + mean).to(dtype)
 
-    v, t = TINY_VISION, TINY_TEXT
+    v, t = vision, text
     state: dict[str, torch.Tensor] = {}
     vp = "model.vision_tower.vision_tower.vision_model."
     state[vp + "embeddings.patch_embedding.weight"] = randn(v["hidden_size"], 3, v["patch_size"], v["patch_size"], std=0.05)
@@ -131,7 +140,8 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
         state[lp + "input_layernorm.weight"] = randn(h, mean=1.0)
         state[lp + "post_attention_layernorm.weight"] = randn(h, mean=1.0)
     state["model.norm.weight"] = randn(h, mean=1.0)
-    state["lm_head.weight"] = randn(t["vocab_size"], h, std=0.2)
+    if not t.get("tie_word_embeddings", False):
+        state["lm_head.weight"] = randn(t["vocab_size"], h, std=0.2)
     return state
 
 
@@ -150,15 +160,16 @@ def to_hf_name(name: str) -> str:
     return name
 
 
-def _llava_qwen_config(image_token_index: int) -> dict:
+def _llava_qwen_config(image_token_index: int, text: dict = TINY_TEXT, vision: dict = TINY_VISION,
+                       dtype: str = "float32", tower: str = "aim-llava/siglip-tiny-patch14-384") -> dict:
     return {
         "architectures": ["LlavaQwenForCausalLM"],
         "model_type": "llava",
-        **TINY_TEXT,
+        **text,
         "hidden_act": "silu",
-        "mm_vision_tower": "aim-llava/siglip-tiny-patch14-384",
-        "mm_vision_config": TINY_VISION,
-        "mm_hidden_size": TINY_VISION["hidden_size"],
+        "mm_vision_tower": tower,
+        "mm_vision_config": vision,
+        "mm_hidden_size": vision["hidden_size"],
         "mm_projector_type": "mlp2x_gelu",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
@@ -171,7 +182,7 @@ def _llava_qwen_config(image_token_index: int) -> dict:
         "image_token_index": image_token_index,
         "tokenizer_model_max_length": 32768,
         "tokenizer_padding_side": "right",
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "use_sliding_window": False,
     }
 
@@ -198,6 +209,44 @@ def _hf_config(image_token_index: int, video_token_index: int) -> dict:
     }
 
 
+def write_shards(out: Path, state: dict[str, torch.Tensor], count: int) -> None:
+    """``state`` as ``count`` safetensors shards (names in order, split at equal bytes) and their index."""
+    names, total = sorted(state), sum(tensor.nbytes for tensor in state.values())
+    groups: list[list[str]] = [[] for _ in range(count)]
+    written = 0
+    for name in names:
+        groups[min(count - 1, written * count // total)].append(name)
+        written += state[name].nbytes
+    weight_map = {}
+    for number, group in enumerate(groups, 1):
+        file = f"model-{number:05d}-of-{count:05d}.safetensors"
+        save_file({name: state[name].contiguous() for name in group}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0) -> Path:
+    """A full-size checkpoint with random bfloat16 weights for ``config`` (one of
+    :data:`aim_llava.architectures.ARCHITECTURES`), in the LLaVA-NeXT layout, with the tiny
+    tokenizer: ids beyond its 320 tokens decode to nothing, so replies
+    are mostly empty text and rarely end early. For measuring speed (which does not depend on the
+    weights' values), never accuracy."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    tokenizer.save_pretrained(str(out))
+    text = dataclasses.asdict(config.text)
+    vision = {key: value for key, value in dataclasses.asdict(config.vision).items() if key in TINY_VISION}
+    vision["num_hidden_layers"] += 1  # stored like the published tower: with the layer it does not run
+    state = random_state_dict(seed, vision, text, torch.bfloat16)
+    write_shards(out, state, max(1, -(-sum(t.nbytes for t in state.values()) // MAX_SHARD_BYTES)))
+    config_json = _llava_qwen_config(tokenizer.convert_tokens_to_ids("<image>"), text, vision, "bfloat16",
+                                     "google/siglip-so400m-patch14-384")
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    return out
+
+
 def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int = 0) -> Path:
     """Write config, tokenizer and weights to ``out``; returns the directory."""
     if layout not in LAYOUTS:
@@ -210,15 +259,7 @@ def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int
     state = random_state_dict(seed)
     if layout == "llava_qwen":
         config = _llava_qwen_config(image_id)
-        names = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-                  "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
-        weight_map = {}
-        for file, shard_names in shards.items():
-            save_file({n: state[n].contiguous() for n in shard_names}, str(out / file), metadata={"format": "pt"})
-            weight_map.update({n: file for n in shard_names})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_shards(out, state, 2)
     else:
         config = _hf_config(image_id, tokenizer.convert_tokens_to_ids("<video>"))
         # Like the published conversions, the file holds only the vision layers that are used.

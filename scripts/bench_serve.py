@@ -40,7 +40,8 @@ def start_server(model: str, media: Path, batch: int, args) -> tuple[subprocess.
     port = free_port()
     command = [sys.executable, "-m", "aim_llava.cli", "serve", "--model", model, "--media-root", str(media),
                "--port", str(port), "--device", args.device, "--frames", str(args.frames),
-               "--max-batch-size", str(batch), "--max-wait-ms", str(args.max_wait_ms), "--served-model-name", "m"]
+               "--max-batch-size", str(batch), "--max-wait-ms", str(args.max_wait_ms), "--served-model-name", "m",
+               "--config", args.config]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--config", default="baseline", help="the server's reduction preset")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aim_llava_serve_"))
     model = args.model or str(write_tiny_checkpoint(work / "tiny"))

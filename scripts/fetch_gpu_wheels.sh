@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Download (here, where pip reaches a package index) the wheels that the GPU machine lacks for
-# scripts/gpu_measure.sh: the video readers (PyAV, decord) and qwen-vl-utils, for its Python 3.12
-# on x86-64. They land in .whl/ (about 48 MB), which git ignores; carry that folder along.
+# scripts/gpu_measure.sh: the video readers (PyAV, decord), qwen-vl-utils, and the server with the
+# openai client its benchmark drives (FastAPI, uvicorn, pydantic and what they need beyond that
+# machine's packages), for its Python 3.12 on x86-64. They land in .whl/ (about 60 MB, under the
+# 64 MiB a device call carries), which git ignores; carry that folder along.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+mkdir -p .git/info && { grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude; }
 platforms=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux2010_x86_64
            manylinux1_x86_64)
-for wheel in av==19.0.2 decord==0.6.0 qwen-vl-utils==0.0.14; do
+serve=(fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.3 pydantic-core==2.50.4
+       annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 opentelemetry-api==1.45.2
+       openai==3.54.0 jiter==0.19.0 sniffio==1.3.1 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5)
+for wheel in av==19.0.2 decord==0.6.0 qwen-vl-utils==0.0.14 "${serve[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]/#/--platform=}" -d .whl "$wheel"
 done

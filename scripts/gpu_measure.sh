@@ -4,12 +4,12 @@
 # there; the wheels it lacks come from scripts/fetch_gpu_wheels.sh, in .whl/).
 #
 #   bash scripts/gpu_measure.sh PHASE [OUTDIR]
-#   PHASE: tests | kernels | prefill | prefill-kernels | decode | decode-eager | video
+#   PHASE: tests | kernels | prefill | prefill-kernels | decode | decode-eager | video | serve
 #
 # Logs and JSON reports go to OUTDIR (default: $OUT where set, else gpu_results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-phase=${1:?"usage: gpu_measure.sh tests|kernels|prefill|prefill-kernels|decode|decode-eager|video [OUTDIR]"}
+phase=${1:?"usage: gpu_measure.sh tests|kernels|prefill|prefill-kernels|decode|decode-eager|video|serve [OUTDIR]"}
 out=${2:-${OUT:-gpu_results}}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -69,6 +69,12 @@ case $phase in
       bench "video_${backend}" --arch llava-onevision-qwen2-7b --frames 32 --repeats 5 --video /tmp/clip60.mp4 \
         --backend "$backend" --configs baseline,aim_default
     done ;;
-  *) echo "unknown phase '$phase': use tests, kernels, prefill, prefill-kernels, decode, decode-eager or video" >&2
+  serve)  # issue 14: server throughput on the 7B architecture (a random bf16 checkpoint written here, ~16 GB)
+    python3 scripts/make_tiny_model.py --arch llava-onevision-qwen2-7b --out /tmp/random-7b
+    for config in baseline aim_default; do
+      python3 scripts/bench_serve.py --model /tmp/random-7b --device cuda --frames 32 --max-tokens 64 \
+        --requests 32 --clients 1,16 --batch-size 16 --config "$config" 2>&1 | tee "$out/serve_$config.log"
+    done ;;
+  *) echo "unknown phase '$phase': use tests, kernels, prefill, prefill-kernels, decode, decode-eager, video or serve" >&2
      exit 2 ;;
 esac
