@@ -4,6 +4,8 @@ The architecture is the real one (SigLIP at 384 px with 14 px patches, so 729 pa
 196 pooled tokens a frame; mlp2x_gelu; Qwen2 with GQA) at small widths, with a byte-level BPE
 tokenizer trained here on a small corpus and carrying the ChatML special tokens. The same seed
 gives the same weights in both layouts. Its outputs are random text: it is for tests and demos.
+:func:`write_random_checkpoint` writes a named full-size architecture the same way (random bf16
+weights, the tiny tokenizer), for speed measurements of what loads checkpoint directories.
 """
 
 from __future__ import annotations
@@ -229,9 +231,9 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], count: int) -> None:
 def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0) -> Path:
     """A full-size checkpoint with random bfloat16 weights for ``config`` (one of
     :data:`aim_llava.architectures.ARCHITECTURES`), in the LLaVA-NeXT layout, with the tiny
-    tokenizer: ids beyond its 320 tokens decode to nothing, so replies
-    are mostly empty text and rarely end early. For measuring speed (which does not depend on the
-    weights' values), never accuracy."""
+    tokenizer: ids beyond its 320 tokens decode to nothing, so replies are mostly empty text and
+    rarely end early. For measuring speed (which does not depend on the weights' values), never
+    accuracy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed)
