@@ -1,5 +1,8 @@
 """Shared fixtures: tiny checkpoints written offline, our model and transformers' oracle."""
 
+import base64
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -53,6 +56,29 @@ def hf_oracle(tiny_hf_dir):
 
 def random_frames(n: int, height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+def png_data_url(width: int, height: int, colour: tuple[int, int, int] = (0, 0, 0)) -> str:
+    """A ``data:`` URL of a one-colour PNG (a few hundred KB even at 12000 x 12000)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@contextlib.contextmanager
+def in_process_service(model_dir, media_root, frames: int = 2, max_new_tokens: int | None = None, **options):
+    """(VideoLLM, Service) of a checkpoint on the CPU, in this process; the model thread stops on exit."""
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.serve import Service
+
+    generation = GenerationOptions(max_new_tokens=max_new_tokens) if max_new_tokens else None
+    llm = VideoLLM.from_pretrained(model_dir, device="cpu", sampling=SamplingOptions(num_frames=frames),
+                                   generation=generation)
+    service = Service(llm, media_root, "tiny", **options)
+    try:
+        yield llm, service
+    finally:
+        service.worker.stop()
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -2,8 +2,6 @@
 127.0.0.1: answers equal the command line's, streaming, concurrency, every class of bad request,
 a client that disconnects mid-stream, and server errors that do not kill the server."""
 
-import base64
-import io
 import json
 import os
 import re
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import in_process_service, png_data_url
 from PIL import Image
 
 from aim_llava.cli import main
@@ -159,10 +158,7 @@ def test_sampling_with_a_seed_reproduces(client):
 
 
 def test_image_and_frames_as_images(client, media):
-    frame = Image.new("RGB", (64, 48), (200, 30, 30))
-    buffer = io.BytesIO()
-    frame.save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    url = png_data_url(64, 48, (200, 30, 30))
     one = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                         {"type": "text", "text": "What colour?"}]}]
     assert client.chat.completions.create(model="tiny", messages=one, max_tokens=4).choices[0].message.content
@@ -249,12 +245,6 @@ def test_bad_requests_get_openai_style_errors(server, body, status, words):
     assert words in error_of(server[0], body, status)["message"]
 
 
-def png_data_url(width: int, height: int) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_images_beyond_the_pixel_budget_are_refused_before_decoding(server, client):
     """A few hundred KB of PNG can declare gigabytes of pixels: a request's images may hold
     2**27 pixels in all, checked from each header before it is decoded. 8200 x 8200 fits alone,
@@ -283,12 +273,9 @@ def test_errors_name_media_as_the_client_did(server, media):
 def test_the_config_cache_stays_bounded(tiny_qwen_dir, media):
     """Every spelling of a budget is a new cache key: a client inventing them cannot grow the
     server's memory without bound, and a config pushed out is resolved again when asked for."""
-    from aim_llava.pipeline import SamplingOptions, VideoLLM
-    from aim_llava.serve import MAX_CACHED_CONFIGS, Service
+    from aim_llava.serve import MAX_CACHED_CONFIGS
 
-    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=8))
-    service = Service(llm, media, "tiny")
-    try:
+    with in_process_service(tiny_qwen_dir, media, frames=8) as (llm, service):
         first = service.reduction("budget:0.15")
         spellings = [f"budget:0.15{'0' * zeros}" for zeros in range(1, MAX_CACHED_CONFIGS + 50)]
         assert all(service.reduction(spec) == first for spec in spellings)
@@ -296,8 +283,6 @@ def test_the_config_cache_stays_bounded(tiny_qwen_dir, media):
         assert cache.currsize == MAX_CACHED_CONFIGS and cache.misses == len(spellings) + 1
         assert service.reduction("budget:0.15") == first == llm.resolve("budget:0.15")
         assert service.resolve_config.cache_info().misses == cache.misses + 1  # it had been pushed out
-    finally:
-        service.worker.stop()
 
 
 def test_disconnect_mid_stream_disturbs_no_one(server, client):
@@ -316,12 +301,9 @@ def test_server_errors_are_500_and_the_server_goes_on(tiny_qwen_dir, media, monk
     request is served."""
     from fastapi.testclient import TestClient
 
-    from aim_llava.pipeline import SamplingOptions, VideoLLM
-    from aim_llava.serve import Service, create_app
+    from aim_llava.serve import create_app
 
-    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
-    service = Service(llm, media, "tiny", max_batch_size=2, max_wait_ms=0)
-    try:
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=2, max_wait_ms=0) as (llm, service):
         with TestClient(create_app(service)) as http:
             original = llm.answer_batch
             monkeypatch.setattr(llm, "answer_batch", lambda *a, **k: 1 / 0)
@@ -330,8 +312,6 @@ def test_server_errors_are_500_and_the_server_goes_on(tiny_qwen_dir, media, monk
             assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
             monkeypatch.setattr(llm, "answer_batch", original)
             assert http.post("/v1/chat/completions", json=body).status_code == 200
-    finally:
-        service.worker.stop()
 
 
 def test_requests_beyond_max_pending_are_503_until_the_model_answers(tiny_qwen_dir, media, monkeypatch):
@@ -342,53 +322,51 @@ def test_requests_beyond_max_pending_are_503_until_the_model_answers(tiny_qwen_d
 
     from fastapi.testclient import TestClient
 
-    from aim_llava.pipeline import SamplingOptions, VideoLLM
-    from aim_llava.serve import ApiError, Service, create_app
+    from aim_llava.serve import ApiError, create_app
 
-    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
-    service = Service(llm, media, "tiny", max_batch_size=1, max_wait_ms=0, max_pending=1)
-    gate, entered, original = threading.Event(), threading.Event(), llm.answer_batch
-
-    def held_answer_batch(*args, **kwargs):
-        entered.set()
-        assert gate.wait(timeout=60)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(llm, "answer_batch", held_answer_batch)
+    gate, entered = threading.Event(), threading.Event()
     body = {"messages": video_message("clip0.mp4"), "max_tokens": 2}
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=1, max_wait_ms=0, max_pending=1) as (llm, service):
+        original = llm.answer_batch
 
-    async def scenario():
-        first = asyncio.create_task(service.complete(body))
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
-        busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
-        first.cancel()  # the client goes away; the model is still working on its request
-        await asyncio.sleep(0.05)
-        still_busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
-        gate.set()
-        while service.pending:
-            await asyncio.sleep(0.01)
-        return busy[0], still_busy[0], await service.complete(body)
+        def held_answer_batch(*args, **kwargs):
+            entered.set()
+            assert gate.wait(timeout=60)
+            return original(*args, **kwargs)
 
-    try:
-        busy, still_busy, reply = asyncio.run(scenario())
-        assert isinstance(busy, ApiError) and busy.status == 503 and busy.code == "server_busy"
-        assert isinstance(still_busy, ApiError) and still_busy.status == 503
-        assert reply["choices"][0]["message"]["content"] is not None and service.pending == 0
-        gate.clear()
-        entered.clear()
-        with TestClient(create_app(service)) as http:
-            waiting = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": body})
-            waiting.start()
-            assert entered.wait(timeout=60)
-            refused = http.post("/v1/chat/completions", json=body)
+        monkeypatch.setattr(llm, "answer_batch", held_answer_batch)
+
+        async def scenario():
+            first = asyncio.create_task(service.complete(body))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
+            first.cancel()  # the client goes away; the model is still working on its request
+            await asyncio.sleep(0.05)
+            still_busy = await asyncio.gather(asyncio.wait_for(service.complete(body), 10), return_exceptions=True)
             gate.set()
-            waiting.join(timeout=60)
-        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["code"] == "server_busy"
-    finally:
-        gate.set()
-        service.worker.stop()
+            while service.pending:
+                await asyncio.sleep(0.01)
+            return busy[0], still_busy[0], await service.complete(body)
+
+        try:
+            busy, still_busy, reply = asyncio.run(scenario())
+            assert isinstance(busy, ApiError) and busy.status == 503 and busy.code == "server_busy"
+            assert isinstance(still_busy, ApiError) and still_busy.status == 503
+            assert reply["choices"][0]["message"]["content"] is not None and service.pending == 0
+            gate.clear()
+            entered.clear()
+            with TestClient(create_app(service)) as http:
+                waiting = threading.Thread(target=http.post, args=("/v1/chat/completions",), kwargs={"json": body})
+                waiting.start()
+                assert entered.wait(timeout=60)
+                refused = http.post("/v1/chat/completions", json=body)
+                gate.set()
+                waiting.join(timeout=60)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "server_busy"
+        finally:
+            gate.set()  # before the model thread is stopped
 
 
 def test_a_client_that_leaves_stops_its_generation(tiny_qwen_dir, media, monkeypatch):
@@ -397,49 +375,45 @@ def test_a_client_that_leaves_stops_its_generation(tiny_qwen_dir, media, monkeyp
     (far short of the limit), and the server is free again."""
     import uvicorn
 
-    from aim_llava.pipeline import SamplingOptions, VideoLLM
-    from aim_llava.serve import Service, create_app
+    from aim_llava.serve import create_app
 
-    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2))
-    monkeypatch.setattr(llm.model.generation_defaults, "eos_token_ids", [])
-    produced, original = [], llm.answer_batch
-
-    def recording(*args, **kwargs):
-        results = original(*args, **kwargs)
-        produced.extend(result.response.num_new_tokens for result in results)
-        return results
-
-    monkeypatch.setattr(llm, "answer_batch", recording)
-    service = Service(llm, media, "tiny", max_batch_size=1, max_wait_ms=0)
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
     body = {"messages": video_message("clip0.mp4"), "max_tokens": 3000}
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=1, max_wait_ms=0) as (llm, service):
+        monkeypatch.setattr(llm.model.generation_defaults, "eos_token_ids", [])
+        produced, original = [], llm.answer_batch
 
-    def until_free():
-        deadline = time.monotonic() + 120
-        while service.pending and time.monotonic() < deadline:
-            time.sleep(0.05)
+        def recording(*args, **kwargs):
+            results = original(*args, **kwargs)
+            produced.extend(result.response.num_new_tokens for result in results)
+            return results
 
-    try:
-        while not server.started:
-            time.sleep(0.05)
-        with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as response:
-            for line in response.iter_lines():
-                if '"content": "' in line and '"content": ""' not in line:
-                    break  # the first words arrived: leave
-        until_free()
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=body, timeout=httpx.Timeout(120, read=1.0))
-        until_free()
-        assert len(produced) == 2 and all(count < 1500 for count in produced), produced
-        assert service.pending == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        service.worker.stop()
+        def until_free():
+            deadline = time.monotonic() + 120
+            while service.pending and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        monkeypatch.setattr(llm, "answer_batch", recording)
+        server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=free_port(),
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.config.port}/v1/chat/completions"
+        try:
+            while not server.started:
+                time.sleep(0.05)
+            with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as response:
+                for line in response.iter_lines():
+                    if '"content": "' in line and '"content": ""' not in line:
+                        break  # the first words arrived: leave
+            until_free()
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json=body, timeout=httpx.Timeout(120, read=1.0))
+            until_free()
+            assert len(produced) == 2 and all(count < 1500 for count in produced), produced
+            assert service.pending == 0
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
 
 
 def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):

@@ -3,11 +3,10 @@ an OpenAI-style 4xx error, never a 500 (which would mean an unchecked field reac
 behind it). Bodies mix the fields the API knows with wrong types, odd paths and junk; sizes are
 kept small enough for the tiny model to answer the valid ones quickly."""
 
-import base64
-import io
 import json
 
 import pytest
+from conftest import in_process_service, png_data_url
 from PIL import Image
 
 from aim_llava.sample_media import write_sample_video
@@ -16,18 +15,13 @@ hypothesis = pytest.importorskip("hypothesis", reason="the dev extra installs hy
 st = hypothesis.strategies
 
 
-def png_url() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (0, 90, 200)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 JUNK = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=6)
 URLS = st.sampled_from(["clip.mp4", "sub/../clip.mp4", "file:///clip.mp4", "../outside.mp4", "/etc/passwd",
                         "frame.png", "text.mp4", "missing.mp4", "http://example.com/a.mp4", "data:text/plain,hi",
-                        "data:image/png;base64,@@@", png_url(), "", "x" * 300, "clip\ud800.mp4", "a\x00b",
+                        "data:image/png;base64,@@@", png_data_url(24, 16, (0, 90, 200)), "", "x" * 300,
+                        "clip\ud800.mp4", "a\x00b",
                         "c:clip.mp4", "file://host/clip.mp4", "."]) | st.text(max_size=12)
 URL_VALUE = st.fixed_dictionaries({"url": URLS}) | URLS | JUNK
 MEDIA_PART = (st.fixed_dictionaries({"type": st.just("video_url"), "video_url": URL_VALUE})
@@ -69,20 +63,16 @@ FUZZ = hypothesis.settings(max_examples=150, deadline=None, database=None, deran
 def http(tiny_qwen_dir, tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
-    from aim_llava.serve import Service, create_app
+    from aim_llava.serve import create_app
 
     root = tmp_path_factory.mktemp("fuzz_media")
     write_sample_video(root / "clip.mp4", num_frames=12, fps=10)
     (root / "sub").mkdir()
     (root / "text.mp4").write_text("not a video")
     Image.new("RGB", (24, 16)).save(root / "frame.png")
-    llm = VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", sampling=SamplingOptions(num_frames=2),
-                                   generation=GenerationOptions(max_new_tokens=2))
-    service = Service(llm, root, "tiny", max_batch_size=2, max_wait_ms=0)
-    with TestClient(create_app(service), raise_server_exceptions=False) as client:
-        yield client
-    service.worker.stop()
+    with in_process_service(tiny_qwen_dir, root, max_new_tokens=2, max_batch_size=2, max_wait_ms=0) as (_, service):
+        with TestClient(create_app(service), raise_server_exceptions=False) as client:
+            yield client
 
 
 def post(http, body):
