@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install the package with its test dependencies.
-# torch 2.14.1 / torchvision 0.29.1 are pinned because they install together from the local
-# wheel index and make torchvision (used by transformers' processors and qwen-vl-utils) import.
+# Create .venv (once) and install the package with its test dependencies, at the versions of the
+# lock (requirements/dev.txt), so a fresh machine gets what CI tested. torch 2.14.1 / torchvision
+# 0.29.1 are pinned there (requirements/constraints.in says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if [[ "$(uname -s)/$(uname -m)" == Linux/x86_64 ]]; then
+  # Exactly what CI tested (scripts/update_lock.sh writes the lock from pyproject.toml's ranges).
+  "${pip[@]}" -r requirements/dev.txt
+  "${pip[@]}" --no-deps -e .
+else
+  echo "note: requirements/dev.txt is resolved for Linux x86_64; installing from pyproject.toml's ranges" >&2
+  "${pip[@]}" -c requirements/constraints.in -e ".[dev]"
+fi
 
 # torchcodec (an optional video reader) loads FFmpeg's shared libraries from the system.
 ffmpeg_libs=(libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8)
