@@ -184,6 +184,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         return_dict_in_generate: bool = False,
         cuda_graph: bool = True,
         cancelled_rows: Callable[[], list[int]] | None = None,
+        prefill: Callable[..., tuple[torch.Tensor, TokenState, ReductionRecord]] | None = None,
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
@@ -197,7 +198,9 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         (preallocated per layer for the prefill's length after pruning plus ``max_new_tokens``)
         each step has fixed shapes and, on a GPU, is replayed as a CUDA graph unless
         ``cuda_graph=False``. Without the cache every step recomputes the whole sequence, replaying
-        the prefill's reduction decisions (a reference path).
+        the prefill's reduction decisions (a reference path). ``prefill`` stands in for
+        :meth:`prefill` (same arguments and results), e.g. one that takes the prompts' video
+        prefixes from a cache (:class:`aim_llava.prefix_cache.PrefixPrefill`).
         """
         plan = self.plan_for(reduction)
         limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -221,7 +224,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if streamer is not None:
             streamer.put(torch.empty(mm.valid.shape[0], 0, dtype=torch.long))
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
-        hidden, _, record = self.prefill(mm, cache, plan)
+        hidden, _, record = (prefill or self.prefill)(mm, cache, plan)
         with stage("decode", self.device):
             first = self.lm_head(hidden[:, -1]).float()
             if cache is not None:
