@@ -35,7 +35,7 @@ from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
-from aim_llava.reuse_cache import ReuseCache
+from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
 from aim_llava.video import VideoClip, is_image_file, load_video, validate_sampling
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
@@ -44,7 +44,6 @@ logger = logging.getLogger("aim_llava.cache")
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
 DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
-DEFAULT_CACHE_MB = 2048.0  # the reuse cache's default bound (device memory)
 
 
 @dataclass
@@ -428,7 +427,7 @@ class VideoLLM:
             else:
                 visuals[source] = self.cached_visual(source, config)
         missing = [source for source, visual in visuals.items() if visual is None]
-        encoded = self.encode_uncached([clips[sources.index(source)] for source in missing], config)
+        encoded = self.encode_uncached([clips[sources.index(source)] for source in missing], config) if missing else []
         for source, visual in zip(missing, encoded):
             visual.key = self.visual_cache_key(source, config)
             stored = dataclasses.replace(visual, clip=without_pixels(visual.clip))

@@ -33,6 +33,7 @@ from aim_llava.model.llava_arch import MultimodalInputs
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reduction.tokens import TokenState
 from aim_llava.reuse_cache import ReuseCache
+from aim_llava.tensors import host_values
 from aim_llava.timing import stage
 
 
@@ -108,9 +109,12 @@ class PrefixPrefill:
         return decoder.norm(state.hidden), state, record
 
     def prefixes(self, inputs: MultimodalInputs, layers: int, implementation: str) -> list[CachedPrefix]:
-        """Every sample's prefix, from the cache or computed (and stored)."""
+        """Every sample's prefix, from the cache or computed (and stored); a prefix that appears
+        twice in the batch is computed once (the second counts as a hit)."""
         keys = [prefix_key(visual, text, layers, implementation) for visual, text in self.prefix_ids]
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        for _ in range(len(keys) - len(found)):
+            self.cache.count_hit("prefix")
         by_length: dict[int, list[tuple[tuple, int]]] = {}
         for key, prefix in found.items():
             if prefix is None:
@@ -147,7 +151,7 @@ class PrefixPrefill:
             kv.layers[layer] = LayerCache.allocate(keys[layer], values[layer], valid, prefix_padded,
                                                    prefix_width + width + kv.reserve)
         columns = torch.arange(width, device=device)
-        question_valid = columns[None, :] >= torch.tensor([width - q for q in questions], device=device)[:, None]
+        question_valid = columns[None, :] >= host_values([width - q for q in questions], device)[:, None]
         state = TokenState.start(inputs.inputs_embeds[:, longest - width :], inputs.position_ids[:, longest - width :],
                                  question_valid, None, len(set(questions)) > 1, None, questions)
         return self.model.model.run_layers(state, range(layers), kv, None, implementation)[0]

@@ -20,6 +20,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 KINDS = ("visual", "prefix")
+DEFAULT_CACHE_MB = 2048.0  # the default bound of a VideoLLM's cache (``--cache-mb``)
 
 
 @dataclass
