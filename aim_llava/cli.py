@@ -27,6 +27,7 @@ from aim_llava.records import (
     write_records,
     write_text_atomically,
 )
+from aim_llava.reuse_cache import DEFAULT_CACHE_MB
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -109,6 +110,15 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
                         help="threads reading the next videos while the model works (0: none; default 2)")
 
 
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    """The reuse cache of encoded videos and their KV prefixes (VideoLLM's cache_mb, prefix_reuse)."""
+    parser.add_argument("--cache-mb", type=non_negative_float, default=DEFAULT_CACHE_MB,
+                        help="memory (on the model's device) for reusing encoded videos and their KV prefixes "
+                             "across questions about the same clip (0: off; default %(default).0f)")
+    parser.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                        help="keep only the encoded videos in the cache, not their KV prefixes")
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
@@ -129,6 +139,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="write JSONL results here (one record appended per video)")
     parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
     add_batch_options(parser)
+    add_cache_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
     add_runtime_options(evaluate)
     add_batch_options(evaluate)
+    add_cache_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions)")
     serve.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
@@ -205,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests in progress (reading frames or waiting for the model) beyond which new "
                             "ones are answered 503 (default 32)")
     add_runtime_options(serve)
+    add_cache_options(serve)
     return parser
 
 
@@ -358,6 +371,7 @@ def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, devi
         args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
         conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
         generation=GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph),
+        cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
     )
     stream = print_now if args.stream and not args.json else None
     requests = [Request(video, [(asked, None)]) for video, asked in todo]
@@ -539,7 +553,8 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                     cuda_graph=args.cuda_graph))
+                                                                     cuda_graph=args.cuda_graph),
+                                   cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     rows, failures = [], 0
     for reduction, file in zip(reductions, results):
         progress = None
@@ -552,12 +567,14 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
         def report(record, progress=progress):
             print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
+        before = llm.cache.snapshot() if llm.cache is not None else None
         try:
             records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
                                             args.workers)
         finally:
             if progress is not None:
                 progress.close()
+        cache = llm.cache.snapshot().since(before).as_dict() if before is not None else None
         if shard.world > 1:
             file.close()
             shard.wait_for_all()
@@ -567,7 +584,7 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
         summary = evaluation.summarize(records)
         failures += summary["errors"]
         cost = flops_report("", model_config, reduction, args.frames, text_tokens)
-        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
+        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary, "cache": cache})
     shard.finish()
     return rows, failures
 
@@ -611,7 +628,8 @@ def run_serve(args) -> int:
     llm = VideoLLM.from_pretrained(args.model, args.config, device=args.device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                cuda_graph=args.cuda_graph))
+                                                                cuda_graph=args.cuda_graph),
+                                   cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     if args.warm_up:
         try:
             seconds = warm_up(llm, args.frames)
@@ -625,6 +643,9 @@ def run_serve(args) -> int:
             raise CliError(f"the warm-up request failed on {llm.model.device}: {type(err).__name__}: {first_line} "
                            "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
+    if llm.cache is not None:
+        llm.cache.clear()  # the warm-up's random clip would only take room
+        logging.getLogger("aim_llava.cache").setLevel(logging.INFO)  # its hits and misses, in the log
     name = args.served_model_name or Path(args.model).resolve().name
     service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms, args.max_pending)
     print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root})",

@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from aim_llava.errors import AimLlavaError, one_line
-from aim_llava.pipeline import Request, Result, VideoLLM
+from aim_llava.pipeline import EncodedVisual, Request, Result, VideoLLM
 from aim_llava.reduction.budget import parse_budget
 from aim_llava.reduction.config import available_presets
 from aim_llava.sample_media import random_frames
@@ -309,7 +309,7 @@ class Job:
     stream: bool
     include_usage: bool
     loop: asyncio.AbstractEventLoop
-    clip: VideoClip | None = None
+    clip: VideoClip | EncodedVisual | None = None
     done: asyncio.Future | None = None
     pieces: asyncio.Queue | None = None
     answered: Callable[[], None] = lambda: None  # called on the event loop once the model has answered
@@ -512,12 +512,13 @@ class Service:
             include_usage=flag(options, "include_usage", "stream_options.include_usage"), loop=loop,
         )
 
-    def read_media(self, job: Job) -> VideoClip:
-        """The job's frames (runs in a worker thread, off the event loop)."""
+    def read_media(self, job: Job) -> VideoClip | EncodedVisual:
+        """The job's frames, or its encoded video when the model's reuse cache holds it (runs in a
+        worker thread, off the event loop)."""
         media = job.media
         try:
             if media.video is not None:
-                return self.llm.load(media.video, job.config, **job.sampling)
+                return self.llm.read(media.video, job.config, **job.sampling)
             images, pixels_left = [], MAX_REQUEST_PIXELS
             for image in media.images:
                 images.append(open_image_rgb(image, max_pixels=pixels_left) if isinstance(image, Path)
