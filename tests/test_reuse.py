@@ -17,6 +17,7 @@ import torch
 from conftest import in_process_service, left_padded_batch, plan, random_frames
 from PIL import Image
 from sync_points import count_sync_points
+from test_decoding import FrozenReplay
 
 from aim_llava import load_pretrained_model
 from aim_llava.cli import main
@@ -24,6 +25,7 @@ from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import get_conversation
 from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.image_processor import SiglipImageProcessor
+from aim_llava.model.language_model import llava_qwen
 from aim_llava.model.language_model.kv_cache import KVCache
 from aim_llava.pipeline import Request, SamplingOptions, VideoLLM
 from aim_llava.prefix_cache import PrefixPrefill
@@ -116,6 +118,32 @@ def test_reused_prefix_decodes_like_a_full_prefill_in_a_padded_batch(loaded, pre
     assert_same_decoding(decoded_logits(model, reduction, batch, features), reused)
     stats = cache.stats()
     assert (stats["prefix_hits"], stats["prefix_misses"], stats["entries"]) == (2, 2, 2)
+
+
+@pytest.mark.parametrize("preset", ["baseline", "aim_default"])
+def test_reused_prefix_in_a_step_recorded_once_and_replayed(loaded, preset, monkeypatch):
+    """The CUDA-graph contract (tests/test_decoding.py) with the prefix copied into the call's KV
+    buffers: a recorded step replayed over them decodes like eager decoding without reuse."""
+    tokenizer, model, _, _ = loaded
+    reduction = plan(model, preset)
+    features = [torch.randn(n, 64, generator=torch.Generator().manual_seed(4)) * 0.5 for n in (26, 19)]
+    prompts = [prompt(tokenizer, "What is it?"), prompt(tokenizer, "Describe the clip, please.")]
+    ids, mask = left_padded_batch(prompts)
+    options = dict(attention_mask=mask, visual_features=features, reduction=reduction, max_new_tokens=12,
+                   eos_token_id=[])
+    eager = model.generate(ids, **options)
+    cache = ReuseCache(2**30)
+    model.generate(ids, prefill=PrefixPrefill(model, cache, *prefix_ids(prompts, ["A", "B"], features)), **options)
+    runners = []
+
+    def frozen_runner(function, *_):
+        runners.append(FrozenReplay(function))
+        return runners[-1]
+
+    monkeypatch.setattr(llava_qwen, "step_runner", frozen_runner)
+    hit = PrefixPrefill(model, cache, *prefix_ids(prompts, ["A", "B"], features))
+    assert torch.equal(model.generate(ids, prefill=hit, **options), eager)
+    assert runners[0].replays == 12 - 2 and cache.stats()["prefix_hits"] == 2
 
 
 def test_prefix_prefill_reads_nothing_back_from_the_device(loaded):
