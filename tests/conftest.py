@@ -36,6 +36,15 @@ def tiny_qwen_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def scripted_qwen_dir(tmp_path_factory):
+    """The tiny checkpoint rewired to answer with the letter of its prompt's keyword
+    (tests/scripted_checkpoint.py: "dog" -> A, "cat" -> B, "car" -> C, "ball" -> D)."""
+    from scripted_checkpoint import write_scripted_checkpoint
+
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("scripted_llava_qwen"))
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_hf"), "hf", seed=0)
 
