@@ -95,6 +95,16 @@ def visual_span(ids, prefill_length):
     return visual
 
 
+def tapped_prefill(model, ids, video, reduction, layers, n_visual):
+    """A prefill with the projections of ``layers`` tapped: (output, tap, visual mask); checks the
+    visual count and that tokens were dropped after exactly ``layers``."""
+    with ProjectionTap(model, layers) as tap, torch.no_grad():
+        out = model(ids, images=[video], modalities=["video"], reduction=reduction)
+    visual = visual_span(ids, out.inputs.valid.shape[1])
+    assert int(visual.sum()) == n_visual and sorted(out.reduction.kept) == layers
+    return out, tap, visual
+
+
 def cut(scores, candidates, count, margin):
     """Mask of the ``count`` highest ``scores`` among ``candidates``; fails unless the cut
     separates them from the next one by ``margin`` (relative)."""
@@ -135,13 +145,9 @@ def video_question(loaded):
 def test_aim_keeps_the_top_tokens_of_the_reference_importance(loaded, video_question, preset, mode):
     _, model, _, _ = loaded
     ids, video = video_question
-    layers = [3, 4, 5]
-    with ProjectionTap(model, layers) as tap, torch.no_grad():
-        out = model(ids, images=[video], modalities=["video"], reduction=plan(model, preset))
-    n = out.inputs.valid.shape[1]
-    visual = visual_span(ids, n)
-    n_visual = 4 * MERGED_FRAME_TOKENS + 1
-    assert int(visual.sum()) == n_visual and sorted(out.reduction.kept) == layers
+    n_visual, layers = 4 * MERGED_FRAME_TOKENS + 1, [3, 4, 5]
+    out, tap, visual = tapped_prefill(model, ids, video, plan(model, preset), layers, n_visual)
+    n = visual.shape[0]
     alive = torch.ones(n, dtype=torch.bool)
     for layer in layers:
         # mask mode: pruned rows are still queries with a start weight, but no longer keys
@@ -184,11 +190,8 @@ def test_fitprune_drops_the_lowest_reference_scores(loaded, tmp_path, mode):
     recipe.write_text(json.dumps({"drop": RECIPE_DROP, "visual_tokens": n_visual}))
     layers = [layer for layer, drop in enumerate(RECIPE_DROP) if drop]
     reduction = plan(model, {"method": "fitprune", "recipe": str(recipe), "prune_mode": mode})
-    with ProjectionTap(model, layers) as tap, torch.no_grad():
-        out = model(ids, images=[video], modalities=["video"], reduction=reduction)
-    n = out.inputs.valid.shape[1]
-    visual = visual_span(ids, n)
-    assert int(visual.sum()) == n_visual and sorted(out.reduction.kept) == layers
+    out, tap, visual = tapped_prefill(model, ids, video, reduction, layers, n_visual)
+    n = visual.shape[0]
     alive = torch.ones(n, dtype=torch.bool)
     for layer in layers:
         present, positions = rows_at(alive, mode)
@@ -218,10 +221,6 @@ def ficoco_kept_after(layer, n_visual, start=2, end=3, keep_ratio=0.5):
     return n_visual - (n_visual - int(n_visual * keep_ratio)) * done // steps
 
 
-def mean_rows(a, rows):
-    return a[rows].mean(dim=0)
-
-
 @pytest.mark.parametrize("mode", ["remove", "mask"])
 def test_ficoco_removes_and_merges_as_the_reference(loaded, mode):
     tokenizer, model, processor, _ = loaded
@@ -229,18 +228,15 @@ def test_ficoco_removes_and_merges_as_the_reference(loaded, mode):
     ids = prompt_ids(tokenizer, "What is happening?")
     n_visual = 3 * FRAME_TOKENS + 1
     layers = [2, 3]
-    with ProjectionTap(model, layers) as tap, torch.no_grad():
-        out = model(ids, images=[video], modalities=["video"], reduction=plan(model, dict(FICOCO, prune_mode=mode)))
-    n = out.inputs.valid.shape[1]
-    visual = visual_span(ids, n)
-    assert int(visual.sum()) == n_visual and sorted(out.reduction.kept) == layers
+    out, tap, visual = tapped_prefill(model, ids, video, plan(model, dict(FICOCO, prune_mode=mode)), layers, n_visual)
+    n = visual.shape[0]
     alive = torch.ones(n, dtype=torch.bool)
     for layer in layers:
         present, positions = rows_at(alive, mode)
         a = softmax(attention_logits(tap, model, layer, positions), alive[present]).mean(dim=0)
         live_visual, text = (alive & visual)[present], (alive & ~visual)[present]
         later_text = text & (live_visual.cumsum(dim=0) > 0)
-        redundancy = BETA * mean_rows(a, live_visual) - (1 - BETA) * mean_rows(a, later_text)
+        redundancy = BETA * a[live_visual].mean(dim=0) - (1 - BETA) * a[later_text].mean(dim=0)
         count = int(live_visual.sum()) - ficoco_kept_after(layer, n_visual)
         removed = cut(redundancy, live_visual, count, ATTENTION_MARGIN)
         keep = torch.zeros(n, dtype=torch.bool)
