@@ -25,14 +25,32 @@ from aim_llava.tiny_checkpoint import write_tiny_checkpoint
 
 torch.set_num_threads(2)
 
-# The GPU tier (tests/gpu) needs CUDA: on a machine without it those files are not collected;
-# on the GPU machine run them with `pytest tests/gpu`.
-collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+GPU_TIER = Path(__file__).parent / "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier (tests/gpu) needs CUDA: on a machine without it its tests are reported as
+    skipped, with the reason; on the GPU machine run them with `pytest tests/gpu`."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU tier: needs CUDA (run `pytest tests/gpu` on a GPU machine)")
+    for item in items:
+        if GPU_TIER in item.path.parents:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llava_qwen"), "llava_qwen", seed=0)
+
+
+@pytest.fixture(scope="session")
+def scripted_qwen_dir(tmp_path_factory):
+    """The tiny checkpoint rewired to answer with the letter of its prompt's keyword
+    (tests/scripted_checkpoint.py: "dog" -> A, "cat" -> B, "car" -> C, "ball" -> D)."""
+    from scripted_checkpoint import write_scripted_checkpoint
+
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("scripted_llava_qwen"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -121,20 +120,20 @@ def test_stream_prints_the_same_text(capsys, media, tiny_qwen_dir):
     assert streamed.strip() == plain.strip()
 
 
-def test_readme_main_job_script_captions_a_generated_video(tmp_path):
-    """scripts/caption_video.sh with no model and an empty model/ writes the tiny one, says so, captions."""
+def test_readme_main_job_script_captions_a_generated_video(capsys, tiny_qwen_dir, tmp_path):
+    """scripts/caption_video.sh with no model and an empty model/ writes the tiny one, says so, and
+    captions with it: the same text as the command on the tiny checkpoint of the tests."""
     video = write_sample_video(tmp_path / "sample.mp4")
     env = dict(os.environ, AIM_LLAVA_MODEL_ROOT=str(tmp_path / "models"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    started = time.monotonic()
     result = subprocess.run(["bash", str(REPO / "scripts" / "caption_video.sh"), str(video), "--max-new-tokens", "16"],
-                            capture_output=True, text=True, env=env, timeout=120)
-    elapsed = time.monotonic() - started
+                            capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "RANDOM weights" in result.stderr
-    assert result.stdout.strip() != ""
     assert (tmp_path / "models" / "tiny-random-llava-qwen" / "config.json").exists()
-    assert elapsed < 60
+    code, expected, err = run_cli(capsys, "caption", video, "--model", tiny_qwen_dir, "--max-new-tokens", 16)
+    assert code == 0, err
+    assert result.stdout.strip() == expected.strip() != ""
 
 
 def test_caption_with_aim_preset(capsys, media, tiny_qwen_dir):

@@ -4,6 +4,7 @@ against each other, underflow and ties."""
 import pytest
 import torch
 
+from aim_llava.reduction import importance
 from aim_llava.reduction.importance import (
     flex_bucket,
     log_start_weights,
@@ -71,11 +72,25 @@ def test_chunked_equals_dense(inputs, chunk_size, cache_budget, kernel):
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
-def test_memory_budget_chooses_small_chunks(inputs):
+@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
+def test_memory_budget_chooses_small_chunks(inputs, kernel, monkeypatch):
     q, k, key_mask, start = inputs
-    tiny_budget = pagerank_importance(q, k, key_mask, start, scale=0.35, memory_budget=2 * 4 * 37 * 4 * 3,
-                                      cache_budget=0)
-    assert torch.allclose(tiny_budget, pagerank_importance(q, k, key_mask, start, scale=0.35), rtol=1e-5)
+    budget = 2 * 4 * 37 * 4 * 3  # three query rows of float32 logits for 2 samples x 4 heads x 37 keys
+    blocks = []
+
+    def recording(*args):
+        for block in original(*args):
+            blocks.append(block[2].shape)
+            yield block
+
+    original = importance.attention_logit_chunks
+    monkeypatch.setattr(importance, "attention_logit_chunks", recording)
+    tiny_budget = kernel(q, k, key_mask, start.log(), 0.35, memory_budget=budget, cache_budget=0).exp()
+    assert blocks and all(shape[:2] == (2, 4) and shape[3] == 37 for shape in blocks)
+    assert {shape[2] for shape in blocks} == {3, 1}  # 12 chunks of 3 rows and the last row
+    assert max(shape.numel() * 4 for shape in blocks) == budget
+    monkeypatch.undo()
+    assert torch.allclose(tiny_budget, kernel(q, k, key_mask, start.log(), 0.35).exp(), rtol=1e-5)
 
 
 def test_settings_change_the_result(inputs):

@@ -1,4 +1,8 @@
-"""The aim_llava model driven by lmms-eval itself, on a local task built from generated videos."""
+"""The aim_llava model driven by lmms-eval itself, on a local task built from generated videos.
+
+The model is the scripted tiny checkpoint (tests/scripted_checkpoint.py), which answers with the
+letter of the keyword in the question: lmms-eval's logged responses and accuracy are compared
+with the script and with the local runner's, on answers that are partly right, partly wrong."""
 
 import json
 import os
@@ -6,6 +10,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+from scripted_checkpoint import SCRIPT
 
 from aim_llava.cli import main
 from aim_llava.sample_media import write_sample_video
@@ -45,12 +51,28 @@ def process_results(doc, results):
 '''
 
 
-def test_lmms_eval_runs_the_plugin_and_agrees_with_the_local_runner(tmp_path, tiny_qwen_dir, capsys):
+ITEMS = [("dog", "A"), ("cat", "C"), ("car", "C"), ("ball", "A")]  # (keyword, answer): right, wrong, right, wrong
+
+
+def logged_responses(output_dir: Path) -> dict[int, str]:
+    """doc_id -> the response lmms-eval logged (--log_samples) for the task."""
+    (samples,) = output_dir.rglob("*_samples_aim_local_mcq.jsonl")
+    responses = {}
+    for line in samples.read_text().splitlines():
+        sample = json.loads(line)
+        response = sample["filtered_resps"]
+        while isinstance(response, list):
+            (response,) = response
+        responses[sample["doc_id"]] = response
+    return responses
+
+
+def test_lmms_eval_runs_the_plugin_and_agrees_with_the_local_runner(tmp_path, scripted_qwen_dir, capsys):
     lines = []
-    for i in range(4):
+    for i, (keyword, answer) in enumerate(ITEMS):
         video = write_sample_video(tmp_path / f"v{i}.mp4", num_frames=10 + 4 * i)
-        lines.append({"id": f"q{i}", "video": str(video), "question": f"What does clip {i} show?",
-                      "options": ["bars", "a cat", "a car", "nothing"], "answer": "ABCD"[i], "category": "all"})
+        lines.append({"id": f"q{i}", "video": str(video), "question": f"Is there a {keyword} in clip {i}?",
+                      "options": ["bars", "a square", "a circle", "nothing"], "answer": answer, "category": "all"})
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
     task_dir = tmp_path / "tasks" / "aim_local_mcq"
@@ -58,9 +80,9 @@ def test_lmms_eval_runs_the_plugin_and_agrees_with_the_local_runner(tmp_path, ti
     (task_dir / "aim_local_mcq.yaml").write_text(TASK_YAML.format(data=data))
     (task_dir / "utils.py").write_text(TASK_UTILS)
     command = [sys.executable, "-m", "lmms_eval", "--model", "aim_llava",
-               "--model_args", f"pretrained={tiny_qwen_dir},config=aim_default,max_frames_num=4,max_new_tokens=4",
+               "--model_args", f"pretrained={scripted_qwen_dir},config=aim_default,max_frames_num=4,max_new_tokens=4",
                "--tasks", "aim_local_mcq", "--include_path", str(tmp_path / "tasks"), "--batch_size", "3",
-               "--output_path", str(tmp_path / "lmms_out")]
+               "--output_path", str(tmp_path / "lmms_out"), "--log_samples"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,10 +93,14 @@ def test_lmms_eval_runs_the_plugin_and_agrees_with_the_local_runner(tmp_path, ti
     assert "accuracy" in table_row
     lmms_accuracy = float(table_row.split("|")[6])
 
-    assert main(["eval", "--data", str(data), "--model", str(tiny_qwen_dir), "--config", "aim_default",
+    assert main(["eval", "--data", str(data), "--model", str(scripted_qwen_dir), "--config", "aim_default",
                  "--frames", "4", "--max-new-tokens", "4", "--output", str(tmp_path / "local")]) == 0
     capsys.readouterr()
     local = json.loads((tmp_path / "local" / "summary.json").read_text())[0]
-    assert local["accuracy"] == lmms_accuracy
-    samples = list(Path(tmp_path / "lmms_out").rglob("*.json*"))
-    assert samples  # lmms-eval wrote its results files
+    local_texts = [json.loads(line)["text"] for line in (tmp_path / "local" / "aim_default.jsonl").read_text().splitlines()]
+    scripted = [SCRIPT[keyword] for keyword, _ in ITEMS]
+    assert local_texts == scripted
+    assert logged_responses(tmp_path / "lmms_out") == dict(enumerate(scripted))
+    expected_accuracy = sum(SCRIPT[keyword] == answer for keyword, answer in ITEMS) / len(ITEMS)
+    assert 0 < expected_accuracy < 1
+    assert local["accuracy"] == lmms_accuracy == expected_accuracy
