@@ -141,8 +141,13 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         use_cache: bool = False,
         visual_features: list[torch.Tensor] | None = None,
         reduction: ReductionPlan | None = None,
+        labels: torch.Tensor | None = None,
     ) -> LlavaOutput:
-        """Logits for every position of the (left-padded) multimodal sequence."""
+        """Logits for every position of the (left-padded) multimodal sequence. ``labels`` (LLaVA-NeXT's
+        training loss) is refused."""
+        if labels is not None:
+            raise InputError("labels: aim_llava computes no loss (it is an inference engine), so lmms-eval's "
+                             "log-likelihood tasks are not supported; use generate_until tasks")
         plan = self.plan_for(reduction)
         inputs = self.prepare_multimodal_inputs(
             input_ids, attention_mask, images, image_sizes, modalities, visual_features, plan
