@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec(options.module) is None:
             raise AliasError(f"no module named {options.module!r} to run")
         alias_llava(options.reduction, options.dtype, options.force)
-    except (AimLlavaError, ImportError) as err:
+    except (ValueError, ImportError) as err:  # AimLlavaError is a ValueError
         print(f"{parser.prog}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     sys.argv = [options.module, *options.args]

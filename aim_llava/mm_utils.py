@@ -203,11 +203,11 @@ class KeywordsStoppingCriteria:
 
 
 HIGHRES_MODES = (
-    "LLaVA-NeXT's 'highres'/'crop_split' image modes, which the OneVision/Qwen2 checkpoints do not use; "
-    "process_images handles their 'anyres_max_N' (one image) and 'pad' (several images)"
+    "it serves LLaVA-NeXT's 'highres'/'crop_split' image modes, which the OneVision/Qwen2 checkpoints do not use; "
+    "process_images handles theirs ('anyres_max_N' for one image, 'pad' for several)"
 )
-REFUSED = {name: HIGHRES_MODES for name in (
+REFUSED = dict.fromkeys((
     "resize_and_center_crop", "auto_pad_images", "extract_patches", "process_highres_image",
     "process_highres_image_crop_split",
-)}
+), HIGHRES_MODES)
 __getattr__ = refuse_names(__name__, REFUSED)
