@@ -4,6 +4,7 @@ import base64
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,61 @@ def run_under_triton_interpreter(code: str) -> None:
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+MCQ_TASK_YAML = """task: aim_local_mcq
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  do_sample: false
+  num_beams: 1
+process_results: !function utils.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+"""
+MCQ_TASK_UTILS = '''from aim_llava.evaluation import Item, parse_choice
+
+
+def doc_to_visual(doc):
+    return [doc["video"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return Item(str(doc["id"]), doc["video"], doc["question"], doc["options"], doc["answer"], "all").prompt()
+
+
+def process_results(doc, results):
+    return {"accuracy": float(parse_choice(results[0], len(doc["options"])) == doc["answer"])}
+'''
+
+
+def write_mcq_task(root: Path, data: Path, max_new_tokens: int = 4) -> Path:
+    """The lmms-eval task ``aim_local_mcq`` over ``data`` (the JSONL of ``aim-llava eval``), in the
+    multiple-choice prompt of aim_llava.evaluation; returns the folder to give as --include_path."""
+    task_dir = root / "tasks" / "aim_local_mcq"
+    task_dir.mkdir(parents=True)
+    (task_dir / "aim_local_mcq.yaml").write_text(MCQ_TASK_YAML.format(data=data, max_new_tokens=max_new_tokens))
+    (task_dir / "utils.py").write_text(MCQ_TASK_UTILS)
+    return root / "tasks"
+
+
+def run_lmms_eval(command: list[str], cwd: Path) -> str:
+    """Run an lmms-eval command line offline; it must exit 0 without logging an error (it exits 0
+    after logging one it caught, e.g. an import failing inside its evaluator). Returns its output
+    without loguru's colours."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert not [line for line in output.splitlines() if "| ERROR" in line or "Traceback" in line], output[-3000:]
+    return output

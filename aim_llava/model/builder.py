@@ -133,6 +133,8 @@ def load_pretrained_model(
     attn_implementation: str = "sdpa",
     overwrite_config: dict | None = None,
     allow_pickle: bool = False,
+    multimodal: bool = False,
+    customized_config=None,
 ):
     """Load a local LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
 
@@ -142,12 +144,15 @@ def load_pretrained_model(
     flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
     ``overwrite_config`` replaces config fields by name; its ``reduction`` entry (a preset name,
     YAML path, mapping or ReductionConfig) sets the model's default token reduction (calls may
-    pass another plan with ``reduction=``).
+    pass another plan with ``reduction=``). ``multimodal=True`` (what LLaVA-NeXT callers such as
+    lmms-eval pass) accepts any ``model_name``, as LLaVA-NeXT does.
     """
     if model_base is not None:
         raise CheckpointError("model_base (LoRA/projector-only checkpoints) is not supported: give a full checkpoint")
-    if "llava" not in model_name.lower():
-        raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen'")
+    if customized_config is not None:
+        raise CheckpointError("customized_config (a replacement config) is not supported: change fields with overwrite_config")
+    if "llava" not in model_name.lower() and not multimodal:
+        raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen' (or multimodal=True)")
     model_dir = Path(model_path).expanduser()
     config = apply_overrides(checkpoint_config(model_dir), overwrite_config)
     reduction = load_reduction_config((overwrite_config or {}).get("reduction"))
