@@ -3,6 +3,7 @@
 import base64
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -203,3 +204,10 @@ def run_lmms_eval(command: list[str], cwd: Path) -> str:
     output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
     assert not [line for line in output.splitlines() if "| ERROR" in line or "Traceback" in line], output[-3000:]
     return output
+
+
+def lmms_eval_logged_replies(output_dir: Path) -> list[str]:
+    """The replies lmms-eval logged (--log_samples) for the task ``aim_local_mcq``, in doc order."""
+    (samples,) = output_dir.rglob("*_samples_aim_local_mcq.jsonl")
+    records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    return [r["filtered_resps"] for r in records]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import prompt_ids, random_image, run_lmms_eval, write_mcq_task
+from conftest import lmms_eval_logged_replies, prompt_ids, random_image, run_lmms_eval, write_mcq_task
 from PIL import Image
 
 from aim_llava import load_pretrained_model
@@ -312,9 +312,7 @@ def test_lmms_eval_llava_onevision_through_the_alias_answers_like_the_plugin_and
         run_lmms_eval([sys.executable, *launcher, "--model", model, "--model_args", model_args,
                        "--tasks", "aim_local_mcq", "--include_path", str(tasks), "--batch_size", "1",
                        "--log_samples", "--output_path", str(out)], cwd=tmp_path)
-        (samples,) = out.rglob("*_samples_aim_local_mcq.jsonl")
-        records = [json.loads(line) for line in samples.read_text().splitlines()]
-        return [r["filtered_resps"] for r in sorted(records, key=lambda r: r["doc_id"])]
+        return lmms_eval_logged_replies(out)
 
     onevision = lmms_eval_replies(
         ["-m", "aim_llava.compat", "--reduction", "aim_default", "--dtype", "float16", "lmms_eval"],
