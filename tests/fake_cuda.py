@@ -47,7 +47,7 @@ class FakeEvent:
         return 2.0  # milliseconds
 
 
-def _aliases(func) -> bool:
+def aliases(func) -> bool:
     """Whether an operator's results are views of (or are) its inputs."""
     return any(ret.alias_info is not None for ret in func._schema.returns)
 
@@ -79,7 +79,7 @@ class RecordingGraph:
     def capture_end(self) -> None:
         self._stack.close()
         for func, _, _, result in self.operations:
-            if not _aliases(func):
+            if not aliases(func):
                 for tensor in tree_leaves(result):
                     if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
                         tensor.fill_(float("nan"))
@@ -88,7 +88,7 @@ class RecordingGraph:
         self.replays += 1
         for func, args, kwargs, recorded in self.operations:
             result = func(*args, **kwargs)
-            if not _aliases(func):
+            if not aliases(func):
                 for old, new in zip(tree_leaves(recorded), tree_leaves(result)):
                     if isinstance(old, torch.Tensor):
                         old.copy_(new)
