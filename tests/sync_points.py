@@ -3,7 +3,7 @@
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` reports every synchronising call; on the
 CPU nothing synchronises, so the calls that would are counted where Python reaches them: reading
 a tensor's values into Python (``item``, ``tolist``, ``bool``/``int``/``float``, ``numpy``,
-``cpu``, ``to("cpu")``, ``torch.equal``/``allclose``), data-dependent shapes (``nonzero``,
+``cpu``, ``to("cpu")`` (on the CPU: spelled so), ``torch.equal``/``allclose``), data-dependent shapes (``nonzero``,
 one-argument ``torch.where``, boolean-mask indexing, ``masked_select``, ``unique``,
 ``repeat_interleave`` with tensor counts), and copies into pageable host memory (``copy_`` into
 a CPU tensor that is not pinned: from the device such a copy waits for it). On the CPU no tensor
@@ -60,7 +60,8 @@ def _blocking_host_copy(destination: torch.Tensor, source, non_blocking: bool) -
 
 
 def _to_host(args, kwargs) -> bool:
-    """``tensor.to(...)`` with a CPU target device, blocking."""
+    """``tensor.to(...)`` to the host, blocking: from another device, or (on the CPU, where a
+    ``device`` variable may well be the CPU) spelled ``"cpu"``."""
     target = kwargs.get("device")
     for arg in args[1:]:
         if isinstance(arg, (str, torch.device)):
@@ -68,7 +69,9 @@ def _to_host(args, kwargs) -> bool:
         elif isinstance(arg, torch.Tensor):
             target = arg.device
     non_blocking = kwargs.get("non_blocking") or any(arg is True for arg in args[1:])
-    return target is not None and torch.device(target).type == "cpu" and not non_blocking
+    if target is None or non_blocking or torch.device(target).type != "cpu":
+        return False
+    return args[0].device.type != "cpu" or target == "cpu"
 
 
 def _synchronises(name: str, args, kwargs) -> bool:
