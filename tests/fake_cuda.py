@@ -32,8 +32,8 @@ class FakeStream:
 
 
 class FakeEvent:
-    def __init__(self, recorded: list, enable_timing: bool = False):
-        self.recorded = recorded
+    def __init__(self, recorded: list, waits: list, enable_timing: bool = False):
+        self.recorded, self.waits = recorded, waits
         self.stream_device = None
 
     def record(self, stream=None) -> None:
@@ -41,7 +41,7 @@ class FakeEvent:
         self.recorded.append(self.stream_device)
 
     def synchronize(self) -> None:
-        pass
+        self.waits.append(self)
 
     def elapsed_time(self, end) -> float:
         return 2.0  # milliseconds
@@ -110,12 +110,13 @@ class EmptyGraph(RecordingGraph):
 class FakeCuda:
     """Installs the stand-ins (undone with ``monkeypatch``) and records what they are asked for:
     the devices of created streams, of the streams asked for as current, of recorded events, the
-    graphs made, and the bytes pinned."""
+    events waited for, the graphs made, and the bytes pinned."""
 
     def __init__(self, monkeypatch, graph: type = RecordingGraph):
         self.streams: list = []
         self.current_streams: list = []
         self.events: list = []
+        self.waits: list[FakeEvent] = []
         self.graphs: list = []
         self.pinned_bytes: list[int] = []
 
@@ -130,7 +131,7 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, **_: FakeStream(device, self.streams))
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device, self.current_streams))
         monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing=False, **_: FakeEvent(self.events, enable_timing))
+        monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing=False, **_: FakeEvent(self.events, self.waits, enable_timing))
         monkeypatch.setattr(torch.cuda, "CUDAGraph", make_graph)
         monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
 
