@@ -155,6 +155,16 @@ def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
     assert cuda.graphs == []
 
 
+def test_bench_decode_rate_leaves_out_the_graph_capture():
+    """20 steps of a batch of 4 in 1.5 s, 0.5 s of which captured the graph while running one
+    step: 19 steps x 4 tokens in the other second. Without a capture every step counts."""
+    from aim_llava.bench import decode_rate
+
+    assert decode_rate({"decode": 1.5, "graph_capture": 0.5}, 20, 4) == 76.0
+    assert decode_rate({"decode": 2.0}, 20, 4) == 40.0
+    assert decode_rate({"decode": 1.0, "graph_capture": 0.4}, 1, 1) == decode_rate({"decode": 0.1}, 0, 1) == 0.0
+
+
 def test_sampling_is_reproducible_with_a_seeded_generator(loaded, batch):
     _, model, _, _ = loaded
     prompts, videos = batch
