@@ -119,3 +119,28 @@ def test_a_padded_batch_builds_its_mask_once_per_token_state(loaded, monkeypatch
         shared = model(ids, **kwargs).logits
     assert len(built) == states < model.config.text.num_hidden_layers
     assert torch.equal(shared, every_layer)
+
+
+def test_decode_attention_script_checks_and_times_every_implementation(tmp_path):
+    """scripts/bench_decode_attention.py (issue 28 item 10's measurement) on the CPU at small
+    shapes: a row per shape and implementation, each that runs within float32 rounding of the
+    float64 reference, the kernels the CPU lacks reported as unsupported, one fastest per shape."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_decode_attention.py"
+    report = tmp_path / "decode_attention.json"
+    result = subprocess.run([sys.executable, "-W", "ignore", str(script), "--device", "cpu", "--dtype", "float32",
+                             "--batch", "1,2", "--cache", "40", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                             "--repeats", "2", "--json", str(report)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["batch"], r["implementation"]) for r in rows] == [
+        (batch, name) for batch in (1, 2) for name in ("eager", "sdpa", "sdpa:efficient", "sdpa:cudnn", "sdpa:math")]
+    ran = [r for r in rows if "us" in r]
+    assert {r["implementation"] for r in ran} == {"eager", "sdpa", "sdpa:math"}
+    assert all(r["error"] < 1e-5 and r["us"] > 0 for r in ran)
+    assert sum(r.get("fastest", False) for r in rows) == 2
+
