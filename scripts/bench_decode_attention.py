@@ -52,10 +52,11 @@ def step_inputs(batch: int, length: int, heads: int, kv_heads: int, dim: int, dt
 
 
 def reference(q, k, v, mask, scale) -> torch.Tensor:
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
-    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    """float64 attention [B, heads, 1, d]; query head h reads key/value head h // groups."""
+    batch, heads, _, dim = q.shape
+    grouped = q.double().view(batch, k.shape[1], heads // k.shape[1], dim)  # the heads sharing a key head
+    scores = (grouped @ k.double().transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.double()).view(batch, heads, 1, dim)
 
 
 def variant(name: str, q, k, v, mask, scale):

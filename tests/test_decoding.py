@@ -76,7 +76,7 @@ def test_a_step_captured_once_and_replayed_decodes_like_eager(loaded, batch, pre
     cuda = FakeCuda(monkeypatch)
     steps = graphed_runner(monkeypatch)
     assert torch.equal(model.generate(ids, **kwargs), eager)
-    # 11 steps after the prefill's token: 3 eager, 1 captured, 7 replayed, and the capture's check
+    # 11 steps after the prefill's token: 4 eager, 1 captured, 6 replayed, and the capture's check
     assert steps[0].graph is cuda.graphs[0] and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE
     assert len(cuda.graphs[0].operations) > 0
 
@@ -146,7 +146,7 @@ def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
     prompts, videos = batch
     kwargs = dict(images=[videos[0]], modalities=["video"], max_new_tokens=20)
     eager = model.generate(prompts[0], eos_token_id=[], **kwargs)
-    eos = int(eager[0, EAGER_STEPS_BEFORE_CAPTURE - 1])  # the token of the last eager step
+    eos = int(eager[0, EAGER_STEPS_BEFORE_CAPTURE])  # the token the last eager step gives
     first_eos = eager[0].tolist().index(eos)
     cuda = FakeCuda(monkeypatch)
     graphed_runner(monkeypatch)

@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 HOST_LAG_STEPS = 2  # on CUDA, how many steps old the flags are that the host waits for
 MIN_GRAPHED_TOKENS = 8  # shorter generations do not repay capturing a graph
-EAGER_STEPS_BEFORE_CAPTURE = 3  # replies that end within these steps (short answers) never capture
+# steps run eagerly before the capture: a reply that ends sooner (a short answer) never pays for it;
+# on CUDA the host sees EOS HOST_LAG_STEPS late, so replies of up to 3 tokens (a letter, a period,
+# EOS) end within 4 steps
+EAGER_STEPS_BEFORE_CAPTURE = 4
 REPLAY_TOLERANCE = 1e-2  # a checked replay's logits within this fraction of the largest eager logit
 
 
