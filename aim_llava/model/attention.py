@@ -85,10 +85,10 @@ def sdpa_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
 def grouped_mask_backend(q, k, v, mask) -> SDPBackend | None:
     """A fused SDPA kernel that takes these grouped key/value heads together with the mask, or None.
 
-    On CUDA the flash kernel takes no mask, and depending on the torch version the
-    memory-efficient one has no grouped-query support; cuDNN's has both where torch's checks
-    say so (torch 2.11 with cuDNN 9), but SDPA prefers its math kernel to cuDNN, so the kernel
-    is named explicitly. None on other devices (grouped heads are then expanded)."""
+    On CUDA the flash kernel takes no mask and, depending on the torch version, the
+    memory-efficient one no grouped heads; cuDNN's may take both (a review of torch 2.11 says it
+    does; torch's own checks decide here), but SDPA ranks its math kernel before cuDNN, so the
+    kernel is named explicitly. None on other devices (grouped heads are then expanded)."""
     if not q.is_cuda:
         return None
     params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, True)
