@@ -212,6 +212,37 @@ def test_flex_passes_are_traced_once_per_bucket(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_keeps_a_compiled_pair_for_every_length_and_batch_size(monkeypatch):
+    """Each (length bucket, batch size) compiles its own pair of flex graphs; dynamo's recompile
+    limits grow with the shapes met, so none falls back to the dense implementation (lowered
+    limits here stand for the 24 buckets x batch sizes of a server; dynamo fails instead of
+    falling back)."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from aim_llava.reduction import importance
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False, backend="eager")
+    monkeypatch.setattr(importance, "flex_kernel", lambda device_type: compiled)
+    monkeypatch.setattr(importance, "FLEX_SHAPES", set())
+    for name, value in (("recompile_limit", 2), ("accumulated_recompile_limit", 2), ("fail_on_recompile_limit_hit", True)):
+        monkeypatch.setattr(dynamo_config, name, value)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 100), (2, 100), (1, 300)]
+    try:
+        counters.clear()
+        for batch, n in shapes:
+            q, k = torch.randn(batch, 4, n, 16, generator=gen), torch.randn(batch, 2, n, 16, generator=gen)
+            valid = torch.ones(batch, n, dtype=torch.bool)
+            importance.pagerank_log_importance_flex(q, k, valid, log_start_weights(valid), 0.25, bucketed=True)
+        assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
 def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
     """scripts/bench_importance.py (the GPU plan's 'kernels' phase) on the CPU at small sizes: a
     row per kernel and length, each agreeing with the float32 chunked kernel."""

@@ -47,6 +47,33 @@ def reference_merge(frames: torch.Tensor, steps: list[int]) -> torch.Tensor:
     return torch.stack(result)
 
 
+def test_half_precision_merges_accumulate_in_float32():
+    """Merged bfloat16 tokens are float32 means rounded once (CUDA's atomic scatter would add in
+    bfloat16 in arbitrary order, so two runs could differ): the reductions run in float32, and
+    every merged token is the float64 mean of its group rounded to bfloat16, within one rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ReductionDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("scatter_reduce", "scatter_add")):
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    frames = (torch.randn(2, 64, 16, generator=gen) * 4).to(torch.bfloat16)
+    with ReductionDtypes() as seen:
+        ours = merge_bipartite(MergeState.start(frames), 24).tokens
+    assert seen.dtypes == {torch.float32}
+    for frame, merged in zip(frames, ours):
+        tokens, _ = reference_step(list(frame.double()), list(range(64)), 24)
+        reference = torch.stack(tokens)
+        assert ((merged.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-6).all()  # one bf16 rounding
+
+
 @pytest.mark.parametrize(
     "ratio, steps, kept",
     [(0.5, [98], 98), (0.25, [98, 49], 49), (0.125, [98, 49, 24], 25), (0.375, [98, 24], 74)],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from aim_llava.devices import make_current
 from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
 from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
@@ -161,6 +162,7 @@ def load_pretrained_model(
     attn = resolve_attn_implementation(attn_implementation)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer_fits(tokenizer, config, model_dir)
+    make_current(device)  # cuda:N: this thread's kernels, streams and events go to the model's GPU
     model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
     model.set_reduction(reduction.build(config.text.num_hidden_layers))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -269,8 +269,7 @@ def pagerank_importance(q, k, key_mask, start_weights, scale, temperature=0.1, i
                                    memory_budget, cache_budget).exp()
 
 
-FLEX_GRAPHS_PER_BUCKET = 2  # the row pass and the column pass
-FLEX_MAX_TOKENS = 2**17  # the compile budget covers every bucket up to this length
+FLEX_GRAPHS_PER_SHAPE = 2  # the row pass and the column pass
 
 
 def flex_bucket(n: int) -> int:
@@ -283,19 +282,33 @@ def flex_bucket(n: int) -> int:
 
 @functools.cache
 def flex_kernel(device_type: str):
-    """FlexAttention: compiled with static shapes on CUDA (one kernel per bucket), eager elsewhere
-    (a dense reference implementation, for checking)."""
+    """FlexAttention: compiled with static shapes on CUDA (one kernel per input shape, see
+    :func:`allow_flex_shape`), eager elsewhere (a dense reference implementation, for checking)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device_type != "cuda":
         return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+FLEX_SHAPES: set[tuple] = set()  # the flex input shapes met so far in this process
+
+
+def allow_flex_shape(shape: tuple) -> None:
+    """Let dynamo keep a compiled pair of flex graphs for ``shape`` besides those of every shape
+    met before. Each (length bucket, batch size, heads, dtype) compiles its own pair; past
+    dynamo's recompile limits (8 graphs by default) the compiled function would silently fall
+    back to the dense, uncompiled implementation (an N x N matrix per head). The limits follow
+    the shapes actually met, so that a process serving many lengths and batch sizes never
+    reaches them."""
+    if shape in FLEX_SHAPES:
+        return
     import torch._dynamo.config as dynamo_config
 
-    # one compiled graph per pass and length bucket (see flex_bucket), far more than dynamo's
-    # default of 8: past the limit it would fall back to the dense, uncompiled implementation
-    buckets = len({flex_bucket(n) for n in range(1, FLEX_MAX_TOKENS + 1, 256)})  # buckets are >= 256 wide
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_GRAPHS_PER_BUCKET * buckets)
-    return torch.compile(flex_attention, dynamic=False)
+    FLEX_SHAPES.add(shape)
+    graphs = FLEX_GRAPHS_PER_SHAPE * len(FLEX_SHAPES)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, graphs)
 
 
 def _causal(b, h, query_index, key_index):
@@ -358,6 +371,7 @@ def pagerank_log_importance_flex(
     keys_allowed = extend(key_mask, False)
     log_p = extend(log_start.float(), float("-inf"))[:, None, :].expand(batch, heads, padded)
     flex = flex_kernel(q.device.type)
+    allow_flex_shape((str(q.device), tuple(qf.shape), tuple(kf.shape), qf.dtype))
     device = str(q.device)
     scale = scale / temperature
     masked = torch.where(keys_allowed, 0.0, float("-inf"))

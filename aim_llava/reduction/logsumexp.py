@@ -39,12 +39,13 @@ def triton_kernel():
     def reduce_lines(x_ptr, bias_ptr, out_ptr, n_reduced, n_kept, stride_x_bh, stride_x_reduced, stride_x_kept,
                      stride_bias_bh, stride_out_bh, HAS_BIAS: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
                      BLOCK_KEPT: tl.constexpr):
-        bh = tl.program_id(0)
-        kept = tl.program_id(1) * BLOCK_KEPT + tl.arange(0, BLOCK_KEPT)
+        # int64 offsets: a chunk of rows x N keys x heads may exceed 2^31 elements
+        bh = tl.program_id(0).to(tl.int64)
+        kept = tl.program_id(1).to(tl.int64) * BLOCK_KEPT + tl.arange(0, BLOCK_KEPT)
         running_max = tl.full([BLOCK_KEPT], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_KEPT], tl.float32)
         for start in range(0, n_reduced, BLOCK_REDUCED):
-            reduced = start + tl.arange(0, BLOCK_REDUCED)
+            reduced = start + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
             inside = (reduced[:, None] < n_reduced) & (kept[None, :] < n_kept)
             tile = tl.load(x_ptr + bh * stride_x_bh + reduced[:, None] * stride_x_reduced + kept[None, :] * stride_x_kept,
                            mask=inside, other=float("-inf"))

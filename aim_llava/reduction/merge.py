@@ -58,11 +58,13 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
     src_tokens, dst_tokens = tokens[:, ::2], tokens[:, 1::2]
     src_sizes, dst_sizes = state.sizes[:, ::2], state.sizes[:, 1::2]
     scatter_index = targets_of_merged[..., None].expand(-1, -1, tokens.shape[-1])
+    # accumulated in float32 at least: CUDA's scatter reductions add in arbitrary order (atomics),
+    # which in bfloat16 changes results from call to call
+    work = torch.promote_types(tokens.dtype, torch.float32)
     if weighting == "mean":
-        merged = dst_tokens.scatter_reduce(1, scatter_index, pick(src_tokens, merged_src), reduce="mean",
-                                           include_self=True)
+        merged = dst_tokens.to(work).scatter_reduce(1, scatter_index, pick(src_tokens, merged_src).to(work),
+                                                    reduce="mean", include_self=True).to(tokens.dtype)
     else:
-        work = torch.promote_types(tokens.dtype, torch.float32)
         weighted = (dst_tokens.to(work) * dst_sizes[..., None]).scatter_add(
             1, scatter_index, pick(src_tokens, merged_src).to(work) * pick(src_sizes, merged_src)[..., None]
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from aim_llava.devices import on_own_device
 from aim_llava.errors import AimLlavaError, InputError
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.generation import (
@@ -101,6 +102,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             )
         return reduction
 
+    @on_own_device
     def prefill(self, inputs: MultimodalInputs, cache: KVCache | None, reduction: ReductionPlan | None = None,
                 replay: ReductionRecord | None = None) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
         """Decoder pass over a whole multimodal batch, with the plan's layer reducer (or, with
@@ -168,6 +170,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         return step
 
     @torch.no_grad()
+    @on_own_device
     def generate(
         self,
         inputs: torch.Tensor,
@@ -187,7 +190,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         visual_features: list[torch.Tensor] | None = None,
         reduction: ReductionPlan | None = None,
         return_dict_in_generate: bool = False,
-        cuda_graph: bool = True,
+        cuda_graph: bool | str = True,
         cancelled_rows: Callable[[], list[int]] | None = None,
         stopping_criteria=None,
         num_beams: int = 1,
@@ -205,7 +208,8 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         (``put`` with the prompt first, then each new token; ``end`` at the end). With the KV cache
         (preallocated per layer for the prefill's length after pruning plus ``max_new_tokens``)
         each step has fixed shapes and, on a GPU, is replayed as a CUDA graph unless
-        ``cuda_graph=False``. Without the cache every step recomputes the whole sequence, replaying
+        ``cuda_graph=False`` (``"strict"``: a capture that fails raises instead of decoding
+        eagerly). Without the cache every step recomputes the whole sequence, replaying
         the prefill's reduction decisions (a reference path).
         """
         if num_beams != 1:
