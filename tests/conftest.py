@@ -126,3 +126,11 @@ def run_under_triton_interpreter(code: str) -> None:
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+DTYPE_NOTE = "aim-llava: dtype auto on "  # the line a command writes when it loads a model with --dtype auto
+
+
+def without_dtype_note(err: str) -> str:
+    """A command's stderr without the line saying which dtype ``auto`` chose (aim_llava.capabilities)."""
+    return "\n".join(line for line in err.splitlines() if not line.startswith(DTYPE_NOTE))
