@@ -65,9 +65,14 @@ def test_caption_says_once_which_dtype_auto_chose(capsys, monkeypatch, media, ti
     from aim_llava.capabilities import device_capabilities
     from aim_llava.model import builder
 
-    loaded_as = []
-    build_model = builder.build_model
-    monkeypatch.setattr(builder, "build_model", lambda *args: loaded_as.append(args[3]) or build_model(*args))
+    loaded_as, build_model = [], builder.build_model
+
+    def recording_build_model(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        loaded_as.append(next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(builder, "build_model", recording_build_model)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     device_capabilities.cache_clear()
