@@ -672,6 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with native_stderr_silenced():
         logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s", stream=sys.stderr, force=True)
+        logging.getLogger("aim_llava.capabilities").setLevel(logging.INFO)  # the device's defaults, said once
         return run_command(argv)
 
 

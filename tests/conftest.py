@@ -211,3 +211,11 @@ def lmms_eval_logged_replies(output_dir: Path) -> list[str]:
     (samples,) = output_dir.rglob("*_samples_aim_local_mcq.jsonl")
     records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
     return [r["filtered_resps"] for r in records]
+
+
+DTYPE_NOTE = "aim-llava: dtype auto on "  # the line a command writes when it loads a model with --dtype auto
+
+
+def without_dtype_note(err: str) -> str:
+    """A command's stderr without the line saying which dtype ``auto`` chose (aim_llava.capabilities)."""
+    return "\n".join(line for line in err.splitlines() if not line.startswith(DTYPE_NOTE))

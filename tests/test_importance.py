@@ -263,16 +263,3 @@ def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
                                                                 for k in ("factored", "chunked", "flex")]
     assert all(row["same_top_half"] and row["max_rel_diff"] < 1e-4 and row["warm_ms"] > 0 for row in rows)
     assert result.stdout.count("| 64 |") == 3
-
-
-def test_auto_kernel_by_device_and_dtype():
-    """``auto``: the factored kernel off CUDA; on CUDA the fused Triton kernel for half precision
-    and the chunked one (logits once, by cuBLAS) for float32, which the fused kernel would
-    recompute six times without tensor cores."""
-    from aim_llava.reduction.attention_lse import attention_lse_kernel
-    from aim_llava.reduction.importance import auto_kernel
-
-    assert auto_kernel("cpu", torch.bfloat16) == auto_kernel("cpu", torch.float32) == "factored"
-    half = "fused" if attention_lse_kernel() is not None else "chunked"
-    assert auto_kernel("cuda", torch.bfloat16) == auto_kernel("cuda", torch.float16) == half
-    assert auto_kernel("cuda", torch.float32) == "chunked"

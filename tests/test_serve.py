@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import in_process_service, png_data_url
+from conftest import in_process_service, png_data_url, without_dtype_note
 from PIL import Image
 
 from aim_llava.cli import main
@@ -101,7 +101,7 @@ def test_a_server_whose_warm_up_fails_does_not_start(capsys, tiny_qwen_dir, medi
     fails as every request would, so the server refuses to start with a one-line error."""
     code = main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media), "--device", "cpu",
                  "--frames", "170", "--port", str(free_port())])
-    error = capsys.readouterr().err.strip()
+    error = without_dtype_note(capsys.readouterr().err).strip()
     assert code == 2 and error.startswith("aim-llava: error: the warm-up request (170 frames) failed")
     assert "use fewer frames" in error and "\n" not in error
 
@@ -430,7 +430,7 @@ def test_an_unexpected_warm_up_failure_is_one_line(monkeypatch, capsys, tiny_qwe
     monkeypatch.setattr(aim_llava.serve, "warm_up", failing)
     code = main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media), "--device", "cpu",
                  "--port", str(free_port())])
-    error = capsys.readouterr().err.strip()
+    error = without_dtype_note(capsys.readouterr().err).strip()
     assert code == 2 and "\n" not in error
     assert error == ("aim-llava: error: the warm-up request failed on cpu: RuntimeError: kernel compilation failed "
                      "(--no-warm-up starts the server without it)")

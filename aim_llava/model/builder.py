@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from aim_llava.capabilities import auto_dtype
 from aim_llava.devices import make_current
 from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
@@ -67,13 +68,13 @@ def resolve_device(device_map) -> torch.device:
 
 
 def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
-    """'auto': the checkpoint's dtype on GPU, float32 on CPU (half precision is slow there)."""
+    """'auto': decided by the device's capabilities and logged (:func:`aim_llava.capabilities.auto_dtype`):
+    on a CPU bfloat16 where it computes bfloat16 in hardware, else float32; on a GPU the
+    checkpoint's dtype, float16 in place of bfloat16 where the GPU has no bfloat16."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype in (None, "auto"):
-        if device.type == "cpu":
-            return torch.float32
-        return DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16))
     if torch_dtype not in DTYPES:
         raise CheckpointError(f"unknown torch_dtype {torch_dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[torch_dtype]

@@ -43,8 +43,15 @@ on CUDA go to ``chunked``: the fused kernel recomputes the logits at each of its
 float32 (IEEE, as the reference needs) it has no tensor cores, where the chunked kernel computes
 them once with cuBLAS; compiled for an H100 by the GPU machine's Triton 3.6 it also spills about
 8 KB per thread at the default launch shape (``scripts/compile_kernels.py``, docs/benchmarks.md).
-On CUDA without Triton (which ``flex`` needs too) ``auto`` is ``chunked``. ``fused``, ``chunked``
-and ``flex`` never synchronise with the host.
+On CUDA without Triton (which ``flex`` needs too), and on GPUs for which the fused kernel is not
+known to compile to tensor-core code (T4, V100: :data:`aim_llava.capabilities.FUSED_IMPORTANCE_CAPABILITIES`),
+``auto`` is ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the host.
+
+If the fused or the flex kernel raises (a compile error, ``ptxas``, too little shared memory, an
+architecture it does not support), ``chunked`` computes the importance instead, for the rest of
+the process, after one warning (:data:`aim_llava.capabilities.RUNTIME_FALLBACKS`); so does the
+float32-output matrix product of half-precision q and k (``torch.bmm(out_dtype=...)``), replaced
+by a product of float32 copies.
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ import math
 
 import torch
 
+from aim_llava.capabilities import HALF_DTYPES, RUNTIME_FALLBACKS, device_capabilities
 from aim_llava.model.attention import expand_kv_heads
-from aim_llava.reduction.attention_lse import Tiling, attention_lse, attention_lse_kernel
+from aim_llava.reduction.attention_lse import Tiling, attention_lse
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
@@ -63,18 +71,30 @@ DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) 
 IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex", "fused")
 
 
+def half_products_in_float32(a: torch.Tensor) -> bool:
+    """Whether ``a`` is multiplied in its own half precision with float32 output (CUDA only)."""
+    return a.is_cuda and a.dtype in HALF_DTYPES
+
+
 def grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q k^T [B, kv_heads * groups, rows, N] in float32 for q [B, kv_heads, groups, rows, d] and
     k [B, kv_heads, N, d]: the query heads that share a key head are stacked as rows of one matrix
     product, so k is never copied per query head. On CUDA, half-precision inputs are multiplied
-    with float32 accumulation and output (tensor cores, no rounding of the logits)."""
+    with float32 accumulation and output (tensor cores, no rounding of the logits); where that
+    product fails, their float32 copies are multiplied (the same products, exact in float32)."""
     batch, kv_heads, groups, rows, dim = q.shape
     a = q.reshape(batch * kv_heads, groups * rows, dim)
     b = k.transpose(-1, -2).reshape(batch * kv_heads, dim, k.shape[2])
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        out = torch.bmm(a, b, out_dtype=torch.float32)
+
+    def upcast():
+        return torch.bmm(a.float(), b.float())
+
+    if half_products_in_float32(a):
+        out = RUNTIME_FALLBACKS.run("torch.bmm(out_dtype=torch.float32)",
+                                    lambda: torch.bmm(a, b, out_dtype=torch.float32), upcast,
+                                    "a product of float32 copies")
     else:
-        out = torch.bmm(a.float(), b.float())
+        out = upcast()
     return out.view(batch, kv_heads * groups, rows, k.shape[2])
 
 
@@ -416,25 +436,31 @@ def pagerank_log_importance_fused(
     return head_log_importance(log_p)
 
 
-def auto_kernel(device_type: str, dtype: torch.dtype) -> str:
-    """The kernel ``auto`` means for q and k of ``dtype`` on a ``device_type`` device (see the
-    module docstring)."""
-    if device_type != "cuda":
-        return "factored"
-    half = dtype in (torch.float16, torch.bfloat16)
-    return "fused" if half and attention_lse_kernel() is not None else "chunked"
+def auto_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel ``auto`` means for q and k of ``dtype`` on ``device``, by its capabilities (see
+    the module docstring)."""
+    return device_capabilities(str(device)).importance_kernel(dtype)
+
+
+FALLIBLE_KERNELS = {"fused": pagerank_log_importance_fused, "flex": pagerank_log_importance_flex}
 
 
 def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations=5, kernel="auto",
                    chunk_size=None) -> torch.Tensor:
-    """Dispatch to a kernel (see the module docstring)."""
+    """Dispatch to a kernel (see the module docstring); a failing ``fused`` or ``flex`` kernel is
+    replaced by ``chunked``."""
     if kernel == "auto":
-        kernel = auto_kernel(q.device.type, q.dtype)
-    if kernel == "fused":
-        return pagerank_log_importance_fused(q, k, key_mask, log_start, scale, temperature, iterations)
-    if kernel == "flex":
-        return pagerank_log_importance_flex(q, k, key_mask, log_start, scale, temperature, iterations)
+        kernel = auto_kernel(q.device, q.dtype)
     if kernel == "factored":
         return pagerank_log_importance_factored(q, k, key_mask, log_start, scale, temperature, iterations,
                                                 chunk_size)
-    return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)
+
+    def chunked():
+        return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)
+
+    if kernel in FALLIBLE_KERNELS:
+        return RUNTIME_FALLBACKS.run(
+            f"the {kernel} importance kernel",
+            lambda: FALLIBLE_KERNELS[kernel](q, k, key_mask, log_start, scale, temperature, iterations),
+            chunked, "the chunked kernel")
+    return chunked()
