@@ -8,10 +8,13 @@ import logging
 
 import pytest
 import torch
+from fake_cuda import FakeCuda
 
 from aim_llava.capabilities import RUNTIME_FALLBACKS, DeviceCapabilities, RuntimeFallbacks
 from aim_llava.errors import AimLlavaError
-from aim_llava.reduction import attention_lse, importance
+from aim_llava.model.image_processor import PinnedStaging
+from aim_llava.model.language_model.generation import HostMirror
+from aim_llava.reduction import attention_lse, importance, logsumexp
 from aim_llava.reduction.importance import grouped_logits, log_importance, log_start_weights, pagerank_log_importance
 from aim_llava.tensors import page_locked
 
@@ -114,6 +117,43 @@ def test_refused_pinned_memory_falls_back_to_ordinary_memory(monkeypatch, caplog
     assert page_locked(frames) is frames and page_locked(frames) is frames
     (warning,) = warnings_of(caplog)
     assert warning.startswith("pinned host memory failed (RuntimeError: CUDA error") and "ordinary memory" in warning
+
+
+def test_failing_log_sum_exp_kernel_falls_back_to_torch(monkeypatch, caplog):
+    """The chunked kernel's one-pass Triton log-sum-exp raising: torch's logsumexp, for good."""
+    launches = []
+
+    def failing_kernel(x, dim, bias=None):
+        launches.append(dim)
+        raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+
+    monkeypatch.setattr(logsumexp, "use_triton", lambda x: True)
+    monkeypatch.setattr(logsumexp, "logsumexp_triton", failing_kernel)
+    x, rows = torch.randn(1, 2, 5, 7), torch.randn(1, 2, 5)
+    for _ in range(2):
+        assert torch.equal(logsumexp.logsumexp_with_bias(x, -2, rows), torch.logsumexp(x + rows[..., None], dim=-2))
+    assert launches == [-2]
+    (warning,) = warnings_of(caplog)
+    assert warning.startswith("the Triton log-sum-exp kernel failed (RuntimeError: triton") and "torch." in warning
+
+
+def test_refused_pinned_memory_leaves_the_decoding_mirror_and_frame_staging_working(monkeypatch, caplog):
+    """HostMirror's token copies and PinnedStaging's buffer come from ordinary memory when pinning
+    is refused: the same tokens and bytes arrive, after one warning."""
+    FakeCuda(monkeypatch)
+
+    def refuse(tensor):
+        raise RuntimeError("CUDA error: OS call failed or operation not supported on this OS")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    mirror = HostMirror(batch=2, steps=2, device=torch.device("cuda:0"))
+    for step in range(2):
+        mirror.push(step, torch.tensor([step, 7]), torch.tensor(step == 1))
+    assert mirror.deliver(1) == 1 and mirror.tokens.tolist() == [[0, 7], [1, 7]]
+    host = torch.randint(0, 256, (700, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(PinnedStaging(nbytes=1000).to_device(host, torch.device("cpu")), host)
+    (warning,) = warnings_of(caplog)
+    assert warning.startswith("pinned host memory failed") and "ordinary memory" in warning
 
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory"),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from aim_llava.errors import InputError
 from aim_llava.model.config import VisionConfig
-from aim_llava.tensors import host_values
+from aim_llava.tensors import host_values, page_locked
 
 PREPROCESS_CHUNK_BYTES = 256 * 2**20  # float32 pixels of the frames resized together on the device
 STAGING_BYTES = 32 * 2**20  # each half of the pinned buffer that frames reach the GPU through
@@ -51,7 +51,7 @@ class PinnedStaging:
         source, target = host.contiguous().view(-1).view(torch.uint8), result.view(-1).view(torch.uint8)
         with self.lock:
             if not self.halves:
-                self.halves = [torch.empty(self.nbytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
+                self.halves = [page_locked(torch.empty(self.nbytes, dtype=torch.uint8)) for _ in range(2)]
             for start in range(0, source.numel(), self.nbytes):
                 piece = source[start : start + self.nbytes]
                 half, self.turn = self.turn, 1 - self.turn

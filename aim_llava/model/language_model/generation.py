@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aim_llava.tensors import page_locked
 from aim_llava.timing import stage
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class HostMirror:
         self.tokens = torch.empty(steps, batch, dtype=torch.long)
         self.finished = torch.zeros(steps, dtype=torch.bool)
         if self.cuda:
-            self.tokens, self.finished = self.tokens.pin_memory(), self.finished.pin_memory()
+            self.tokens, self.finished = page_locked(self.tokens), page_locked(self.finished)
         self.events: list[torch.cuda.Event] = []
         self.delivered = 0
 
