@@ -14,7 +14,9 @@ recorded as skipped) and stopped when the time left runs out (recorded as timed 
   prefill_192f   7B, 192 frames: aim_default vs aim_merge_only
   decode_eager   7B, batch 1, without the CUDA graph
   decode_b16     7B, batch 16, CUDA graphs
-  decode_attn    7B, batch 1, eager attention instead of SDPA for every step
+  decode_attn    the decode step's attention alone, eager vs SDPA kernels at batch 1/4/16 and three
+                 cache lengths (scripts/bench_decode_attention.py), then 7B decode at batch 1 with
+                 eager attention instead of SDPA for every step
   ttft_video     time to first token from a 60 s 640x360 H.264 clip read by PyAV
 
 Whatever happens, DIR receives gpu_check.json (every phase's status, seconds, bench reports and the
@@ -108,8 +110,10 @@ def phases() -> list[Phase]:
               (bench("decode_eager", *decode, "--no-cuda-graph"),), ("decode_eager",)),
         Phase("decode_b16", "7B decode, batch 16, CUDA graphs", 45, 100,
               (bench("decode_b16", *decode, "--batch", "16"),), ("decode_b16",)),
-        Phase("decode_attn", "7B decode, batch 1, eager attention (vs SDPA in prefill_32f)", 40, 90,
-              (bench("decode_attn", *decode, "--attn", "eager"),), ("decode_attn",)),
+        Phase("decode_attn", "decode-step attention per kernel and shape; 7B decode, batch 1, eager attention",
+              60, 120, ((sys.executable, "scripts/bench_decode_attention.py", "--device", "cuda", "--dtype",
+                         "bfloat16", "--repeats", "20", "--json", REPORT + "decode_attention_kernels"),
+                        bench("decode_attn", *decode, "--attn", "eager")), ("decode_attention_kernels", "decode_attn")),
         Phase("ttft_video", "time to first token from a 60 s 640x360 clip (PyAV)", 60, 120,
               ((sys.executable, "scripts/make_sample_video.py", clip, "--frames", "1800", "--fps", "30", "--width",
                 "640", "--height", "360", "--gop", "250"),
@@ -230,6 +234,16 @@ def bench_table(report: dict) -> list[str]:
     return lines
 
 
+def decode_attention_table(report: dict) -> list[str]:
+    """scripts/bench_decode_attention.py's rows: microseconds per step, fastest correct marked."""
+    lines = ["| batch | cache | implementation | us per step | max error |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        timing = (f"{row['us']:.1f}{' (fastest)' if row.get('fastest') else ''} | {row['error']:.1e}" if "us" in row
+                  else f"unsupported: {row['unsupported']} | ")
+        lines.append(f"| {row['batch']} | {row['cache']} | {row['implementation']} | {timing} |")
+    return lines
+
+
 def fallbacks_fired(log_text: str) -> list[str]:
     """The runtime fallbacks' warnings (aim_llava.capabilities) that the phases printed."""
     return sorted({line.strip() for line in log_text.splitlines() if "takes its place for the rest of this process" in line})
@@ -252,7 +266,8 @@ def write_summary(out: Path, results: list[PhaseResult], budget_s: float, elapse
     lines += ["", "## Runtime fallbacks that fired", ""] + ([f"- {line}" for line in fired] or ["none"])
     for result in results:
         for name, report in result.reports.items():
-            lines += ["", f"## {name}", ""] + bench_table(report)
+            table = decode_attention_table if name == "decode_attention_kernels" else bench_table
+            lines += ["", f"## {name}", ""] + table(report)
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
 

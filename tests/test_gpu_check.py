@@ -83,9 +83,14 @@ def test_targets_and_summary_from_the_bench_reports(gpu_check, tmp_path):
                          "aim_prune_only": {"prefill_s": 0.150}})
     at192 = bench_report({"aim_merge_only": {"prefill_s": 0.265}, "aim_default": {"prefill_s": 0.200,
                                                                                   "importance_s": 0.010}})
+    kernels = {"rows": [{"batch": 1, "cache": 1769, "implementation": "eager", "error": 0.004, "us": 31.5},
+                        {"batch": 1, "cache": 1769, "implementation": "sdpa", "error": 0.002, "us": 12.25,
+                         "fastest": True},
+                        {"batch": 1, "cache": 1769, "implementation": "sdpa:cudnn", "unsupported": "No kernel"}]}
     results = [PhaseResult("prefill_32f", "", "ok", 50, "", {"prefill_32f": at32}),
                PhaseResult("prefill_192f", "", "ok", 40, "", {"prefill_192f": at192}),
-               PhaseResult("decode_b16", "", "skipped", 0, "10 s left, needs 45 s")]
+               PhaseResult("decode_b16", "", "skipped", 0, "10 s left, needs 45 s"),
+               PhaseResult("decode_attn", "", "ok", 30, "", {"decode_attention_kernels": kernels})]
     checks = {check["target"]: (check["measured"], check["met"]) for check in gpu_check.targets(results)}
     assert checks["importance <= 5% of aim_default's prefill, 32 frames"] == ("10%", False)  # 3 / 30 ms
     assert checks["importance <= 10% of aim_default's prefill, 192 frames"] == ("5%", True)
@@ -101,11 +106,12 @@ def test_targets_and_summary_from_the_bench_reports(gpu_check, tmp_path):
                                             "the chunked kernel takes its place for the rest of this process\n")
     gpu_check.write_summary(tmp_path, results, 480, 123)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [phase["status"] for phase in summary["phases"]] == ["ok", "ok", "skipped"]
+    assert [phase["status"] for phase in summary["phases"]] == ["ok", "ok", "skipped", "ok"]
     assert len(summary["fallbacks"]) == 1 and "fused importance kernel failed" in summary["fallbacks"][0]
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| decode_b16 |  | skipped | 0 | 10 s left, needs 45 s |" in text
     assert "| aim_default | 30.0 | 3.0 (10%) |" in text
+    assert "| 1 | 1769 | sdpa | 12.2 (fastest) | 2.0e-03 |" in text and "| sdpa:cudnn | unsupported: No kernel |" in text
 
 
 def test_the_script_with_no_time_left_writes_its_summary(tmp_path):
