@@ -207,7 +207,7 @@ def _hf_config(image_token_index: int, video_token_index: int, text: dict = TINY
         "vision_feature_layer": -1,
         "vision_aspect_ratio": "anyres_max_9",
         "image_grid_pinpoints": [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)],
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": text.get("tie_word_embeddings", False),
         "torch_dtype": dtype,
     }
 
