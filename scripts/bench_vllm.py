@@ -47,8 +47,11 @@ def run_vllm(args) -> dict:
     from aim_llava.conversation import build_prompt
 
     overrides = {} if args.engine == "vllm" else dict(PLUGIN, aim_reduction=args.preset)
+    # vLLM sizes its encoder cache for at most 16 frames a video, or for max_num_batched_tokens
+    # when larger: enough for a whole video's tokens without merging.
+    length = args.frames * 196 + 256
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=not torch.cuda.is_available(), seed=0,
-              max_model_len=args.frames * 196 + 256, limit_mm_per_prompt={"image": 0, "video": 1},
+              max_model_len=length, max_num_batched_tokens=length, limit_mm_per_prompt={"image": 0, "video": 1},
               hf_overrides=overrides, disable_log_stats=False, skip_mm_profiling=True)
     prompt = build_prompt(QUESTION).replace("<image>", "<video>")
     requests = [{"prompt": prompt, "multi_modal_data": {"video": video}} for video in videos(args.requests, args.frames)]
