@@ -142,7 +142,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['ttft_s']:.1f} | "
-              f"{row["requests_per_s"]:.3g} |")
+              f"{row['requests_per_s']:.3g} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"frames": args.frames, "requests": args.requests,
                                                "max_tokens": args.max_tokens, "dtype": args.dtype, "rows": rows},
