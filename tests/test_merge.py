@@ -121,3 +121,16 @@ def test_steps_for_other_published_ratios():
     assert merge_steps_for_ratio(196, 0.0625) == [98, 49, 24, 12]
     assert sum(merge_steps_for_ratio(196, 0.03125)) == 196 - 7
     assert merge_steps_for_ratio(196, 1.0) == []
+
+
+def test_ties_are_broken_by_position():
+    """Sources with equal best scores merge in position order and a source ties to its first most
+    similar target (as the reference's stable sort and first maximum do), so every process merges
+    the same tokens. Each token is an axis direction times a random magnitude: their cosine
+    similarities are exactly 1, 0 or -1 (many ties), while their values differ."""
+    gen = torch.Generator().manual_seed(0)
+    axes = torch.randint(0, 4, (2, 196), generator=gen)
+    signs = torch.randint(0, 2, (2, 196, 1), generator=gen) * 2.0 - 1.0
+    frames = torch.nn.functional.one_hot(axes, 4).float() * signs * (torch.rand(2, 196, 1, generator=gen) + 0.5)
+    for steps in ([30], [98, 20]):
+        assert torch.allclose(merge_tokens(frames, steps), reference_merge(frames, steps), atol=1e-6, rtol=0)
