@@ -138,7 +138,7 @@ def main() -> None:
             if done.returncode != 0:
                 sys.exit(f"{engine} / {preset} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(result.read_text()))
-    print(f"| engine | reduction | prompt tokens / request | time to first token (s) | requests/s |")
+    print("| engine | reduction | prompt tokens / request | time to first token (s) | requests/s |")
     print("| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['ttft_s']:.1f} | "
