@@ -20,6 +20,7 @@ from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
     ResultsFile,
+    check_writable,
     error_message,
     latest_by_key,
     read_records,
@@ -583,8 +584,11 @@ def check_output_dir(path: Path) -> None:
     if not existing.is_dir():
         what = "is a file" if existing == path else f"is inside {existing}, which is a file"
         raise CliError(f"--output {path} {what}: give a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CliError(f"--output {path} cannot be written (permission denied): give a writable directory")
+    try:
+        check_writable(existing)
+    except OSError as err:
+        raise CliError(f"--output {path} cannot be written ({(err.strerror or str(err)).lower()}): "
+                       "give a writable directory") from None
 
 
 def run_serve(args) -> int:
