@@ -59,6 +59,10 @@ class VideoError(InputError):
     """A video, frame directory or image that cannot be read as asked."""
 
 
+class ReadingTimeExceeded(VideoError):
+    """Reading stopped at the deadline of :class:`MediaLimits`."""
+
+
 @dataclass
 class VideoClip:
     """Sampled frames [T, H, W, 3] uint8 with their source indices and timestamps (seconds)."""
@@ -103,7 +107,7 @@ class MediaLimits:
 
     def check_deadline(self, source: str) -> None:
         if self.deadline is not None and time.monotonic() > self.deadline:
-            raise VideoError(f"reading {source} took longer than the request's time limit")
+            raise ReadingTimeExceeded(f"reading {source} took longer than the request's time limit")
 
     def frame(self, image: Image.Image) -> np.ndarray:
         """A decoded RGB image at the model's input size."""
