@@ -470,12 +470,14 @@ def test_a_request_past_its_deadline_is_ended(tiny_qwen_dir, media, monkeypatch)
 
 
 def test_media_still_being_read_at_the_deadline_is_504(tiny_qwen_dir, media):
-    """Reading stops at the request's deadline too (a video whose frames take long to seek)."""
+    """Reading stops at the request's deadline too (a video whose frames take long to seek, many
+    large images)."""
     from aim_llava.serve import ServerLimits
 
     with in_process_service(tiny_qwen_dir, media, limits=ServerLimits(request_timeout_s=1e-6)) as (_, service):
-        late = post(service, video_body())
-    assert "took longer than the request's time limit" in openai_error(late, 504, "timeout")
+        for body in (video_body(), image_body(png_data_url(8, 8), png_data_url(8, 8))):
+            late = post(service, body)
+            assert "took longer than the request's time limit" in openai_error(late, 504, "timeout")
 
 
 async def settled(service) -> None:

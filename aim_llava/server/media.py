@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+from PIL import Image
 
 from aim_llava.errors import AimLlavaError
 from aim_llava.server.errors import ApiError, bad, cut, shown
@@ -202,7 +203,7 @@ class MediaRoot:
                 os.close(handle)
 
 
-def decode_inline(image: InlineImage, max_pixels: int) -> np.ndarray:
+def decode_inline(image: InlineImage, max_pixels: int) -> Image.Image:
     """An inline image's pixels, decoded only by the decoder of the type it declared."""
     try:
         raw = base64.b64decode(image.payload, validate=True)
@@ -213,6 +214,7 @@ def decode_inline(image: InlineImage, max_pixels: int) -> np.ndarray:
 
 def read_image(image: FileMedia | InlineImage, root: MediaRoot, limits: MediaLimits, as_frame: bool) -> np.ndarray:
     """One image as [H, W, 3] uint8: at the model's input size if it is one of several frames."""
+    limits.check_deadline("the request's images")
     if isinstance(image, InlineImage):
         decoded = decode_inline(image, limits.max_source_pixels)
     else:
@@ -233,8 +235,8 @@ def image_clip(frames: list[np.ndarray]) -> VideoClip:
 
 def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) -> VideoClip:
     """The frames of a request's media. ``load(path)`` samples a video or frame directory (under
-    ``limits``); an image named as a video goes through the image path and its budget. Any
-    failure to decode is a 400 naming the media as the client did."""
+    ``limits``); an image named as a video goes through the image path and its budget. A failure
+    to decode is a 400 naming the media as the client did (a 504 at the deadline)."""
     video = media.video
     if video is not None and not is_image_file(video.reference):
         with root.open(video) as opened:

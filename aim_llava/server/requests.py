@@ -263,8 +263,8 @@ class RequestParser:
     @staticmethod
     def sampling(body: dict) -> dict:
         """The request's frame sampling (``frames``, ``fps``, ``max_frames``) as SamplingOptions fields."""
-        sampling = {"num_frames": integer(body, "frames", 1, MAX_FRAMES), "fps": number(body, "fps", 0.0, 1000.0,
-                                                                                          low_open=True),
+        sampling = {"num_frames": integer(body, "frames", 1, MAX_FRAMES),
+                    "fps": number(body, "fps", 0.0, 1000.0, low_open=True),
                     "max_frames": integer(body, "max_frames", 1, MAX_FRAMES)}
         return {name: value for name, value in sampling.items() if value is not None}
 
