@@ -6,6 +6,7 @@ survive lossy compression, so a reader can tell exactly which source frames were
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -91,4 +92,13 @@ def _encode(path, durations: list[int], rate: int, height: int, width: int, gop:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def write_hls_playlist(path: str | Path, segment: str | Path, seconds: float) -> Path:
+    """An HLS playlist naming one segment by its absolute path (for tests: what a hostile client
+    names as a video, since a demuxer that follows it opens another file)."""
+    path = Path(path)
+    path.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:{math.ceil(seconds)}\n#EXTINF:{seconds:.1f},\n"
+                    f"{Path(segment).resolve()}\n#EXT-X-ENDLIST\n")
     return path

@@ -16,7 +16,7 @@ import pytest
 from conftest import in_process_service, png_data_url
 from PIL import Image
 
-from aim_llava.sample_media import write_sample_video
+from aim_llava.sample_media import write_hls_playlist, write_sample_video
 
 hypothesis = pytest.importorskip("hypothesis", reason="the dev extra installs hypothesis")
 st = hypothesis.strategies
@@ -116,12 +116,11 @@ def service(tiny_qwen_dir, tmp_path_factory):
     outside = root.parent / "fuzz_media0x"  # a sibling whose name starts with the root's
     outside.mkdir()
     write_sample_video(outside / "a.mp4", num_frames=4, fps=4)
-    write_sample_video(outside / "a.ts", num_frames=4, fps=4)
+    write_sample_video(outside / "a.ts", num_frames=30, fps=10)
     (root / "link.mp4").symlink_to(outside / "a.mp4")
     (root / "frames" / "3.png").symlink_to(root / "frame.png")
     (root / "loop.mp4").symlink_to(root / "loop.mp4")
-    (root / "playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{outside / 'a.ts'}\n"
-                                       "#EXT-X-ENDLIST\n")
+    write_hls_playlist(root / "playlist.mp4", outside / "a.ts", 3.0)
     (root / "list.mp4").write_text(f"ffconcat version 1.0\nfile {outside / 'a.mp4'}\n")
     with in_process_service(tiny_qwen_dir, root, max_new_tokens=2, max_batch_size=2, max_wait_ms=0,
                             limits=ServerLimits(**LIMITS)) as (_, service):

@@ -21,7 +21,7 @@ from conftest import free_port, in_process_service, png_data_url, record_new_tok
 from PIL import Image
 
 from aim_llava.cli import main
-from aim_llava.sample_media import write_sample_video
+from aim_llava.sample_media import write_hls_playlist, write_sample_video
 
 KEYS = ("k-one", "k-two", "k-three")
 
@@ -429,8 +429,8 @@ def test_only_media_decoders_read_what_clients_send(tiny_qwen_dir, tmp_path, mon
     root = tmp_path / "root"
     root.mkdir()
     (root / "drawing.png").write_bytes(eps_bytes())
-    secret = write_sample_video(tmp_path / "outside" / "secret.ts", num_frames=10, fps=10)
-    (root / "playlist.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    secret = write_sample_video(tmp_path / "outside" / "secret.ts", num_frames=30, fps=10)
+    write_hls_playlist(root / "playlist.mp4", secret, 3.0)  # decord follows it: read before (200)
     kind = "video_url" if url.endswith(".mp4") else "image_url"
     body = {"messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}}]}], "max_tokens": 1}
     with in_process_service(tiny_qwen_dir, root) as (_, service):

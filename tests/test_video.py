@@ -5,7 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aim_llava.sample_media import index_frame, read_frame_index, write_sample_video, write_vfr_sample_video
+from aim_llava.sample_media import (
+    index_frame,
+    read_frame_index,
+    write_hls_playlist,
+    write_sample_video,
+    write_vfr_sample_video,
+)
 from aim_llava.video import VideoError, load_video
 
 FILE_BACKENDS = ["decord", "pyav"]
@@ -274,10 +280,9 @@ def test_untrusted_videos_open_no_other_file(tmp_path):
     plain files are allowed."""
     from aim_llava.video import MediaLimits
 
-    segment = write_sample_video(tmp_path / "elsewhere" / "secret.ts", num_frames=10, fps=10)
-    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{segment}\n#EXT-X-ENDLIST\n"
-    (tmp_path / "playlist.mp4").write_text(playlist)
-    (tmp_path / "playlist.m3u8").write_text(playlist)
+    segment = write_sample_video(tmp_path / "elsewhere" / "secret.ts", num_frames=30, fps=10)
+    write_hls_playlist(tmp_path / "playlist.mp4", segment, 3.0)
+    write_hls_playlist(tmp_path / "playlist.m3u8", segment, 3.0)
     (tmp_path / "list.mp4").write_text(f"ffconcat version 1.0\nfile {segment}\n")
     assert len(load_video(tmp_path / "playlist.m3u8", num_frames=2, backend="pyav").frames) == 2  # what it would read
     for name in ("playlist.mp4", "playlist.m3u8", "list.mp4"):
