@@ -637,7 +637,7 @@ def run_serve(args) -> int:
         import uvicorn
 
         from aim_llava.server.batching import warm_up
-        from aim_llava.server.http import AccessPolicy, create_app, server_config
+        from aim_llava.server.http import LOCAL_HOSTS, AccessPolicy, create_app, server_config
         from aim_llava.server.limits import ServerLimits
         from aim_llava.server.service import Service
     except ImportError:
@@ -668,7 +668,7 @@ def run_serve(args) -> int:
     policy = AccessPolicy.for_address(args.host, keys, args.allowed_host, args.allowed_origin)
     print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root}; "
           f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
-    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not keys and args.host not in LOCAL_HOSTS:
         print(f"aim-llava: warning: {args.host} is reachable from other machines and no --api-key is set: anyone who "
               "can reach the port can use the model", file=sys.stderr, flush=True)
     restored = args.native_stderr.restored() if args.native_stderr is not None else contextlib.nullcontext()

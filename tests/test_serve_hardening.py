@@ -623,8 +623,10 @@ def test_native_stderr_is_not_silenced_while_the_server_runs(tiny_qwen_dir, medi
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: os.write(2, b"native message from C\n"))
     assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media), "--device", "cpu",
-                 "--no-warm-up", "--port", str(free_port())]) == 0
-    assert "native message from C" in capfd.readouterr().err
+                 "--no-warm-up", "--port", str(free_port()), "--host", "0.0.0.0"]) == 0
+    err = capfd.readouterr().err
+    assert "native message from C" in err
+    assert "0.0.0.0 is reachable from other machines and no --api-key is set" in err
 
 
 def test_the_tokenizer_is_used_by_the_model_thread_only(shared, monkeypatch):
