@@ -198,3 +198,19 @@ def record_new_tokens(llm, monkeypatch) -> list[int]:
 
     monkeypatch.setattr(llm, "answer_batch", recording)
     return produced
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk (length, type, data, CRC): for PNGs that say what a test needs."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels (what a decoder reads before decoding)."""
+    import struct
+
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IEND", b""))

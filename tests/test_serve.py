@@ -4,15 +4,21 @@ a client that disconnects mid-stream, and server errors that do not kill the ser
 
 import json
 import re
-import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, in_process_service, png_data_url, record_new_tokens, serve_in_thread, serve_process
+from conftest import (
+    free_port,
+    in_process_service,
+    png_data_url,
+    png_header_only,
+    record_new_tokens,
+    serve_in_thread,
+    serve_process,
+)
 from PIL import Image
 
 from aim_llava.cli import main
@@ -171,14 +177,6 @@ def test_sixteen_concurrent_requests_equal_one_at_a_time(client):
         thread.join()
     assert not errors and all(answer is not None for answer in answers)
     assert answers[:4] == alone  # batched together, the same greedy answers
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares its size and holds no pixels (what a decoder reads before decoding)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def error_of(server_url: str, body, status: int) -> dict:

@@ -9,11 +9,10 @@ and budgets are crossed with small requests the tiny model answers quickly."""
 import base64
 import io
 import json
-import struct
 import zlib
 
 import pytest
-from conftest import in_process_service, png_data_url
+from conftest import in_process_service, png_chunk, png_data_url, png_header_only
 from PIL import Image
 
 from aim_llava.sample_media import write_hls_playlist, write_sample_video
@@ -32,15 +31,10 @@ def image_bytes(kind: str, width: int = 8, height: int = 8) -> bytes:
     return buffer.getvalue()
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n"
 PNG = image_bytes("PNG")
 TEXT_BOMB = PNG[:33] + png_chunk(b"zTXt", b"c\x00\x00" + zlib.compress(b"\x00" * (2 << 20))) + PNG[33:]
-HUGE_HEADER = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0))
-               + png_chunk(b"IEND", b""))
+HUGE_HEADER = png_header_only(60000, 60000)
 INLINE = [data_url("image/png", EPS), data_url("image/png", image_bytes("JPEG")), data_url("image/jpeg", PNG),
           data_url("image/png", TEXT_BOMB), data_url("image/png", HUGE_HEADER), data_url("image/svg+xml", b"<svg/>"),
           data_url("image/gif", image_bytes("GIF")), data_url("image/png", PNG[:40]), data_url("image/webp", EPS)]

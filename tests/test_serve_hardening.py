@@ -17,7 +17,15 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from conftest import free_port, in_process_service, png_data_url, record_new_tokens, serve_in_thread, serve_process
+from conftest import (
+    free_port,
+    in_process_service,
+    png_chunk,
+    png_data_url,
+    record_new_tokens,
+    serve_in_thread,
+    serve_process,
+)
 from PIL import Image
 
 from aim_llava.cli import main
@@ -402,14 +410,8 @@ def encoded(image: Image.Image, kind: str) -> bytes:
 
 def png_with_text_bomb() -> bytes:
     """A PNG with a zTXt chunk that inflates to 2 MB: Pillow raises ValueError, not OSError."""
-    import struct
-
     png = encoded(Image.new("RGB", (8, 8)), "PNG")
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return png[:33] + chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (2 << 20))) + png[33:]
+    return png[:33] + png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (2 << 20))) + png[33:]
 
 
 @pytest.mark.parametrize("name, url, words", [
