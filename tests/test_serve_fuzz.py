@@ -35,6 +35,7 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n"
 PNG = image_bytes("PNG")
 TEXT_BOMB = PNG[:33] + png_chunk(b"zTXt", b"c\x00\x00" + zlib.compress(b"\x00" * (2 << 20))) + PNG[33:]
 HUGE_HEADER = png_header_only(60000, 60000)
+OVER_BUDGET = png_data_url(100, 60)  # decodes, but 6000 pixels: beyond LIMITS' one image of 4096
 INLINE = [data_url("image/png", EPS), data_url("image/png", image_bytes("JPEG")), data_url("image/jpeg", PNG),
           data_url("image/png", TEXT_BOMB), data_url("image/png", HUGE_HEADER), data_url("image/svg+xml", b"<svg/>"),
           data_url("image/gif", image_bytes("GIF")), data_url("image/png", PNG[:40]), data_url("image/webp", EPS)]
@@ -48,7 +49,7 @@ URLS = st.sampled_from(["clip.mp4", "sub/../clip.mp4", "file:///clip.mp4", "../o
                         "clip\ud800.mp4", "a\x00b",
                         "c:clip.mp4", "file://host/clip.mp4", ".", "loop.mp4", "link.mp4", "playlist.mp4",
                         "list.mp4", "frames", "frames/0.png", "eps.png", "huge.png", "sub", "../fuzz_media0x/a.mp4",
-                        "sub/../../fuzz_media0x/a.mp4", *INLINE]) | st.text(max_size=12)
+                        "sub/../../fuzz_media0x/a.mp4", OVER_BUDGET, *INLINE]) | st.text(max_size=12)
 URL_VALUE = st.fixed_dictionaries({"url": URLS}) | URLS | JUNK
 MEDIA_PART = (st.fixed_dictionaries({"type": st.just("video_url"), "video_url": URL_VALUE})
               | st.fixed_dictionaries({"type": st.just("image_url"), "image_url": URL_VALUE}))
@@ -185,7 +186,8 @@ MANY_MESSAGES = st.integers(1, 9).flatmap(lambda count: st.lists(
     st.sampled_from(["", "w" * 60, "a question"]), min_size=count, max_size=count)).map(
     lambda texts: [{"role": "user", "content": [{"type": "video_url", "video_url": "clip.mp4"}, texts[0]]}]
     + [{"role": "assistant" if i % 2 else "user", "content": text} for i, text in enumerate(texts[1:], 1)])
-MANY_IMAGES = st.lists(st.sampled_from(["frame.png", INLINE[6], png_data_url(4, 4), "frames/0.png", "frames/3.png"]),
+MANY_IMAGES = st.lists(st.sampled_from(["frame.png", INLINE[6], png_data_url(4, 4), "frames/0.png", "frames/3.png",
+                                        OVER_BUDGET, "huge.png"]),
                        min_size=1, max_size=14).map(
     lambda urls: [{"role": "user", "content": [{"type": "image_url", "image_url": url} for url in urls]}])
 
@@ -227,3 +229,67 @@ def test_any_headers(guarded_http, headers, path):
     if response.status_code >= 400 and response.status_code not in (404, 405):
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and "\n" not in error["message"]
+
+
+def user_parts(*parts) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def media_part(kind: str, url: str) -> dict:
+    return {"type": kind, kind: {"url": url}}
+
+
+JSON = {"content-type": "application/json"}
+WITH_KEY = {**JSON, "authorization": f"Bearer {KEY}"}
+VIDEO = user_parts(media_part("video_url", "clip.mp4"))
+
+
+def ask(messages: list[dict], **fields) -> dict:
+    return {"messages": messages, "max_tokens": 1, **fields}
+
+
+# each request class of issue 23 once, with the refusal it must get (the generated tests above
+# only ask for "no 500"): (headers, body, status, error code)
+HOSTILE = {
+    "bad Host (DNS rebinding)": ({**WITH_KEY, "host": "evil.example"}, ask(VIDEO), 400, "invalid_host"),
+    "Host that merely starts with localhost": ({**WITH_KEY, "host": "localhost.evil.example"}, ask(VIDEO), 400,
+                                                "invalid_host"),
+    "no API key": (JSON, ask(VIDEO), 401, "invalid_api_key"),
+    "wrong API key": ({**JSON, "authorization": f"Bearer {KEY}x"}, ask(VIDEO), 401, "invalid_api_key"),
+    "key without Bearer": ({**JSON, "authorization": KEY}, ask(VIDEO), 401, "invalid_api_key"),
+    "text/plain body": ({**WITH_KEY, "content-type": "text/plain"}, ask(VIDEO), 415, "unsupported_media_type"),
+    "form body": ({**WITH_KEY, "content-type": "application/x-www-form-urlencoded"}, ask(VIDEO), 415,
+                  "unsupported_media_type"),
+    "origin not allowed": ({**WITH_KEY, "origin": "https://evil.example"}, ask(VIDEO), 403, "origin_not_allowed"),
+    "huge image (decodes)": (WITH_KEY, ask(user_parts(media_part("image_url", OVER_BUDGET))), 400, "unreadable_media"),
+    "huge image (header only)": (WITH_KEY, ask(user_parts(media_part("image_url", INLINE[4]))), 400, "unreadable_media"),
+    "huge image named as a video": (WITH_KEY, ask(user_parts(media_part("video_url", "huge.png"))), 400,
+                                    "unreadable_media"),
+    "many empty messages": (WITH_KEY, ask(VIDEO + [{"role": r, "content": ""} for r in ["assistant", "user"] * 3]), 413,
+                            "too_large"),
+    "many content parts": (WITH_KEY, ask(user_parts(*[{"type": "text", "text": ""}] * 9, media_part("video_url", "clip.mp4"))),
+                           413, "too_large"),
+    "frames beyond the pixel budget": (WITH_KEY, ask(VIDEO, frames=13), 400, "unreadable_media"),
+    "EPS declared as PNG": (WITH_KEY, ask(user_parts(media_part("image_url", INLINE[0]))), 400, "unreadable_media"),
+    "JPEG declared as PNG": (WITH_KEY, ask(user_parts(media_part("image_url", INLINE[1]))), 400, "unreadable_media"),
+    "SVG": (WITH_KEY, ask(user_parts(media_part("image_url", INLINE[5]))), 400, "unsupported_image_type"),
+    "EPS in a .png file": (WITH_KEY, ask(user_parts(media_part("image_url", "eps.png"))), 400, "unreadable_media"),
+    "HLS playlist of an outside file": (WITH_KEY, ask(user_parts(media_part("video_url", "playlist.mp4"))), 400,
+                                        "unreadable_media"),
+    "concat list of an outside file": (WITH_KEY, ask(user_parts(media_part("video_url", "list.mp4"))), 400,
+                                       "unreadable_media"),
+    "link out of the root": (WITH_KEY, ask(user_parts(media_part("video_url", "link.mp4"))), 403, "outside_media_root"),
+    "sibling of the root": (WITH_KEY, ask(user_parts(media_part("video_url", "../fuzz_media0x/a.mp4"))), 403,
+                            "outside_media_root"),
+    "link loop": (WITH_KEY, ask(user_parts(media_part("video_url", "loop.mp4"))), 400, "invalid_request"),
+    "frame directory with a link": (WITH_KEY, ask(user_parts(media_part("video_url", "frames"))), 400, "unreadable_media"),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_each_hostile_request_class_is_refused(guarded_http, name):
+    headers, body, status, code = HOSTILE[name]
+    response = guarded_http.post("/v1/chat/completions", content=json.dumps(body), headers=headers)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and "\n" not in error["message"] and "fuzz_media0" not in error["message"], error
