@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -98,7 +99,7 @@ def in_process_service(model_dir, media_root, frames: int = 2, max_new_tokens: i
     try:
         yield llm, service
     finally:
-        service.worker.stop()
+        service.close()
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -219,3 +220,90 @@ DTYPE_NOTE = "aim-llava: dtype auto on "  # the line a command writes when it lo
 def without_dtype_note(err: str) -> str:
     """A command's stderr without the line saying which dtype ``auto`` chose (aim_llava.capabilities)."""
     return "\n".join(line for line in err.splitlines() if not line.startswith(DTYPE_NOTE))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(args: list, log: Path, env: dict | None = None, preexec_fn=None,
+                  entry: tuple[str, ...] = ("aim_llava.cli", "serve")):
+    """A real ``aim-llava serve`` process on 127.0.0.1 (``python -m`` ``entry``, then ``args``;
+    the port is chosen here), its output in ``log``: yields (base URL, process) once /health
+    answers."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", *entry, *map(str, args), "--port", str(port)]
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                                   env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start: {log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield base, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """uvicorn serving ``app`` on 127.0.0.1 from a thread of this process: yields its port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def record_new_tokens(llm, monkeypatch) -> list[int]:
+    """The new tokens of each reply the model gives from now on (0 for one dropped before its
+    prefill), in a list that fills as it answers."""
+    produced, original = [], llm.answer_batch
+
+    def recording(*args, **kwargs):
+        results = original(*args, **kwargs)
+        produced.extend(result.response.num_new_tokens if result.response else 0 for result in results)
+        return results
+
+    monkeypatch.setattr(llm, "answer_batch", recording)
+    return produced
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk (length, type, data, CRC): for PNGs that say what a test needs."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels (what a decoder reads before decoding)."""
+    import struct
+
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IEND", b""))
