@@ -11,8 +11,9 @@ measured code) and the clock on the CPU:
   the tower; each config that does, FiCoCo-V, has its own);
 * pre-LLM: pooling and merging before the LLM;
 * prefill: the LLM's pass over the prompt, and inside it the PageRank importance;
-* decode: the generation after the prefill, as tokens per second over the batch (on a GPU
-  including the one-off capture of the decoding step as a CUDA graph, also given apart);
+* decode: the generation after the prefill, as tokens per second over the batch, without the
+  one-off capture of the decoding step as a CUDA graph on a GPU (given apart: the step it runs
+  eagerly, the capture and its check);
 * the KV cache's buffers (every layer's own length after pruning plus room for the new tokens);
 * peak memory of the generation (CUDA max allocated on GPU, sampled RSS on CPU).
 
@@ -188,17 +189,25 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
         output = model.generate(ids.expand(batch, -1), visual_features=[features] * batch, max_new_tokens=decode_tokens,
                                 eos_token_id=[], reduction=plan, return_dict_in_generate=True, cuda_graph=cuda_graph)
     seconds = times.seconds()
-    steps = output.sequences.shape[1] - 1
     return {
         "pre_llm_s": seconds["pre_llm"],
         "prefill_s": seconds["prefill"],
         "importance_s": seconds.get("importance", 0.0),
-        "decode_tokens_per_s": batch * steps / seconds["decode"] if steps else 0.0,
+        "decode_tokens_per_s": decode_rate(seconds, output.sequences.shape[1] - 1, batch),
         "graph_capture_s": seconds.get("graph_capture", 0.0),
         "peak_extra_mib": memory.extra / 2**20,
         "kv_cache_mib": output.kv_cache_bytes / 2**20,
         "tokens_per_layer": [n[0] for n in output.reduction.visual_tokens_per_layer],
     }
+
+
+def decode_rate(seconds: dict[str, float], steps: int, batch: int) -> float:
+    """Tokens per second over the batch of ``steps`` decoding steps timed as stage ``decode``, less
+    the ``graph_capture`` stage inside it and the one step that stage ran (0 without steps)."""
+    captured = 1 if "graph_capture" in seconds else 0
+    if steps <= captured:
+        return 0.0
+    return batch * (steps - captured) / (seconds["decode"] - seconds.get("graph_capture", 0.0))
 
 
 def read_frames(video: str | None, frames: int, backend: str) -> tuple[np.ndarray, float]:

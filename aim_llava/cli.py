@@ -20,6 +20,7 @@ from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
     ResultsFile,
+    check_writable,
     error_message,
     latest_by_key,
     read_records,
@@ -31,6 +32,7 @@ from aim_llava.reuse_cache import DEFAULT_CACHE_MB
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
+API_KEYS_VARIABLE = "AIM_LLAVA_API_KEY"
 EXIT_BAD_INPUT = 2
 EXIT_SYSTEM_ERROR = 1  # the operating system refused (a full disk, a file that became unreadable)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
@@ -216,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pending", type=positive_int, default=32,
                        help="requests in progress (reading frames or waiting for the model) beyond which new "
                             "ones are answered 503 (default 32)")
+    serve.add_argument("--max-connections", type=positive_int, default=128,
+                       help="open connections beyond which requests are answered 503 (default 128)")
+    serve.add_argument("--max-tokens-limit", type=positive_int, default=4096,
+                       help="the most max_tokens a request may ask (default 4096)")
+    serve.add_argument("--request-timeout", type=positive_float, default=600.0,
+                       help="seconds a request may take from admission to its last token (default 600)")
+    serve.add_argument("--api-key", action="append", default=[],
+                       help=f"require Authorization: Bearer KEY on /v1 (repeat for several keys; also "
+                            f"${API_KEYS_VARIABLE}, comma-separated)")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="a host name the server answers to besides the bound address and localhost (repeat)")
+    serve.add_argument("--allowed-origin", action="append", default=[],
+                       help="a web origin (https://app.example) whose pages may call the server, with CORS (repeat)")
     add_runtime_options(serve)
     add_cache_options(serve)
     return parser
@@ -600,8 +615,21 @@ def check_output_dir(path: Path) -> None:
     if not existing.is_dir():
         what = "is a file" if existing == path else f"is inside {existing}, which is a file"
         raise CliError(f"--output {path} {what}: give a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CliError(f"--output {path} cannot be written (permission denied): give a writable directory")
+    try:
+        check_writable(existing)
+    except OSError as err:
+        raise CliError(f"--output {path} cannot be written ({(err.strerror or str(err)).lower()}): "
+                       "give a writable directory") from None
+
+
+def api_keys(given: list[str]) -> list[str]:
+    """The server's API keys: ``--api-key`` values and those of ``$AIM_LLAVA_API_KEY``
+    (comma-separated); each printable ASCII without spaces, as an HTTP header carries it."""
+    keys = list(given) + [key.strip() for key in os.environ.get(API_KEYS_VARIABLE, "").split(",") if key.strip()]
+    for key in keys:
+        if not key or not key.isascii() or not key.isprintable() or " " in key:
+            raise CliError(f"an API key must be printable ASCII without spaces (--api-key or ${API_KEYS_VARIABLE})")
+    return keys
 
 
 def run_serve(args) -> int:
@@ -614,13 +642,21 @@ def run_serve(args) -> int:
         raise CliError(f"--media-root {args.media_root} is not a directory")
     if args.port > 65535:
         raise CliError(f"--port {args.port} is not a port number (1..65535)")
+    if not hasattr(os, "O_PATH"):
+        raise CliError("aim-llava serve needs Linux (it opens media through O_PATH handles)")
+    keys = api_keys(args.api_key)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
+    if args.max_new_tokens > args.max_tokens_limit:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} is above --max-tokens-limit {args.max_tokens_limit}")
     resolve_reduction(args.config, model_config, args.frames)
     try:
         import uvicorn
 
-        from aim_llava.serve import Service, create_app, warm_up
+        from aim_llava.server.batching import warm_up
+        from aim_llava.server.http import LOCAL_HOSTS, AccessPolicy, create_app, server_config
+        from aim_llava.server.limits import ServerLimits
+        from aim_llava.server.service import Service
     except ImportError:
         raise CliError("aim-llava serve needs FastAPI and uvicorn: pip install 'aim-llava[serve]'") from None
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
@@ -644,16 +680,24 @@ def run_serve(args) -> int:
                            "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
     if llm.cache is not None:
-        llm.cache.clear()  # the warm-up's random clip would only take room
         logging.getLogger("aim_llava.cache").setLevel(logging.INFO)  # its hits and misses, in the log
     name = args.served_model_name or Path(args.model).resolve().name
-    service = Service(llm, args.media_root.resolve(), name, args.max_batch_size, args.max_wait_ms, args.max_pending)
-    print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root})",
-          file=sys.stderr, flush=True)
+    limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout)
+    service = Service(llm, args.media_root.absolute(), name, args.max_batch_size, args.max_wait_ms, args.max_pending,
+                      limits)
+    policy = AccessPolicy.for_address(args.host, keys, args.allowed_host, args.allowed_origin)
+    print(f"aim-llava: serving {name} on http://{args.host}:{args.port}/v1 (media root {args.media_root}; "
+          f"{'API keys required' if keys else 'no API key'})", file=sys.stderr, flush=True)
+    if not keys and args.host not in LOCAL_HOSTS:
+        print(f"aim-llava: warning: {args.host} is reachable from other machines and no --api-key is set: anyone who "
+              "can reach the port can use the model", file=sys.stderr, flush=True)
+    restored = args.native_stderr.restored() if args.native_stderr is not None else contextlib.nullcontext()
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+        with restored:
+            uvicorn.Server(server_config(create_app(service, policy), args.host, args.port,
+                                         args.max_connections)).run()
     finally:
-        service.worker.stop()
+        service.close()
     return 0
 
 
@@ -663,37 +707,55 @@ COMMANDS = {
 }
 
 
-@contextlib.contextmanager
-def native_stderr_silenced():
+class NativeStderr:
     """Messages written to the process's stderr from C (decoder libraries, in any thread) go
-    nowhere for the command's lifetime, so an error stays the one line we print; Python's
+    nowhere while this context is entered, so an error stays the one line we print; Python's
     ``sys.stderr`` (our messages, progress, warnings, logging) is moved to a copy of the real
-    stream first, or left alone when something else already captures it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    python_stderr = sys.stderr
-    if sys.stderr is sys.__stderr__:
-        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,  # noqa: SIM115
-                          errors=python_stderr.errors)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    finally:
+    stream first, or left alone when something else already captures it. A long-running command
+    (the server) gives the real stream back for its lifetime with :meth:`restored`: an operator
+    must see what native code says there (a CUDA error, a crash)."""
+
+    def __enter__(self) -> NativeStderr:
         sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        if sys.stderr is not python_stderr:
+        self.saved = os.dup(2)
+        self.python_stderr = sys.stderr
+        if sys.stderr is sys.__stderr__:
+            sys.stderr = open(os.dup(self.saved), "w", buffering=1, encoding=self.python_stderr.encoding,  # noqa: SIM115
+                              errors=self.python_stderr.errors)
+        self.silence()
+        return self
+
+    @staticmethod
+    def silence() -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    @contextlib.contextmanager
+    def restored(self):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            self.silence()
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        if sys.stderr is not self.python_stderr:
             sys.stderr.close()
-            sys.stderr = python_stderr
+            sys.stderr = self.python_stderr
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with native_stderr_silenced():
+    with NativeStderr() as native_stderr:
         logging.basicConfig(level=logging.WARNING, format="aim-llava: %(message)s", stream=sys.stderr, force=True)
-        return run_command(argv)
+        logging.getLogger("aim_llava.capabilities").setLevel(logging.INFO)  # the device's defaults, said once
+        return run_command(argv, native_stderr)
 
 
 def print_error(message: str, progress=None) -> None:
@@ -706,10 +768,11 @@ def print_error(message: str, progress=None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def run_command(argv: list[str] | None) -> int:
+def run_command(argv: list[str] | None, native_stderr: NativeStderr | None = None) -> int:
     """Parse and run one command; the package's errors become one line and exit code 2."""
     try:
         args = build_parser().parse_args(argv)
+        args.native_stderr = native_stderr
         return COMMANDS[args.command](args)
     except AimLlavaError as err:
         print_error(str(err))

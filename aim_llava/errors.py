@@ -17,3 +17,21 @@ class CheckpointError(AimLlavaError):
 
 class InputError(AimLlavaError):
     """A prompt, image or video given to the model cannot be used."""
+
+
+class NotProvidedError(AimLlavaError, ImportError):
+    """A LLaVA-NeXT name or feature that aim_llava does not provide, on purpose. It is an
+    ImportError too, so that ``from aim_llava.mm_utils import NAME`` shows this message (Python
+    replaces an AttributeError there by a bare "cannot import name")."""
+
+
+def refuse_names(module: str, refused: dict[str, str]):
+    """A module ``__getattr__`` for LLaVA-NeXT names the module leaves out: ``refused[name]`` says
+    why and what to use instead; other unknown names are the usual AttributeError."""
+
+    def __getattr__(name: str):
+        if name in refused:
+            raise NotProvidedError(f"{module}.{name} (from LLaVA-NeXT) is not provided: {refused[name]}")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

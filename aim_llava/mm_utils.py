@@ -1,19 +1,25 @@
-"""Image preprocessing for the LLaVA-OneVision checkpoints and prompt tokenisation with ``<image>``.
+"""Image preprocessing for the LLaVA-OneVision checkpoints, prompt tokenisation with ``<image>``, and
+the other helpers of LLaVA-NeXT's ``llava/mm_utils.py`` that make sense for these checkpoints.
 
 Sizes follow LLaVA-NeXT: an image size is ``(width, height)`` (what ``PIL.Image.size`` gives) and
-grid pinpoints are ``[width, height]`` pairs.
+grid pinpoints are ``[width, height]`` pairs. LLaVA-NeXT's ``highres`` and ``crop_split`` image
+modes, which the OneVision/Qwen2 checkpoints do not use, are refused by name (:data:`REFUSED`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
 import re
+from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from aim_llava.errors import InputError
+from aim_llava.errors import InputError, refuse_names
 from aim_llava.model.image_processor import SiglipImageProcessor, to_pil
 
 
@@ -76,7 +82,8 @@ def process_anyres_image(image: Image.Image, processor: SiglipImageProcessor, gr
     return processor.preprocess([base] + crops)["pixel_values"]
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """``image`` centred on a square canvas of ``background`` colour, its longer side long."""
     width, height = image.size
     if width == height:
         return image
@@ -92,14 +99,15 @@ def process_images(images, image_processor: SiglipImageProcessor, model_config, 
     ``anyres*`` (the OneVision default, used for a single image): [1 + crops, 3, S, S] per image.
     ``pad`` (what the published evaluation uses when a prompt holds several images): the image is
     padded to a square with the mean colour, one view [1, 3, S, S] per image.
-    Returns a list of tensors, one per image.
+    Returns a list of tensors, one per image (LLaVA-NeXT's stacks them when their shapes agree;
+    the model takes either).
     """
     aspect = image_aspect_ratio or model_config.image_aspect_ratio
     pil_images = [to_pil(image) for image in images]
     if aspect == "pad":
         background = tuple(int(x * 255) for x in image_processor.image_mean)
         return [
-            image_processor.preprocess([expand_to_square(image, background)])["pixel_values"] for image in pil_images
+            image_processor.preprocess([expand2square(image, background)])["pixel_values"] for image in pil_images
         ]
     if aspect == "anyres" or re.fullmatch(r"anyres_max_\d+", aspect):
         return [process_anyres_image(image, image_processor, model_config.image_grid_pinpoints) for image in pil_images]
@@ -125,3 +133,81 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
     if return_tensors == "pt":
         return torch.tensor(input_ids, dtype=torch.long)
     raise InputError(f"unsupported return_tensors {return_tensors!r}")
+
+
+def get_model_name_from_path(model_path: str | Path) -> str:
+    """The checkpoint's folder name (``parent_checkpoint-N`` for a training checkpoint folder), as
+    LLaVA-NeXT names models; :func:`~aim_llava.model.builder.load_pretrained_model` takes it."""
+    parts = str(model_path).strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def load_image_from_base64(image: str | bytes) -> Image.Image:
+    """The image whose file is ``image``, base64-encoded; InputError when it is not one."""
+    try:
+        data = base64.b64decode(image)
+    except (binascii.Error, ValueError):
+        raise InputError("load_image_from_base64: the text is not valid base64") from None
+    try:
+        decoded = Image.open(io.BytesIO(data))
+        decoded.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"load_image_from_base64: the data is not an image PIL can read ({err})") from None
+    return decoded
+
+
+class KeywordsStoppingCriteria:
+    """LLaVA-NeXT's stop-on-keyword criterion.
+
+    ``model.generate(..., stopping_criteria=[criterion])`` stops each sample at the keywords' token
+    ids (:attr:`stop_token_ids`; checked on the device, so each keyword must be one token, as the
+    ChatML separator ``<|im_end|>`` is). Called like a transformers stopping criterion,
+    ``criterion(output_ids, scores)`` says whether one sample's text so far ends with a keyword.
+    """
+
+    def __init__(self, keywords: list[str], tokenizer, input_ids: torch.Tensor):
+        self.keywords = list(keywords)
+        self.tokenizer = tokenizer
+        self.keyword_ids = []
+        for keyword in self.keywords:
+            ids = tokenizer(keyword).input_ids
+            if len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
+                ids = ids[1:]
+            self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
+        self.start_len = input_ids.shape[-1]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The token id of every keyword; InputError when a keyword is not a single token."""
+        for keyword, ids in zip(self.keywords, self.keyword_ids):
+            if len(ids) != 1:
+                raise InputError(
+                    f"stopping keyword {keyword!r} is {len(ids)} tokens: generate stops on single-token keywords "
+                    "(such as '<|im_end|>'); cut the decoded text at longer ones"
+                )
+        return [int(ids[0]) for ids in self.keyword_ids]
+
+    def __call__(self, output_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs) -> bool:
+        if output_ids.shape[0] != 1:
+            raise InputError(f"KeywordsStoppingCriteria checks one sample, got a batch of {output_ids.shape[0]}")
+        generated = output_ids.shape[1] - self.start_len
+        if generated <= 0:
+            return False
+        tail = output_ids[0].cpu()
+        if any(len(tail) >= len(ids) and torch.equal(tail[-len(ids):], ids) for ids in self.keyword_ids):
+            return True
+        text = self.tokenizer.decode(tail[-min(generated, 3):], skip_special_tokens=True)
+        return any(keyword in text for keyword in self.keywords)
+
+
+HIGHRES_MODES = (
+    "it serves LLaVA-NeXT's 'highres'/'crop_split' image modes, which the OneVision/Qwen2 checkpoints do not use; "
+    "process_images handles theirs ('anyres_max_N' for one image, 'pad' for several)"
+)
+REFUSED = dict.fromkeys((
+    "resize_and_center_crop", "auto_pad_images", "extract_patches", "process_highres_image",
+    "process_highres_image_crop_split",
+), HIGHRES_MODES)
+__getattr__ = refuse_names(__name__, REFUSED)

@@ -26,10 +26,13 @@ import torch
 from aim_llava.errors import AimLlavaError
 from aim_llava.reduction import attention_lse, logsumexp
 
-SHARED_MEMORY_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in maxima, bytes
+# per compute capability (70: V100, 75: T4, 80: A100, 86/89: RTX 30xx/40xx, L4, L40, 90: H100/H200)
+SHARED_MEMORY_PER_BLOCK = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024,
+                           90: 227 * 1024}  # opt-in maxima, bytes
 REGISTERS_PER_SM = 65536
-WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
-SHARED_MEMORY_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+WARPS_PER_SM = {70: 64, 75: 32, 80: 64, 86: 48, 89: 48, 90: 64}
+SHARED_MEMORY_PER_SM = {70: 96 * 1024, 75: 64 * 1024, 80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024,
+                        90: 228 * 1024}
 MATRIX_INSTRUCTION = re.compile(r"\b(wgmma\.mma_async\.[\w.]+|mma\.sync\.[\w.]+)")
 RESOURCE_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 

@@ -37,7 +37,7 @@ from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
-from aim_llava.video import VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.video import MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
 
 logger = logging.getLogger("aim_llava.cache")
@@ -143,6 +143,10 @@ class Result:
         return default_caption_prompt(isinstance(source, (str, Path)) and is_image_file(source))
 
 
+class RequestCancelled(InputError):
+    """A request whose ``cancelled()`` said True before its prefill: it was not answered."""
+
+
 class BatchError(InputError):
     """Some items of a list failed; ``results`` holds every item's :class:`Result`."""
 
@@ -221,6 +225,24 @@ class TextStreamer:
         for row in self.rows:
             if row is not None:
                 row.finish()
+
+
+class StreamOnce:
+    """A request's stream across attempts (a batch that fails is answered again one by one): an
+    attempt's text is passed on only beyond what earlier attempts already passed on, so no text is
+    streamed twice."""
+
+    def __init__(self, callback: Callable[[str], None]):
+        self.callback, self.given, self.attempt = callback, 0, ""
+
+    def restart(self) -> None:
+        self.attempt = ""
+
+    def __call__(self, text: str) -> None:
+        self.attempt += text
+        if len(self.attempt) > self.given:
+            self.callback(self.attempt[self.given:])
+            self.given = len(self.attempt)
 
 
 def cancellation_watch(checks: list[Callable[[], bool] | None]) -> Callable[[], list[int]] | None:
@@ -351,32 +373,37 @@ class VideoLLM:
         per_frame = video_token_counts(self.model.config, self.plan(config), 1, 0)[0] - 1
         return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
 
-    def load(self, source: str | Path | VideoClip, reduction=None, **sampling) -> VideoClip:
+    def load(self, source: str | Path | VideoClip, reduction=None, limits: MediaLimits | None = None,
+             **sampling) -> VideoClip:
         """Read the sampled frames (on the host; safe in worker threads). A sampling that cannot
-        fit the model's context is refused before any frame is decoded."""
+        fit the model's context is refused before any frame is decoded; ``limits``: the source is
+        untrusted (see :class:`aim_llava.video.MediaLimits`)."""
         if isinstance(source, VideoClip):
             return source
         options = dataclasses.replace(self.sampling, **sampling)
         return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
-                          options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)))
+                          options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
+                          limits=limits)
 
-    def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None,
+    def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
              **sampling) -> VideoClip | EncodedVisual:
         """What encoding ``source`` needs: its encoded visual when the reuse cache holds it (a file
         is recognised by its identity, before any frame is decoded), otherwise its frames, read
-        as :meth:`load` does (safe in worker threads)."""
+        as :meth:`load` does (safe in worker threads). Frames read under ``limits`` are resized as
+        they are decoded, so the limits (but their deadline) are part of the key."""
         config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
             return self.check_encoded(source, config)
         if self.cache is None or isinstance(source, VideoClip):
-            return self.load(source, config, **sampling)
+            return self.load(source, config, limits, **sampling)
         options = dataclasses.replace(self.sampling, **sampling)
+        reading = dataclasses.astuple(options), dataclasses.replace(limits, deadline=None) if limits else None
         try:
-            key = source_key(source, dataclasses.astuple(options))
+            key = source_key(source, reading)
         except OSError:
-            return self.load(source, config, **sampling)  # missing or unreadable: load says so
+            return self.load(source, config, limits, **sampling)  # missing or unreadable: load says so
         visual = self.cached_visual(key, config, count_miss=False)
-        return visual if visual is not None else keyed(self.load(source, config, **sampling), key)
+        return visual if visual is not None else keyed(self.load(source, config, limits, **sampling), key)
 
     def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
         """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
@@ -578,17 +605,25 @@ class VideoLLM:
                 result.visual = item
         self.each_or_one_by_one(clips, lambda group: self.encode_clips([item for _, item in group], config),
                                 lambda result, visual: setattr(result, "visual", visual))
+        for result, _ in pending:
+            if result.error is None and result.request.cancelled is not None and result.request.cancelled():
+                result.error = RequestCancelled("the request was cancelled before its prefill")
         ready = [(result, None) for result, _ in pending if result.error is None]
-        self.each_or_one_by_one(
-            ready,
-            lambda group: self.respond_many([r.visual for r, _ in group],
-                                            [r.request.turns or [(r.question, None)] for r, _ in group],
-                                            [r.request.stream for r, _ in group],
-                                            [r.request.max_new_tokens for r, _ in group],
-                                            [r.request.system for r, _ in group],
-                                            [r.request.cancelled for r, _ in group], **generation),
-            lambda result, response: setattr(result, "response", response),
-        )
+        streams = {id(result): StreamOnce(result.request.stream) if result.request.stream else None
+                   for result, _ in ready}
+
+        def respond(group: list[tuple[Result, None]]) -> list[Response]:
+            for result, _ in group:
+                if streams[id(result)] is not None:
+                    streams[id(result)].restart()
+            return self.respond_many([r.visual for r, _ in group],
+                                     [r.request.turns or [(r.question, None)] for r, _ in group],
+                                     [streams[id(r)] for r, _ in group],
+                                     [r.request.max_new_tokens for r, _ in group],
+                                     [r.request.system for r, _ in group],
+                                     [r.request.cancelled for r, _ in group], **generation)
+
+        self.each_or_one_by_one(ready, respond, lambda result, response: setattr(result, "response", response))
         if self.cache is not None:
             logger.info("reuse cache so far: %s", self.cache.summary())
         return results

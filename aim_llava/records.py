@@ -3,7 +3,10 @@
 A :class:`ResultsFile` is written one record at a time (append, flush, fsync), so a run that is
 killed keeps every finished record and at most a torn last line, which reading back drops. It is
 held under an exclusive lock (a second process writing the same file is refused), it refuses a
-path that is one of the run's inputs, a directory, a special file (``/dev/stdout``, a FIFO) or an
+path that is one of the run's inputs, a directory, a special file (a FIFO, ``/dev/stdout`` when
+it is a pipe or a terminal), the command's own stdout or stderr redirected to a file (the printed
+text and the records would overwrite each other), a place that cannot be written (found by
+trying, before any work: permission bits do not tell for root, ACLs or read-only mounts) or an
 existing file that is not a results file, and a symbolic link is written through to its target.
 When a resumed run superseded earlier records (a failed item done again), the file is rewritten
 once at the end, atomically, with one record per item.
@@ -15,6 +18,7 @@ import fcntl
 import json
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
@@ -47,25 +51,55 @@ def resolve_output(path: str | Path, inputs: Iterable[str | Path] = (), what: st
 
 
 def _checked_output(path: Path, inputs: Iterable[str | Path], what: str) -> Path:
+    try:
+        status = os.stat(path)  # through links, /dev/stdout's and /proc's included
+    except (FileNotFoundError, NotADirectoryError):
+        status = None
     target = Path(os.path.realpath(path))
-    if target.exists():
-        mode = target.stat().st_mode
-        if stat.S_ISDIR(mode):
+    if status is not None:
+        if stat.S_ISDIR(status.st_mode):
             raise ResultsError(f"{what} {path} is a directory: give a file path")
-        if not stat.S_ISREG(mode):
-            raise ResultsError(f"{what} {path} is not a regular file (a device or pipe): give a file path")
+        if not stat.S_ISREG(status.st_mode):
+            raise ResultsError(f"{what} {path} is not a regular file (a device or pipe): give a file path "
+                               "(--json prints the records on stdout)")
+        for stream, name in ((sys.stdout, "standard output"), (sys.stderr, "standard error")):
+            if same_file(status, stream):
+                raise ResultsError(f"{what} {path} is this command's {name}: the printed text and the records would "
+                                   "overwrite each other; give another file (--json prints the records on stdout)")
         for item in inputs:
             if os.path.exists(item) and os.path.samefile(item, target):
                 raise ResultsError(f"{what} {path} is one of the inputs: it would be overwritten; give another path")
-    parent = target.parent
-    existing = parent
+    existing = target.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise ResultsError(f"{what} {path}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ResultsError(f"{what} {path} cannot be written (permission denied): give a writable path")
+    try:
+        check_writable(target if status is not None else existing)
+    except OSError as err:
+        raise ResultsError(f"{what} {path} cannot be written ({(err.strerror or str(err)).lower()}): "
+                           "give a writable path") from None
     return target
+
+
+def same_file(status: os.stat_result, stream) -> bool:
+    """Whether ``status`` is the file behind an open stream (False when it has no descriptor)."""
+    try:
+        return os.path.samestat(status, os.fstat(stream.fileno()))
+    except (OSError, ValueError, AttributeError):  # closed, or replaced by something without a descriptor
+        return False
+
+
+def check_writable(path: Path) -> None:
+    """Raise the operating system's error if ``path`` (an existing file, or a directory to create
+    files in) cannot be written: the file is opened for appending, or a file created and removed
+    in the directory. Trying is the only answer that holds for every user and file system."""
+    if path.is_dir():
+        handle, name = tempfile.mkstemp(dir=path, prefix=".aim-llava-check-")
+        os.close(handle)
+        os.unlink(name)
+    else:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
 
 
 def write_text_atomically(path: str | Path, text: str, inputs: Iterable[str | Path] = ()) -> None:

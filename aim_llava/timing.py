@@ -7,8 +7,9 @@ is free unless a caller collects them for the current thread/task:
 ...     model.generate(...)
 >>> times.seconds()          # {"vision": 0.066, "prefill": 0.058, "importance": 0.002, ...}
 
-On CUDA a stage records two CUDA events on the current stream (no synchronisation, so the queue
-of launched work never drains); :meth:`StageTimes.seconds` waits for the last event once and sums
+On CUDA a stage records two CUDA events on the given device's current stream (no
+synchronisation, so the queue of launched work never drains; the device named, not the thread's
+current one, whose stream would not order the events with the stage's work); :meth:`StageTimes.seconds` waits for the last event once and sums
 the elapsed times. On the CPU it reads the clock. Repeated stages add up.
 """
 
@@ -63,11 +64,11 @@ def stage(name: str, device: torch.device | str | None = None):
     times._note(name)
     if device is not None and torch.device(device).type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(torch.cuda.current_stream(device))
         try:
             yield
         finally:
-            end.record()
+            end.record(torch.cuda.current_stream(device))
             times.events[name].append((start, end))
         return
     started = time.perf_counter()

@@ -189,11 +189,12 @@ def _llava_qwen_config(image_token_index: int, text: dict = TINY_TEXT, vision: d
     }
 
 
-def _hf_config(image_token_index: int, video_token_index: int) -> dict:
-    vision = {k: v for k, v in TINY_VISION.items()}
-    vision["num_hidden_layers"] = TINY_VISION["num_hidden_layers"] - 1
+def _hf_config(image_token_index: int, video_token_index: int, text: dict = TINY_TEXT, vision: dict = TINY_VISION,
+               dtype: str = "float32") -> dict:
+    """The transformers config; ``vision`` counts the tower's stored layers (one more than it runs)."""
+    vision = dict(vision, num_hidden_layers=vision["num_hidden_layers"] - 1)
     vision.update(model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-    text = dict(TINY_TEXT, model_type="qwen2", hidden_act="silu", use_sliding_window=False)
+    text = dict(text, model_type="qwen2", hidden_act="silu", use_sliding_window=False)
     return {
         "architectures": ["LlavaOnevisionForConditionalGeneration"],
         "model_type": "llava_onevision",
@@ -206,9 +207,50 @@ def _hf_config(image_token_index: int, video_token_index: int) -> dict:
         "vision_feature_layer": -1,
         "vision_aspect_ratio": "anyres_max_9",
         "image_grid_pinpoints": [[a * 384, b * 384] for a in range(1, 7) for b in range(1, 7)],
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "tie_word_embeddings": text.get("tie_word_embeddings", False),
+        "torch_dtype": dtype,
     }
+
+
+def text_with_head_size(head_size: int) -> dict:
+    """The tiny text model with the same head counts (4 query, 2 key/value heads) and
+    ``head_size`` per head (the default has 16; vLLM's CPU attention needs 32, 64, 80, ...)."""
+    hidden = TINY_TEXT["num_attention_heads"] * head_size
+    return dict(TINY_TEXT, hidden_size=hidden, intermediate_size=2 * hidden)
+
+
+# The qwen_1_5 conversation of aim_llava.conversation as a chat template, for the processor files
+# (what `vllm serve` formats chat requests with): media markers first, then the text.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] in ('image', 'video') %}"
+    "{{ '<' ~ part['type'] ~ '>\n' }}{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_hf_processor(out: Path, tokenizer, vision: dict = TINY_VISION) -> None:
+    """transformers' ``LlavaOnevisionProcessor`` files beside an HF-layout checkpoint, as the
+    published conversions have them (vLLM preprocesses images and videos with them): SigLIP's
+    size and normalisation (aim_llava.model.config.VisionConfig), the qwen_1_5 chat template.
+    Needs torchvision (transformers' video processor does)."""
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    settings = {"size": {"height": vision["image_size"], "width": vision["image_size"]},
+                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(**settings),
+        video_processor=LlavaOnevisionVideoProcessor(**settings),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        num_image_tokens=(vision["image_size"] // vision["patch_size"]) ** 2,
+        vision_feature_select_strategy="full",
+    )
+    processor.save_pretrained(str(out))
 
 
 def write_shards(out: Path, state: dict[str, torch.Tensor], count: int) -> None:
@@ -228,12 +270,13 @@ def write_shards(out: Path, state: dict[str, torch.Tensor], count: int) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0) -> Path:
+def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0, layout: str = "llava_qwen",
+                            processor: bool = False) -> Path:
     """A full-size checkpoint with random bfloat16 weights for ``config`` (one of
-    :data:`aim_llava.architectures.ARCHITECTURES`), in the LLaVA-NeXT layout, with the tiny
-    tokenizer: ids beyond its 320 tokens decode to nothing, so replies are mostly empty text and
-    rarely end early. For measuring speed (which does not depend on the weights' values), never
-    accuracy."""
+    :data:`aim_llava.architectures.ARCHITECTURES`), in the LLaVA-NeXT layout (or ``layout="hf"``,
+    with ``processor=True`` the processor files too: what vLLM loads), with the tiny tokenizer:
+    ids beyond its 320 tokens decode to nothing, so replies are mostly empty text and rarely end
+    early. For measuring speed (which does not depend on the weights' values), never accuracy."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed)
@@ -242,31 +285,50 @@ def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0)
     vision = {key: value for key, value in dataclasses.asdict(config.vision).items() if key in TINY_VISION}
     vision["num_hidden_layers"] += 1  # stored like the published tower: with the layer it does not run
     state = random_state_dict(seed, vision, text, torch.bfloat16)
-    write_shards(out, state, max(1, -(-sum(t.nbytes for t in state.values()) // MAX_SHARD_BYTES)))
-    config_json = _llava_qwen_config(tokenizer.convert_tokens_to_ids("<image>"), text, vision, "bfloat16",
-                                     "google/siglip-so400m-patch14-384")
-    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    shards = max(1, -(-sum(t.nbytes for t in state.values()) // MAX_SHARD_BYTES))
+    _write_layout(out, layout, tokenizer, state, text, vision, "bfloat16", processor,
+                  "google/siglip-so400m-patch14-384", shards)
     return out
 
 
-def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int = 0) -> Path:
-    """Write config, tokenizer and weights to ``out``; returns the directory."""
+def _write_layout(out: Path, layout: str, tokenizer, state: dict[str, torch.Tensor], text: dict, vision: dict,
+                  dtype: str, processor: bool, tower: str, shards: int) -> None:
+    """Weights (in ``shards`` files; one HF-layout file is ``model.safetensors``) and config.json
+    in ``layout``, and the processor files (HF layout only)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if processor and layout != "hf":
+        raise ValueError("processor files come with the HF layout (layout='hf')")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if layout == "llava_qwen":
+        config = _llava_qwen_config(image_id, text, vision, dtype, tower)
+        write_shards(out, state, shards)
+    else:
+        config = _hf_config(image_id, tokenizer.convert_tokens_to_ids("<video>"), text, vision, dtype)
+        # Like the published conversions, the file holds only the vision layers that are used.
+        unused = f"encoder.layers.{vision['num_hidden_layers'] - 1}."
+        hf_state = {to_hf_name(n): t.contiguous() for n, t in state.items() if unused not in n}
+        if shards == 1:
+            save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            write_shards(out, hf_state, shards)
+        if processor:
+            write_hf_processor(out, tokenizer, vision)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int = 0, head_size: int | None = None,
+                          processor: bool = False) -> Path:
+    """Write config, tokenizer and weights to ``out``; returns the directory. ``head_size``: the
+    text model's head size (None: the tiny default, 16); ``processor``: also write transformers'
+    processor files (HF layout only), as vLLM needs."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(seed)
     tokenizer.save_pretrained(str(out))
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    state = random_state_dict(seed)
-    if layout == "llava_qwen":
-        config = _llava_qwen_config(image_id)
-        write_shards(out, state, 2)
-    else:
-        config = _hf_config(image_id, tokenizer.convert_tokens_to_ids("<video>"))
-        # Like the published conversions, the file holds only the vision layers that are used.
-        unused = f"encoder.layers.{TINY_VISION['num_hidden_layers'] - 1}."
-        hf_state = {to_hf_name(n): t.contiguous() for n, t in state.items() if unused not in n}
-        save_file(hf_state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    text = TINY_TEXT if head_size is None else text_with_head_size(head_size)
+    _write_layout(out, layout, tokenizer, random_state_dict(seed, text=text), text, TINY_VISION, "float32", processor,
+                  "aim-llava/siglip-tiny-patch14-384", 2 if layout == "llava_qwen" else 1)
     return out

@@ -20,6 +20,12 @@ rounded to an even number) because that is what a user picking it wants; use ano
 the published indices. ``auto`` tries decord, then pyav (qwen only when neither is installed).
 A failure becomes one VideoError line. Reading is thread-safe (the command line reads ahead in
 worker threads); decoders' own C-level messages are the command's concern (aim_llava.cli).
+
+Media from an untrusted source (the server's clients) are read under :class:`MediaLimits`: with
+PyAV only, its demuxers limited to video containers and its protocols to plain files, every frame
+brought to the model's input size as it is decoded, a pixel budget checked before decoding and a
+deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS` only, everywhere
+(never EPS/PS, which would run Ghostscript).
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import bisect
 import math
 import os
 import re
+import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +46,21 @@ from PIL import Image, UnidentifiedImageError
 from aim_llava.errors import InputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Pillow's decoders for those extensions: no other decoder ever sees a file (EPS and PS would run
+# Ghostscript; the others are attack surface nobody needs here)
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+# FFmpeg demuxers that untrusted videos may use: containers of one file (no HLS/DASH playlists, no
+# concat lists, no image sequences, which open other files)
+VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf")
 BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
 
 
 class VideoError(InputError):
     """A video, frame directory or image that cannot be read as asked."""
+
+
+class ReadingTimeExceeded(VideoError):
+    """Reading stopped at the deadline of :class:`MediaLimits`."""
 
 
 @dataclass
@@ -55,6 +74,45 @@ class VideoClip:
     fps: float
     source: str
     is_image: bool = False
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    """How media from an untrusted source are read (see the module docstring).
+
+    Every video frame, and every image taken as a frame, is resized to ``frame_size`` x
+    ``frame_size`` as soon as it is decoded, with PIL's bicubic filter (the resampling the model's
+    own preprocessing reproduces, so the model sees within 2/255 of what it sees from a full-size
+    frame; tests/test_video.py), and nothing larger is kept; the sampled frames may hold
+    ``max_pixels`` pixels at that size (a sampling that would hold more is refused before anything
+    is decoded); one decoded image or video frame may have ``max_source_pixels`` (checked from its
+    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value)."""
+
+    frame_size: int
+    max_pixels: int
+    max_source_pixels: int
+    deadline: float | None = None
+
+    def check_frames(self, count: int, source: str) -> None:
+        held = count * self.frame_size**2
+        if held > self.max_pixels:
+            raise VideoError(f"sampling {source} gives {count} frames, {held:,} pixels at the model's input size "
+                             f"{self.frame_size}x{self.frame_size}, more than the {self.max_pixels:,} a request may "
+                             "hold: ask for fewer frames")
+
+    def check_source(self, width: int, height: int, source: str) -> None:
+        if width * height > self.max_source_pixels:
+            raise VideoError(f"{source} is {width}x{height} pixels, more than the {self.max_source_pixels:,} allowed "
+                             "for one image or frame: send smaller media")
+
+    def check_deadline(self, source: str) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise ReadingTimeExceeded(f"reading {source} took longer than the request's time limit")
+
+    def frame(self, image: Image.Image) -> np.ndarray:
+        """A decoded RGB image at the model's input size."""
+        size = (self.frame_size, self.frame_size)
+        return np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC))
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -104,6 +162,8 @@ def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> li
         count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
         indices = uniform_indices(first, last, count)
     check_frame_count(len(indices), opts.get("frame_limit"), source)
+    if opts.get("limits") is not None:
+        opts["limits"].check_frames(len(indices), source)
     return indices
 
 
@@ -121,6 +181,15 @@ def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, i
     return reader.get_batch(indices).asnumpy(), indices, source_fps, total
 
 
+def rgb24(frame) -> np.ndarray:
+    """A decoded PyAV frame as [H, W, 3] uint8 RGB."""
+    return frame.to_ndarray(format="rgb24")
+
+
+def no_check() -> None:
+    """What a reader without limits checks while it works: nothing."""
+
+
 @dataclass
 class PacketIndex:
     """Presentation timestamps of a stream's frames (sorted: frame i has ``pts[i]``) and of its
@@ -130,10 +199,12 @@ class PacketIndex:
     keyframes: list[int]
 
     @classmethod
-    def read(cls, container, stream) -> PacketIndex | None:
-        """None when some packet has no timestamp (then frames can only be counted by decoding)."""
+    def read(cls, container, stream, check: Callable[[], None] = no_check) -> PacketIndex | None:
+        """None when some packet has no timestamp (then frames can only be counted by decoding);
+        ``check()`` runs at every packet (it raises to stop)."""
         pts, keyframes = [], []
         for packet in container.demux(stream):
+            check()
             if packet.size == 0:
                 continue
             if packet.pts is None:
@@ -149,10 +220,12 @@ class PacketIndex:
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, pts) - 1)]
 
 
-def _decode_seeking(container, stream, index: PacketIndex, indices: list[int]) -> dict[int, np.ndarray] | None:
-    """The frames at ``indices``, decoded from the keyframe before each run of them rather than
-    from the start; None if the decoder's timestamps do not match the packets' (then the caller
-    decodes sequentially)."""
+def _decode_seeking(container, stream, index: PacketIndex, indices: list[int],
+                    convert: Callable[[object], np.ndarray] = rgb24,
+                    check: Callable[[], None] = no_check) -> dict[int, np.ndarray] | None:
+    """The frames at ``indices`` (each through ``convert``), decoded from the keyframe before each
+    run of them rather than from the start; None if the decoder's timestamps do not match the
+    packets' (then the caller decodes sequentially). ``check()`` runs at every decoded frame."""
     wanted = {index.pts[i]: i for i in set(indices)}
     decoded: dict[int, np.ndarray] = {}
     frames, last = None, None
@@ -164,11 +237,12 @@ def _decode_seeking(container, stream, index: PacketIndex, indices: list[int]) -
             container.seek(keyframe, stream=stream, backward=True, any_frame=False)
             frames = container.decode(stream)
         for frame in frames:
+            check()
             if frame.pts is None:
                 return None
             last = frame.pts
             if frame.pts in wanted:
-                decoded[wanted[frame.pts]] = frame.to_ndarray(format="rgb24")
+                decoded[wanted[frame.pts]] = convert(frame)
             if frame.pts >= target:
                 break
         if wanted[target] not in decoded:
@@ -176,12 +250,14 @@ def _decode_seeking(container, stream, index: PacketIndex, indices: list[int]) -
     return decoded
 
 
-def _decode_sequential(container, stream, indices: list[int]) -> dict[int, np.ndarray]:
+def _decode_sequential(container, stream, indices: list[int], convert: Callable[[object], np.ndarray] = rgb24,
+                       check: Callable[[], None] = no_check) -> dict[int, np.ndarray]:
     """The frames at ``indices``, counting decoded frames from the start (any container)."""
     wanted, decoded = set(indices), {}
     for i, frame in enumerate(container.decode(stream)):
+        check()
         if i in wanted:
-            decoded[i] = frame.to_ndarray(format="rgb24")
+            decoded[i] = convert(frame)
         if i >= indices[-1]:
             break
     return decoded
@@ -190,24 +266,39 @@ def _decode_sequential(container, stream, indices: list[int]) -> dict[int, np.nd
 def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
     """Frame i is the i-th frame in presentation order. The packets are indexed first (demuxing
     only); the sampled frames are then decoded from the keyframe before each of them, with the
-    codec's own threads."""
+    codec's own threads. Under limits, only :data:`VIDEO_CONTAINERS` and plain files are opened
+    and each frame is brought to the model's input size as it is decoded."""
     import av
 
-    with av.open(path) as container:
+    limits: MediaLimits | None = opts.get("limits")
+    convert, check, options = rgb24, no_check, None
+    if limits is not None:
+        options = {"format_whitelist": ",".join(VIDEO_CONTAINERS), "protocol_whitelist": "file"}
+
+        def convert(frame):
+            limits.check_source(frame.width, frame.height, path)
+            return limits.frame(frame.to_image())
+
+        def check():
+            limits.check_deadline(path)
+
+    with av.open(path, container_options=options) as container:
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
         stream = container.streams.video[0]
+        if limits is not None:
+            limits.check_source(stream.codec_context.width, stream.codec_context.height, path)
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
-        index = PacketIndex.read(container, stream)
+        index = PacketIndex.read(container, stream, check)
         total = len(index.pts) if index is not None else stream.frames
         if total == 0 or source_fps <= 0:
             raise VideoError(f"{path} has no decodable video frames")
         indices = choose_indices(total, source_fps, opts, path)
-        decoded = _decode_seeking(container, stream, index, indices) if index is not None else None
+        decoded = _decode_seeking(container, stream, index, indices, convert, check) if index is not None else None
         if decoded is None:
             container.seek(0)
-            decoded = _decode_sequential(container, stream, indices)
+            decoded = _decode_sequential(container, stream, indices, convert, check)
     missing = set(indices) - set(decoded)
     if missing:
         raise VideoError(f"{path} is truncated or damaged: frame {max(missing)} of {total} does not decode")
@@ -256,43 +347,78 @@ def _backend_available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
-    """An image file (a path or a binary file object, called ``name`` in messages) as RGB;
-    unreadable files, decompression bombs (images whose declared size is far beyond any real
-    frame) and images declaring more than ``max_pixels`` pixels (checked before decoding) become
-    one VideoError."""
+def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None,
+                   formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
+    """An image file (a path or a binary file object, called ``name`` in messages) in one of
+    Pillow's ``formats``, as RGB; unreadable files, other formats, decompression bombs (images whose
+    declared size is far beyond any real frame) and images declaring more than ``max_pixels``
+    pixels (checked before decoding) become one VideoError."""
     name = name or str(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=formats) as image:
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise VideoError(f"{name} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
                                  "allowed: send smaller images")
-            return image.convert("RGB")
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError:
         raise VideoError(f"{name} declares an image too large to decode safely (a decompression bomb?)") from None
     except UnidentifiedImageError:
-        raise VideoError(f"cannot read {name} as an image (not in a format Pillow knows)") from None
+        raise VideoError(f"cannot read {name} as an image (not in one of the formats read here: "
+                         f"{', '.join(formats)})") from None
     except OSError as err:
         raise VideoError(f"cannot read {name} as an image ({err})") from None
 
 
-def _load_image_file(path: Path) -> VideoClip:
-    frame = np.asarray(open_image_rgb(path))
+def _load_image_file(path: Path, limits: MediaLimits | None) -> VideoClip:
+    frame = np.asarray(open_image_rgb(path, max_pixels=limits.max_source_pixels if limits else None))
     return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
 
 
-def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
-    def natural_key(p: Path):
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p.name)]
+def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
+    """The names of a frame directory's image files in natural order (numbers compared as
+    numbers); under limits, a directory of more than :data:`MAX_FRAMES` entries is refused before
+    they are sorted."""
+    def natural_key(name: str):
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
-    files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS), key=natural_key)
-    if not files:
+    names = []
+    with os.scandir(path) as entries:
+        for count, entry in enumerate(entries):
+            if limits is not None and count >= MAX_FRAMES:
+                raise VideoError(f"directory {path} holds more than {MAX_FRAMES:,} entries")
+            if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
+                names.append(entry.name)
+    if not names:
         raise VideoError(f"directory {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(names, key=natural_key)
+
+
+def _open_frame_file(directory: Path, name: str, limits: MediaLimits) -> np.ndarray:
+    """An untrusted directory's frame at the model's input size: opened without following a
+    symbolic link (which could lead anywhere), and only if it is a regular file."""
+    try:
+        handle = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        raise VideoError(f"cannot open the frame {name} ({err.strerror})") from None
+    with os.fdopen(handle, "rb") as file:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise VideoError(f"the frame {name} is not a regular file")
+        return limits.frame(open_image_rgb(file, name, limits.max_source_pixels))
+
+
+def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
+    limits: MediaLimits | None = opts.get("limits")
+    files = _frame_files(path, limits)
     source_fps = 1.0
     indices = choose_indices(len(files), source_fps, opts, str(path))
     frames, size = [], None
     for i in indices:
-        frame = open_image_rgb(files[i])
+        if limits is not None:
+            limits.check_deadline(str(path))
+            frames.append(_open_frame_file(path, files[i], limits))
+            continue
+        frame = open_image_rgb(path / files[i])
         size = size or frame.size
         frames.append(np.asarray(frame if frame.size == size else frame.resize(size, Image.BILINEAR)))
     return VideoClip(np.stack(frames), indices, [i / source_fps for i in indices], len(files) / source_fps,
@@ -326,29 +452,39 @@ def load_video(
     end: float | None = None,
     backend: str = "auto",
     frame_limit: int | None = None,
+    limits: MediaLimits | None = None,
 ) -> VideoClip:
     """Sample frames from a video file, a directory of frame images, or one image file.
 
     Frame directories are taken at 1 frame per second (sorted by name, numbers compared as
     numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
-    ``frame_limit`` frames is refused before any frame is decoded.
+    ``frame_limit`` frames is refused before any frame is decoded. ``limits``: read an untrusted
+    source (see :class:`MediaLimits`; videos with PyAV).
     """
     validate_sampling(num_frames, fps, max_frames, start, end)
     if fps is None:
-        check_frame_count(num_frames if max_frames is None else min(num_frames, max_frames), frame_limit, str(path))
+        count = num_frames if max_frames is None else min(num_frames, max_frames)
+        check_frame_count(count, frame_limit, str(path))
+        if limits is not None:
+            limits.check_frames(count, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if limits is not None and backend not in ("auto", "pyav"):
+        raise VideoError(f"untrusted media are read with pyav, not {backend}")
     path = Path(path)
     if not os.path.exists(path):
         raise VideoError(f"file not found: {path}")
-    opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit)
+    opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit,
+                limits=limits)
     if path.is_dir():
         return _load_frame_dir(path, opts)
     if path.stat().st_size == 0:
         raise VideoError(f"{path} is empty (0 bytes)")
     if is_image_file(path):
-        return _load_image_file(path)
-    if backend == "auto":
+        return _load_image_file(path, limits)
+    if limits is not None:
+        names = ["pyav"]
+    elif backend == "auto":
         # qwen-vl-utils decodes with decord or torchvision itself: it is only a last resort.
         names = [b for b in ("decord", "pyav") if _backend_available(b)] or ["qwen"]
     else:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import stat
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,16 @@ from aim_llava.video import VideoClip
 
 def file_identity(path: str | Path) -> tuple:
     """(resolved path, size, mtime_ns, inode, device) of a file; for a directory, also those of
-    its entries (a frame directory changes when one of its frames does)."""
+    its entries (a frame directory changes when one of its frames does). The status is that of
+    what ``path`` reaches (for the server's ``/proc/self/fd/N``, the file it holds open), the
+    resolved path only a label."""
     resolved = Path(path).resolve()
-    status = resolved.stat()
+    status = os.stat(path)
     identity = (str(resolved), status.st_size, status.st_mtime_ns, status.st_ino, status.st_dev)
-    if not resolved.is_dir():
+    if not stat.S_ISDIR(status.st_mode):
         return identity
     entries = []
-    for entry in sorted(os.scandir(resolved), key=lambda e: e.name):
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
         inner = entry.stat()
         entries.append((entry.name, inner.st_size, inner.st_mtime_ns, inner.st_ino))
     return identity + (tuple(entries),)

@@ -20,13 +20,15 @@ import sys
 
 import torch
 
+from aim_llava.capabilities import FUSED_IMPORTANCE_CAPABILITIES
 from aim_llava.offline_compile import compile_for_target, fused_importance_launches, logsumexp_launches
 from aim_llava.reduction.attention_lse import Tiling
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capability", type=int, default=90, help="CUDA compute capability: 90 = H100/H200, 80 = A100")
+    parser.add_argument("--capability", type=int, default=90,
+                        help="CUDA compute capability: 90 = H100/H200, 80 = A100, 75 = T4, 70 = V100")
     parser.add_argument("--dtypes", default="bfloat16,float16,float32")
     parser.add_argument("--tilings", default=str(Tiling()), help="OUTERxINNERxWARPSxSTAGES, comma-separated")
     parser.add_argument("--tokens", type=int, default=6373, help="sequence length N (shapes only)")
@@ -37,7 +39,9 @@ def main() -> int:
     launches = [(dtype, launch) for dtype in args.dtypes.split(",") for tiling in args.tilings.split(",")
                 for launch in fused_importance_launches(getattr(torch, dtype), Tiling.parse(tiling), args.tokens)]
     launches += [("float32", launch) for launch in logsumexp_launches(args.tokens)]
-    print(f"sm_{args.capability}, triton {triton.__version__}, torch {torch.__version__}, N = {args.tokens}")
+    print(f"sm_{args.capability}, triton {triton.__version__}, torch {torch.__version__}, N = {args.tokens}; "
+          f"importance_kernel=auto runs the fused kernel there: "
+          f"{'yes' if args.capability in FUSED_IMPORTANCE_CAPABILITIES else 'no (chunked)'}")
     print("| launch | dtype | registers | shared KiB | spilled B | tensor-core instruction | programs/SM | fits |")
     print("|---|---|---|---|---|---|---|---|")
     rows, failed = [], False

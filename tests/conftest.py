@@ -3,9 +3,12 @@
 import base64
 import contextlib
 import io
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,14 +28,32 @@ from aim_llava.tiny_checkpoint import write_tiny_checkpoint
 
 torch.set_num_threads(2)
 
-# The GPU tier (tests/gpu) needs CUDA: on a machine without it those files are not collected;
-# on the GPU machine run them with `pytest tests/gpu`.
-collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
+GPU_TIER = Path(__file__).parent / "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier (tests/gpu) needs CUDA: on a machine without it its tests are reported as
+    skipped, with the reason; on the GPU machine run them with `pytest tests/gpu`."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="GPU tier: needs CUDA (run `pytest tests/gpu` on a GPU machine)")
+    for item in items:
+        if GPU_TIER in item.path.parents:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llava_qwen"), "llava_qwen", seed=0)
+
+
+@pytest.fixture(scope="session")
+def scripted_qwen_dir(tmp_path_factory):
+    """The tiny checkpoint rewired to answer with the letter of its prompt's keyword
+    (tests/scripted_checkpoint.py: "dog" -> A, "cat" -> B, "car" -> C, "ball" -> D)."""
+    from scripted_checkpoint import write_scripted_checkpoint
+
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("scripted_llava_qwen"))
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +99,7 @@ def in_process_service(model_dir, media_root, frames: int = 2, max_new_tokens: i
     try:
         yield llm, service
     finally:
-        service.worker.stop()
+        service.close()
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -126,3 +147,163 @@ def run_under_triton_interpreter(code: str) -> None:
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+MCQ_TASK_YAML = """task: aim_local_mcq
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: {max_new_tokens}
+  do_sample: false
+  num_beams: 1
+process_results: !function utils.process_results
+metric_list:
+  - metric: accuracy
+    aggregation: mean
+    higher_is_better: true
+"""
+MCQ_TASK_UTILS = '''from aim_llava.evaluation import Item, parse_choice
+
+
+def doc_to_visual(doc):
+    return [doc["video"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return Item(str(doc["id"]), doc["video"], doc["question"], doc["options"], doc["answer"], "all").prompt()
+
+
+def process_results(doc, results):
+    return {"accuracy": float(parse_choice(results[0], len(doc["options"])) == doc["answer"])}
+'''
+
+
+def write_mcq_task(root: Path, data: Path, max_new_tokens: int = 4) -> Path:
+    """The lmms-eval task ``aim_local_mcq`` over ``data`` (the JSONL of ``aim-llava eval``), in the
+    multiple-choice prompt of aim_llava.evaluation; returns the folder to give as --include_path."""
+    task_dir = root / "tasks" / "aim_local_mcq"
+    task_dir.mkdir(parents=True)
+    (task_dir / "aim_local_mcq.yaml").write_text(MCQ_TASK_YAML.format(data=data, max_new_tokens=max_new_tokens))
+    (task_dir / "utils.py").write_text(MCQ_TASK_UTILS)
+    return root / "tasks"
+
+
+def run_lmms_eval(command: list[str], cwd: Path) -> str:
+    """Run an lmms-eval command line offline; it must exit 0 without logging an error (it exits 0
+    after logging one it caught, e.g. an import failing inside its evaluator). Returns its output
+    without loguru's colours."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    assert not [line for line in output.splitlines() if "| ERROR" in line or "Traceback" in line], output[-3000:]
+    return output
+
+
+def lmms_eval_logged_replies(output_dir: Path) -> list[str]:
+    """The replies lmms-eval logged (--log_samples) for the task ``aim_local_mcq``, in doc order."""
+    (samples,) = output_dir.rglob("*_samples_aim_local_mcq.jsonl")
+    records = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    return [r["filtered_resps"] for r in records]
+
+
+DTYPE_NOTE = "aim-llava: dtype auto on "  # the line a command writes when it loads a model with --dtype auto
+
+
+def without_dtype_note(err: str) -> str:
+    """A command's stderr without the line saying which dtype ``auto`` chose (aim_llava.capabilities)."""
+    return "\n".join(line for line in err.splitlines() if not line.startswith(DTYPE_NOTE))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_process(args: list, log: Path, env: dict | None = None, preexec_fn=None,
+                  entry: tuple[str, ...] = ("aim_llava.cli", "serve")):
+    """A real ``aim-llava serve`` process on 127.0.0.1 (``python -m`` ``entry``, then ``args``;
+    the port is chosen here), its output in ``log``: yields (base URL, process) once /health
+    answers."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", *entry, *map(str, args), "--port", str(port)]
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                                   env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start: {log.read_text()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield base, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """uvicorn serving ``app`` on 127.0.0.1 from a thread of this process: yields its port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def record_new_tokens(llm, monkeypatch) -> list[int]:
+    """The new tokens of each reply the model gives from now on (0 for one dropped before its
+    prefill), in a list that fills as it answers."""
+    produced, original = [], llm.answer_batch
+
+    def recording(*args, **kwargs):
+        results = original(*args, **kwargs)
+        produced.extend(result.response.num_new_tokens if result.response else 0 for result in results)
+        return results
+
+    monkeypatch.setattr(llm, "answer_batch", recording)
+    return produced
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk (length, type, data, CRC): for PNGs that say what a test needs."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels (what a decoder reads before decoding)."""
+    import struct
+
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IEND", b""))

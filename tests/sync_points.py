@@ -1,10 +1,18 @@
-"""Counting the host-device synchronisation points of a block of code, on any device.
+"""Counting (or refusing) the host-device synchronisation points of a block of code, on any device.
 
 On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` reports every synchronising call; on the
 CPU nothing synchronises, so the calls that would are counted where Python reaches them: reading
 a tensor's values into Python (``item``, ``tolist``, ``bool``/``int``/``float``, ``numpy``,
-``cpu``), data-dependent shapes (``nonzero``, boolean-mask indexing, ``masked_select``,
-``unique``, ``repeat_interleave`` with tensor counts).
+``cpu``, ``to("cpu")`` (on the CPU: spelled so), ``torch.equal``/``allclose``), data-dependent shapes (``nonzero``,
+one-argument ``torch.where``, boolean-mask indexing, ``masked_select``, ``unique``,
+``repeat_interleave`` with tensor counts), and copies into pageable host memory (``copy_`` into
+a CPU tensor that is not pinned: from the device such a copy waits for it). On the CPU no tensor
+can be pinned, so there a ``copy_`` counts unless it says ``non_blocking=True`` (the copies that
+go to pinned memory on a GPU say so; a forgotten pin with ``non_blocking=True`` is left to the
+GPU tier).
+
+:func:`refuse_sync_points` makes the same calls raise, and also the operators they dispatch to
+(which catches them inside torch's own functions too): what a CUDA-graph capture refuses.
 """
 
 from __future__ import annotations
@@ -14,10 +22,18 @@ import traceback
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
-                  "masked_select", "unique", "__getitem__", "__setitem__", "repeat_interleave")
-TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique", "repeat_interleave", "argwhere")
+                  "masked_select", "unique", "__getitem__", "__setitem__", "repeat_interleave", "copy_", "to", "equal",
+                  "allclose")
+TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique", "repeat_interleave", "argwhere", "where", "equal", "allclose")
+
+aten = torch.ops.aten
+# operators that need a value on the host (the first) or whose output size depends on values
+SYNC_OPERATORS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                  aten._unique2.default, aten.unique_consecutive.default, aten.unique_dim.default, aten.equal.default,
+                  aten.allclose.default}
 
 
 class SyncPoint(NamedTuple):
@@ -26,23 +42,78 @@ class SyncPoint(NamedTuple):
     tensor: int | None  # id() of the tensor the call was made on
 
 
+class SyncPointRefused(RuntimeError):
+    """A call that would synchronise with the host, inside :func:`refuse_sync_points`."""
+
+
 def _is_bool_index(index) -> bool:
-    items = index if isinstance(index, tuple) else (index,)
+    items = index if isinstance(index, (tuple, list)) else (index,)
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
-def _synchronises(name: str, args) -> bool:
+def _blocking_host_copy(destination: torch.Tensor, source, non_blocking: bool) -> bool:
+    if destination.device.type != "cpu":
+        return False
+    if torch.cuda.is_available():  # the real rule: from the GPU into pageable memory
+        return isinstance(source, torch.Tensor) and source.is_cuda and not destination.is_pinned()
+    return not non_blocking
+
+
+def _to_host(args, kwargs) -> bool:
+    """``tensor.to(...)`` to the host, blocking: from another device, or (on the CPU, where a
+    ``device`` variable may well be the CPU) spelled ``"cpu"``."""
+    target = kwargs.get("device")
+    for arg in args[1:]:
+        if isinstance(arg, (str, torch.device)):
+            target = arg
+        elif isinstance(arg, torch.Tensor):
+            target = arg.device
+    non_blocking = kwargs.get("non_blocking") or any(arg is True for arg in args[1:])
+    if target is None or non_blocking or torch.device(target).type != "cpu":
+        return False
+    return args[0].device.type != "cpu" or target == "cpu"
+
+
+def _synchronises(name: str, args, kwargs) -> bool:
+    """Whether ``name`` called with ``args`` (the tensor first, or None for a torch function)."""
     if name in ("__getitem__", "__setitem__"):
         return _is_bool_index(args[1])
     if name == "repeat_interleave":
-        repeats = args[1] if len(args) > 1 else None
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
         return isinstance(repeats, torch.Tensor) and repeats.numel() > 1
+    if name == "where":
+        return len(args) == 2 and not kwargs  # torch.where(condition): nonzero
+    if name == "copy_":
+        non_blocking = kwargs.get("non_blocking", len(args) > 2 and args[2])
+        return _blocking_host_copy(args[0], args[1], bool(non_blocking))
+    if name == "to":
+        return _to_host(args, kwargs)
     return True
 
 
+def _refused_operator(func, args) -> bool:
+    if func in SYNC_OPERATORS:
+        return True
+    if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+        return _is_bool_index(args[1])
+    if func is aten.repeat_interleave.Tensor:
+        return True  # the output size comes from the counts' values
+    return False
+
+
+class RefuseSyncOperators(TorchDispatchMode):
+    """Raises :class:`SyncPointRefused` for an operator that would synchronise."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _refused_operator(func, args):
+            raise SyncPointRefused(f"{func} synchronises with the host (a CUDA graph capture refuses it)")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def count_sync_points():
-    """Yields a list that collects a :class:`SyncPoint` for every synchronising call in the block."""
+def count_sync_points(refuse: bool = False):
+    """Yields a list that collects a :class:`SyncPoint` for every synchronising call in the block;
+    with ``refuse`` such a call raises :class:`SyncPointRefused` instead."""
     found: list[SyncPoint] = []
     originals = {}
 
@@ -51,9 +122,12 @@ def count_sync_points():
         originals[(owner, name)] = original
 
         def counted(*args, **kwargs):
-            if _synchronises(name, (None, *args) if owner is torch else args):
+            if _synchronises(name, (None, *args) if owner is torch else args, kwargs):
                 frame = traceback.extract_stack(limit=2)[0]
-                found.append(SyncPoint(name, f"{frame.filename}:{frame.lineno}", id(args[0]) if args else None))
+                point = SyncPoint(name, f"{frame.filename}:{frame.lineno}", id(args[0]) if args else None)
+                if refuse:
+                    raise SyncPointRefused(f"{name} at {point.where} synchronises with the host")
+                found.append(point)
             return original(*args, **kwargs)
 
         setattr(owner, name, counted)
@@ -67,3 +141,11 @@ def count_sync_points():
     finally:
         for (owner, name), original in originals.items():
             setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def refuse_sync_points():
+    """Raise :class:`SyncPointRefused` at any call or operator in the block that would synchronise
+    with the host, as a CUDA-graph capture does."""
+    with count_sync_points(refuse=True), RefuseSyncOperators():
+        yield

@@ -254,12 +254,9 @@ def test_eval_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_pat
         output = tmp_path / "plain" / "sub"
         expected = "which is a file"
     else:
-        # root may write anywhere, so the permission answer is simulated for this one directory
-        output = tmp_path / "locked" / "out"
-        (tmp_path / "locked").mkdir()
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(tmp_path / "locked") else real_access(p, m))
-        expected = "permission denied"
+        # sysfs takes no new files, even from root (whom permission bits do not stop): only trying tells
+        output = Path("/sys/aim-llava-eval")
+        expected = "cannot be written (permission denied)"
     import aim_llava.pipeline as pipeline
 
     monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -282,6 +279,45 @@ def test_closed_stdout_pipe_keeps_the_record(tiny_qwen_dir, clip, tmp_path):
                             timeout=300)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert json.loads(output.read_text())["video"] == str(clip)
+
+
+def run_with_stdout(command: str, stdout) -> subprocess.CompletedProcess:
+    """``aim-llava`` run in a child process whose stdout is ``stdout``, with the model's loading
+    turned into a failure (so that a refusal is known to come before it)."""
+    code = ("import sys, aim_llava.cli as cli, aim_llava.pipeline as pipeline\n"
+            "def loading(*a, **k): raise SystemExit('the model was loaded')\n"
+            "pipeline.VideoLLM.from_pretrained = loading\n"
+            f"sys.exit(cli.main({command.split()!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300)
+
+
+def test_output_that_is_the_commands_own_stdout_is_refused_before_loading(tiny_qwen_dir, clip, tmp_path):
+    """--output /dev/stdout with stdout redirected to a file: the record was written at offset 0
+    over the caption already printed there (a corrupt JSONL). With stdout a pipe, the command
+    failed after inference with "No such file or directory: /proc/N/fd/pipe:[...]". Both are
+    refused before the model is loaded, with exit code 2."""
+    command = f"caption {clip} --model {tiny_qwen_dir} --frames 2 --max-new-tokens 2 --output "
+    printed = tmp_path / "printed.txt"
+    for output in ("/dev/stdout", "/proc/self/fd/1", str(printed)):
+        with open(printed, "w") as stdout:
+            result = run_with_stdout(command + output, stdout)
+        assert result.returncode == 2, result.stderr
+        assert "is this command's standard output" in one_error_line(result.stderr)
+        assert printed.read_text() == ""
+    piped = run_with_stdout(command + "/dev/stdout", subprocess.PIPE)
+    assert piped.returncode == 2 and "is not a regular file (a device or pipe)" in one_error_line(piped.stderr)
+
+
+@pytest.mark.parametrize("output", ["/sys/aim-llava.jsonl", "/proc/aim-llava/out.jsonl"])
+def test_an_output_that_cannot_be_written_is_found_before_loading(capsys, tiny_qwen_dir, clip, monkeypatch, output):
+    """Permission bits do not tell (root passes them everywhere, and so does a read-only mount):
+    writing is tried before the model is loaded. Before, these failed at the first write with
+    exit code 1 and "what was finished is saved"."""
+    import aim_llava.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output)
+    assert code == 2 and "cannot be written" in one_error_line(err) and "what was finished" not in err
 
 
 def test_missing_video_reported_without_loading_the_model(capsys, tiny_qwen_dir, tmp_path, monkeypatch):

@@ -2,15 +2,24 @@
 sequence for every preset and in padded batches; sampling on the device, reproducible and with
 the right distribution; stopping, padding and streaming."""
 
+import logging
+
 import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
-from torch.fx.experimental.proxy_tensor import make_fx
+from fake_cuda import EmptyGraph, FakeCuda, ToyStep
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.model.language_model import llava_qwen
-from aim_llava.model.language_model.generation import SamplingParams, pick_tokens, run_decoding
+from aim_llava.model.language_model.generation import (
+    EAGER_STEPS_BEFORE_CAPTURE,
+    GraphCaptureError,
+    GraphedStep,
+    SamplingParams,
+    pick_tokens,
+    run_decoding,
+)
 from aim_llava.reduction.config import available_presets
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
@@ -38,46 +47,122 @@ def test_every_preset_decodes_like_recomputation_in_a_padded_batch(loaded, batch
         assert torch.equal(cached[i], single[0])
 
 
-class FrozenReplay:
-    """What a CUDA graph does to the decoding step, on the CPU: the first call runs the step and
-    records it once (``make_fx``: the ops with every host value baked in, as a capture would; a
-    host read such as ``.item()`` fails the recording); every later call copies its inputs into the
-    recorded static ones and replays the recording."""
+def graphed_runner(monkeypatch, strict: bool = True, device: str = "cuda:1") -> list[GraphedStep]:
+    """Make generate decode through :class:`GraphedStep` on the CPU (with tests/fake_cuda.py's
+    stand-ins installed); returns the list of the steps made."""
+    steps = []
 
-    def __init__(self, function):
-        self.function, self.recording, self.replays = function, None, 0
+    def runner(function, *_):
+        steps.append(GraphedStep(function, torch.device(device), strict=strict))
+        return steps[-1]
 
-    def __call__(self, *inputs):
-        if self.recording is None:
-            self.inputs = [value.clone() for value in inputs]
-            result = self.function(*self.inputs)  # the warm-up step; recording repeats its writes
-            self.recording = make_fx(self.function)(*self.inputs)
-            return result
-        for static, value in zip(self.inputs, inputs):
-            static.copy_(value)
-        self.replays += 1
-        return self.recording(*self.inputs)
+    monkeypatch.setattr(llava_qwen, "step_runner", runner)
+    return steps
 
 
 @pytest.mark.parametrize("preset", available_presets())
-def test_a_step_recorded_once_and_replayed_decodes_like_eager(loaded, batch, preset, monkeypatch):
-    """The contract GraphedStep relies on: the step's effect depends only on its tensor inputs and
-    the cache's buffers, never on host values that change between steps (every preset, padded)."""
+def test_a_step_captured_once_and_replayed_decodes_like_eager(loaded, batch, preset, monkeypatch):
+    """GraphedStep's own capture, check and replay, through a CPU graph that records the step's
+    operators once, with every host value baked in, refusing what a capture refuses (host reads,
+    data-dependent shapes), and replays them (tests/fake_cuda.py): the contract GraphedStep relies
+    on, that the step's effect depends only on its tensor inputs and the cache's buffers, holds for
+    every preset in a padded batch."""
     _, model, _, _ = loaded
     prompts, videos = batch
     ids, mask = left_padded_batch(prompts)
     kwargs = dict(attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=plan(model, preset),
                   max_new_tokens=12, eos_token_id=[])
     eager = model.generate(ids, **kwargs)
-    runners = []
-
-    def frozen_runner(function, *_):
-        runners.append(FrozenReplay(function))
-        return runners[-1]
-
-    monkeypatch.setattr(llava_qwen, "step_runner", frozen_runner)
+    cuda = FakeCuda(monkeypatch)
+    steps = graphed_runner(monkeypatch)
     assert torch.equal(model.generate(ids, **kwargs), eager)
-    assert runners[0].replays == 12 - 2  # 11 steps after the prefill's token: one recorded, ten replayed
+    # 11 steps after the prefill's token: 4 eager, 1 captured, 6 replayed, and the capture's check
+    assert steps[0].graph is cuda.graphs[0] and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE
+    assert len(cuda.graphs[0].operations) > 0
+
+
+def test_a_capture_that_records_nothing_is_caught_by_its_check(loaded, batch, monkeypatch, caplog):
+    """A graph that captured nothing (as on a stream of another GPU: the step ran eagerly during
+    the capture and replays do nothing) would give the capture step's logits forever; its checked
+    replay fails instead: decoding goes on eagerly, with a warning, and equals eager decoding; in
+    strict mode it raises."""
+    _, model, _, _ = loaded
+    prompts, videos = batch
+    kwargs = dict(images=[videos[0]], modalities=["video"], max_new_tokens=10, eos_token_id=[])
+    eager = model.generate(prompts[0], **kwargs)
+    cuda = FakeCuda(monkeypatch, graph=EmptyGraph)
+    steps = graphed_runner(monkeypatch, strict=False)
+    with caplog.at_level(logging.WARNING, logger="aim_llava.model.language_model.generation"):
+        assert torch.equal(model.generate(prompts[0], **kwargs), eager)
+    assert steps[0].eager and steps[0].graph is None and cuda.graphs[0].replays == 1
+    assert "decoding eagerly" in caplog.text and "away from the eager step" in caplog.text
+    graphed_runner(monkeypatch, strict=True)
+    with pytest.raises(GraphCaptureError, match="away from the eager step"):
+        model.generate(prompts[0], **kwargs)
+
+
+HOST_READS = {"tolist": lambda b: b.tolist(), "item": lambda b: b.sum().item(), "bool": lambda b: bool(b.any()),
+              "nonzero": lambda b: b.nonzero(), "where": lambda b: torch.where(b > 0),
+              "mask_index": lambda b: b[b > 0], "mask_assign": lambda b: b.__setitem__(b > 1e9, 0.0),
+              "equal": lambda b: torch.equal(b, b), "to_host": lambda b: b.to("cpu")}
+
+
+@pytest.mark.parametrize("read", HOST_READS, ids=str)
+def test_a_step_that_reads_the_host_is_refused_by_the_capture(read, monkeypatch, caplog):
+    """What a CUDA-graph capture refuses, the CPU stand-in refuses too; GraphedStep then decodes
+    eagerly (the same outputs as eager steps) with a warning, or raises in strict mode."""
+    FakeCuda(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, generator=gen) for _ in range(6)]
+    step = GraphedStep(ToyStep(HOST_READS[read]), torch.device("cuda:1"), eager_steps=1)
+    with caplog.at_level(logging.WARNING, logger="aim_llava.model.language_model.generation"):
+        outputs = [step(values, torch.tensor([number])) for number, values in enumerate(inputs)]
+    assert step.eager and "synchronises with the host" in caplog.text
+    assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
+    strict = GraphedStep(ToyStep(HOST_READS[read]), torch.device("cuda:1"), strict=True, eager_steps=0)
+    with pytest.raises(GraphCaptureError, match="synchronises with the host"):
+        strict(inputs[0], torch.tensor([0]))
+
+
+def test_a_toy_step_replays_like_eager_from_static_inputs(monkeypatch):
+    """Replays copy each call's inputs into the captured static tensors: the outputs equal eager
+    steps at every call, and the capture comes after the eager steps."""
+    cuda = FakeCuda(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(3, generator=gen) for _ in range(6)]
+    step = GraphedStep(ToyStep(), torch.device("cuda:1"), strict=True, eager_steps=2)
+    outputs = []
+    for number, values in enumerate(inputs):
+        outputs.append(step(values, torch.tensor([number])).clone())
+        assert len(cuda.graphs) == (number >= 2)  # captured at the third call
+    assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
+    assert cuda.graphs[0].replays == 1 + 3  # the check, then calls 4 to 6
+
+
+def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
+    """Capture waits for a few eager steps: a reply that reaches EOS within them costs no
+    capture, and gives the same tokens."""
+    _, model, _, _ = loaded
+    prompts, videos = batch
+    kwargs = dict(images=[videos[0]], modalities=["video"], max_new_tokens=20)
+    eager = model.generate(prompts[0], eos_token_id=[], **kwargs)
+    eos = int(eager[0, EAGER_STEPS_BEFORE_CAPTURE])  # the token the last eager step gives
+    first_eos = eager[0].tolist().index(eos)
+    cuda = FakeCuda(monkeypatch)
+    graphed_runner(monkeypatch)
+    ended = model.generate(prompts[0], eos_token_id=[eos], **kwargs)
+    assert ended[0].tolist() == eager[0, : first_eos + 1].tolist()
+    assert cuda.graphs == []
+
+
+def test_bench_decode_rate_leaves_out_the_graph_capture():
+    """20 steps of a batch of 4 in 1.5 s, 0.5 s of which captured the graph while running one
+    step: 19 steps x 4 tokens in the other second. Without a capture every step counts."""
+    from aim_llava.bench import decode_rate
+
+    assert decode_rate({"decode": 1.5, "graph_capture": 0.5}, 20, 4) == 76.0
+    assert decode_rate({"decode": 2.0}, 20, 4) == 40.0
+    assert decode_rate({"decode": 1.0, "graph_capture": 0.4}, 1, 1) == decode_rate({"decode": 0.1}, 0, 1) == 0.0
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(loaded, batch):

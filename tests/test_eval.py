@@ -1,4 +1,8 @@
-"""aim-llava eval: prompt format, accuracy vs an independent recount, resume, sharding."""
+"""aim-llava eval: prompt format, accuracy of scripted answers, resume, sharding.
+
+The model is the scripted tiny checkpoint (tests/scripted_checkpoint.py): it answers with the
+letter of the keyword in the question, so the expected predictions are known, some right and some
+wrong."""
 
 import json
 import os
@@ -6,26 +10,40 @@ import subprocess
 import sys
 
 import pytest
+from scripted_checkpoint import SCRIPT
 
 import aim_llava.evaluation as evaluation
 from aim_llava.cli import main
 from aim_llava.evaluation import Item, parse_choice
 from aim_llava.sample_media import write_sample_video
 
+OPTIONS = ["left", "middle", "right", "none"]
+# (keyword of the question, answer, category): the model says SCRIPT[keyword]
+ITEMS = [("dog", "A", "even"), ("cat", "C", "odd"), ("car", "C", "even"), ("ball", "D", "odd"),
+         ("dog", "B", "even"), ("cat", "middle", "odd")]
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("evalset")
     lines = []
-    for i in range(6):
+    for i, (keyword, answer, category) in enumerate(ITEMS):
         video = write_sample_video(root / f"v{i}.mp4", num_frames=12 + 3 * i)
-        lines.append({"id": f"q{i}", "video": str(video), "question": f"Which bar pattern is shown in clip {i}?",
-                      "options": ["left", "middle", "right", "none"], "answer": "ABCD"[i % 4],
-                      "category": "even" if i % 2 == 0 else "odd"})
+        lines.append({"id": f"q{i}", "video": str(video), "question": f"Is there a {keyword} in clip {i}?",
+                      "options": OPTIONS, "answer": answer, "category": category})
     lines.append({"id": "broken", "video": str(root / "missing.mp4"), "question": "?", "options": ["x", "y"],
                   "answer": "y", "category": "odd"})
     (root / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return root
+
+
+def expected_records():
+    """id -> (text, correct) of every item, from the script (the broken item: no text, wrong)."""
+    expected = {}
+    for i, (keyword, answer, _) in enumerate(ITEMS):
+        letter = answer if len(answer) == 1 else "ABCD"[OPTIONS.index(answer)]
+        expected[f"q{i}"] = (SCRIPT[keyword], SCRIPT[keyword] == letter)
+    return expected | {"broken": (None, False)}
 
 
 def run_eval(dataset, out, *extra):
@@ -34,8 +52,8 @@ def run_eval(dataset, out, *extra):
 
 
 @pytest.fixture(autouse=True)
-def tiny_model_env(tiny_qwen_dir, monkeypatch):
-    monkeypatch.setenv("TINY_MODEL", str(tiny_qwen_dir))
+def tiny_model_env(scripted_qwen_dir, monkeypatch):
+    monkeypatch.setenv("TINY_MODEL", str(scripted_qwen_dir))
 
 
 def test_prompt_and_answer_parsing():
@@ -44,29 +62,27 @@ def test_prompt_and_answer_parsing():
     assert [parse_choice(t, 4) for t in ["B", "B.", "(C) a dog", "The answer is D", "a cat", "E"]] == ["B", "B", "C", "D", None, None]
 
 
-def test_accuracy_equals_independent_recount(dataset, tmp_path, capsys):
+def test_accuracy_of_scripted_answers(dataset, tmp_path, capsys):
     # the data set holds one item whose video is missing: it is reported and the exit code says so
     assert run_eval(dataset, tmp_path, "--configs", "baseline,aim_default") == 2
     out, err = capsys.readouterr()
     assert "| aim_default |" in out
     assert err.count("aim-llava: error: item broken") == 2 and "2 item(s) could not be answered" in err
     summary = {row["config"]: row for row in json.loads((tmp_path / "summary.json").read_text())}
-    key = {json.loads(line)["id"]: json.loads(line) for line in (dataset / "data.jsonl").read_text().splitlines()}
+    expected = expected_records()
+    correct = {item: right for item, (_, right) in expected.items()}
+    assert 0 < sum(correct.values()) < len(correct)  # right and wrong answers
+    categories = {"even": ["q0", "q2", "q4"], "odd": ["q1", "q3", "q5", "broken"]}
     for config in ("baseline", "aim_default"):
         records = [json.loads(line) for line in (tmp_path / f"{config}.jsonl").read_text().splitlines()]
-        assert [r["id"] for r in records] == list(key)
+        assert {r["id"]: (r["text"], r["correct"]) for r in records} == expected
+        assert [r["id"] for r in records] == list(expected)
         broken = next(r for r in records if r["id"] == "broken")
         assert "file not found" in broken["error"]
-        correct = {}
-        for r in records:
-            letters = [ch for ch in (r["text"] or "").split() if len(ch.strip(".()")) == 1 and ch.strip(".()") in "ABCD"[: len(key[r["id"]]["options"])]]
-            answer = key[r["id"]]["answer"]
-            answer = answer if len(answer) == 1 else "ABCD"[key[r["id"]]["options"].index(answer)]
-            correct[r["id"]] = bool(letters) and letters[0].strip(".()") == answer and r["error"] is None
         assert summary[config]["accuracy"] == pytest.approx(sum(correct.values()) / len(correct))
-        for category in ("even", "odd"):
-            members = [i for i in key if key[i]["category"] == category]
-            assert summary[config]["per_category"][category] == pytest.approx(sum(correct[i] for i in members) / len(members))
+        for category, members in categories.items():
+            assert summary[config]["per_category"][category] == pytest.approx(
+                sum(correct[i] for i in members) / len(members))
         assert summary[config]["errors"] == 1
     assert summary["aim_default"]["mean_visual_tokens"] < summary["baseline"]["mean_visual_tokens"]
 
@@ -91,11 +107,11 @@ def test_resume_after_interruption_loses_and_repeats_nothing(dataset, tmp_path, 
     assert final[:2] == first
 
 
-def test_two_processes_give_the_same_results_as_one(dataset, tmp_path, tiny_qwen_dir):
+def test_two_processes_give_the_same_results_as_one(dataset, tmp_path, scripted_qwen_dir):
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     assert run_eval(dataset, single) == 2  # the missing video of item "broken"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "aim_llava.cli", "eval", "--data", str(dataset / "data.jsonl"), "--model", str(tiny_qwen_dir),
+               "-m", "aim_llava.cli", "eval", "--data", str(dataset / "data.jsonl"), "--model", str(scripted_qwen_dir),
                "--frames", "3", "--max-new-tokens", "4", "--output", str(sharded)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -113,21 +113,37 @@ def test_bench_reports_every_stage_from_a_video(capsys, tiny_qwen_dir, tmp_path)
 @pytest.mark.parametrize("exact", [True, False])
 def test_peak_memory_sees_a_freed_allocation(monkeypatch, exact):
     """A 256 MiB buffer written and freed inside the block: the kernel's peak RSS (Linux) or the
-    sampling thread (elsewhere; forced here) reports it, though RSS is back down at the end."""
-    import time
+    sampling thread (elsewhere; forced here) reports it, though RSS is back down at the end. The
+    buffer is freed only once the sampler has read an RSS that holds it, however slowly the
+    thread is scheduled."""
+    import threading
 
     import numpy as np
-    import torch
+    import psutil
 
+    from aim_llava import bench
     from aim_llava.bench import PeakMemory
 
     if exact and not PeakMemory.CLEAR_REFS.exists():
         pytest.skip("no /proc/self/clear_refs (not Linux)")
     if not exact:
         monkeypatch.setattr(PeakMemory, "CLEAR_REFS", PeakMemory.CLEAR_REFS.parent / "no-such-file" / "x")
+    seen = threading.Event()
+
+    class WatchedProcess(psutil.Process):
+        """Sets ``seen`` once an RSS read after the first one exceeds it by 240 MiB."""
+
+        def memory_info(self):
+            info = super().memory_info()
+            self.first = getattr(self, "first", info.rss)
+            if info.rss > self.first + 240 * 2**20:
+                seen.set()
+            return info
+
+    monkeypatch.setattr(bench.psutil, "Process", WatchedProcess)
     with PeakMemory(torch.device("cpu")) as memory:
         buffer = np.ones(256 * 2**20, dtype=np.uint8)
-        time.sleep(0.05)
+        assert exact or seen.wait(timeout=60), "the sampling thread never read the raised RSS"
         del buffer
     assert (memory.thread is None) == exact
     assert 240 * 2**20 < memory.extra < 300 * 2**20

@@ -4,6 +4,7 @@ against each other, underflow and ties."""
 import pytest
 import torch
 
+from aim_llava.reduction import importance
 from aim_llava.reduction.importance import (
     flex_bucket,
     log_start_weights,
@@ -71,11 +72,25 @@ def test_chunked_equals_dense(inputs, chunk_size, cache_budget, kernel):
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
-def test_memory_budget_chooses_small_chunks(inputs):
+@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
+def test_memory_budget_chooses_small_chunks(inputs, kernel, monkeypatch):
     q, k, key_mask, start = inputs
-    tiny_budget = pagerank_importance(q, k, key_mask, start, scale=0.35, memory_budget=2 * 4 * 37 * 4 * 3,
-                                      cache_budget=0)
-    assert torch.allclose(tiny_budget, pagerank_importance(q, k, key_mask, start, scale=0.35), rtol=1e-5)
+    budget = 2 * 4 * 37 * 4 * 3  # three query rows of float32 logits for 2 samples x 4 heads x 37 keys
+    blocks = []
+
+    def recording(*args):
+        for block in original(*args):
+            blocks.append(block[2].shape)
+            yield block
+
+    original = importance.attention_logit_chunks
+    monkeypatch.setattr(importance, "attention_logit_chunks", recording)
+    tiny_budget = kernel(q, k, key_mask, start.log(), 0.35, memory_budget=budget, cache_budget=0).exp()
+    assert blocks and all(shape[:2] == (2, 4) and shape[3] == 37 for shape in blocks)
+    assert {shape[2] for shape in blocks} == {3, 1}  # 12 chunks of 3 rows and the last row
+    assert max(shape.numel() * 4 for shape in blocks) == budget
+    monkeypatch.undo()
+    assert torch.allclose(tiny_budget, kernel(q, k, key_mask, start.log(), 0.35).exp(), rtol=1e-5)
 
 
 def test_settings_change_the_result(inputs):
@@ -197,6 +212,37 @@ def test_flex_passes_are_traced_once_per_bucket(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_keeps_a_compiled_pair_for_every_length_and_batch_size(monkeypatch):
+    """Each (length bucket, batch size) compiles its own pair of flex graphs; dynamo's recompile
+    limits grow with the shapes met, so none falls back to the dense implementation (lowered
+    limits here stand for the 24 buckets x batch sizes of a server; dynamo fails instead of
+    falling back)."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from aim_llava.reduction import importance
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=False, backend="eager")
+    monkeypatch.setattr(importance, "flex_kernel", lambda device_type: compiled)
+    monkeypatch.setattr(importance, "FLEX_SHAPES", set())
+    for name, value in (("recompile_limit", 2), ("accumulated_recompile_limit", 2), ("fail_on_recompile_limit_hit", True)):
+        monkeypatch.setattr(dynamo_config, name, value)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1, 100), (2, 100), (1, 300)]
+    try:
+        counters.clear()
+        for batch, n in shapes:
+            q, k = torch.randn(batch, 4, n, 16, generator=gen), torch.randn(batch, 2, n, 16, generator=gen)
+            valid = torch.ones(batch, n, dtype=torch.bool)
+            importance.pagerank_log_importance_flex(q, k, valid, log_start_weights(valid), 0.25, bucketed=True)
+        assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
 def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
     """scripts/bench_importance.py (the GPU plan's 'kernels' phase) on the CPU at small sizes: a
     row per kernel and length, each agreeing with the float32 chunked kernel."""
@@ -217,16 +263,3 @@ def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
                                                                 for k in ("factored", "chunked", "flex")]
     assert all(row["same_top_half"] and row["max_rel_diff"] < 1e-4 and row["warm_ms"] > 0 for row in rows)
     assert result.stdout.count("| 64 |") == 3
-
-
-def test_auto_kernel_by_device_and_dtype():
-    """``auto``: the factored kernel off CUDA; on CUDA the fused Triton kernel for half precision
-    and the chunked one (logits once, by cuBLAS) for float32, which the fused kernel would
-    recompute six times without tensor cores."""
-    from aim_llava.reduction.attention_lse import attention_lse_kernel
-    from aim_llava.reduction.importance import auto_kernel
-
-    assert auto_kernel("cpu", torch.bfloat16) == auto_kernel("cpu", torch.float32) == "factored"
-    half = "fused" if attention_lse_kernel() is not None else "chunked"
-    assert auto_kernel("cuda", torch.bfloat16) == auto_kernel("cuda", torch.float16) == half
-    assert auto_kernel("cuda", torch.float32) == "chunked"

@@ -21,7 +21,21 @@ def test_appends_equal_concatenation(reserve):
     assert cache.layers[0] is None
 
 
-def test_decoding_slots_are_written_in_place_and_unwritten_slots_are_zero():
+@pytest.fixture
+def nan_filled_allocations():
+    """Uninitialised tensors (torch.empty, new_empty, empty_like) hold NaN (True for booleans), as
+    deterministic mode's ``fill_uninitialized_memory`` makes them: garbage that a missing zero-fill
+    would leave in a buffer shows."""
+    enabled, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(8).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(enabled)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def test_decoding_slots_are_written_in_place_and_unwritten_slots_are_zero(nan_filled_allocations):
     """A decoding step attends over the whole buffer with unwritten slots masked: those slots must
     hold finite values (0 weight x NaN garbage would still be NaN)."""
     gen = torch.Generator().manual_seed(1)

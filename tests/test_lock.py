@@ -5,10 +5,10 @@ outside its range would make CI test something other than what pyproject.toml pr
 """
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version

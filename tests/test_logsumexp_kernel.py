@@ -56,6 +56,36 @@ def test_triton_kernel_equals_logsumexp_in_float64():
     run_under_triton_interpreter(CHECK)
 
 
+LARGE_OFFSETS = textwrap.dedent('''
+    import tempfile
+    import torch
+    from aim_llava.reduction.logsumexp import logsumexp_triton
+
+    # three matrices 2^30 + 2^20 elements apart, as a chunk of rows x N keys x heads > 2^31 lays
+    # them out: the stride fits int32, the third matrix's offset (2 x stride) does not. They live
+    # in a sparse file mapped into memory, so only the pages written take memory or disk.
+    stride, rows, cols = 2**30 + 2**20, 8, 40
+    elements = 2 * stride + rows * cols
+    with tempfile.NamedTemporaryFile() as backing:
+        backing.truncate(elements * 4)
+        storage = torch.from_file(backing.name, shared=True, size=elements, dtype=torch.float32)
+        x = storage.as_strided((1, 3, rows, cols), (3 * stride, stride, cols, 1))
+        gen = torch.Generator().manual_seed(0)
+        for head in range(3):
+            x[0, head] = torch.randn(rows, cols, generator=gen) * 10
+        for dim in (-1, -2):
+            reference = torch.logsumexp(x.double(), dim=dim)
+            assert torch.allclose(logsumexp_triton(x, dim).double(), reference, rtol=1e-5, atol=1e-4), dim
+    print("ok")
+''')
+
+
+def test_triton_kernel_offsets_are_64_bit():
+    """Element offsets past 2^31 (a user's importance_chunk_size x N x heads): int32 offsets wrap
+    and the kernel reads outside the tensor (a crash or wrong values)."""
+    run_under_triton_interpreter(LARGE_OFFSETS)
+
+
 def test_cpu_path_equals_logsumexp_of_the_biased_matrix():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 9, 11, generator=gen)

@@ -47,6 +47,33 @@ def reference_merge(frames: torch.Tensor, steps: list[int]) -> torch.Tensor:
     return torch.stack(result)
 
 
+def test_half_precision_merges_accumulate_in_float32():
+    """Merged bfloat16 tokens are float32 means rounded once (CUDA's atomic scatter would add in
+    bfloat16 in arbitrary order, so two runs could differ): the reductions run in float32, and
+    every merged token is the float64 mean of its group rounded to bfloat16, within one rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ReductionDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith(("scatter_reduce", "scatter_add")):
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(5)
+    frames = (torch.randn(2, 64, 16, generator=gen) * 4).to(torch.bfloat16)
+    with ReductionDtypes() as seen:
+        ours = merge_bipartite(MergeState.start(frames), 24).tokens
+    assert seen.dtypes == {torch.float32}
+    for frame, merged in zip(frames, ours):
+        tokens, _ = reference_step(list(frame.double()), list(range(64)), 24)
+        reference = torch.stack(tokens)
+        assert ((merged.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-6).all()  # one bf16 rounding
+
+
 @pytest.mark.parametrize(
     "ratio, steps, kept",
     [(0.5, [98], 98), (0.25, [98, 49], 49), (0.125, [98, 49, 24], 25), (0.375, [98, 24], 74)],
@@ -94,3 +121,16 @@ def test_steps_for_other_published_ratios():
     assert merge_steps_for_ratio(196, 0.0625) == [98, 49, 24, 12]
     assert sum(merge_steps_for_ratio(196, 0.03125)) == 196 - 7
     assert merge_steps_for_ratio(196, 1.0) == []
+
+
+def test_ties_are_broken_by_position():
+    """Sources with equal best scores merge in position order and a source ties to its first most
+    similar target (as the reference's stable sort and first maximum do), so every process merges
+    the same tokens. Each token is an axis direction times a random magnitude: their cosine
+    similarities are exactly 1, 0 or -1 (many ties), while their values differ."""
+    gen = torch.Generator().manual_seed(0)
+    axes = torch.randint(0, 4, (2, 196), generator=gen)
+    signs = torch.randint(0, 2, (2, 196, 1), generator=gen) * 2.0 - 1.0
+    frames = torch.nn.functional.one_hot(axes, 4).float() * signs * (torch.rand(2, 196, 1, generator=gen) + 0.5)
+    for steps in ([30], [98, 20]):
+        assert torch.allclose(merge_tokens(frames, steps), reference_merge(frames, steps), atol=1e-6, rtol=0)

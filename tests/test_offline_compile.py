@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("triton")  # installed with torch on Linux x86-64, where CI runs
 
+from aim_llava.capabilities import FUSED_IMPORTANCE_CAPABILITIES  # noqa: E402
 from aim_llava.offline_compile import (  # noqa: E402
     KernelResources,
     compile_for_target,
@@ -44,13 +45,29 @@ def test_compile_kernels_script_for_h100(tmp_path):
             assert launch["matrix_instructions"] == []  # a memory-bound reduction: no products
 
 
-def test_fused_kernel_for_ampere_uses_mma():
-    """On sm_80 (A100) the same source compiles to the warp-level mma instruction instead."""
+@pytest.mark.parametrize("capability", sorted(FUSED_IMPORTANCE_CAPABILITIES - {90}))
+def test_fused_kernel_for_ampere_and_ada_uses_mma(capability):
+    """On sm_80 (A100), sm_86 and sm_89 (RTX 30xx/40xx, L4, L40), where ``auto`` picks it, the same
+    source compiles to the warp-level mma instruction instead, without spilling."""
     rows, _ = fused_importance_launches(torch.bfloat16, Tiling())
-    resources = compile_for_target(rows.kernel, rows.arguments, rows.options, capability=80)
+    resources = compile_for_target(rows.kernel, rows.arguments, rows.options, capability)
     assert [name.split(".")[:2] for name in resources.matrix_instructions] == [["mma", "sync"]]
     assert ".bf16.bf16." in resources.matrix_instructions[0]
-    assert resources.local_bytes == 0 and resources.fits(80)
+    assert resources.local_bytes == 0 and resources.fits(capability)
+
+
+@pytest.mark.parametrize("capability", [75, 70])
+def test_fused_kernel_for_turing_and_volta_has_no_tensor_cores(capability):
+    """On sm_75 (T4) and sm_70 (V100) the fused kernel compiles in float16 (their half precision)
+    but without any matrix instruction and with registers spilled: ``auto`` does not pick it
+    there. The chunked kernel's log-sum-exp, which ``auto`` runs instead, compiles cleanly."""
+    assert capability not in FUSED_IMPORTANCE_CAPABILITIES
+    rows, _ = fused_importance_launches(torch.float16, Tiling())
+    fused = compile_for_target(rows.kernel, rows.arguments, rows.options, capability)
+    assert fused.matrix_instructions == () and fused.local_bytes > 0 and fused.fits(capability)
+    for launch in logsumexp_launches():
+        chunked = compile_for_target(launch.kernel, launch.arguments, launch.options, capability)
+        assert chunked.local_bytes == 0 and chunked.fits(capability)
 
 
 def test_float32_fused_kernel_keeps_ieee_products():

@@ -1,9 +1,14 @@
 """Image preprocessing and prompt construction against independent references."""
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
 from conftest import random_frames, random_image
+from fake_cuda import FakeCuda, aliases
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
     LlavaOnevisionImageProcessorPil,
 )
@@ -15,6 +20,8 @@ from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import build_prompt, get_conversation
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import process_images, tokenizer_image_token
+from aim_llava.model import image_processor
+from aim_llava.model.image_processor import PinnedStaging, SiglipImageProcessor
 
 
 def test_siglip_preprocessing_matches_transformers(loaded):
@@ -89,8 +96,6 @@ def synthetic_scene(height: int, width: int) -> np.ndarray:
 def test_device_preprocessing_equals_pil_within_two_levels(size, content):
     """The batched on-device resize/normalise against the PIL path (documented tolerance: every
     pixel within 2/255 before normalisation, the mean difference within 0.2/255)."""
-    from aim_llava.model.image_processor import SiglipImageProcessor
-
     processor = SiglipImageProcessor()
     height, width = size
     if content == "noise":
@@ -102,3 +107,72 @@ def test_device_preprocessing_equals_pil_within_two_levels(size, content):
     levels = (pil - device).abs() * 0.5 * 255  # std 0.5: back to 8-bit levels
     assert device.shape == pil.shape and device.dtype == torch.float32
     assert levels.max() <= 2.0 + 1e-3 and levels.mean() <= 0.2
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """The peak, after any operator in the block, of the bytes held by the tensors operators in the
+    block allocated (a storage counts until the last tensor viewing it is gone); and whether each
+    input of the resizing kernel was contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.holders: dict[int, int] = {}  # storage address -> live tensors on it
+        self.sizes: dict[int, int] = {}
+        self.peak = 0
+        self.resized_contiguous: list[bool] = []
+
+    def release(self, address: int) -> None:
+        self.holders[address] -= 1
+        if not self.holders[address]:
+            del self.holders[address], self.sizes[address]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("_upsample_bicubic2d_aa"):
+            self.resized_contiguous.append(args[0].is_contiguous())
+        result = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(result):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            address = tensor.untyped_storage().data_ptr()
+            if address not in self.holders and aliases(func):
+                continue  # a view of an input from outside the block
+            self.holders[address] = self.holders.get(address, 0) + 1
+            self.sizes.setdefault(address, tensor.untyped_storage().nbytes())
+            weakref.finalize(tensor, self.release, address)
+        self.peak = max(self.peak, sum(self.sizes.values()))
+        return result
+
+
+def test_device_preprocessing_holds_one_chunk_beyond_its_result(monkeypatch):
+    """Frames are converted to float contiguously (channels first) and resized one chunk at a
+    time: the memory held beyond the result stays within two chunks' float pixels, not the whole
+    clip's (six 720p frames: 66 MB of float pixels; one frame per chunk here), and the result
+    equals the one resized in a single chunk."""
+    frames = np.random.default_rng(3).integers(0, 256, (6, 720, 1280, 3), dtype=np.uint8)
+    processor = SiglipImageProcessor()
+    whole = processor.preprocess_frames(frames, "cpu")
+    frame_floats = 720 * 1280 * 3 * 4
+    monkeypatch.setattr(image_processor, "PREPROCESS_CHUNK_BYTES", frame_floats)
+    with LiveTensorBytes() as memory:
+        chunked = processor.preprocess_frames(frames, "cpu")
+    assert torch.equal(chunked, whole)
+    assert memory.peak <= chunked.nbytes + 2 * frame_floats < frames.size * 4
+    assert memory.resized_contiguous == [True] * 2 * 6  # two passes per one-frame chunk
+
+
+@pytest.mark.parametrize("sizes", [[5000, 37, 2999], [1000, 1001, 999]])
+def test_frames_reach_the_gpu_through_one_fixed_pinned_buffer(sizes, monkeypatch):
+    """Inputs smaller and larger than the staging buffer arrive byte for byte; the pinned memory
+    taken is the buffer's two halves, once, whatever the inputs; each piece's copy is marked by an
+    event on the device's stream, and a half is refilled only after waiting for its previous copy.
+    (torch.cuda stand-ins from tests/fake_cuda.py, copies into CPU tensors.)"""
+    cuda = FakeCuda(monkeypatch)
+    staging = PinnedStaging(nbytes=1000)
+    gen = torch.Generator().manual_seed(len(sizes))
+    pieces = 0
+    for size in sizes:
+        host = torch.randint(0, 256, (size, 3), dtype=torch.uint8, generator=gen)
+        assert torch.equal(staging.to_device(host, torch.device("cpu")), host)
+        pieces += -(-host.numel() // 1000)
+    assert cuda.pinned_bytes == [1000, 1000]
+    assert cuda.events == [torch.device("cpu")] * pieces and len(cuda.waits) == pieces - 2

@@ -6,18 +6,21 @@ reused prefix the logits of a full prefill, step by step.
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import in_process_service, left_padded_batch, plan, random_frames
+from conftest import left_padded_batch, plan, random_frames
 from PIL import Image
 from sync_points import count_sync_points
-from test_decoding import FrozenReplay
+from fake_cuda import FakeCuda
+from test_decoding import graphed_runner
 
 from aim_llava import load_pretrained_model
 from aim_llava.cli import main
@@ -25,13 +28,15 @@ from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import get_conversation
 from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.image_processor import SiglipImageProcessor
-from aim_llava.model.language_model import llava_qwen
+from aim_llava.model.language_model.generation import EAGER_STEPS_BEFORE_CAPTURE
 from aim_llava.model.language_model.kv_cache import KVCache
-from aim_llava.pipeline import Request, SamplingOptions, VideoLLM
+from aim_llava.pipeline import EncodedVisual, Request, SamplingOptions, VideoLLM
 from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reuse_cache import ReuseCache
 from aim_llava.sample_media import write_sample_video
-from aim_llava.video import VideoClip
+from aim_llava.server.batching import warm_up
+from aim_llava.server.service import Service
+from aim_llava.video import MediaLimits, VideoClip
 
 DECODE_STEPS = 5
 LOGIT_TOLERANCE = 1e-5
@@ -121,9 +126,10 @@ def test_reused_prefix_decodes_like_a_full_prefill_in_a_padded_batch(loaded, pre
 
 
 @pytest.mark.parametrize("preset", ["baseline", "aim_default"])
-def test_reused_prefix_in_a_step_recorded_once_and_replayed(loaded, preset, monkeypatch):
-    """The CUDA-graph contract (tests/test_decoding.py) with the prefix copied into the call's KV
-    buffers: a recorded step replayed over them decodes like eager decoding without reuse."""
+def test_reused_prefix_in_a_step_captured_once_and_replayed(loaded, preset, monkeypatch):
+    """The CUDA-graph contract (tests/test_decoding.py: GraphedStep's capture, check and replay
+    through tests/fake_cuda.py's CPU graph) with the prefix copied into the call's KV buffers: the
+    replayed step decodes like eager decoding without reuse."""
     tokenizer, model, _, _ = loaded
     reduction = plan(model, preset)
     features = [torch.randn(n, 64, generator=torch.Generator().manual_seed(4)) * 0.5 for n in (26, 19)]
@@ -134,16 +140,12 @@ def test_reused_prefix_in_a_step_recorded_once_and_replayed(loaded, preset, monk
     eager = model.generate(ids, **options)
     cache = ReuseCache(2**30)
     model.generate(ids, prefill=PrefixPrefill(model, cache, *prefix_ids(prompts, ["A", "B"], features)), **options)
-    runners = []
-
-    def frozen_runner(function, *_):
-        runners.append(FrozenReplay(function))
-        return runners[-1]
-
-    monkeypatch.setattr(llava_qwen, "step_runner", frozen_runner)
+    cuda = FakeCuda(monkeypatch)
+    steps = graphed_runner(monkeypatch)
     hit = PrefixPrefill(model, cache, *prefix_ids(prompts, ["A", "B"], features))
     assert torch.equal(model.generate(ids, prefill=hit, **options), eager)
-    assert runners[0].replays == 12 - 2 and cache.stats()["prefix_hits"] == 2
+    assert steps[0].graph is cuda.graphs[0] and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE
+    assert cache.stats()["prefix_hits"] == 2
 
 
 def test_prefix_prefill_reads_nothing_back_from_the_device(loaded):
@@ -223,21 +225,48 @@ def test_bytes_per_cached_clip_follow_the_documented_formula(loaded, videos, pre
     assert llm.cache.stats()["bytes"] == visual.num_tokens * 64 * 4 + prefix * layers_kept * 2 * 2 * 16 * 4 + hidden
 
 
-def test_server_reuses_a_clip_across_requests_and_logs_it(tiny_qwen_dir, loaded, videos, caplog):
-    def body(question):
-        return {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": videos[0].name}},
-                                                          {"type": "text", "text": question}]}], "max_tokens": 4}
+def server_replies(loaded, media_root, clip, questions, cache_mb: float) -> tuple[list[str], dict | None]:
+    """The replies of an in-process server (its request path: parsing, media read through an
+    O_PATH handle under the server's limits, the model thread) to one question after another about
+    ``clip``, and its cache's counts."""
+    llm = llm_of(loaded, cache_mb=cache_mb)
+    service = Service(llm, media_root, "tiny")
+    replies = []
+    try:
+        for question in questions:
+            body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip.name}},
+                                                              {"type": "text", "text": question}]}],
+                    "max_tokens": 4}
+            replies.append(asyncio.run(service.complete(json.dumps(body).encode()))["choices"][0]["message"]["content"])
+    finally:
+        service.close()
+    return replies, llm.cache.stats() if llm.cache is not None else None
 
+
+def test_a_second_request_on_a_clip_through_the_server_is_a_hit_with_the_same_reply(loaded, videos, caplog):
     questions = ("What is it?", "Which colour are the bars?")
-    with in_process_service(tiny_qwen_dir, videos[0].parent, frames=4) as (llm, service):
-        with caplog.at_level(logging.INFO, logger="aim_llava.cache"):
-            replies = [asyncio.run(service.complete(body(question))) for question in questions]
-        stats = llm.cache.stats()
-    plain = llm_of(loaded, cache_mb=0)
-    assert [r["choices"][0]["message"]["content"] for r in replies] == [plain.ask(videos[0], q, max_new_tokens=4)
-                                                                        for q in questions]
+    with caplog.at_level(logging.INFO, logger="aim_llava.cache"):
+        replies, stats = server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=64)
+    assert replies == server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=0)[0]
     assert [stats[f"{kind}_{what}"] for kind in ("visual", "prefix") for what in ("hits", "misses")] == [1, 1, 1, 1]
     assert "reuse cache so far: visual 1 hit / 1 miss; prefix 1 hit / 1 miss" in caplog.text
+
+
+def test_frames_read_under_the_servers_limits_are_not_those_of_the_full_size_frames(loaded, videos):
+    """The server's frames are resized as they are decoded: an eval-style read of the same file
+    must not take their entry, nor they its."""
+    llm = llm_of(loaded)
+    limits = MediaLimits(llm.image_processor.image_size, 10**9, 10**9)
+    llm.encode_clips([llm.read(videos[1], limits=limits, backend="pyav")], llm.reduction)
+    assert_fresh(llm.encode(videos[1], backend="pyav"), llm_of(loaded, cache_mb=0).encode(videos[1], backend="pyav"))
+    again = llm.read(videos[1], limits=dataclasses.replace(limits, deadline=time.monotonic() + 60), backend="pyav")
+    assert isinstance(again, EncodedVisual)  # the deadline is not part of the key
+
+
+def test_the_server_warm_up_leaves_the_cache_empty(loaded):
+    llm = llm_of(loaded)
+    warm_up(llm, 2)
+    assert llm.cache.stats()["entries"] == 0
 
 
 def test_eval_reports_the_cache_and_cache_mb_0_turns_it_off(tiny_qwen_dir, videos, tmp_path, capsys):

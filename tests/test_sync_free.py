@@ -46,12 +46,30 @@ def test_prefill_has_no_sync_point(loaded, spec):
     assert len(record.visual_tokens_per_layer) == model.config.text.num_hidden_layers
 
 
-def test_the_counter_sees_a_sync_point():
+SYNCING = {  # what would synchronise on a GPU, and calls alike that would not
+    "item": (lambda x: x.sum().item(), lambda x: x.sum()),
+    "__getitem__": (lambda x: x[x > 1], lambda x: x[1:]),
+    "where": (lambda x: torch.where(x > 1), lambda x: torch.where(x > 1, x, 0.0)),
+    "copy_": (lambda x: torch.empty(3).copy_(x), lambda x: torch.empty(3).copy_(x, non_blocking=True)),
+    "to": (lambda x: x.to("cpu"), lambda x: x.to(torch.float64)),
+    "equal": (lambda x: torch.equal(x, x), lambda x: torch.eq(x, x)),
+    "allclose": (lambda x: x.allclose(x), lambda x: torch.isclose(x, x)),
+    "cpu": (lambda x: x.cpu(), lambda x: x.clone()),
+}
+
+
+@pytest.mark.parametrize("call", SYNCING)
+def test_the_counter_sees_a_sync_point(call):
+    """Each synchronising call is counted once, under its name; its non-synchronising sibling
+    (device-side indexing, three-argument where, a copy into pinned memory, a dtype conversion, an
+    elementwise comparison) is not."""
+    syncing, not_syncing = SYNCING[call]
+    x = torch.arange(3.0)
     with count_sync_points() as found:
-        value = torch.arange(3).sum().item()
-        flags = torch.tensor([True, False])
-        torch.arange(2)[flags]
-    assert value == 3 and [point.call for point in found] == ["item", "__getitem__"]
+        syncing(x)
+    with count_sync_points() as alike:
+        not_syncing(x)
+    assert [point.call for point in found] == [call] and alike == []
 
 
 @pytest.mark.parametrize("spec", ["baseline", {"method": "aim", "importance_kernel": "chunked"}], ids=str)

@@ -5,7 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from aim_llava.sample_media import index_frame, read_frame_index, write_sample_video, write_vfr_sample_video
+from aim_llava.sample_media import (
+    index_frame,
+    read_frame_index,
+    write_hls_playlist,
+    write_sample_video,
+    write_vfr_sample_video,
+)
 from aim_llava.video import VideoError, load_video
 
 FILE_BACKENDS = ["decord", "pyav"]
@@ -203,3 +209,111 @@ def test_torchcodec_backend_reads_the_same_frames(hard_clips, clip):
     reference = load_video(hard_clips[clip], num_frames=12, backend="pyav")
     assert ours.indices == reference.indices and decoded_indices(ours) == ours.indices
     assert np.array_equal(ours.frames, reference.frames)
+
+
+# ---------------------------------------------------------------------------- untrusted media (the server)
+
+SERVER_LIMITS = dict(frame_size=384, max_pixels=2**27, max_source_pixels=2**26)
+
+
+def model_view(frames: np.ndarray) -> torch.Tensor:
+    """What the model's preprocessing makes of frames, in 0..255 units (before normalisation)."""
+    from aim_llava.model.image_processor import SiglipImageProcessor
+
+    return (SiglipImageProcessor(384).preprocess_frames(frames, "cpu") * 0.5 + 0.5) * 255
+
+
+@pytest.fixture(scope="module")
+def hd_clip(tmp_path_factory):
+    """1280x720: waves, a gradient and sharp edges, where resampling filters differ."""
+    from aim_llava.sample_media import textured_frame
+
+    return write_sample_video(tmp_path_factory.mktemp("hd") / "hd.mp4", num_frames=8, fps=8, height=720, width=1280,
+                              draw=textured_frame)
+
+
+def test_frames_at_the_models_input_size_are_what_the_model_sees_from_full_frames(hd_clip):
+    """Under limits each frame is resized to 384x384 as it is decoded (PIL's bicubic, the filter
+    the model's device preprocessing reproduces) instead of being kept at 1280x720 until the
+    model resizes it. What the model sees differs from today's full-size path by at most 2/255
+    per pixel value and 0.05/255 on average (measured on the CPU: 1/255 at most, 0.0006/255 on
+    average; the device path is itself within 2/255 of PIL, tests/test_preprocessing.py)."""
+    from aim_llava.video import MediaLimits
+
+    full = load_video(hd_clip, num_frames=8, backend="pyav")
+    small = load_video(hd_clip, num_frames=8, backend="pyav", limits=MediaLimits(**SERVER_LIMITS))
+    assert full.frames.shape == (8, 720, 1280, 3) and small.frames.shape == (8, 384, 384, 3)
+    assert small.indices == full.indices and small.timestamps == full.timestamps
+    difference = (model_view(small.frames) - model_view(full.frames)).abs()
+    assert difference.max() <= 2.0 + 1e-3 and difference.mean() <= 0.05, (difference.max(), difference.mean())
+
+
+def test_a_sampling_beyond_the_pixel_budget_is_refused_before_decoding(hd_clip, monkeypatch):
+    import av
+
+    from aim_llava.video import MediaLimits
+
+    limits = MediaLimits(384, max_pixels=10 * 384 * 384, max_source_pixels=2**26)
+    monkeypatch.setattr(av, "open", lambda *a, **k: pytest.fail("the video was opened"))
+    with pytest.raises(VideoError, match="11 frames, 1,622,016 pixels at the model's input size"):
+        load_video(hd_clip, num_frames=11, limits=limits)
+    monkeypatch.undo()
+    with pytest.raises(VideoError, match="gives 27 frames"):  # by fps the count is known once the file is indexed
+        load_video(hd_clip, fps=30, limits=limits)
+    assert len(load_video(hd_clip, num_frames=10, limits=limits).frames) == 10
+
+
+def test_limits_on_source_size_and_time(hd_clip):
+    import time
+
+    from aim_llava.video import MediaLimits
+
+    with pytest.raises(VideoError, match="is 1280x720 pixels, more than the 921,599 allowed"):
+        load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 1280 * 720 - 1))
+    with pytest.raises(VideoError, match="took longer than the request's time limit"):
+        load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 2**26, deadline=time.monotonic() - 1))
+
+
+def test_untrusted_videos_open_no_other_file(tmp_path):
+    """An HLS playlist or an FFmpeg concat list named like a video opens other files (anywhere:
+    decord reads a playlist's absolute segment paths). Under limits only container demuxers and
+    plain files are allowed."""
+    from aim_llava.video import MediaLimits
+
+    segment = write_sample_video(tmp_path / "elsewhere" / "secret.ts", num_frames=30, fps=10)
+    write_hls_playlist(tmp_path / "playlist.mp4", segment, 3.0)
+    write_hls_playlist(tmp_path / "playlist.m3u8", segment, 3.0)
+    (tmp_path / "list.mp4").write_text(f"ffconcat version 1.0\nfile {segment}\n")
+    assert len(load_video(tmp_path / "playlist.m3u8", num_frames=2, backend="pyav").frames) == 2  # what it would read
+    for name in ("playlist.mp4", "playlist.m3u8", "list.mp4"):
+        with pytest.raises(VideoError, match="cannot decode"):
+            load_video(tmp_path / name, num_frames=2, limits=MediaLimits(**SERVER_LIMITS))
+
+
+def test_untrusted_frame_directories_follow_no_link(tmp_path):
+    from aim_llava.video import MediaLimits
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(3):
+        Image.fromarray(index_frame(i, 96, 160)).save(frames / f"{i}.png")
+    clip = load_video(frames, num_frames=3, limits=MediaLimits(**SERVER_LIMITS))
+    assert clip.frames.shape == (3, 384, 384, 3)
+    assert decoded_indices(clip) == [0, 1, 2]
+    Image.fromarray(index_frame(7, 96, 160)).save(tmp_path / "outside.png")
+    (frames / "3.png").symlink_to(tmp_path / "outside.png")
+    assert decoded_indices(load_video(frames, num_frames=4)) == [0, 1, 2, 7]  # the command line follows it
+    with pytest.raises(VideoError, match="cannot open the frame 3.png"):
+        load_video(frames, num_frames=4, limits=MediaLimits(**SERVER_LIMITS))
+
+
+def test_images_are_read_only_by_the_decoders_of_image_files(tmp_path, monkeypatch):
+    """An EPS file named .png would run Ghostscript: Pillow is asked for IMAGE_FORMATS only."""
+    from PIL import EpsImagePlugin
+
+    called = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: called.append(a) or pytest.fail("Ghostscript"))
+    (tmp_path / "drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n%%EOF\n")
+    with pytest.raises(VideoError, match="not in one of the formats read here: JPEG, PNG"):
+        load_video(tmp_path / "drawing.png")
+    assert not called

@@ -13,6 +13,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aim_llava.errors import AimLlavaError
 
@@ -46,8 +47,10 @@ def _causal_mask(lq: int, lk: int, device: torch.device) -> torch.Tensor:
 
 
 def expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, kv_heads, L, d] -> [B, heads, L, d]: query head h reads key/value head h // (heads / kv_heads)."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+    """[B, kv_heads, L, d] -> [B, heads, L, d]: query head h reads key/value head h // (heads / kv_heads).
+    ``x`` itself when there are as many heads (a folded decoding step): no copy of the cache."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def eager_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
@@ -67,13 +70,31 @@ def sdpa_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
         mask, is_causal = _causal_mask(q.shape[2], k.shape[2], q.device), False
     grouped = q.shape[1] != k.shape[1]
     if grouped and mask is not None:
-        # On CUDA the kernel that takes a mask (memory-efficient) has no grouped-query support and
-        # the flash kernel takes no mask, so SDPA would fall back to its math kernel and hold the
-        # whole score matrix; shared key/value heads are expanded instead (O(L) extra memory).
+        backend = grouped_mask_backend(q, k, v, mask)
+        if backend is not None:
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        # SDPA would fall back to its math kernel and hold the whole score matrix: shared key/value
+        # heads are expanded instead (O(L) extra memory)
         k, v = expand_kv_heads(k, q.shape[1]), expand_kv_heads(v, q.shape[1])
         grouped = False
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                           enable_gqa=grouped)
+
+
+def grouped_mask_backend(q, k, v, mask) -> SDPBackend | None:
+    """A fused SDPA kernel that takes these grouped key/value heads together with the mask, or None.
+
+    On CUDA the flash kernel takes no mask and, depending on the torch version, the
+    memory-efficient one no grouped heads; cuDNN's may take both (a review of torch 2.11 says it
+    does; torch's own checks decide here), but SDPA ranks its math kernel before cuDNN, so the
+    kernel is named explicitly. None on other devices (grouped heads are then expanded)."""
+    if not q.is_cuda:
+        return None
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, False, True)
+    checks = ((SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.can_use_efficient_attention),
+              (SDPBackend.CUDNN_ATTENTION, getattr(torch.backends.cuda, "can_use_cudnn_attention", None)))
+    return next((backend for backend, usable in checks if usable is not None and usable(params)), None)
 
 
 def flash_attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from aim_llava.capabilities import auto_dtype
+from aim_llava.devices import make_current
 from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
 from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
@@ -66,13 +68,13 @@ def resolve_device(device_map) -> torch.device:
 
 
 def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
-    """'auto': the checkpoint's dtype on GPU, float32 on CPU (half precision is slow there)."""
+    """'auto': decided by the device's capabilities and logged (:func:`aim_llava.capabilities.auto_dtype`):
+    on a CPU bfloat16 where it computes bfloat16 in hardware, else float32; on a GPU the
+    checkpoint's dtype, float16 in place of bfloat16 where the GPU has no bfloat16."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype in (None, "auto"):
-        if device.type == "cpu":
-            return torch.float32
-        return DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16)
+        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16))
     if torch_dtype not in DTYPES:
         raise CheckpointError(f"unknown torch_dtype {torch_dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[torch_dtype]
@@ -133,6 +135,8 @@ def load_pretrained_model(
     attn_implementation: str = "sdpa",
     overwrite_config: dict | None = None,
     allow_pickle: bool = False,
+    multimodal: bool = False,
+    customized_config=None,
 ):
     """Load a local LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
 
@@ -142,12 +146,15 @@ def load_pretrained_model(
     flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
     ``overwrite_config`` replaces config fields by name; its ``reduction`` entry (a preset name,
     YAML path, mapping or ReductionConfig) sets the model's default token reduction (calls may
-    pass another plan with ``reduction=``).
+    pass another plan with ``reduction=``). ``multimodal=True`` (what LLaVA-NeXT callers such as
+    lmms-eval pass) accepts any ``model_name``, as LLaVA-NeXT does.
     """
     if model_base is not None:
         raise CheckpointError("model_base (LoRA/projector-only checkpoints) is not supported: give a full checkpoint")
-    if "llava" not in model_name.lower():
-        raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen'")
+    if customized_config is not None:
+        raise CheckpointError("customized_config (a replacement config) is not supported: change fields with overwrite_config")
+    if "llava" not in model_name.lower() and not multimodal:
+        raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen' (or multimodal=True)")
     model_dir = Path(model_path).expanduser()
     config = apply_overrides(checkpoint_config(model_dir), overwrite_config)
     reduction = load_reduction_config((overwrite_config or {}).get("reduction"))
@@ -156,6 +163,7 @@ def load_pretrained_model(
     attn = resolve_attn_implementation(attn_implementation)
     tokenizer = load_tokenizer(model_dir)
     check_tokenizer_fits(tokenizer, config, model_dir)
+    make_current(device)  # cuda:N: this thread's kernels, streams and events go to the model's GPU
     model = build_model(model_dir, config, device, dtype, attn, allow_pickle)
     model.set_reduction(reduction.build(config.text.num_hidden_layers))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

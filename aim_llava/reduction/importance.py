@@ -43,8 +43,15 @@ on CUDA go to ``chunked``: the fused kernel recomputes the logits at each of its
 float32 (IEEE, as the reference needs) it has no tensor cores, where the chunked kernel computes
 them once with cuBLAS; compiled for an H100 by the GPU machine's Triton 3.6 it also spills about
 8 KB per thread at the default launch shape (``scripts/compile_kernels.py``, docs/benchmarks.md).
-On CUDA without Triton (which ``flex`` needs too) ``auto`` is ``chunked``. ``fused``, ``chunked``
-and ``flex`` never synchronise with the host.
+On CUDA without Triton (which ``flex`` needs too), and on GPUs for which the fused kernel is not
+known to compile to tensor-core code (T4, V100: :data:`aim_llava.capabilities.FUSED_IMPORTANCE_CAPABILITIES`),
+``auto`` is ``chunked``. ``fused``, ``chunked`` and ``flex`` never synchronise with the host.
+
+If the fused or the flex kernel raises (a compile error, ``ptxas``, too little shared memory, an
+architecture it does not support), ``chunked`` computes the importance instead, for the rest of
+the process, after one warning (:data:`aim_llava.capabilities.RUNTIME_FALLBACKS`); so does the
+float32-output matrix product of half-precision q and k (``torch.bmm(out_dtype=...)``), replaced
+by a product of float32 copies.
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ import math
 
 import torch
 
+from aim_llava.capabilities import HALF_DTYPES, RUNTIME_FALLBACKS, device_capabilities
 from aim_llava.model.attention import expand_kv_heads
-from aim_llava.reduction.attention_lse import Tiling, attention_lse, attention_lse_kernel
+from aim_llava.reduction.attention_lse import Tiling, attention_lse
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
@@ -63,18 +71,30 @@ DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) 
 IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex", "fused")
 
 
+def half_products_in_float32(a: torch.Tensor) -> bool:
+    """Whether ``a`` is multiplied in its own half precision with float32 output (CUDA only)."""
+    return a.is_cuda and a.dtype in HALF_DTYPES
+
+
 def grouped_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q k^T [B, kv_heads * groups, rows, N] in float32 for q [B, kv_heads, groups, rows, d] and
     k [B, kv_heads, N, d]: the query heads that share a key head are stacked as rows of one matrix
     product, so k is never copied per query head. On CUDA, half-precision inputs are multiplied
-    with float32 accumulation and output (tensor cores, no rounding of the logits)."""
+    with float32 accumulation and output (tensor cores, no rounding of the logits); where that
+    product fails, their float32 copies are multiplied (the same products, exact in float32)."""
     batch, kv_heads, groups, rows, dim = q.shape
     a = q.reshape(batch * kv_heads, groups * rows, dim)
     b = k.transpose(-1, -2).reshape(batch * kv_heads, dim, k.shape[2])
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        out = torch.bmm(a, b, out_dtype=torch.float32)
+
+    def upcast():
+        return torch.bmm(a.float(), b.float())
+
+    if half_products_in_float32(a):
+        out = RUNTIME_FALLBACKS.run("torch.bmm(out_dtype=torch.float32)",
+                                    lambda: torch.bmm(a, b, out_dtype=torch.float32), upcast,
+                                    "a product of float32 copies")
     else:
-        out = torch.bmm(a.float(), b.float())
+        out = upcast()
     return out.view(batch, kv_heads * groups, rows, k.shape[2])
 
 
@@ -269,8 +289,7 @@ def pagerank_importance(q, k, key_mask, start_weights, scale, temperature=0.1, i
                                    memory_budget, cache_budget).exp()
 
 
-FLEX_GRAPHS_PER_BUCKET = 2  # the row pass and the column pass
-FLEX_MAX_TOKENS = 2**17  # the compile budget covers every bucket up to this length
+FLEX_GRAPHS_PER_SHAPE = 2  # the row pass and the column pass
 
 
 def flex_bucket(n: int) -> int:
@@ -283,19 +302,33 @@ def flex_bucket(n: int) -> int:
 
 @functools.cache
 def flex_kernel(device_type: str):
-    """FlexAttention: compiled with static shapes on CUDA (one kernel per bucket), eager elsewhere
-    (a dense reference implementation, for checking)."""
+    """FlexAttention: compiled with static shapes on CUDA (one kernel per input shape, see
+    :func:`allow_flex_shape`), eager elsewhere (a dense reference implementation, for checking)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     if device_type != "cuda":
         return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+FLEX_SHAPES: set[tuple] = set()  # the flex input shapes met so far in this process
+
+
+def allow_flex_shape(shape: tuple) -> None:
+    """Let dynamo keep a compiled pair of flex graphs for ``shape`` besides those of every shape
+    met before. Each (length bucket, batch size, heads, dtype) compiles its own pair; past
+    dynamo's recompile limits (8 graphs by default) the compiled function would silently fall
+    back to the dense, uncompiled implementation (an N x N matrix per head). The limits follow
+    the shapes actually met, so that a process serving many lengths and batch sizes never
+    reaches them."""
+    if shape in FLEX_SHAPES:
+        return
     import torch._dynamo.config as dynamo_config
 
-    # one compiled graph per pass and length bucket (see flex_bucket), far more than dynamo's
-    # default of 8: past the limit it would fall back to the dense, uncompiled implementation
-    buckets = len({flex_bucket(n) for n in range(1, FLEX_MAX_TOKENS + 1, 256)})  # buckets are >= 256 wide
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, FLEX_GRAPHS_PER_BUCKET * buckets)
-    return torch.compile(flex_attention, dynamic=False)
+    FLEX_SHAPES.add(shape)
+    graphs = FLEX_GRAPHS_PER_SHAPE * len(FLEX_SHAPES)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, graphs)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, graphs)
 
 
 def _causal(b, h, query_index, key_index):
@@ -358,6 +391,7 @@ def pagerank_log_importance_flex(
     keys_allowed = extend(key_mask, False)
     log_p = extend(log_start.float(), float("-inf"))[:, None, :].expand(batch, heads, padded)
     flex = flex_kernel(q.device.type)
+    allow_flex_shape((str(q.device), tuple(qf.shape), tuple(kf.shape), qf.dtype))
     device = str(q.device)
     scale = scale / temperature
     masked = torch.where(keys_allowed, 0.0, float("-inf"))
@@ -402,25 +436,31 @@ def pagerank_log_importance_fused(
     return head_log_importance(log_p)
 
 
-def auto_kernel(device_type: str, dtype: torch.dtype) -> str:
-    """The kernel ``auto`` means for q and k of ``dtype`` on a ``device_type`` device (see the
-    module docstring)."""
-    if device_type != "cuda":
-        return "factored"
-    half = dtype in (torch.float16, torch.bfloat16)
-    return "fused" if half and attention_lse_kernel() is not None else "chunked"
+def auto_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel ``auto`` means for q and k of ``dtype`` on ``device``, by its capabilities (see
+    the module docstring)."""
+    return device_capabilities(str(device)).importance_kernel(dtype)
+
+
+FALLIBLE_KERNELS = {"fused": pagerank_log_importance_fused, "flex": pagerank_log_importance_flex}
 
 
 def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations=5, kernel="auto",
                    chunk_size=None) -> torch.Tensor:
-    """Dispatch to a kernel (see the module docstring)."""
+    """Dispatch to a kernel (see the module docstring); a failing ``fused`` or ``flex`` kernel is
+    replaced by ``chunked``."""
     if kernel == "auto":
-        kernel = auto_kernel(q.device.type, q.dtype)
-    if kernel == "fused":
-        return pagerank_log_importance_fused(q, k, key_mask, log_start, scale, temperature, iterations)
-    if kernel == "flex":
-        return pagerank_log_importance_flex(q, k, key_mask, log_start, scale, temperature, iterations)
+        kernel = auto_kernel(q.device, q.dtype)
     if kernel == "factored":
         return pagerank_log_importance_factored(q, k, key_mask, log_start, scale, temperature, iterations,
                                                 chunk_size)
-    return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)
+
+    def chunked():
+        return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)
+
+    if kernel in FALLIBLE_KERNELS:
+        return RUNTIME_FALLBACKS.run(
+            f"the {kernel} importance kernel",
+            lambda: FALLIBLE_KERNELS[kernel](q, k, key_mask, log_start, scale, temperature, iterations),
+            chunked, "the chunked kernel")
+    return chunked()

@@ -5,7 +5,8 @@ the row normalisers and once per PageRank step over the rows (``logsumexp_i (bia
 ``torch.logsumexp(L + bias)`` makes about eight passes over the matrix (the sum, the maximum, the
 shift, the exponential, the sum); on a GPU, where those passes are memory-bound, the Triton kernel
 here reads each element once with a running maximum and a rescaled running sum (the online
-softmax normaliser). Elsewhere, or without Triton, the PyTorch expression is used.
+softmax normaliser). Elsewhere, without Triton, or once the kernel has failed in this process
+(:data:`aim_llava.capabilities.RUNTIME_FALLBACKS`), the PyTorch expression is used.
 """
 
 from __future__ import annotations
@@ -14,13 +15,26 @@ import functools
 
 import torch
 
+from aim_llava.capabilities import RUNTIME_FALLBACKS
+
 
 def logsumexp_with_bias(x: torch.Tensor, dim: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``logsumexp(x + bias, dim)`` for x [B, H, R, C] float32 and ``dim`` -1 or -2; ``bias``
     [B, H, size of dim] is added along the reduced axis (None: no bias). -inf entries are allowed;
     a line that is all -inf gives -inf."""
-    if x.is_cuda and triton_kernel() is not None:
-        return logsumexp_triton(x, dim, bias)
+    if use_triton(x):
+        return RUNTIME_FALLBACKS.run("the Triton log-sum-exp kernel", lambda: logsumexp_triton(x, dim, bias),
+                                     lambda: logsumexp_torch(x, dim, bias), "torch.logsumexp")
+    return logsumexp_torch(x, dim, bias)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether ``x`` is reduced by the Triton kernel (a CUDA tensor, Triton importable)."""
+    return x.is_cuda and triton_kernel() is not None
+
+
+def logsumexp_torch(x: torch.Tensor, dim: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`logsumexp_with_bias` as a PyTorch expression (several passes over ``x``)."""
     if bias is not None:
         x = x + (bias[..., :, None] if dim in (-2, 2) else bias[..., None, :])
     return torch.logsumexp(x, dim=dim)
@@ -39,12 +53,13 @@ def triton_kernel():
     def reduce_lines(x_ptr, bias_ptr, out_ptr, n_reduced, n_kept, stride_x_bh, stride_x_reduced, stride_x_kept,
                      stride_bias_bh, stride_out_bh, HAS_BIAS: tl.constexpr, BLOCK_REDUCED: tl.constexpr,
                      BLOCK_KEPT: tl.constexpr):
-        bh = tl.program_id(0)
-        kept = tl.program_id(1) * BLOCK_KEPT + tl.arange(0, BLOCK_KEPT)
+        # int64 offsets: a chunk of rows x N keys x heads may exceed 2^31 elements
+        bh = tl.program_id(0).to(tl.int64)
+        kept = tl.program_id(1).to(tl.int64) * BLOCK_KEPT + tl.arange(0, BLOCK_KEPT)
         running_max = tl.full([BLOCK_KEPT], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_KEPT], tl.float32)
         for start in range(0, n_reduced, BLOCK_REDUCED):
-            reduced = start + tl.arange(0, BLOCK_REDUCED)
+            reduced = start + tl.arange(0, BLOCK_REDUCED).to(tl.int64)
             inside = (reduced[:, None] < n_reduced) & (kept[None, :] < n_kept)
             tile = tl.load(x_ptr + bh * stride_x_bh + reduced[:, None] * stride_x_reduced + kept[None, :] * stride_x_kept,
                            mask=inside, other=float("-inf"))

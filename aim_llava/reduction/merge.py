@@ -4,7 +4,9 @@ One step (docs/algorithms.md §2), for tokens ``x`` [G, T, C] merged within each
 sources are the even positions, targets the odd ones; every source finds its most cosine-similar
 target; the ``r`` sources with the highest best-scores are merged into their targets as a plain
 mean with the target (``scatter_reduce(mean, include_self=True)``); the output is the unmerged
-sources (in descending-score order) followed by all targets (in order).
+sources (in descending-score order) followed by all targets (in order). Ties are broken by
+position (a stable sort; a source's best target is its first most similar one), so that every
+process that merges the same tokens (each tensor-parallel rank of vLLM) merges them alike.
 
 Options beyond the published behaviour: ``order="spatial"`` returns tokens sorted by their
 original position, and ``weighting="size"`` averages by how many original tokens each one holds.
@@ -46,7 +48,7 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
     normed = F.normalize(tokens.float(), dim=-1)
     scores = normed[:, ::2] @ normed[:, 1::2].transpose(1, 2)
     best_score, best_target = scores.max(dim=-1)
-    ranking = best_score.argsort(dim=-1, descending=True)
+    ranking = best_score.argsort(dim=-1, descending=True, stable=True)
     merged_src, kept_src = ranking[:, :r], ranking[:, r:]
     targets_of_merged = best_target.gather(1, merged_src)
 
@@ -58,11 +60,13 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
     src_tokens, dst_tokens = tokens[:, ::2], tokens[:, 1::2]
     src_sizes, dst_sizes = state.sizes[:, ::2], state.sizes[:, 1::2]
     scatter_index = targets_of_merged[..., None].expand(-1, -1, tokens.shape[-1])
+    # accumulated in float32 at least: CUDA's scatter reductions add in arbitrary order (atomics),
+    # which in bfloat16 changes results from call to call
+    work = torch.promote_types(tokens.dtype, torch.float32)
     if weighting == "mean":
-        merged = dst_tokens.scatter_reduce(1, scatter_index, pick(src_tokens, merged_src), reduce="mean",
-                                           include_self=True)
+        merged = dst_tokens.to(work).scatter_reduce(1, scatter_index, pick(src_tokens, merged_src).to(work),
+                                                    reduce="mean", include_self=True).to(tokens.dtype)
     else:
-        work = torch.promote_types(tokens.dtype, torch.float32)
         weighted = (dst_tokens.to(work) * dst_sizes[..., None]).scatter_add(
             1, scatter_index, pick(src_tokens, merged_src).to(work) * pick(src_sizes, merged_src)[..., None]
         )

@@ -1,5 +1,7 @@
 """GPU tier: the CUDA-graph decoding step gives the same tokens as the eager one, for every preset,
-in padded batches, and on the 7B architecture. Run on a CUDA machine: ``pytest tests/gpu``."""
+in padded batches, and on the 7B architecture, with the graph in strict mode (a failed capture or
+replay check raises instead of decoding eagerly, so "graph equals eager" never compares eager with
+eager); decoding never synchronises after its capture. Run on a CUDA machine: ``pytest tests/gpu``."""
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from aim_llava.architectures import architecture
 from aim_llava.bench import random_model
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.model.language_model import llava_qwen
+from aim_llava.model.language_model.generation import GraphedStep
 from aim_llava.reduction.config import available_presets
 from aim_llava.timing import StageTimes
 
@@ -19,16 +23,60 @@ def cuda_model(tiny_qwen_dir):
     return load_pretrained_model(tiny_qwen_dir, device_map="cuda", torch_dtype="float32")
 
 
+def padded_batch(model, tokenizer, processor, reduction):
+    """(ids, attention mask, visual features) of two prompts with videos; the features are computed
+    once, since merging's scatter on CUDA adds in arbitrary order (atomics) and two runs of it may
+    differ in the last bit."""
+    videos = [processor.preprocess(random_frames(n, 48, 64, seed=n))["pixel_values"] for n in (4, 2)]
+    ids, mask = left_padded_batch([prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What?")])
+    with torch.no_grad():
+        features = model.visual_features(videos, None, ["video"] * 2, reduction)
+    return ids, mask, features
+
+
 @pytest.mark.parametrize("preset", available_presets())
 def test_graph_equals_eager_for_every_preset(cuda_model, preset):
     tokenizer, model, processor, _ = cuda_model
     reduction = plan(model, preset)
-    videos = [processor.preprocess(random_frames(n, 48, 64, seed=n))["pixel_values"] for n in (4, 2)]
-    ids, mask = left_padded_batch([prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What?")])
-    kwargs = dict(attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=reduction,
-                  max_new_tokens=24, eos_token_id=[])
-    graphed = model.generate(ids, cuda_graph=True, **kwargs)
+    ids, mask, features = padded_batch(model, tokenizer, processor, reduction)
+    kwargs = dict(attention_mask=mask, visual_features=features, reduction=reduction, max_new_tokens=24,
+                  eos_token_id=[])
+    graphed = model.generate(ids, cuda_graph="strict", **kwargs)
     assert torch.equal(graphed, model.generate(ids, cuda_graph=False, **kwargs))
+
+
+@pytest.mark.parametrize("preset", ["baseline", "aim_default", "aim_default_mask"])
+def test_decoding_steps_never_synchronise(cuda_model, preset, monkeypatch):
+    """Eagerly from the second step on, and with the graph once it is captured and checked (the
+    check reads one flag, once per generation), every step, with the sampling and the host copies
+    around it, runs under ``set_sync_debug_mode("error")``."""
+    tokenizer, model, processor, _ = cuda_model
+    reduction = plan(model, preset)
+    ids, mask, features = padded_batch(model, tokenizer, processor, reduction)
+    real_runner = llava_qwen.step_runner
+
+    def strict_after_warm_up(function, device, use_graph, max_new_tokens):
+        step = real_runner(function, device, use_graph, max_new_tokens)
+
+        def call(*inputs):
+            logits = step(*inputs)
+            if not isinstance(step, GraphedStep) or step.graph is not None:
+                torch.cuda.set_sync_debug_mode("error")
+            return logits
+
+        return call
+
+    monkeypatch.setattr(llava_qwen, "step_runner", strict_after_warm_up)
+    kwargs = dict(attention_mask=mask, visual_features=features, reduction=reduction, max_new_tokens=24,
+                  eos_token_id=[])
+    try:
+        for graph in ("strict", False):
+            tokens = model.generate(ids, cuda_graph=graph, **kwargs)
+            assert torch.cuda.get_sync_debug_mode() == 2, graph  # it was switched on
+            torch.cuda.set_sync_debug_mode("default")
+            assert tokens.shape == (2, 24)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_graph_capture_is_timed_apart_and_only_with_graphs(cuda_model):
@@ -36,11 +84,11 @@ def test_graph_capture_is_timed_apart_and_only_with_graphs(cuda_model):
     video = processor.preprocess(random_frames(4, 48, 64))["pixel_values"]
     kwargs = dict(images=[video], modalities=["video"], max_new_tokens=24, eos_token_id=[])
     seconds = {}
-    for graph in (True, False):
+    for graph in ("strict", False):
         with torch.no_grad(), StageTimes() as times:
             model.generate(prompt_ids(tokenizer, "Describe the video."), cuda_graph=graph, **kwargs)
         seconds[graph] = times.seconds()
-    assert 0 < seconds[True]["graph_capture"] < seconds[True]["decode"]
+    assert 0 < seconds["strict"]["graph_capture"] < seconds["strict"]["decode"]
     assert "graph_capture" not in seconds[False]
 
 
@@ -66,7 +114,7 @@ def test_graph_equals_eager_on_the_7b_architecture(model_7b):
         with torch.no_grad():
             features = model_7b.video_features(frames, reduction)
         kwargs = dict(visual_features=[features], max_new_tokens=64, eos_token_id=[], reduction=reduction)
-        assert torch.equal(model_7b.generate(ids, cuda_graph=True, **kwargs),
+        assert torch.equal(model_7b.generate(ids, cuda_graph="strict", **kwargs),
                            model_7b.generate(ids, cuda_graph=False, **kwargs)), spec
 
 

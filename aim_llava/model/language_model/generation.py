@@ -1,9 +1,9 @@
 """The decoding loop after a prefill, kept off the host's critical path.
 
 * The next-token computation is a fixed-shape step (``LlavaQwenForCausalLM.step_logits``): on a
-  GPU it is captured once per call as a CUDA graph and replayed, so a step costs one launch
-  instead of one per kernel (:class:`GraphedStep`); elsewhere, or with ``cuda_graph=False``, it
-  runs eagerly.
+  GPU, after a few eager steps (a reply that ends sooner never pays for a capture), it is captured
+  once per call as a CUDA graph, checked, and replayed, so a step costs one launch instead of one
+  per kernel (:class:`GraphedStep`); elsewhere, or with ``cuda_graph=False``, it runs eagerly.
 * Sampling runs on the device (greedy argmax, or an exponential race for sampling, which needs no
   value on the host); EOS and each sample's own token limit are tracked on the device, so a
   batch stops once every sample has ended, whatever their limits. A sample whose caller has gone
@@ -22,12 +22,18 @@ from dataclasses import dataclass
 
 import torch
 
+from aim_llava.tensors import page_locked
 from aim_llava.timing import stage
 
 logger = logging.getLogger(__name__)
 
 HOST_LAG_STEPS = 2  # on CUDA, how many steps old the flags are that the host waits for
 MIN_GRAPHED_TOKENS = 8  # shorter generations do not repay capturing a graph
+# steps run eagerly before the capture: a reply that ends sooner (a short answer) never pays for it;
+# on CUDA the host sees EOS HOST_LAG_STEPS late, so replies of up to 3 tokens (a letter, a period,
+# EOS) end within 4 steps
+EAGER_STEPS_BEFORE_CAPTURE = 4
+REPLAY_TOLERANCE = 1e-2  # a checked replay's logits within this fraction of the largest eager logit
 
 
 @dataclass
@@ -68,18 +74,21 @@ class HostMirror:
     """
 
     def __init__(self, batch: int, steps: int, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
-        self.tokens = torch.empty(steps, batch, dtype=torch.long, pin_memory=self.cuda)
-        self.finished = torch.zeros(steps, dtype=torch.bool, pin_memory=self.cuda)
+        self.tokens = torch.empty(steps, batch, dtype=torch.long)
+        self.finished = torch.zeros(steps, dtype=torch.bool)
+        if self.cuda:
+            self.tokens, self.finished = page_locked(self.tokens), page_locked(self.finished)
         self.events: list[torch.cuda.Event] = []
         self.delivered = 0
 
     def push(self, step: int, tokens: torch.Tensor, all_finished: torch.Tensor) -> None:
-        self.tokens[step].copy_(tokens, non_blocking=self.cuda)
-        self.finished[step].copy_(all_finished, non_blocking=self.cuda)
+        self.tokens[step].copy_(tokens, non_blocking=True)
+        self.finished[step].copy_(all_finished, non_blocking=True)
         if self.cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))  # the copies' stream, not the current device's
             self.events.append(event)
 
     def deliver(self, until: int, streamer=None) -> int | None:
@@ -98,17 +107,31 @@ class HostMirror:
         return None
 
 
+class GraphCaptureError(RuntimeError):
+    """The decoding step could not be captured as a CUDA graph, or its replay disagreed with the
+    eager step (raised in strict mode; otherwise decoding goes on eagerly)."""
+
+
 class GraphedStep:
     """A decoding step function replayed as a CUDA graph.
 
-    The first call runs the step for real on a side stream (which also warms up cuBLAS and the
-    allocator) and then captures it; later calls copy their inputs into the captured static
-    tensors and replay. The graph belongs to one generation (its KV buffers), so concurrent
-    calls never share one. If the capture fails, the generation goes on eagerly (logged).
+    The first ``eager_steps`` calls run the step eagerly. The next runs it for real on a side
+    stream of ``device`` (which also warms up cuBLAS and the allocator), captures it, and checks
+    the capture: one replay with the same inputs must give the same logits (:meth:`check_replay`).
+    Later calls copy their inputs into the captured static tensors and replay. The graph belongs
+    to one generation (its KV buffers), so concurrent calls never share one. If the capture fails
+    or its check does, the generation goes on eagerly with a warning, or, with ``strict``, raises
+    :class:`GraphCaptureError` (the GPU tests use it, so that "graph equals eager" never compares
+    eager with eager).
     """
 
-    def __init__(self, function: Callable[..., torch.Tensor]):
+    def __init__(self, function: Callable[..., torch.Tensor], device: torch.device, strict: bool = False,
+                 eager_steps: int = EAGER_STEPS_BEFORE_CAPTURE):
         self.function = function
+        self.device = device
+        self.strict = strict
+        self.eager_steps = eager_steps
+        self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager = False
         self.inputs: list[torch.Tensor] = []
@@ -120,43 +143,67 @@ class GraphedStep:
                 static.copy_(value)
             self.graph.replay()
             return self.output
-        if self.eager:
+        self.calls += 1
+        if self.eager or self.calls <= self.eager_steps:
             return self.function(*inputs)
-        with stage("graph_capture", inputs[0].device):  # the warm-up step and the capture, reported apart
-            self.inputs = [value.clone() for value in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                result = self.function(*self.inputs).clone()
-            torch.cuda.current_stream().wait_stream(side)
-            try:
-                self.graph = self.capture(side)
-            except RuntimeError as error:
-                logger.warning("the decoding step could not be captured as a CUDA graph, decoding eagerly: %s", error)
-                self.eager = True
-        return result
+        with stage("graph_capture", self.device):  # the warm-up step, the capture and its check, reported apart
+            return self.capture_checked(inputs)
+
+    def capture_checked(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Run the step, capture it and check the capture; returns the step's logits."""
+        self.inputs = [value.clone() for value in inputs]
+        side = torch.cuda.Stream(device=self.device)
+        current = torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            expected = self.function(*self.inputs).clone()
+        current.wait_stream(side)
+        try:
+            self.graph = self.capture(side)
+            self.check_replay(expected)
+        except RuntimeError as error:
+            self.graph = None
+            if self.strict:
+                raise GraphCaptureError(f"the decoding step could not be used as a CUDA graph: {error}") from error
+            logger.warning("the decoding step could not be used as a CUDA graph, decoding eagerly: %s", error)
+            self.eager = True
+            return self.function(*inputs)  # writes this step's KV slot again, in case a bad replay spoiled it
+        return expected
 
     def capture(self, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
         """Record the step on ``stream`` (the warm-up's side stream). ``torch.cuda.graph`` would
         first synchronise the device and empty the allocator's cache, so every generate call would
         hand the cached blocks back to the driver and the next prefill would allocate them again."""
         graph = torch.cuda.CUDAGraph()
-        stream.wait_stream(torch.cuda.current_stream())
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
         with torch.cuda.stream(stream):
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.output = self.function(*self.inputs)
             finally:
                 graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
+        current.wait_stream(stream)
         return graph
 
+    def check_replay(self, expected: torch.Tensor) -> None:
+        """Replay once with the warm-up's inputs (the step's KV slot is written again with the same
+        values) into a NaN-filled output and require the warm-up's logits: a capture that recorded
+        nothing (a stream of another GPU) or the wrong thing fails here, instead of repeating one
+        token or decoding garbage. Reads one flag on the host, once per generation."""
+        self.output.fill_(float("nan"))
+        self.graph.replay()
+        gap = (self.output - expected).abs().max()
+        if not bool(gap <= REPLAY_TOLERANCE * expected.abs().max()):  # NaN compares False
+            raise GraphCaptureError(f"its replay gave logits up to {float(gap):.3g} away from the eager step's")
 
-def step_runner(function: Callable[..., torch.Tensor], device: torch.device, use_graph: bool,
+
+def step_runner(function: Callable[..., torch.Tensor], device: torch.device, use_graph: bool | str,
                 max_new_tokens: int) -> Callable[..., torch.Tensor]:
-    """``function`` as a CUDA graph where that pays (a GPU, enough steps), eagerly otherwise."""
+    """``function`` as a CUDA graph where that pays (a GPU, enough steps), eagerly otherwise;
+    ``use_graph="strict"``: a graph that fails raises instead of falling back to eager."""
     if use_graph and device.type == "cuda" and max_new_tokens > MIN_GRAPHED_TOKENS:
-        return GraphedStep(function)
+        return GraphedStep(function, device, strict=use_graph == "strict")
     return function
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from aim_llava.devices import on_own_device
 from aim_llava.errors import AimLlavaError, InputError
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.generation import (
@@ -101,6 +102,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             )
         return reduction
 
+    @on_own_device
     def prefill(self, inputs: MultimodalInputs, cache: KVCache | None, reduction: ReductionPlan | None = None,
                 replay: ReductionRecord | None = None) -> tuple[torch.Tensor, TokenState, ReductionRecord]:
         """Decoder pass over a whole multimodal batch, with the plan's layer reducer (or, with
@@ -141,8 +143,13 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         use_cache: bool = False,
         visual_features: list[torch.Tensor] | None = None,
         reduction: ReductionPlan | None = None,
+        labels: torch.Tensor | None = None,
     ) -> LlavaOutput:
-        """Logits for every position of the (left-padded) multimodal sequence."""
+        """Logits for every position of the (left-padded) multimodal sequence. ``labels`` (LLaVA-NeXT's
+        training loss) is refused."""
+        if labels is not None:
+            raise InputError("labels: aim_llava computes no loss (it is an inference engine), so lmms-eval's "
+                             "log-likelihood tasks are not supported; use generate_until tasks")
         plan = self.plan_for(reduction)
         inputs = self.prepare_multimodal_inputs(
             input_ids, attention_mask, images, image_sizes, modalities, visual_features, plan
@@ -163,6 +170,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         return step
 
     @torch.no_grad()
+    @on_own_device
     def generate(
         self,
         inputs: torch.Tensor,
@@ -182,8 +190,10 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         visual_features: list[torch.Tensor] | None = None,
         reduction: ReductionPlan | None = None,
         return_dict_in_generate: bool = False,
-        cuda_graph: bool = True,
+        cuda_graph: bool | str = True,
         cancelled_rows: Callable[[], list[int]] | None = None,
+        stopping_criteria=None,
+        num_beams: int = 1,
         prefill: Callable[..., tuple[torch.Tensor, TokenState, ReductionRecord]] | None = None,
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
@@ -193,15 +203,20 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         ``max_new_tokens`` is one limit or one per sample (a sample that reaches its own is padded
         like one that emitted EOS, and the batch stops once all have ended). ``cancelled_rows``,
         asked once a step, names samples to end now (e.g. those whose client went away).
-        ``eos_token_id=[]`` disables stopping. ``streamer`` follows transformers' streamer protocol
+        ``eos_token_id=[]`` disables stopping; ``stopping_criteria`` (LLaVA-NeXT's
+        ``KeywordsStoppingCriteria``) add their ``stop_token_ids`` to it. ``num_beams`` must be 1
+        (no beam search). ``streamer`` follows transformers' streamer protocol
         (``put`` with the prompt first, then each new token; ``end`` at the end). With the KV cache
         (preallocated per layer for the prefill's length after pruning plus ``max_new_tokens``)
         each step has fixed shapes and, on a GPU, is replayed as a CUDA graph unless
-        ``cuda_graph=False``. Without the cache every step recomputes the whole sequence, replaying
+        ``cuda_graph=False`` (``"strict"``: a capture that fails raises instead of decoding
+        eagerly). Without the cache every step recomputes the whole sequence, replaying
         the prefill's reduction decisions (a reference path). ``prefill`` stands in for
         :meth:`prefill` (same arguments and results), e.g. one that takes the prompts' video
         prefixes from a cache (:class:`aim_llava.prefix_cache.PrefixPrefill`).
         """
+        if num_beams != 1:
+            raise InputError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
         plan = self.plan_for(reduction)
         limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != len(inputs) or min(limits) < 1:
@@ -210,7 +225,8 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         row_limits = host_values(limits, self.device) if len(set(limits)) > 1 else None
         if eos_token_id is None:
             eos_token_id = self.generation_defaults.eos_token_ids
-        eos = host_values([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), self.device)
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = host_values(eos_ids + criteria_stop_ids(stopping_criteria or []), self.device)
         pad = self.generation_defaults.pad_token_id if pad_token_id is None else pad_token_id
         params = SamplingParams(do_sample, temperature, top_p, generator)
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features,
@@ -253,6 +269,20 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if not return_dict_in_generate:
             return sequences
         return GenerationOutput(sequences, record, cache.nbytes if cache is not None else 0)
+
+
+def criteria_stop_ids(criteria) -> list[int]:
+    """The token ids at which ``stopping_criteria`` end a sample: decoding checks ids on the device,
+    never text on the host, so each criterion must name them (``stop_token_ids``)."""
+    ids = []
+    for criterion in criteria:
+        if not hasattr(criterion, "stop_token_ids"):
+            raise InputError(
+                f"stopping criterion {type(criterion).__name__} is not supported: generate stops at token ids; use "
+                "aim_llava.mm_utils.KeywordsStoppingCriteria or eos_token_id"
+            )
+        ids.extend(criterion.stop_token_ids)
+    return ids
 
 
 def appended(inputs: MultimodalInputs, token_embeds: torch.Tensor) -> MultimodalInputs:

@@ -81,6 +81,23 @@ def attention_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     return mask[:, None]
 
 
+class AttentionMasks:
+    """The masks of one decoder pass (:func:`attention_mask`), each built once: layers whose keys
+    have the same validity (the same tensor, unchanged since) share one, so a padded batch builds
+    its [B, 1, L, L] mask once per token state instead of once per layer."""
+
+    def __init__(self):
+        self.key_valid: torch.Tensor | None = None
+        self.version = self.q_len = -1
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+        if key_valid is not self.key_valid or key_valid._version != self.version or q_len != self.q_len:
+            self.key_valid, self.version, self.q_len = key_valid, key_valid._version, q_len
+            self.mask = attention_mask(key_valid, q_len)
+        return self.mask
+
+
 class Qwen2Attention(nn.Module):
     def __init__(self, config: TextConfig, layer_idx: int):
         super().__init__()
@@ -111,16 +128,20 @@ class Qwen2Attention(nn.Module):
         cache: KVCache | None,
         attn_implementation: str,
         return_attention: bool = False,
+        masks: AttentionMasks | None = None,
     ) -> tuple[torch.Tensor, LayerAttention | None]:
         """``valid`` [B, L] marks the new tokens others may attend to; with ``return_attention``
-        the rotated queries and keys of the new tokens come back for token scoring."""
+        the rotated queries and keys of the new tokens come back for token scoring; ``masks``
+        shares the attention masks between the layers of a pass."""
         q, k, v = self.project(x, cos, sin)
         seen = LayerAttention(q, k, self.head_dim**-0.5) if return_attention else None
         key_valid = valid
         if cache is not None:
             entry = cache.append(self.layer_idx, k, v, valid, padded)
-            k, v, key_valid, padded = entry.keys, entry.values, entry.valid, entry.padded
-        mask = attention_mask(key_valid, q.shape[2]) if padded else None
+            if entry.length > q.shape[2]:  # keys cached before these tokens (else entry.valid equals valid)
+                key_valid = entry.valid
+            k, v, padded = entry.keys, entry.values, entry.padded
+        mask = (masks or AttentionMasks())(key_valid, q.shape[2]) if padded else None
         out = attend(q, k, v, mask, True, self.head_dim**-0.5, attn_implementation)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), seen
 
@@ -155,9 +176,9 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, valid, padded, cache, attn_implementation, return_attention=False):
+    def forward(self, x, cos, sin, valid, padded, cache, attn_implementation, return_attention=False, masks=None):
         attended, seen = self.self_attn(
-            self.input_layernorm(x), cos, sin, valid, padded, cache, attn_implementation, return_attention
+            self.input_layernorm(x), cos, sin, valid, padded, cache, attn_implementation, return_attention, masks
         )
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x)), seen
@@ -215,12 +236,12 @@ class Qwen2Model(nn.Module):
         reducer acting after each; returns the state leaving the last one (no final norm) and the
         visual tokens that entered each, per sample."""
         cos, sin = self.rotary(state.position_ids, state.hidden.dtype)
-        entering = []
+        entering, masks = [], AttentionMasks()
         for index in layers:
             entering.append(list(state.live_visual))
             wants = reducer is not None and reducer.wants_attention(index)
             state.hidden, seen = self.layers[index](state.hidden, cos, sin, state.alive, state.padded, cache,
-                                                    implementation, wants)
+                                                    implementation, wants, masks)
             if reducer is not None:
                 positions = state.position_ids
                 state = reducer.after_layer(index, state, seen)

@@ -48,9 +48,9 @@ class AimOptions:
     prune_mode: "remove" (tokens really dropped) or "mask" (the published masking, eager attention);
     importance_temperature / importance_iterations / importance_chunk_size: PageRank settings
     (the chunk size, in query rows, is chosen from a memory budget when None);
-    importance_kernel: "auto" (on CUDA the fused Triton kernel in bf16/fp16 and chunked in float32,
-    factored on the CPU), "fused", "chunked", "factored" or "flex" (see
-    ``aim_llava.reduction.importance``).
+    importance_kernel: "auto" (on CUDA the fused Triton kernel in bf16/fp16 where it is known to
+    compile to tensor-core code, chunked otherwise and in float32; factored on the CPU), "fused",
+    "chunked", "factored" or "flex" (see ``aim_llava.reduction.importance``).
     """
 
     merge_ratio: float | None = 0.25

@@ -1,0 +1,140 @@
+"""What the device a model runs on can do, and what to do when a GPU optimisation fails there.
+
+:class:`DeviceCapabilities` (compute capability, bfloat16 in hardware, Triton present, torch
+version) is read once per device and decides the defaults that depend on it: the dtype that
+``dtype="auto"`` loads a model in (:meth:`DeviceCapabilities.auto_dtype`) and the PageRank
+importance kernel that ``importance_kernel="auto"`` runs (:meth:`DeviceCapabilities.importance_kernel`).
+
+:data:`RUNTIME_FALLBACKS` keeps, for the life of the process, the GPU-only optimisations that
+raised here (a Triton kernel that does not compile for this GPU, a ``ptxas`` or shared-memory
+failure, an operator this build lacks, pinned memory refused by the system): each is replaced by
+a path that computes the same result, with one warning, instead of failing every request. It is
+process-wide on purpose: a kernel that cannot compile on this GPU will not compile on the next
+call either.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from aim_llava.errors import AimLlavaError
+
+logger = logging.getLogger(__name__)
+
+# Compute capabilities for which the fused importance kernel (aim_llava/reduction/attention_lse.py)
+# is known to compile to tensor-core instructions without spilling registers, in bf16 and fp16
+# (scripts/compile_kernels.py, tests/test_offline_compile.py). On sm_75 (T4) and sm_70 (V100) it
+# compiles but without any matrix instruction, spilling registers to local memory: excluded, as is
+# every capability not checked.
+FUSED_IMPORTANCE_CAPABILITIES = frozenset({80, 86, 89, 90})
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+    """What one device offers the defaults that depend on it."""
+
+    device: str  # "cpu", "cuda:0", ...
+    name: str  # the GPU's name, or the CPU's bfloat16 instructions
+    compute_capability: int | None  # 10 * major + minor (90: H100/H200, 75: T4); None off CUDA
+    bfloat16: bool  # bfloat16 arithmetic in hardware (sm_80 and later; AMX or AVX512-BF16 on a CPU)
+    triton: bool
+    torch_version: str
+
+    def auto_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``dtype="auto"`` means here: on a CPU bfloat16 where it computes bfloat16 in
+        hardware (about 3x faster than float32 there), float32 otherwise (emulated bfloat16 is
+        far slower); on a GPU the checkpoint's dtype, with float16 in place of bfloat16 where the
+        GPU has no bfloat16 (T4, V100)."""
+        if self.compute_capability is None:
+            return torch.bfloat16 if self.bfloat16 else torch.float32
+        if checkpoint_dtype == torch.bfloat16 and not self.bfloat16:
+            return torch.float16
+        return checkpoint_dtype
+
+    def importance_kernel(self, dtype: torch.dtype) -> str:
+        """The PageRank importance kernel ``auto`` means for q and k of ``dtype`` here (see
+        :mod:`aim_llava.reduction.importance`): ``factored`` off CUDA; ``fused`` for half precision
+        where it is known to compile well (:data:`FUSED_IMPORTANCE_CAPABILITIES`) and Triton is
+        installed; ``chunked`` for float32 and everywhere else."""
+        if self.compute_capability is None:
+            return "factored"
+        fused = self.triton and self.compute_capability in FUSED_IMPORTANCE_CAPABILITIES
+        return "fused" if fused and dtype in HALF_DTYPES else "chunked"
+
+    def describe(self) -> str:
+        if self.compute_capability is None:
+            return f"{self.device} ({self.name})"
+        return f"{self.device} ({self.name}, sm_{self.compute_capability})"
+
+
+def cpu_bfloat16_instructions() -> list[str]:
+    """The bfloat16 matrix instructions this CPU has, as torch detects them (AMX, AVX512-BF16)."""
+    found = {"AMX": torch.cpu._is_amx_tile_supported(), "AVX512-BF16": torch.cpu._is_avx512_bf16_supported()}
+    return [name for name, present in found.items() if present]
+
+
+@functools.cache
+def device_capabilities(device: str) -> DeviceCapabilities:
+    """The capabilities of ``device`` ("cpu", "cuda", "cuda:1", ...), read once per device."""
+    where = torch.device(device)
+    triton = importlib.util.find_spec("triton") is not None
+    if where.type != "cuda":
+        instructions = cpu_bfloat16_instructions() if where.type == "cpu" else []
+        name = ", ".join(instructions) or "no bfloat16 instructions"
+        return DeviceCapabilities(str(where), name, None, bool(instructions), triton, torch.__version__)
+    index = where.index if where.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return DeviceCapabilities(f"cuda:{index}", torch.cuda.get_device_name(index), 10 * major + minor, major >= 8,
+                              triton, torch.__version__)
+
+
+def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """What ``dtype="auto"`` loads a model in on ``device`` (:meth:`DeviceCapabilities.auto_dtype`),
+    said once in the log (the command line shows it)."""
+    capabilities = device_capabilities(str(device))
+    dtype = capabilities.auto_dtype(checkpoint_dtype)
+    logger.info("dtype auto on %s: %s", capabilities.describe(), str(dtype).removeprefix("torch."))
+    return dtype
+
+
+Result = TypeVar("Result")
+
+
+class RuntimeFallbacks:
+    """The GPU optimisations that failed in this process, by name, with the first error's line.
+
+    :meth:`run` tries an optimisation unless it failed before; when it raises, the optimisation
+    is recorded as failed, one warning says what takes its place, and the safe path computes the
+    result, now and for the rest of the process. Errors that the safe path would meet as well,
+    or that are the caller's to fix, are not caught: running out of device memory, and this
+    package's own errors (an option that cannot work on this device)."""
+
+    def __init__(self) -> None:
+        self.failed: dict[str, str] = {}
+
+    def run(self, name: str, fast: Callable[[], Result], safe: Callable[[], Result], instead: str) -> Result:
+        """``fast()``, or ``safe()`` once ``fast`` has raised (now or before); ``name`` and
+        ``instead`` describe both for the warning."""
+        if name in self.failed:
+            return safe()
+        try:
+            return fast()
+        except (torch.OutOfMemoryError, AimLlavaError):
+            raise
+        except Exception as error:  # a compile error, ptxas, shared memory, a missing operator, ...
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            self.failed[name] = f"{type(error).__name__}: {first_line}"
+            logger.warning("%s failed (%s); %s takes its place for the rest of this process", name,
+                           self.failed[name], instead)
+        return safe()
+
+
+RUNTIME_FALLBACKS = RuntimeFallbacks()

@@ -1,0 +1,206 @@
+"""The HTTP layer: who may call (API keys, the Host and Origin headers), what a body may be (JSON
+only, of bounded size, arriving in bounded time), the routes, and the uvicorn server with its
+connection limit and timeouts.
+
+* Host: only the names the server answers to (the bound address, localhost, and
+  ``--allowed-host``), so that a web page whose domain is rebound to 127.0.0.1 (DNS rebinding)
+  is refused before anything runs.
+* Origin: a browser's cross-origin request is refused unless its origin was allowed with
+  ``--allowed-origin`` (which also turns on CORS for it); there is no CORS otherwise.
+* Bodies must be ``application/json``: a page cannot post a "simple" ``text/plain`` request.
+* API keys (``--api-key``, ``$AIM_LLAVA_API_KEY``): every ``/v1`` route needs
+  ``Authorization: Bearer KEY``; keys are compared in constant time (as digests, every key every
+  time), and a refusal is a 401 in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+
+from aim_llava.server.errors import ApiError, cut
+from aim_llava.server.service import Service
+
+logger = logging.getLogger("aim_llava.serve")
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+KEEP_ALIVE_S = 5  # an idle connection is closed after this
+SHUTDOWN_S = 10  # what a stopping server gives the replies in progress
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port (an IPv6 address without its brackets)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Who may call the server (see the module docstring)."""
+
+    api_keys: tuple[str, ...] = ()
+    allowed_hosts: frozenset[str] = frozenset(LOCAL_HOSTS)
+    allowed_origins: tuple[str, ...] = ()
+
+    @classmethod
+    def for_address(cls, address: str, api_keys: Iterable[str] = (), allowed_hosts: Iterable[str] = (),
+                    allowed_origins: Iterable[str] = ()) -> AccessPolicy:
+        """The policy of a server bound to ``address``: it answers to that name, localhost and
+        ``allowed_hosts``."""
+        hosts = {*LOCAL_HOSTS, host_name(address), *(host_name(host) for host in allowed_hosts)}
+        return cls(tuple(api_keys), frozenset(hosts), tuple(origin.rstrip("/") for origin in allowed_origins))
+
+    def host_allowed(self, header: str | None) -> bool:
+        return header is not None and host_name(header) in self.allowed_hosts
+
+    def key_valid(self, authorization: str | None) -> bool:
+        """Whether ``Authorization`` holds ``Bearer KEY`` with one of the keys; every key is
+        compared, as SHA-256 digests (of equal length), with :func:`hmac.compare_digest`."""
+        scheme, _, given = (authorization or "").partition(" ")
+        given_digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+        valid = False
+        for key in self.api_keys:
+            valid |= hmac.compare_digest(given_digest, hashlib.sha256(key.encode()).digest())
+        return valid and scheme.lower() == "bearer"
+
+
+class Refusal:
+    """An ASGI app answering every request with one :class:`ApiError`."""
+
+    def __init__(self, error: ApiError):
+        self.response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    async def __call__(self, scope, receive, send) -> None:
+        await self.response(scope, receive, send)
+
+
+class HostAndOriginCheck:
+    """Refuses requests whose Host is not one of the server's names, or whose Origin (sent by
+    browsers) was not allowed; then passes the request on."""
+
+    def __init__(self, app, policy: AccessPolicy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            if not self.policy.host_allowed(headers.get("host")):
+                return await Refusal(ApiError(
+                    400, f"this server does not answer to the host {cut(headers.get('host') or '')!r} (a server "
+                         "reached by another name is started with --allowed-host NAME)", code="invalid_host",
+                ))(scope, receive, send)
+            origin = headers.get("origin")
+            if origin is not None and origin.rstrip("/") not in self.policy.allowed_origins:
+                return await Refusal(ApiError(
+                    403, f"requests from the web origin {cut(origin)!r} are not allowed (a server meant for a web "
+                         "page is started with --allowed-origin ORIGIN)", code="origin_not_allowed",
+                ))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class ApiKeyCheck:
+    """Refuses ``/v1`` requests without a valid ``Authorization: Bearer KEY`` (when the server
+    has keys): 401 in OpenAI's shape."""
+
+    def __init__(self, app, policy: AccessPolicy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] == "http" and self.policy.api_keys and scope["path"].startswith("/v1")
+                and not self.policy.key_valid(Headers(scope=scope).get("authorization"))):
+            return await Refusal(ApiError(
+                401, "missing or incorrect API key: send the header Authorization: Bearer KEY with one of the "
+                     "server's keys", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+            ))(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def create_app(service: Service, policy: AccessPolicy | None = None):
+    """The ASGI application of ``service``: FastAPI routes behind the access checks of ``policy``
+    (by default: local host names only, no keys, no cross-origin requests)."""
+    policy = policy or AccessPolicy()
+    limits = service.limits
+    app = FastAPI(title="aim-llava", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(_, error: Exception):
+        logger.exception("unexpected server error")
+        return JSONResponse(ApiError(500, "internal server error (see the server's log)").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        status, body = service.health()
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HttpRequest):
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, "the request body must be JSON, sent with Content-Type: application/json",
+                           code="unsupported_media_type")
+        try:
+            raw = await asyncio.wait_for(read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                           code="timeout") from None
+        answer = await service.complete(raw, lambda: until_disconnected(request))
+        if isinstance(answer, dict):
+            return JSONResponse(answer)
+        return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    guarded = ApiKeyCheck(app, policy)
+    if policy.allowed_origins:
+        guarded = CORSMiddleware(guarded, allow_origins=list(policy.allowed_origins), allow_methods=["GET", "POST"],
+                                 allow_headers=["Authorization", "Content-Type"])
+    return HostAndOriginCheck(guarded, policy)
+
+
+async def until_disconnected(request: HttpRequest) -> None:
+    """Returns once the client has gone (the body has been read: what comes next is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def read_body(request: HttpRequest, limit: int) -> bytes:
+    """The request body, read up to ``limit`` bytes."""
+    too_large = ApiError(413, f"the request body may hold at most {limit >> 20} MiB", code="too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def server_config(app, host: str, port: int, max_connections: int):
+    """uvicorn's configuration: at most ``max_connections`` connections at a time (beyond, 503),
+    idle ones closed after :data:`KEEP_ALIVE_S`, no trust in proxies' forwarding headers."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", limit_concurrency=max_connections,
+                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=SHUTDOWN_S,
+                          proxy_headers=False, server_header=False)

@@ -1,0 +1,31 @@
+"""What one request may ask of the server: every bound in one place (the README lists them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MESSAGE_OVERHEAD_CHARS = 32  # what the chat template adds around each message ("<|im_start|>user\n...<|im_end|>\n")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request bounds. Memory: a body of ``max_body_bytes``; media hold at most
+    ``max_request_pixels`` pixels (as RGB bytes, three times that) after they are brought to the
+    model's input size, and one image or frame is decoded at most ``max_image_pixels`` at a time;
+    a single image (kept at its own size for the model's tiling) counts its own pixels. Work:
+    ``max_text_chars`` characters of text, each message counted ``MESSAGE_OVERHEAD_CHARS`` more;
+    at most ``max_messages`` messages and ``max_content_parts`` content parts; ``max_tokens`` up to
+    ``max_tokens_limit``; ``request_timeout_s`` from admission to the last token. Connections:
+    the body must arrive within ``body_timeout_s``."""
+
+    max_body_bytes: int = 64 * 2**20
+    max_data_url_bytes: int = 32 * 2**20
+    max_request_pixels: int = 2**27  # ~400 MB as RGB: 910 frames at 384 x 384
+    max_image_pixels: int = 2**26  # one decoded image or frame: 8192 x 8192
+    max_text_chars: int = 2**20  # far beyond a 32k-token context, a bound on the tokenizer's time
+    max_messages: int = 1024
+    max_content_parts: int = 1024
+    max_stop_sequences: int = 4
+    max_tokens_limit: int = 4096
+    request_timeout_s: float = 600.0
+    body_timeout_s: float = 30.0

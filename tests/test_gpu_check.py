@@ -1,0 +1,129 @@
+"""scripts/gpu_check.py's time guard on a fake clock (each phase started only when the time left
+covers it, stopped at the budget, the summary written after every phase whatever happened), its
+targets against a hand computation, and scripts/gpu_check.sh end to end with no time at all."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPTS / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeMachine:
+    """A clock that only moves when a command 'runs', for the seconds given per command name; a
+    command that would run past its timeout is stopped there (exit code None)."""
+
+    def __init__(self, seconds: dict[str, float], exit_codes: dict[str, int] | None = None):
+        self.now, self.seconds, self.exit_codes = 0.0, seconds, exit_codes or {}
+        self.calls = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, command, timeout_s):
+        name = command[0]
+        self.calls.append((name, timeout_s))
+        if self.seconds[name] > timeout_s:
+            self.now += timeout_s
+            return None, "partial output"
+        self.now += self.seconds[name]
+        return self.exit_codes.get(name, 0), f"{name} output\nlast line of {name}"
+
+
+def test_phases_run_while_the_time_left_covers_them(gpu_check, tmp_path):
+    """Budget 100 s, 10 s of it kept back for the summary: a phase starts only if the time left
+    covers what it needs, and each command is stopped at the phase's limit or the budget's end."""
+    Phase = gpu_check.Phase
+    assert gpu_check.RESERVE_S == 10
+    phase_list = [Phase("a", "two commands", needs_s=20, limit_s=50, commands=(("a1",), ("a2",))),
+                  Phase("b", "needs more than is left", needs_s=70, limit_s=100, commands=(("b",),)),
+                  Phase("c", "fails", needs_s=5, limit_s=30, commands=(("c",), ("never",))),
+                  Phase("d", "stopped at its limit", needs_s=5, limit_s=8, commands=(("d",),)),
+                  Phase("e", "stopped at the budget", needs_s=5, limit_s=100, commands=(("e",),)),
+                  Phase("f", "no time left", needs_s=1, limit_s=10, commands=(("f",),))]
+    machine = FakeMachine({"a1": 10, "a2": 15, "b": 1, "c": 2, "d": 50, "e": 1000, "f": 1}, exit_codes={"c": 3})
+    progress = []
+    results = gpu_check.run_phases(phase_list, 100.0, machine.clock, machine.run, tmp_path,
+                                   lambda results: progress.append([r.status for r in results]))
+    # a1 gets the phase's 50 s, a2 what is left of them after 10 s; at t = 25, 65 s are left
+    assert machine.calls == [("a1", 50), ("a2", 40), ("c", 30), ("d", 8), ("e", 55)]
+    assert [(r.name, r.status, r.note) for r in results] == [
+        ("a", "ok", ""), ("b", "skipped", "65 s left, needs 70 s"), ("c", "failed", "exit 3: last line of c"),
+        ("d", "timed out", "stopped after 8 s"), ("e", "timed out", "stopped after 55 s"),
+        ("f", "skipped", "0 s left, needs 1 s")]
+    assert [r.seconds for r in results] == [25, 0, 2, 8, 55, 0]
+    assert len(progress) == 6 and progress[-1] == [r.status for r in results]  # the summary after every phase
+    assert machine.now == 90  # nothing ran into the reserve
+
+
+def bench_report(rows: dict[str, dict]) -> dict:
+    base = {"importance_s": 0.0, "vision_s": 0.05, "ttft_s": 0.3, "decode_tokens_per_s": 100.0, "graph_capture_s": 0.02}
+    return {"frames": 32, "batch": 1, "dtype": "bfloat16", "attn": "sdpa", "machine": "H200", "torch": "2.11",
+            "repeats": 3, "rows": [{**base, "config": name, **values} for name, values in rows.items()]}
+
+
+def test_targets_and_summary_from_the_bench_reports(gpu_check, tmp_path):
+    PhaseResult = gpu_check.PhaseResult
+    at32 = bench_report({"baseline": {"prefill_s": 0.170}, "aim_merge_only": {"prefill_s": 0.046},
+                         "aim_default": {"prefill_s": 0.030, "importance_s": 0.003, "decode_tokens_per_s": 160.0},
+                         "aim_prune_only": {"prefill_s": 0.150}})
+    at192 = bench_report({"aim_merge_only": {"prefill_s": 0.265}, "aim_default": {"prefill_s": 0.200,
+                                                                                  "importance_s": 0.010}})
+    kernels = {"rows": [{"batch": 1, "cache": 1769, "implementation": "eager", "error": 0.004, "us": 31.5},
+                        {"batch": 1, "cache": 1769, "implementation": "sdpa", "error": 0.002, "us": 12.25,
+                         "fastest": True},
+                        {"batch": 1, "cache": 1769, "implementation": "sdpa:cudnn", "unsupported": "No kernel"}]}
+    results = [PhaseResult("prefill_32f", "", "ok", 50, "", {"prefill_32f": at32}),
+               PhaseResult("prefill_192f", "", "ok", 40, "", {"prefill_192f": at192}),
+               PhaseResult("decode_b16", "", "skipped", 0, "10 s left, needs 45 s"),
+               PhaseResult("decode_attn", "", "ok", 30, "", {"decode_attention_kernels": kernels})]
+    checks = {check["target"]: (check["measured"], check["met"]) for check in gpu_check.targets(results)}
+    assert checks["importance <= 5% of aim_default's prefill, 32 frames"] == ("10%", False)  # 3 / 30 ms
+    assert checks["importance <= 10% of aim_default's prefill, 192 frames"] == ("5%", True)
+    assert checks["aim_default prefill <= 0.8x aim_merge_only's, 32 frames"] == ("0.652x", True)
+    assert checks["aim_default prefill <= 0.8x aim_merge_only's, 192 frames"] == ("0.755x", True)
+    assert checks["aim_default >= 5.1x faster than baseline, 32 frames"] == ("5.67x", True)
+    assert checks["aim_prune_only >= 1.2x faster than baseline, 32 frames"] == ("1.13x", False)
+    assert checks["aim_default at 192 frames below the 32-frame baseline's prefill"] == ("1.18x", False)
+    assert checks["decode >= 150 tokens/s at batch 1 (aim_default, CUDA graph)"] == ("160 tok/s", True)
+    assert checks["decode >= 1,500 tokens/s in total at batch 16 (aim_default)"] == (None, None)
+    assert checks["time to first token from the mp4 <= 250 ms (aim_default)"] == (None, None)
+    (tmp_path / "gpu_check.log").write_text("aim-llava: the fused importance kernel failed (RuntimeError: ptxas); "
+                                            "the chunked kernel takes its place for the rest of this process\n")
+    gpu_check.write_summary(tmp_path, results, 480, 123)
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [phase["status"] for phase in summary["phases"]] == ["ok", "ok", "skipped", "ok"]
+    assert len(summary["fallbacks"]) == 1 and "fused importance kernel failed" in summary["fallbacks"][0]
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| decode_b16 |  | skipped | 0 | 10 s left, needs 45 s |" in text
+    assert "| aim_default | 30.0 | 3.0 (10%) |" in text
+    assert "| 1 | 1769 | sdpa | 12.2 (fastest) | 2.0e-03 |" in text and "| sdpa:cudnn | unsupported: No kernel |" in text
+
+
+def test_the_script_with_no_time_left_writes_its_summary(tmp_path):
+    """``gpu_check.sh`` with a budget of zero, on this CPU machine: every phase skipped, both
+    summaries and the log written, exit code 0 (a device call always gets its results back)."""
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="0")
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [phase["name"] for phase in summary["phases"]] == ["machine", "tests", "prefill_32f", "prefill_192f",
+                                                              "decode_eager", "decode_b16", "decode_attn", "ttft_video"]
+    assert {phase["status"] for phase in summary["phases"]} == {"skipped"}
+    assert all(target["met"] is None for target in summary["targets"])
+    assert (tmp_path / "gpu_check.md").exists() and (tmp_path / "gpu_check.log").exists()

@@ -1,0 +1,65 @@
+"""Which reductions the vLLM plugin accepts (aim_llava.vllm_plugin.presets; no vLLM needed): those
+acting on video frames before the LLM; a preset acting inside the LLM or the vision tower, or on
+image tokens, is refused with its name. The plugin itself is tested in tests_vllm/ (its own
+environment, scripts/run_vllm_tests.sh)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from aim_llava.reduction.config import preset_files
+from aim_llava.vllm_plugin.presets import (
+    UnsupportedReductionError,
+    frame_reduction_plan,
+    plan_from_hf_config,
+    supported_presets,
+)
+
+LAYERS = 6
+
+
+def acts_before_the_llm_only(values: dict) -> bool:
+    """From a preset's YAML: frame baselines, no reduction, or AIM without pruning or image merging."""
+    method = values.get("method", "none")
+    if method in ("none", "pool", "random"):
+        return True
+    return method == "aim" and values.get("prune", "published") is None and values.get("image_merge_ratio") is None
+
+
+PRESETS = {name: yaml.safe_load(entry.read_text()) for name, entry in preset_files().items()}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_accepted_exactly_when_they_act_before_the_llm(name):
+    if acts_before_the_llm_only(PRESETS[name]):
+        plan = frame_reduction_plan(name, LAYERS)
+        frames = torch.randn(3, 196, 8, generator=torch.Generator().manual_seed(0))
+        assert plan.reduce_video_frames(frames).shape == (3, plan.frame_tokens_after_merging(196), 8)
+        assert name in supported_presets(LAYERS)
+    else:
+        with pytest.raises(UnsupportedReductionError, match=f"'{name}'"):
+            frame_reduction_plan(name, LAYERS)
+        assert name not in supported_presets(LAYERS)
+
+
+def test_where_a_refused_reduction_acts_is_named():
+    with pytest.raises(UnsupportedReductionError, match="inside the LLM"):
+        frame_reduction_plan("fastv_default", LAYERS)
+    with pytest.raises(UnsupportedReductionError, match="inside the vision tower"):
+        frame_reduction_plan("ficoco_v_25", LAYERS)
+    images = {"name": "merge_images", "method": "aim", "merge_ratio": 0.25, "prune": None, "image_merge_ratio": 0.5}
+    with pytest.raises(UnsupportedReductionError, match="'merge_images'.*on image tokens"):
+        frame_reduction_plan(images, LAYERS)
+
+
+def test_the_reduction_comes_from_the_hf_config():
+    text = SimpleNamespace(num_hidden_layers=LAYERS)
+    spec = {"name": "merge_half", "method": "aim", "merge_ratio": 0.5, "prune": None}
+    plan = plan_from_hf_config(SimpleNamespace(text_config=text, aim_reduction=spec), "aim_reduction")
+    assert plan.frame_tokens_after_merging(196) == 98
+    with pytest.raises(UnsupportedReductionError, match='add "aim_reduction"'):
+        plan_from_hf_config(SimpleNamespace(text_config=text), "aim_reduction")
+    with pytest.raises(UnsupportedReductionError, match="'aim_default'"):
+        plan_from_hf_config(SimpleNamespace(text_config=text, aim_reduction="aim_default"), "aim_reduction")

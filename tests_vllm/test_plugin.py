@@ -1,0 +1,27 @@
+"""The plugin's registration and its refusal of reductions that act inside the LLM."""
+
+from importlib.metadata import entry_points
+
+from conftest import aim_overrides, run_vllm
+
+from aim_llava.vllm_plugin import ARCHITECTURE, register
+
+
+def test_vllm_finds_the_plugin_and_registering_twice_is_harmless():
+    (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "aim_llava"]
+    assert entry.value == "aim_llava.vllm_plugin:register"
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    register()
+    assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+    model_class = ModelRegistry._try_load_model_cls(ARCHITECTURE)  # how vLLM loads a lazy registration
+    assert (model_class.__module__, model_class.__name__) == ("aim_llava.vllm_plugin.model", ARCHITECTURE)
+
+
+def test_a_preset_pruning_inside_the_llm_is_refused_by_name(tmp_path, checkpoint, videos):
+    done = run_vllm(tmp_path, checkpoint, aim_overrides("aim_default"), videos[:1])
+    assert done.returncode != 0
+    assert "reduction 'aim_default' (method 'aim') acts inside the LLM" in done.stderr
+    assert not (tmp_path / "out.pt").exists()
