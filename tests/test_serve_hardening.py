@@ -267,6 +267,71 @@ def test_json_and_media_paths_are_handled_off_the_event_loop(shared, media, monk
     assert on_the_loop == []
 
 
+def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, monkeypatch):
+    """With --max-pending 1 and one request at the model, the next is refused 503 without its body
+    being read (before, up to 64 MiB were read and parsed first: --max-pending bounded nothing
+    of that)."""
+    from aim_llava.serve import ApiError
+
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=1, max_wait_ms=0, max_pending=1) as (llm, service):
+        gate, entered = held_model(llm, monkeypatch)
+        raw, read = json.dumps(video_body(max_tokens=1)).encode(), []
+
+        async def body() -> bytes:
+            read.append(True)
+            return raw
+
+        async def scenario():
+            first = asyncio.create_task(service.complete(body))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            refused = await asyncio.gather(service.complete(body), return_exceptions=True)
+            gate.set()
+            await first
+            await settled(service)
+            return refused[0]
+
+        try:
+            refused = asyncio.run(scenario())
+        finally:
+            gate.set()
+    assert isinstance(refused, ApiError) and refused.status == 503 and refused.code == "server_busy"
+    assert read == [True] and service.pending == 0
+
+
+def test_a_body_of_many_json_values_is_refused_before_parsing(shared, monkeypatch):
+    """A 64 MiB body of empty objects made ~25 times its size in Python objects, parsed while
+    holding the GIL; the body's brackets and commas are now counted first."""
+    parsed, loads = [], json.loads
+    monkeypatch.setattr(json, "loads", lambda text, **kwargs: parsed.append(len(text)) or loads(text, **kwargs))
+    limit = shared[1].limits.max_json_punctuation
+    for padding in ([{}] * limit, ["ab"] * limit):
+        refused = post(shared[1], video_body(metadata=padding))
+        assert f"at most {limit:,}" in openai_error(refused, 400, "too_many_values")
+    assert parsed and max(parsed) < 1000  # the error replies only, read by the test
+
+
+def test_the_largest_admissible_request_fits_the_punctuation_bound():
+    """The count is no refusal of a request within the limits: every message and content part
+    at its count, all text made of brackets and commas, every other field given."""
+    from aim_llava.serve import ServerLimits
+
+    limits = ServerLimits(max_messages=5, max_content_parts=12, max_text_chars=600)
+    parts_each = [3, 2, 3, 2, 2]
+    texts = iter(["{[," * 20] * limits.max_content_parts)
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "name": "x",
+                 "content": [{"type": "image_url", "image_url": {"url": "a.png", "detail": "auto"}}]
+                 + [{"type": "text", "text": next(texts)} for _ in range(count - 1)]}
+                for i, count in enumerate(parts_each)]
+    body = {**video_body(), "messages": messages, "stop": ["{", "[", ",", "]"], "stream_options": {"include_usage": True},
+            "logit_bias": {}, "tools": [], "functions": [], "response_format": {"type": "text"}, "modalities": ["text"],
+            "metadata": {"a": "b"}, "max_tokens": 1, "temperature": 0, "top_p": 1, "seed": 1, "n": 1, "stream": False,
+            "frames": 2, "fps": 1, "max_frames": 2, "config": "aim_default", "user": "u", "logprobs": False}
+    raw = json.dumps(body).encode()
+    assert sum(len(t) for m in messages for p in m["content"] for t in [p.get("text", "")]) <= limits.max_text_chars
+    assert raw.count(b"{") + raw.count(b"[") + raw.count(b",") <= limits.max_json_punctuation
+
+
 @pytest.mark.parametrize("messages, words", [
     # 2000 empty turns: a 60,000-token prompt built and tokenized in the model thread, before
     ([{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(1999)], "messages; the server"),
