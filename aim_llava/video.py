@@ -124,14 +124,19 @@ def uniform_indices(first: int, last: int, num_frames: int) -> list[int]:
     return np.linspace(first, last, num_frames, dtype=int).tolist()
 
 
+def fps_frame_count(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> int:
+    """How many frames :func:`fps_indices` gives (computed without building them)."""
+    count = int(math.floor((last - first) / (source_fps / fps) + 1e-9)) + 1
+    return count if max_frames is None else min(count, max_frames)
+
+
 def fps_indices(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> list[int]:
     """Nearest source frames every 1/fps seconds from ``first``; uniform if over ``max_frames``."""
     step = source_fps / fps
     count = int(math.floor((last - first) / step + 1e-9)) + 1
-    indices = [min(last, first + int(round(k * step))) for k in range(count)]
-    if max_frames is not None and len(indices) > max_frames:
+    if max_frames is not None and count > max_frames:
         return uniform_indices(first, last, max_frames)
-    return indices
+    return [min(last, first + int(round(k * step))) for k in range(count)]
 
 
 def frame_window(total: int, fps: float, start: float | None, end: float | None, source: str) -> tuple[int, int]:
@@ -155,16 +160,19 @@ def check_frame_count(count: int, limit: int | None, source: str) -> None:
 
 
 def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> list[int]:
+    """The sampled frame indices, their count checked against the limits before they are built
+    (an fps sampling of a long source could otherwise list millions)."""
     first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
     if opts["fps"] is not None:
-        indices = fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+        count = fps_frame_count(first, last, source_fps, opts["fps"], opts["max_frames"])
     else:
         count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
-        indices = uniform_indices(first, last, count)
-    check_frame_count(len(indices), opts.get("frame_limit"), source)
+    check_frame_count(count, opts.get("frame_limit"), source)
     if opts.get("limits") is not None:
-        opts["limits"].check_frames(len(indices), source)
-    return indices
+        opts["limits"].check_frames(count, source)
+    if opts["fps"] is not None:
+        return fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+    return uniform_indices(first, last, count)
 
 
 def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
