@@ -22,10 +22,11 @@ A failure becomes one VideoError line. Reading is thread-safe (the command line 
 worker threads); decoders' own C-level messages are the command's concern (aim_llava.cli).
 
 Media from an untrusted source (the server's clients) are read under :class:`MediaLimits`: with
-PyAV only, its demuxers limited to video containers and its protocols to plain files, every frame
-brought to the model's input size as it is decoded, a pixel budget checked before decoding and a
-deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS` only, everywhere
-(never EPS/PS, which would run Ghostscript).
+PyAV only, its demuxers limited to video containers and its protocols to plain files, FFmpeg's
+decoder limited to frames of ``max_source_pixels`` and to :data:`UNTRUSTED_DECODER_THREADS`
+threads, every frame brought to the model's input size as it is decoded, a pixel budget checked
+before decoding and a deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS`
+only, everywhere (never EPS/PS, which would run Ghostscript).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 # concat lists, no image sequences, which open other files)
 VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf")
 BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
+UNTRUSTED_DECODER_THREADS = 2  # FFmpeg's decoding threads for an untrusted video (frames in flight)
 
 
 class VideoError(InputError):
@@ -296,6 +298,10 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
         stream = container.streams.video[0]
         if limits is not None:
             limits.check_source(stream.codec_context.width, stream.codec_context.height, path)
+            # FFmpeg itself refuses larger frames (a stream may change size after its header), and
+            # frame threading holds one decoded frame per thread: a few threads, not all cores
+            stream.codec_context.options = {"max_pixels": str(limits.max_source_pixels)}
+            stream.codec_context.thread_count = UNTRUSTED_DECODER_THREADS
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
         index = PacketIndex.read(container, stream, check)

@@ -301,6 +301,26 @@ def test_limits_on_source_size_and_time(hd_clip):
         load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 2**26, deadline=time.monotonic() - 1))
 
 
+def test_ffmpeg_itself_refuses_frames_beyond_the_source_limit_and_uses_few_threads(hd_clip, monkeypatch):
+    """The header check aside (a stream may change size after its header), FFmpeg's decoder is
+    opened with max_pixels from the limits, and with a few threads, not one frame in flight per
+    core (before: no max_pixels, thread_count 0 = all cores + 1 frames held)."""
+    from aim_llava.video import UNTRUSTED_DECODER_THREADS, MediaLimits, PacketIndex
+
+    seen, index = [], PacketIndex.read
+
+    def indexing(container, stream, check):  # the stream as decoding starts
+        seen.append((stream.codec_context.thread_count, dict(stream.codec_context.options)))
+        return index(container, stream, check)
+
+    monkeypatch.setattr(PacketIndex, "read", indexing)
+    assert len(load_video(hd_clip, num_frames=2, limits=MediaLimits(**SERVER_LIMITS)).frames) == 2
+    assert seen == [(UNTRUSTED_DECODER_THREADS, {"max_pixels": str(SERVER_LIMITS["max_source_pixels"])})]
+    monkeypatch.setattr(MediaLimits, "check_source", lambda *args: None)  # a header that understates the size
+    with pytest.raises(VideoError, match="cannot decode"):
+        load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 1280 * 720 - 1))
+
+
 def test_untrusted_videos_open_no_other_file(tmp_path):
     """An HLS playlist or an FFmpeg concat list named like a video opens other files (anywhere:
     decord reads a playlist's absolute segment paths). Under limits only container demuxers and
