@@ -352,7 +352,7 @@ def test_messages_are_counted_with_their_template(shared, monkeypatch, messages,
     ({**video_body(), "config": "c" * 1_000_000}, 400),
     ({"messages": [{"role": "user", "content": [{"type": "t" * 1_000_000}]}]}, 400),
     (video_body("s" * 1_000_000 + "://x"), 400),
-    (video_body("n" * 200 + "/" + "b" * 1_000_000), 404),
+    (video_body("n" * 200 + "/" + "b" * 1_000_000), 400),
     (image_body("data:image/" + "x" * 1_000_000 + ";base64,AAAA"), 400),
 ])
 def test_echoed_fields_are_cut_before_they_are_escaped(shared, body, status):
@@ -457,6 +457,26 @@ def test_frame_directories_are_served_and_their_links_not_followed(tiny_qwen_dir
 
 
 # ---------------------------------------------------------------------------- decoders limited to media
+
+
+def test_a_nul_reaching_the_walk_is_a_400(tmp_path):
+    """The walk's last line of defence: os.open raises ValueError for a NUL (before, a 500)."""
+    from aim_llava.server.errors import ApiError
+    from aim_llava.server.media import FileMedia, MediaRoot
+
+    root = MediaRoot(tmp_path)
+    try:
+        with pytest.raises(ApiError) as refused:
+            root.open(FileMedia("a.mp4", "a\x00b.mp4", "messages[0]"))
+    finally:
+        root.close()
+    assert refused.value.status == 400 and "not a valid file name" in refused.value.message
+
+
+def test_a_video_is_routed_by_the_path_opened_not_the_urls_query(shared, media):
+    """A file:// URL whose query ends in .png named a video that was handed to Pillow (a 400)."""
+    response = post(shared[1], video_body(f"file://{media}/clip.mp4?x.png", max_tokens=1))
+    assert response.status_code == 200, response.text
 
 
 def eps_bytes() -> bytes:
