@@ -418,6 +418,14 @@ def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_a_key_on_the_command_line_is_warned_about(capsys, tmp_path):
+    """Other users of the machine read --api-key in ps: the server says to use the variable."""
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--media-root", str(tmp_path),
+                 "--api-key", "k-secret"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key is visible to every user" in err and "$AIM_LLAVA_API_KEY" in err and "k-secret" not in err
+
+
 def test_an_unexpected_warm_up_failure_is_one_line(monkeypatch, capsys, tiny_qwen_dir, media):
     import aim_llava.server.batching
 
