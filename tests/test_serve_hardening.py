@@ -556,6 +556,17 @@ def test_a_request_past_its_deadline_is_ended(tiny_qwen_dir, media, monkeypatch)
     assert len(produced) == 1 and produced[0] < 1500, produced
 
 
+def test_a_job_past_its_deadline_is_cancelled_before_the_event_loop_notices():
+    """The model asks job.cancelled() before encoding, before prefill and at each step; it read
+    only `abandoned`, which the event loop sets when it gets round to it."""
+    from aim_llava.server.batching import Job
+
+    now = time.monotonic()
+    assert Job(None, None, deadline=now - 0.001).cancelled()
+    assert not Job(None, None, deadline=now + 60).cancelled()
+    assert Job(None, None, deadline=now + 60, abandoned=True).cancelled()
+
+
 def test_media_still_being_read_at_the_deadline_is_504(tiny_qwen_dir, media):
     """Reading stops at the request's deadline too (a video whose frames take long to seek, many
     large images)."""

@@ -16,7 +16,8 @@ class ServerLimits:
     """Per-request bounds. Memory: a body of ``max_body_bytes``; media hold at most
     ``max_request_pixels`` pixels (as RGB bytes, three times that) after they are brought to the
     model's input size, and one image or frame is decoded at most ``max_image_pixels`` at a time;
-    a single image (kept at its own size for the model's tiling) counts its own pixels. Work:
+    a single image is kept at its own size for the model's tiling, bounded by
+    ``max_image_pixels`` only. Work:
     ``max_text_chars`` characters of text, each message counted ``MESSAGE_OVERHEAD_CHARS`` more;
     at most ``max_messages`` messages and ``max_content_parts`` content parts; ``max_tokens`` up to
     ``max_tokens_limit``; ``request_timeout_s`` from admission to the last token. Connections:

@@ -104,12 +104,13 @@ class Service:
         the client has gone; from then on the model stops working on the reply at its next check."""
         loop = asyncio.get_running_loop()
         self.admit()
+        deadline = time.monotonic() + self.limits.request_timeout_s
         try:
             request = await self.checked(body)
         except BaseException:
             self.release()
             raise
-        job = Job(request, loop, time.monotonic() + self.limits.request_timeout_s, answered=self.release)
+        job = Job(request, loop, deadline, answered=self.release)
         watcher = asyncio.ensure_future(self.watch(job, disconnected)) if disconnected else loop.create_future()
         try:
             job.clip = await asyncio.to_thread(self.read_media, job)
