@@ -39,7 +39,8 @@ class ServerLimits:
     def max_json_punctuation(self) -> int:
         """The most ``{``, ``[`` and ``,`` bytes a body may hold, counted before it is parsed: every
         JSON value but the outermost comes first in a container (after ``{`` or ``[``) or after a
-        comma, so this bounds the Python objects that parsing builds. What the largest admissible request needs: each character of text
-        may be one of them, each message and content part needs a few, the other fields some."""
+        comma, so this bounds the Python objects that parsing builds. It is what the largest
+        admissible request needs: each character of text may be one of them, each message and
+        content part needs a few, the other fields some."""
         return (self.max_text_chars + PUNCTUATION_PER_ITEM * (self.max_messages + self.max_content_parts)
                 + PUNCTUATION_SLACK)

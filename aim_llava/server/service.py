@@ -1,7 +1,7 @@
 """The service behind the HTTP layer: a request is admitted (or refused with 503 beyond
 ``max_pending``) before its body is read, the body becomes a checked request (off the event
-loop), has its media read in a worker thread under the request's limits, goes to the model thread, and comes back as a completion or
-as server-sent events. A client that goes away, or a request past its deadline, stops costing
+loop), has its media read in a worker thread under the request's limits, goes to the model
+thread, and comes back as a completion or as server-sent events. A client that goes away, or a request past its deadline, stops costing
 the model anything at the next point where the model looks: before encoding, before prefill,
 or at the next decoding step."""
 
