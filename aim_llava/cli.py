@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout", type=positive_float, default=600.0,
                        help="seconds a request may take from admission to its last token (default 600)")
     serve.add_argument("--api-key", action="append", default=[],
-                       help=f"require Authorization: Bearer KEY on /v1 (repeat for several keys; also "
-                            f"${API_KEYS_VARIABLE}, comma-separated)")
+                       help=f"require Authorization: Bearer KEY on /v1 (repeat for several keys). Prefer "
+                            f"${API_KEYS_VARIABLE} (comma-separated keys): other users see the command line in ps")
     serve.add_argument("--allowed-host", action="append", default=[],
                        help="a host name the server answers to besides the bound address and localhost (repeat)")
     serve.add_argument("--allowed-origin", action="append", default=[],
@@ -645,6 +645,9 @@ def run_serve(args) -> int:
     if not hasattr(os, "O_PATH"):
         raise CliError("aim-llava serve needs Linux (it opens media through O_PATH handles)")
     keys = api_keys(args.api_key)
+    if args.api_key:
+        print(f"aim-llava: warning: a key given with --api-key is visible to every user of this machine (ps, "
+              f"/proc): set ${API_KEYS_VARIABLE} instead", file=sys.stderr, flush=True)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
     if args.max_new_tokens > args.max_tokens_limit:

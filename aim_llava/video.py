@@ -22,10 +22,11 @@ A failure becomes one VideoError line. Reading is thread-safe (the command line 
 worker threads); decoders' own C-level messages are the command's concern (aim_llava.cli).
 
 Media from an untrusted source (the server's clients) are read under :class:`MediaLimits`: with
-PyAV only, its demuxers limited to video containers and its protocols to plain files, every frame
-brought to the model's input size as it is decoded, a pixel budget checked before decoding and a
-deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS` only, everywhere
-(never EPS/PS, which would run Ghostscript).
+PyAV only, its demuxers limited to video containers and its protocols to plain files, FFmpeg's
+decoder limited to frames of ``max_source_pixels`` and to :data:`UNTRUSTED_DECODER_THREADS`
+threads, every frame brought to the model's input size as it is decoded, a pixel budget checked
+before decoding and a deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS`
+only, everywhere (never EPS/PS, which would run Ghostscript).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 # concat lists, no image sequences, which open other files)
 VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf")
 BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
+UNTRUSTED_DECODER_THREADS = 2  # FFmpeg's decoding threads for an untrusted video (frames in flight)
 
 
 class VideoError(InputError):
@@ -124,14 +126,19 @@ def uniform_indices(first: int, last: int, num_frames: int) -> list[int]:
     return np.linspace(first, last, num_frames, dtype=int).tolist()
 
 
+def fps_frame_count(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> int:
+    """How many frames :func:`fps_indices` gives (computed without building them)."""
+    count = int(math.floor((last - first) / (source_fps / fps) + 1e-9)) + 1
+    return count if max_frames is None else min(count, max_frames)
+
+
 def fps_indices(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> list[int]:
     """Nearest source frames every 1/fps seconds from ``first``; uniform if over ``max_frames``."""
     step = source_fps / fps
     count = int(math.floor((last - first) / step + 1e-9)) + 1
-    indices = [min(last, first + int(round(k * step))) for k in range(count)]
-    if max_frames is not None and len(indices) > max_frames:
+    if max_frames is not None and count > max_frames:
         return uniform_indices(first, last, max_frames)
-    return indices
+    return [min(last, first + int(round(k * step))) for k in range(count)]
 
 
 def frame_window(total: int, fps: float, start: float | None, end: float | None, source: str) -> tuple[int, int]:
@@ -155,16 +162,19 @@ def check_frame_count(count: int, limit: int | None, source: str) -> None:
 
 
 def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> list[int]:
+    """The sampled frame indices, their count checked against the limits before they are built
+    (an fps sampling of a long source could otherwise list millions)."""
     first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
     if opts["fps"] is not None:
-        indices = fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+        count = fps_frame_count(first, last, source_fps, opts["fps"], opts["max_frames"])
     else:
         count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
-        indices = uniform_indices(first, last, count)
-    check_frame_count(len(indices), opts.get("frame_limit"), source)
+    check_frame_count(count, opts.get("frame_limit"), source)
     if opts.get("limits") is not None:
-        opts["limits"].check_frames(len(indices), source)
-    return indices
+        opts["limits"].check_frames(count, source)
+    if opts["fps"] is not None:
+        return fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
+    return uniform_indices(first, last, count)
 
 
 def _read_decord(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
@@ -288,6 +298,10 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
         stream = container.streams.video[0]
         if limits is not None:
             limits.check_source(stream.codec_context.width, stream.codec_context.height, path)
+            # FFmpeg itself refuses larger frames (a stream may change size after its header), and
+            # frame threading holds one decoded frame per thread: a few threads, not all cores
+            stream.codec_context.options = {"max_pixels": str(limits.max_source_pixels)}
+            stream.codec_context.thread_count = UNTRUSTED_DECODER_THREADS
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
         index = PacketIndex.read(container, stream, check)

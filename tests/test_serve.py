@@ -225,7 +225,8 @@ def error_of(server_url: str, body, status: int) -> dict:
     (b"[" * 100_000, 400, "nested too deeply"),
     (b'{"messages": 1' + b"1" * 5000 + b"}", 400, "integer of over 4,300 digits"),
     (b'{"messages": "\xff"}', 400, "not UTF-8"),
-    ({"messages": video_message("a" * 5000)}, 400, "cannot be used on this server (File name too long)"),
+    ({"messages": video_message("a" * 300)}, 400, "cannot be used on this server (File name too long)"),
+    ({"messages": video_message("a" * 5000)}, 400, "a media reference may hold at most 4,096 characters, not 5,000"),
     ({"messages": video_message("clip\ud800.mp4")}, 400, "cannot be used on this server"),
     ({"messages": video_message("clip0.mp4"), "stream": True, "stream_options": {"include_usage": "no"}}, 400,
      "'stream_options.include_usage' must be true or false"),
@@ -416,6 +417,14 @@ def test_a_client_that_leaves_stops_its_generation(tiny_qwen_dir, media, monkeyp
 def test_serve_refuses_a_missing_media_root(capsys, tiny_qwen_dir, tmp_path):
     assert main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_a_key_on_the_command_line_is_warned_about(capsys, tmp_path):
+    """Other users of the machine read --api-key in ps: the server says to use the variable."""
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--media-root", str(tmp_path),
+                 "--api-key", "k-secret"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key is visible to every user" in err and "$AIM_LLAVA_API_KEY" in err and "k-secret" not in err
 
 
 def test_an_unexpected_warm_up_failure_is_one_line(monkeypatch, capsys, tiny_qwen_dir, media):

@@ -283,6 +283,15 @@ HOSTILE = {
                             "outside_media_root"),
     "link loop": (WITH_KEY, ask(user_parts(media_part("video_url", "loop.mp4"))), 400, "invalid_request"),
     "frame directory with a link": (WITH_KEY, ask(user_parts(media_part("video_url", "frames"))), 400, "unreadable_media"),
+    "unclosed IPv6 bracket": (WITH_KEY, ask(user_parts(media_part("video_url", "//[x"))), 400, "invalid_request"),
+    "file URL with an unclosed bracket": (WITH_KEY, ask(user_parts(media_part("video_url", "file://[x"))), 400,
+                                          "invalid_request"),
+    "NUL quoted in a file URL": (WITH_KEY, ask(user_parts(media_part("video_url", "file:///clip%00.mp4"))), 400,
+                                 "invalid_request"),
+    "media path over 4096 characters": (WITH_KEY, ask(user_parts(media_part("video_url", "a/" * 2049))), 400,
+                                        "invalid_request"),
+    "stop sequence over 256 characters": (WITH_KEY, ask(VIDEO, stop=["s" * 257]), 400, "invalid_request"),
+    "many JSON values": (WITH_KEY, ask(VIDEO, metadata=[{}] * 2000), 400, "too_many_values"),
 }
 
 

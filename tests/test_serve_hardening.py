@@ -267,6 +267,71 @@ def test_json_and_media_paths_are_handled_off_the_event_loop(shared, media, monk
     assert on_the_loop == []
 
 
+def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, monkeypatch):
+    """With --max-pending 1 and one request at the model, the next is refused 503 without its body
+    being read (before, up to 64 MiB were read and parsed first: --max-pending bounded nothing
+    of that)."""
+    from aim_llava.serve import ApiError
+
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=1, max_wait_ms=0, max_pending=1) as (llm, service):
+        gate, entered = held_model(llm, monkeypatch)
+        raw, read = json.dumps(video_body(max_tokens=1)).encode(), []
+
+        async def body() -> bytes:
+            read.append(True)
+            return raw
+
+        async def scenario():
+            first = asyncio.create_task(service.complete(body))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            refused = await asyncio.gather(service.complete(body), return_exceptions=True)
+            gate.set()
+            await first
+            await settled(service)
+            return refused[0]
+
+        try:
+            refused = asyncio.run(scenario())
+        finally:
+            gate.set()
+    assert isinstance(refused, ApiError) and refused.status == 503 and refused.code == "server_busy"
+    assert read == [True] and service.pending == 0
+
+
+def test_a_body_of_many_json_values_is_refused_before_parsing(shared, monkeypatch):
+    """A 64 MiB body of empty objects made ~25 times its size in Python objects, parsed while
+    holding the GIL; the body's brackets and commas are now counted first."""
+    parsed, loads = [], json.loads
+    monkeypatch.setattr(json, "loads", lambda text, **kwargs: parsed.append(len(text)) or loads(text, **kwargs))
+    limit = shared[1].limits.max_json_punctuation
+    for padding in ([{}] * limit, ["ab"] * limit):
+        refused = post(shared[1], video_body(metadata=padding))
+        assert f"at most {limit:,}" in openai_error(refused, 400, "too_many_values")
+    assert parsed and max(parsed) < 1000  # the error replies only, read by the test
+
+
+def test_the_largest_admissible_request_fits_the_punctuation_bound():
+    """The count is no refusal of a request within the limits: every message and content part
+    at its count, all text made of brackets and commas, every other field given."""
+    from aim_llava.serve import ServerLimits
+
+    limits = ServerLimits(max_messages=5, max_content_parts=12, max_text_chars=600)
+    parts_each = [3, 2, 3, 2, 2]
+    texts = iter(["{[," * 20] * limits.max_content_parts)
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "name": "x",
+                 "content": [{"type": "image_url", "image_url": {"url": "a.png", "detail": "auto"}}]
+                 + [{"type": "text", "text": next(texts)} for _ in range(count - 1)]}
+                for i, count in enumerate(parts_each)]
+    body = {**video_body(), "messages": messages, "stop": ["{", "[", ",", "]"], "stream_options": {"include_usage": True},
+            "logit_bias": {}, "tools": [], "functions": [], "response_format": {"type": "text"}, "modalities": ["text"],
+            "metadata": {"a": "b"}, "max_tokens": 1, "temperature": 0, "top_p": 1, "seed": 1, "n": 1, "stream": False,
+            "frames": 2, "fps": 1, "max_frames": 2, "config": "aim_default", "user": "u", "logprobs": False}
+    raw = json.dumps(body).encode()
+    assert sum(len(t) for m in messages for p in m["content"] for t in [p.get("text", "")]) <= limits.max_text_chars
+    assert raw.count(b"{") + raw.count(b"[") + raw.count(b",") <= limits.max_json_punctuation
+
+
 @pytest.mark.parametrize("messages, words", [
     # 2000 empty turns: a 60,000-token prompt built and tokenized in the model thread, before
     ([{"role": "user" if i % 2 == 0 else "assistant", "content": ""} for i in range(1999)], "messages; the server"),
@@ -287,7 +352,7 @@ def test_messages_are_counted_with_their_template(shared, monkeypatch, messages,
     ({**video_body(), "config": "c" * 1_000_000}, 400),
     ({"messages": [{"role": "user", "content": [{"type": "t" * 1_000_000}]}]}, 400),
     (video_body("s" * 1_000_000 + "://x"), 400),
-    (video_body("n" * 200 + "/" + "b" * 1_000_000), 404),
+    (video_body("n" * 200 + "/" + "b" * 1_000_000), 400),
     (image_body("data:image/" + "x" * 1_000_000 + ";base64,AAAA"), 400),
 ])
 def test_echoed_fields_are_cut_before_they_are_escaped(shared, body, status):
@@ -394,6 +459,26 @@ def test_frame_directories_are_served_and_their_links_not_followed(tiny_qwen_dir
 # ---------------------------------------------------------------------------- decoders limited to media
 
 
+def test_a_nul_reaching_the_walk_is_a_400(tmp_path):
+    """The walk's last line of defence: os.open raises ValueError for a NUL (before, a 500)."""
+    from aim_llava.server.errors import ApiError
+    from aim_llava.server.media import FileMedia, MediaRoot
+
+    root = MediaRoot(tmp_path)
+    try:
+        with pytest.raises(ApiError) as refused:
+            root.open(FileMedia("a.mp4", "a\x00b.mp4", "messages[0]"))
+    finally:
+        root.close()
+    assert refused.value.status == 400 and "not a valid file name" in refused.value.message
+
+
+def test_a_video_is_routed_by_the_path_opened_not_the_urls_query(shared, media):
+    """A file:// URL whose query ends in .png named a video that was handed to Pillow (a 400)."""
+    response = post(shared[1], video_body(f"file://{media}/clip.mp4?x.png", max_tokens=1))
+    assert response.status_code == 200, response.text
+
+
 def eps_bytes() -> bytes:
     return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke\n%%EOF\n"
 
@@ -469,6 +554,17 @@ def test_a_request_past_its_deadline_is_ended(tiny_qwen_dir, media, monkeypatch)
         late = asyncio.run(scenario())
     assert isinstance(late, ApiError) and late.status == 504 and late.code == "timeout"
     assert len(produced) == 1 and produced[0] < 1500, produced
+
+
+def test_a_job_past_its_deadline_is_cancelled_before_the_event_loop_notices():
+    """The model asks job.cancelled() before encoding, before prefill and at each step; it read
+    only `abandoned`, which the event loop sets when it gets round to it."""
+    from aim_llava.server.batching import Job
+
+    now = time.monotonic()
+    assert Job(None, None, deadline=now - 0.001).cancelled()
+    assert not Job(None, None, deadline=now + 60).cancelled()
+    assert Job(None, None, deadline=now + 60, abandoned=True).cancelled()
 
 
 def test_media_still_being_read_at_the_deadline_is_504(tiny_qwen_dir, media):

@@ -61,6 +61,33 @@ def test_fps_sampling_and_cap(video_90, backend):
     assert decoded_indices(capped) == np.linspace(0, 89, 4, dtype=int).tolist()
 
 
+@pytest.mark.parametrize("fps, max_frames", [(1000.0, None), (7.3, None), (0.4, None), (1000.0, 5), (30.0, 64)])
+@pytest.mark.parametrize("first, last", [(0, 0), (0, 89), (13, 4000)])
+def test_the_fps_frame_count_is_the_number_of_indices(fps, max_frames, first, last):
+    from aim_llava.video import fps_frame_count, fps_indices
+
+    assert fps_frame_count(first, last, 30.0, fps, max_frames) == len(fps_indices(first, last, 30.0, fps, max_frames))
+
+
+def test_an_fps_sampling_over_the_limits_is_refused_before_its_indices_are_listed():
+    """fps 1000 over 100,000 frames at 30 fps asks for 3.3 million frames: refused with a frame
+    limit, and no list of them built first (before, ~130 MB of ints, more for longer sources)."""
+    import tracemalloc
+
+    from aim_llava.video import MediaLimits, choose_indices
+
+    opts = dict(num_frames=32, fps=1000.0, max_frames=None, start=None, end=None, frame_limit=None, limits=None)
+    for limit in (dict(frame_limit=64), dict(limits=MediaLimits(384, 64 * 384**2, 2**26))):
+        tracemalloc.start()
+        try:
+            with pytest.raises(VideoError, match="3,333,301 frames|3333301 frames"):
+                choose_indices(100_000, 30.0, {**opts, **limit}, "long.mp4")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20, peak
+
+
 @pytest.mark.parametrize("backend", FILE_BACKENDS)
 def test_start_end_window(video_90, backend):
     clip = load_video(video_90, num_frames=5, start=1.0, end=2.0, backend=backend)
@@ -272,6 +299,26 @@ def test_limits_on_source_size_and_time(hd_clip):
         load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 1280 * 720 - 1))
     with pytest.raises(VideoError, match="took longer than the request's time limit"):
         load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 2**26, deadline=time.monotonic() - 1))
+
+
+def test_ffmpeg_itself_refuses_frames_beyond_the_source_limit_and_uses_few_threads(hd_clip, monkeypatch):
+    """The header check aside (a stream may change size after its header), FFmpeg's decoder is
+    opened with max_pixels from the limits, and with a few threads, not one frame in flight per
+    core (before: no max_pixels, thread_count 0 = all cores + 1 frames held)."""
+    from aim_llava.video import UNTRUSTED_DECODER_THREADS, MediaLimits, PacketIndex
+
+    seen, index = [], PacketIndex.read
+
+    def indexing(container, stream, check):  # the stream as decoding starts
+        seen.append((stream.codec_context.thread_count, dict(stream.codec_context.options)))
+        return index(container, stream, check)
+
+    monkeypatch.setattr(PacketIndex, "read", indexing)
+    assert len(load_video(hd_clip, num_frames=2, limits=MediaLimits(**SERVER_LIMITS)).frames) == 2
+    assert seen == [(UNTRUSTED_DECODER_THREADS, {"max_pixels": str(SERVER_LIMITS["max_source_pixels"])})]
+    monkeypatch.setattr(MediaLimits, "check_source", lambda *args: None)  # a header that understates the size
+    with pytest.raises(VideoError, match="cannot decode"):
+        load_video(hd_clip, num_frames=2, limits=MediaLimits(384, 2**27, 1280 * 720 - 1))
 
 
 def test_untrusted_videos_open_no_other_file(tmp_path):

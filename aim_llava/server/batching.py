@@ -58,8 +58,9 @@ class Job:
 
     def cancelled(self) -> bool:
         """Whether the model should stop working on this job (asked before encoding, before
-        prefill and at each decoding step)."""
-        return self.abandoned
+        prefill and at each decoding step): abandoned, or past its deadline (even before the
+        event loop has noticed)."""
+        return self.abandoned or time.monotonic() > self.deadline
 
     def batch_key(self) -> tuple:
         """Jobs that may share one generate call: greedy ones with the same reduction."""

@@ -158,12 +158,15 @@ def create_app(service: Service, policy: AccessPolicy | None = None):
         if media_type != "application/json":
             raise ApiError(415, "the request body must be JSON, sent with Content-Type: application/json",
                            code="unsupported_media_type")
-        try:
-            raw = await asyncio.wait_for(read_body(request, limits.max_body_bytes), limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                           code="timeout") from None
-        answer = await service.complete(raw, lambda: until_disconnected(request))
+
+        async def body() -> bytes:  # read once the request is admitted
+            try:
+                return await asyncio.wait_for(read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                               code="timeout") from None
+
+        answer = await service.complete(body, lambda: until_disconnected(request))
         if isinstance(answer, dict):
             return JSONResponse(answer)
         return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MESSAGE_OVERHEAD_CHARS = 32  # what the chat template adds around each message ("<|im_start|>user\n...<|im_end|>\n")
+# the JSON punctuation ({, [ and ,) that one message or content part needs at most, and what the
+# body's other fields need
+PUNCTUATION_PER_ITEM = 8
+PUNCTUATION_SLACK = 1024
 
 
 @dataclass(frozen=True)
@@ -12,7 +16,8 @@ class ServerLimits:
     """Per-request bounds. Memory: a body of ``max_body_bytes``; media hold at most
     ``max_request_pixels`` pixels (as RGB bytes, three times that) after they are brought to the
     model's input size, and one image or frame is decoded at most ``max_image_pixels`` at a time;
-    a single image (kept at its own size for the model's tiling) counts its own pixels. Work:
+    a single image is kept at its own size for the model's tiling, bounded by
+    ``max_image_pixels`` only. Work:
     ``max_text_chars`` characters of text, each message counted ``MESSAGE_OVERHEAD_CHARS`` more;
     at most ``max_messages`` messages and ``max_content_parts`` content parts; ``max_tokens`` up to
     ``max_tokens_limit``; ``request_timeout_s`` from admission to the last token. Connections:
@@ -29,3 +34,13 @@ class ServerLimits:
     max_tokens_limit: int = 4096
     request_timeout_s: float = 600.0
     body_timeout_s: float = 30.0
+
+    @property
+    def max_json_punctuation(self) -> int:
+        """The most ``{``, ``[`` and ``,`` bytes a body may hold, counted before it is parsed: every
+        JSON value but the outermost comes first in a container (after ``{`` or ``[``) or after a
+        comma, so this bounds the Python objects that parsing builds. It is what the largest
+        admissible request needs: each character of text may be one of them, each message and
+        content part needs a few, the other fields some."""
+        return (self.max_text_chars + PUNCTUATION_PER_ITEM * (self.max_messages + self.max_content_parts)
+                + PUNCTUATION_SLACK)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aim_llava.serve")
 
 MAX_LINKS = 40  # symbolic links one path may pass through (the kernel's own limit)
+MAX_REFERENCE_CHARS = 4096  # of a media reference (Linux's PATH_MAX)
 # the image types a data: URL may declare, with the one Pillow decoder that reads each
 INLINE_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
                       "image/gif": "GIF", "image/bmp": "BMP", "image/tiff": "TIFF"}
@@ -77,20 +78,28 @@ class RequestMedia:
 
 
 def file_media(url: str, param: str) -> FileMedia:
-    """A media reference (``file://`` URL or path) checked as text: a local path, no NUL."""
-    if "\x00" in url:
-        raise bad("a media path must not contain NUL characters", param)
-    parsed = urlparse(url)
+    """A media reference (``file://`` URL or path) checked as text: of bounded length, a local
+    path, no NUL (once unquoted)."""
+    if len(url) > MAX_REFERENCE_CHARS:
+        raise bad(f"a media reference may hold at most {MAX_REFERENCE_CHARS:,} characters, not {len(url):,}", param)
+    try:
+        parsed = urlparse(url)
+    except ValueError as err:  # such as an unclosed [ of an IPv6 address
+        raise bad(f"the media reference is not a valid URL or path ({cut(str(err))})", param) from None
     if parsed.scheme in ("http", "https", "ftp"):
         raise bad("remote media URLs are not fetched (the server is offline): give a file:// URL or a path under "
                   "the server's media root", param, "remote_media")
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise bad("file:// URLs must name a local path", param)
-        return FileMedia(url, unquote(parsed.path), param)
-    if parsed.scheme and len(parsed.scheme) > 1:
+        path = unquote(parsed.path)
+    elif parsed.scheme and len(parsed.scheme) > 1:
         raise bad(f"unsupported media URL scheme {shown(parsed.scheme)}: use file:// URLs or paths", param)
-    return FileMedia(url, url, param)
+    else:
+        path = url
+    if "\x00" in path:
+        raise bad("a media path must not contain NUL characters", param)
+    return FileMedia(url, path, param)
 
 
 def inline_image(url: str, param: str, max_bytes: int) -> InlineImage:
@@ -109,7 +118,8 @@ def inline_image(url: str, param: str, max_bytes: int) -> InlineImage:
 
 
 def unusable(err: BaseException, param: str) -> ApiError:
-    reason = getattr(err, "strerror", None) or "it cannot be encoded as a file name"
+    reason = getattr(err, "strerror", None) or ("it cannot be encoded as a file name" if isinstance(err, UnicodeError)
+                                                else "it is not a valid file name")
     return bad(f"the media path cannot be used on this server ({reason})", param)
 
 
@@ -158,7 +168,7 @@ class MediaRoot:
             raise outside
         try:
             handle = self.walk(path, outside, media.param)
-        except (OSError, UnicodeError) as err:
+        except (OSError, ValueError) as err:  # ValueError: a NUL; UnicodeError, one of its kinds: a lone surrogate
             if getattr(err, "errno", None) in (errno.ENOENT, errno.ENOTDIR):
                 raise ApiError(404, f"media file not found under the media root: {cut(media.reference)}",
                                media.param, "media_not_found") from None
@@ -242,7 +252,7 @@ def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) 
     ``limits``), or returns its encoded video from the model's reuse cache; an image named as a video goes through the image path and its budget. A failure
     to decode is a 400 naming the media as the client did (a 504 at the deadline)."""
     video = media.video
-    if video is not None and not is_image_file(video.reference):
+    if video is not None and not is_image_file(video.path):  # the path opened, not the URL's query or fragment
         with root.open(video) as opened:
             return decoded(lambda: load(opened.path), video.param, {opened.path: cut(video.reference)})
     images = [video] if video is not None else media.images

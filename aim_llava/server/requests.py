@@ -19,6 +19,7 @@ from aim_llava.video import MAX_FRAMES
 
 MAX_CACHED_CONFIGS = 256
 MAX_CONFIG_CHARS = 1024  # far beyond any preset name or budget spelling
+MAX_STOP_CHARS = 256  # of one stop sequence (each is searched in the reply and held back while streaming)
 ROLES = ("system", "user", "assistant")
 # OpenAI fields this server does not implement, with the values that leave a reply as it would be
 # without them: any other value is refused rather than silently ignored (other unknown fields,
@@ -100,6 +101,8 @@ def stop_sequences(body: dict, limit: int) -> list[str]:
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or len(values) > limit or not all(isinstance(v, str) and v for v in values):
         raise bad(f"'stop' must be a non-empty string or a list of at most {limit} of them", "stop")
+    if any(len(v) > MAX_STOP_CHARS for v in values):
+        raise bad(f"a stop sequence may hold at most {MAX_STOP_CHARS} characters", "stop")
     return values
 
 

@@ -1,7 +1,7 @@
-"""The service behind the HTTP layer: a request body becomes a checked request (off the event
-loop), is admitted (or refused with 503 beyond ``max_pending``), has its media read in a worker
-thread under the request's limits, goes to the model thread, and comes back as a completion or
-as server-sent events. A client that goes away, or a request past its deadline, stops costing
+"""The service behind the HTTP layer: a request is admitted (or refused with 503 beyond
+``max_pending``) before its body is read, the body becomes a checked request (off the event
+loop), has its media read in a worker thread under the request's limits, goes to the model
+thread, and comes back as a completion or as server-sent events. A client that goes away, or a request past its deadline, stops costing
 the model anything at the next point where the model looks: before encoding, before prefill,
 or at the next decoding step."""
 
@@ -50,29 +50,41 @@ class Service:
             return 503, {"status": "error", "reason": "the model thread has stopped: restart the server"}
         return 200, {"status": "ok"}
 
-    def parse(self, raw: bytes) -> ChatRequest:
-        """A request body checked into a :class:`ChatRequest` (run off the event loop: JSON
-        parsing and config resolution take time in proportion to what the client sent)."""
-        try:
-            body = parse_json(raw)
-        except ValueError as err:
-            raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None
-        return self.parser.parse(body)
-
-    def admit(self, request: ChatRequest, loop: asyncio.AbstractEventLoop) -> Job:
-        """Count the job in, or refuse it while ``max_pending`` requests hold frames or wait for the
-        model: a flood of requests must not pile up decoded frames without bound. A job counts
-        until the model has answered it, even if its client has gone."""
+    def admit(self) -> None:
+        """Count a request in, or refuse it while ``max_pending`` requests are in progress; taken
+        before its body is read, so that bodies being read and parsed are bounded as well, and a
+        flood of requests cannot pile up bodies or decoded frames. A request counts until the
+        model has answered it, even if its client has gone (:meth:`release`)."""
         if not self.worker.alive:
             raise ApiError(503, "the model thread has stopped: the server cannot answer", code="server_error")
         if self.pending >= self.max_pending:
             raise ApiError(503, f"the server is busy ({self.pending} requests in progress): retry shortly",
                            code="server_busy", headers={"Retry-After": "1"})
         self.pending += 1
-        return Job(request, loop, time.monotonic() + self.limits.request_timeout_s, answered=self.release)
 
     def release(self) -> None:
         self.pending -= 1
+
+    def decode(self, raw: bytes) -> object:
+        """A request body's JSON (run off the event loop), parsed only if its punctuation fits the
+        largest admissible request (:attr:`ServerLimits.max_json_punctuation`): what parsing builds
+        is bounded before it starts."""
+        punctuation = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+        if punctuation > self.limits.max_json_punctuation:
+            raise bad(f"the request body holds {punctuation:,} JSON brackets and commas; a request this server "
+                      f"takes holds at most {self.limits.max_json_punctuation:,}", code="too_many_values")
+        try:
+            return parse_json(raw)
+        except ValueError as err:
+            raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None
+
+    async def checked(self, body: bytes | Callable[[], Awaitable[bytes]]) -> ChatRequest:
+        """The request ``body`` holds (or ``body()`` reads), checked off the event loop; the raw
+        bytes are dropped once parsed."""
+        raw = body if isinstance(body, bytes) else await body()
+        decoded = await asyncio.to_thread(self.decode, raw)
+        del raw
+        return await asyncio.to_thread(self.parser.parse, decoded)
 
     def read_media(self, job: Job) -> VideoClip | EncodedVisual:
         """The job's frames, or its encoded video when the model's reuse cache holds it (one cache
@@ -87,14 +99,20 @@ class Service:
 
         return read_media(request.media, self.root, load, limits)
 
-    async def complete(self, raw: bytes, disconnected: Callable[[], Awaitable[None]] | None = None
-                       ) -> dict | AsyncIterator[str]:
-        """The reply to a request body: a completion, or the events of a streamed one.
-        ``disconnected()`` returns once the client has gone; from then on the model stops working
-        on the reply at its next check."""
+    async def complete(self, body: bytes | Callable[[], Awaitable[bytes]],
+                       disconnected: Callable[[], Awaitable[None]] | None = None) -> dict | AsyncIterator[str]:
+        """The reply to a request body (or to the body ``body()`` reads, once the request is
+        admitted): a completion, or the events of a streamed one. ``disconnected()`` returns once
+        the client has gone; from then on the model stops working on the reply at its next check."""
         loop = asyncio.get_running_loop()
-        request = await asyncio.to_thread(self.parse, raw)
-        job = self.admit(request, loop)
+        self.admit()
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        try:
+            request = await self.checked(body)
+        except BaseException:
+            self.release()
+            raise
+        job = Job(request, loop, deadline, answered=self.release)
         watcher = asyncio.ensure_future(self.watch(job, disconnected)) if disconnected else loop.create_future()
         try:
             job.clip = await asyncio.to_thread(self.read_media, job)
