@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import left_padded_batch, plan, random_frames
+from fake_cuda import FakeCuda
 from PIL import Image
 from sync_points import count_sync_points
-from fake_cuda import FakeCuda
 from test_decoding import graphed_runner
 
 from aim_llava import load_pretrained_model
@@ -225,11 +225,13 @@ def test_bytes_per_cached_clip_follow_the_documented_formula(loaded, videos, pre
     assert llm.cache.stats()["bytes"] == visual.num_tokens * 64 * 4 + prefix * layers_kept * 2 * 2 * 16 * 4 + hidden
 
 
-def server_replies(loaded, media_root, clip, questions, cache_mb: float) -> tuple[list[str], dict | None]:
+def server_replies(loaded, media_root, clip, questions, cache_mb: float) -> tuple[list[str], dict | None, int]:
     """The replies of an in-process server (its request path: parsing, media read through an
     O_PATH handle under the server's limits, the model thread) to one question after another about
-    ``clip``, and its cache's counts."""
+    ``clip``, its cache's counts and how many times it decoded the file."""
     llm = llm_of(loaded, cache_mb=cache_mb)
+    decoded, load = [], llm.load
+    llm.load = lambda *args, **kwargs: decoded.append(args[0]) or load(*args, **kwargs)
     service = Service(llm, media_root, "tiny")
     replies = []
     try:
@@ -240,14 +242,16 @@ def server_replies(loaded, media_root, clip, questions, cache_mb: float) -> tupl
             replies.append(asyncio.run(service.complete(json.dumps(body).encode()))["choices"][0]["message"]["content"])
     finally:
         service.close()
-    return replies, llm.cache.stats() if llm.cache is not None else None
+    return replies, llm.cache.stats() if llm.cache is not None else None, len(decoded)
 
 
 def test_a_second_request_on_a_clip_through_the_server_is_a_hit_with_the_same_reply(loaded, videos, caplog):
+    """Nor is the file decoded again: the server recognises it by its identity."""
     questions = ("What is it?", "Which colour are the bars?")
     with caplog.at_level(logging.INFO, logger="aim_llava.cache"):
-        replies, stats = server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=64)
-    assert replies == server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=0)[0]
+        replies, stats, decoded = server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=64)
+    plain, _, decoded_without = server_replies(loaded, videos[0].parent, videos[0], questions, cache_mb=0)
+    assert replies == plain and (decoded, decoded_without) == (1, 2)
     assert [stats[f"{kind}_{what}"] for kind in ("visual", "prefix") for what in ("hits", "misses")] == [1, 1, 1, 1]
     assert "reuse cache so far: visual 1 hit / 1 miss; prefix 1 hit / 1 miss" in caplog.text
 
