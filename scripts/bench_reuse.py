@@ -12,8 +12,9 @@ for speed). Each clip is a generated 640x360 video; its questions follow each ot
 Video-MME. Each (preset, mode) runs the eval's own loop (``evaluation.run_config``: batch size 1,
 two read-ahead workers) with a fresh cache, and prints the cache's hits and misses. The server's
 time to first token is the latency of a ``max_tokens=1`` completion through the server's request
-path (in-process, no HTTP): a first question on a clip, then a second one. ``memory`` prints the
-bytes a cached clip takes on the 0.5B and 7B architectures, computed (not measured).
+path (in-process, no HTTP: parsing, the media read under the server's limits, the model thread),
+of a first question on a clip, then of a second one. ``memory`` prints the bytes a cached clip
+takes on the 0.5B and 7B architectures, computed (not measured).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from aim_llava.architectures import architecture
 from aim_llava.bench import machine_name
 from aim_llava.cost import kv_cache_bytes
 from aim_llava.distributed import Shard
+from aim_llava.flops import video_token_counts
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
-from aim_llava.flops import video_token_counts
 from aim_llava.records import ResultsFile
 from aim_llava.reduction.config import build_plan
 from aim_llava.sample_media import write_sample_video
@@ -72,8 +73,9 @@ def completion_seconds(service: Service, clip: Path, question: str, preset: str)
     body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": clip.name}},
                                                       {"type": "text", "text": question}]}],
             "max_tokens": 1, "config": preset}
+    raw = json.dumps(body).encode()
     started = time.perf_counter()
-    asyncio.run(service.complete(body))
+    asyncio.run(service.complete(raw))
     return time.perf_counter() - started
 
 
@@ -189,7 +191,7 @@ def main() -> None:
                 row["ttft first s"] = completion_seconds(service, clips[1], QUESTIONS[0], preset)
                 row["ttft second s"] = completion_seconds(service, clips[1], QUESTIONS[1], preset)
             finally:
-                service.worker.stop()
+                service.close()
             row["server counts"] = server_llm.cache.stats()
             print(f"{preset} server: first {row['ttft first s']:.2f} s, second {row['ttft second s']:.2f} s",
                   flush=True)
