@@ -682,8 +682,6 @@ def run_serve(args) -> int:
             raise CliError(f"the warm-up request failed on {llm.model.device}: {type(err).__name__}: {first_line} "
                            "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
-    if llm.cache is not None:
-        logging.getLogger("aim_llava.cache").setLevel(logging.INFO)  # its hits and misses, in the log
     name = args.served_model_name or Path(args.model).resolve().name
     limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout)
     service = Service(llm, args.media_root.absolute(), name, args.max_batch_size, args.max_wait_ms, args.max_pending,
@@ -695,12 +693,16 @@ def run_serve(args) -> int:
         print(f"aim-llava: warning: {args.host} is reachable from other machines and no --api-key is set: anyone who "
               "can reach the port can use the model", file=sys.stderr, flush=True)
     restored = args.native_stderr.restored() if args.native_stderr is not None else contextlib.nullcontext()
+    cache_log = logging.getLogger("aim_llava.cache")
+    if llm.cache is not None:
+        cache_log.setLevel(logging.INFO)  # its hits and misses, in the server's log (for this command only)
     try:
         with restored:
             uvicorn.Server(server_config(create_app(service, policy), args.host, args.port,
                                          args.max_connections)).run()
     finally:
         service.close()
+        cache_log.setLevel(logging.NOTSET)
     return 0
 
 

@@ -249,8 +249,9 @@ def image_clip(frames: list[np.ndarray]) -> VideoClip:
 
 def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) -> VideoClip | EncodedVisual:
     """The frames of a request's media. ``load(path)`` samples a video or frame directory (under
-    ``limits``), or returns its encoded video from the model's reuse cache; an image named as a video goes through the image path and its budget. A failure
-    to decode is a 400 naming the media as the client did (a 504 at the deadline)."""
+    ``limits``), or returns its encoded video from the model's reuse cache; an image named as a
+    video goes through the image path and its budget. A failure to decode is a 400 naming the
+    media as the client did (a 504 at the deadline)."""
     video = media.video
     if video is not None and not is_image_file(video.path):  # the path opened, not the URL's query or fragment
         with root.open(video) as opened:
