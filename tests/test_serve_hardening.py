@@ -567,6 +567,28 @@ def test_a_job_past_its_deadline_is_cancelled_before_the_event_loop_notices():
     assert Job(None, None, deadline=now + 60, abandoned=True).cancelled()
 
 
+def test_a_reply_the_model_cut_at_its_deadline_is_a_504_not_a_short_answer(tiny_qwen_dir, media):
+    """When the model stops decoding because the deadline passed before the event loop's timer
+    fires, the reply it hands back is a cut one: the client gets the timeout, not a 200 with a
+    truncated text (the end-to-end test above could see either order)."""
+    from aim_llava.pipeline import Request, Result
+    from aim_llava.serve import ApiError
+    from aim_llava.server.batching import Job
+
+    with in_process_service(tiny_qwen_dir, media) as (_, service):
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            job = Job(None, loop, deadline=time.monotonic() - 0.001)
+            job.done = loop.create_future()
+            service.worker.hand_back(job, Result(Request("clip.mp4")))
+            return await job.done
+
+        result, completion = asyncio.run(scenario())
+        with pytest.raises(ApiError) as late:
+            service.reply(result, completion)
+    assert late.value.status == 504 and late.value.code == "timeout"
+
+
 def test_media_still_being_read_at_the_deadline_is_504(tiny_qwen_dir, media):
     """Reading stops at the request's deadline too (a video whose frames take long to seek, many
     large images)."""

@@ -164,6 +164,10 @@ class ModelThread:
             self.hand_back(job, result)
 
     def hand_back(self, job: Job, result: Result) -> None:
+        """Sends a result to the job's event loop; a reply the model cut because its time was up
+        is not a complete reply, and goes back as cancelled (the client gets the timeout)."""
+        if result.error is None and job.cancelled():
+            result.error = RequestCancelled("the request was cut at its deadline")
         completion = None
         if result.error is None:
             try:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aim_llava.errors import AimLlavaError
-from aim_llava.pipeline import EncodedVisual, Result, VideoLLM
+from aim_llava.pipeline import EncodedVisual, RequestCancelled, Result, VideoLLM
 from aim_llava.server.batching import Completion, Job, ModelThread, cut_at_stop
 from aim_llava.server.errors import ApiError, bad
 from aim_llava.server.limits import ServerLimits
@@ -148,8 +148,9 @@ class Service:
         return ApiError(504, f"the request took longer than the server's limit of {self.limits.request_timeout_s:g} s",
                         code="timeout")
 
-    @staticmethod
-    def failure(result: Result) -> ApiError:
+    def failure(self, result: Result) -> ApiError:
+        if isinstance(result.error, RequestCancelled):  # the model ended it at its deadline
+            return self.timeout()
         if isinstance(result.error, AimLlavaError):
             return bad(str(result.error), "messages", "invalid_prompt")
         logger.error("a request failed: %s", result.error, exc_info=result.error)
