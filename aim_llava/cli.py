@@ -28,6 +28,7 @@ from aim_llava.records import (
     write_records,
     write_text_atomically,
 )
+from aim_llava.reuse_cache import DEFAULT_CACHE_MB
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -111,6 +112,15 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
                         help="threads reading the next videos while the model works (0: none; default 2)")
 
 
+def add_cache_options(parser: argparse.ArgumentParser) -> None:
+    """The reuse cache of encoded videos and their KV prefixes (VideoLLM's cache_mb, prefix_reuse)."""
+    parser.add_argument("--cache-mb", type=non_negative_float, default=DEFAULT_CACHE_MB,
+                        help="memory (on the model's device) for reusing encoded videos and their KV prefixes "
+                             "across questions about the same clip (0: off; default %(default).0f)")
+    parser.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                        help="keep only the encoded videos in the cache, not their KV prefixes")
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
@@ -131,6 +141,7 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, help="write JSONL results here (one record appended per video)")
     parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
     add_batch_options(parser)
+    add_cache_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
     add_runtime_options(evaluate)
     add_batch_options(evaluate)
+    add_cache_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions)")
     serve.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
@@ -220,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origin", action="append", default=[],
                        help="a web origin (https://app.example) whose pages may call the server, with CORS (repeat)")
     add_runtime_options(serve)
+    add_cache_options(serve)
     return parser
 
 
@@ -373,6 +386,7 @@ def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, devi
         args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
         conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
         generation=GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph),
+        cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
     )
     stream = print_now if args.stream and not args.json else None
     requests = [Request(video, [(asked, None)]) for video, asked in todo]
@@ -554,7 +568,8 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                     cuda_graph=args.cuda_graph))
+                                                                     cuda_graph=args.cuda_graph),
+                                   cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     rows, failures = [], 0
     for reduction, file in zip(reductions, results):
         progress = None
@@ -567,12 +582,14 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
         def report(record, progress=progress):
             print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
+        before = llm.cache.snapshot() if llm.cache is not None else None
         try:
             records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
                                             args.workers)
         finally:
             if progress is not None:
                 progress.close()
+        cache = llm.cache.snapshot().since(before).as_dict() if before is not None else None
         if shard.world > 1:
             file.close()
             shard.wait_for_all()
@@ -582,7 +599,7 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
         summary = evaluation.summarize(records)
         failures += summary["errors"]
         cost = flops_report("", model_config, reduction, args.frames, text_tokens)
-        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary})
+        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary, "cache": cache})
     shard.finish()
     return rows, failures
 
@@ -650,7 +667,8 @@ def run_serve(args) -> int:
     llm = VideoLLM.from_pretrained(args.model, args.config, device=args.device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
                                    generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                cuda_graph=args.cuda_graph))
+                                                                cuda_graph=args.cuda_graph),
+                                   cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     if args.warm_up:
         try:
             seconds = warm_up(llm, args.frames)
@@ -675,12 +693,16 @@ def run_serve(args) -> int:
         print(f"aim-llava: warning: {args.host} is reachable from other machines and no --api-key is set: anyone who "
               "can reach the port can use the model", file=sys.stderr, flush=True)
     restored = args.native_stderr.restored() if args.native_stderr is not None else contextlib.nullcontext()
+    cache_log = logging.getLogger("aim_llava.cache")
+    if llm.cache is not None:
+        cache_log.setLevel(logging.INFO)  # its hits and misses, in the server's log (for this command only)
     try:
         with restored:
             uvicorn.Server(server_config(create_app(service, policy), args.host, args.port,
                                          args.max_connections)).run()
     finally:
         service.close()
+        cache_log.setLevel(logging.NOTSET)
     return 0
 
 

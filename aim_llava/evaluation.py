@@ -101,7 +101,7 @@ def item_record(item: Item, config_name: str, result) -> dict:
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
         visual_tokens=response.reduction.visual_tokens_per_layer[0][0],
-        prefill_s=round(response.first_token_s, 4),
+        prefill_s=round(response.first_token_s, 4), visual_cached=result.visual.cached,
     )
     return record
 
@@ -171,14 +171,23 @@ def ordered_records(items: list[Item], records: list[dict]) -> list[dict]:
     return [by_id[item.id] for item in items if item.id in by_id]
 
 
+def cache_cell(counts: dict | None) -> str:
+    """The reuse cache's hits and misses of one config ("off" without the cache)."""
+    if counts is None:
+        return "off"
+    return " / ".join(f"{counts[kind + '_hits']}:{counts[kind + '_misses']}" for kind in ("visual", "prefix"))
+
+
 def comparison_table(rows: list[dict]) -> str:
-    lines = ["| config | items | accuracy | errors | mean visual tokens | prefill TFLOPs | mean prefill s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | items | accuracy | errors | mean visual tokens | prefill TFLOPs | mean prefill s | "
+             "cache hits:misses visual / prefix |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['config']} | {row['items']} | {100 * row['accuracy']:.1f}% | {row['errors']} | "
-                     f"{row['mean_visual_tokens']:.0f} | {row['prefill_tflops']:.3f} | {row['mean_prefill_s']:.3f} |")
+                     f"{row['mean_visual_tokens']:.0f} | {row['prefill_tflops']:.3f} | {row['mean_prefill_s']:.3f} | "
+                     f"{cache_cell(row.get('cache'))} |")
         for category, accuracy in row["per_category"].items():
-            lines.append(f"| &nbsp;&nbsp;{category} | | {100 * accuracy:.1f}% | | | | |")
+            lines.append(f"| &nbsp;&nbsp;{category} | | {100 * accuracy:.1f}% | | | | | |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ prompts of a batch are generated together.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,18 +24,23 @@ from pathlib import Path
 
 import torch
 
-from aim_llava.constants import DEFAULT_IMAGE_TOKEN
+from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from aim_llava.conversation import get_conversation
 from aim_llava.errors import InputError
 from aim_llava.flops import video_token_counts
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.prefetch import batches, read_ahead
+from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
+from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
 from aim_llava.video import MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
+
+logger = logging.getLogger("aim_llava.cache")
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
 DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
@@ -71,13 +77,17 @@ class GenerationOptions:
 @dataclass
 class EncodedVisual:
     """A video or image after the vision tower and projector (and the reduction's merging),
-    ready to be reused across prompts with the same reduction."""
+    ready to be reused across prompts with the same reduction. ``key``: its key in the model's
+    reuse cache (None without the cache); ``cached``: it came from there (``encode_seconds`` is
+    then 0)."""
 
     clip: VideoClip
     features: torch.Tensor
     modality: str
     encode_seconds: float
     reduction: ReductionConfig
+    key: tuple | None = None
+    cached: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -280,6 +290,13 @@ class VideoLLM:
     ``reduction`` is the default of every call; each method also takes ``reduction=`` (a preset
     name, YAML path, ``budget:X``, mapping or config) for that call alone. The model holds no
     per-call state, so calls with different reductions may run at the same time.
+
+    ``cache_mb`` bounds the reuse cache (device memory; 0 turns it off): encoded videos are kept
+    there by what determines them (the file's identity or the frames' digest, sampling,
+    preprocessing, dtype, device, the reduction's merging), so another question about the same
+    clip skips reading, decoding and the vision tower; with ``prefix_reuse`` the keys and values
+    of the prompt's prefix (system text and video) are kept too, in the decoder layers before the
+    first one whose reduction reads the question, and only the question is prefilled there.
     """
 
     def __init__(
@@ -292,8 +309,14 @@ class VideoLLM:
         generation: GenerationOptions | None = None,
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
+        cache_mb: float = DEFAULT_CACHE_MB,
+        prefix_reuse: bool = True,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        if cache_mb < 0:
+            raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
+        self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
+        self.prefix_reuse = prefix_reuse
         self.sampling = sampling or SamplingOptions()
         self._plans: dict[ReductionConfig, ReductionPlan] = {}
         self.reduction = self.resolve(reduction if reduction is not None else "baseline")
@@ -314,18 +337,22 @@ class VideoLLM:
         time_aware: bool = False,
         sampling: SamplingOptions | None = None,
         generation: GenerationOptions | None = None,
+        cache_mb: float = DEFAULT_CACHE_MB,
+        prefix_reuse: bool = True,
     ) -> VideoLLM:
         """Load a local checkpoint directory (either layout) with a reduction preset or config.
 
         ``reduction="budget:0.15"`` picks the AIM setting that fits 15% of the baseline's prefill
         FLOPs for this model at the sampling's frame count (``max_frames`` when sampling by fps).
+        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class).
         """
         check_reduction_spec(reduction)
         sampling = sampling or SamplingOptions()
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
-        return cls(tokenizer, model, processor, reduction, sampling, generation, conv_template, time_aware)
+        return cls(tokenizer, model, processor, reduction, sampling, generation, conv_template, time_aware, cache_mb,
+                   prefix_reuse)
 
     def resolve(self, reduction: str | dict | ReductionConfig | None) -> ReductionConfig:
         """A call's reduction config (None: the default); ``budget:X`` is solved for this model at
@@ -358,14 +385,50 @@ class VideoLLM:
                           options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
                           limits=limits)
 
-    @torch.no_grad()
-    def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, **sampling) -> EncodedVisual:
-        """Read and encode a video (or image) once; the result can be passed to :meth:`ask` (with
-        the same reduction)."""
+    def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
+             **sampling) -> VideoClip | EncodedVisual:
+        """What encoding ``source`` needs: its encoded visual when the reuse cache holds it (a file
+        is recognised by its identity, before any frame is decoded), otherwise its frames, read
+        as :meth:`load` does (safe in worker threads). Frames read under ``limits`` are resized as
+        they are decoded, so the limits (but their deadline) are part of the key."""
         config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
             return self.check_encoded(source, config)
-        return self.encode_clips([self.load(source, config, **sampling)], config)[0]
+        if self.cache is None or isinstance(source, VideoClip):
+            return self.load(source, config, limits, **sampling)
+        options = dataclasses.replace(self.sampling, **sampling)
+        reading = dataclasses.astuple(options), dataclasses.replace(limits, deadline=None) if limits else None
+        try:
+            key = source_key(source, reading)
+        except OSError:
+            return self.load(source, config, limits, **sampling)  # missing or unreadable: load says so
+        visual = self.cached_visual(key, config, count_miss=False)
+        return visual if visual is not None else keyed(self.load(source, config, limits, **sampling), key)
+
+    def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
+        """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
+        processor = self.image_processor
+        model_config = self.model.config
+        preprocessing = (type(processor).__name__, getattr(processor, "image_size", None),
+                         tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
+                         model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
+                         model_config.mm_spatial_pool_stride)
+        return visual_key(source, preprocessing, self.model.dtype, self.model.device, self.plan(config).visual_key())
+
+    def cached_visual(self, source: tuple, config: ReductionConfig, count_miss: bool = True) -> EncodedVisual | None:
+        """The cached visual of ``source`` (a :func:`source_key`) for ``config``, if any."""
+        visual = self.cache.get(self.visual_cache_key(source, config), count_miss)
+        if visual is None:
+            return None
+        return dataclasses.replace(visual, reduction=config, encode_seconds=0.0, cached=True)
+
+    @torch.no_grad()
+    def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, **sampling) -> EncodedVisual:
+        """Read and encode a video (or image) once; the result can be passed to :meth:`ask` (with
+        the same reduction). With the reuse cache, a clip encoded before comes from there."""
+        config = self.resolve(reduction)
+        item = self.read(source, config, **sampling)
+        return item if isinstance(item, EncodedVisual) else self.encode_clips([item], config)[0]
 
     @staticmethod
     def check_encoded(visual: EncodedVisual, config: ReductionConfig) -> EncodedVisual:
@@ -379,7 +442,27 @@ class VideoLLM:
     @torch.no_grad()
     def encode_clips(self, clips: list[VideoClip], config: ReductionConfig) -> list[EncodedVisual]:
         """Encode read clips together: video frames are resized and normalised on the model's
-        device, and every view of every clip goes through the vision tower in one pass."""
+        device, and every view of every clip goes through the vision tower in one pass. With the
+        reuse cache, clips it holds (or that appear twice) are encoded once, and new ones stored."""
+        if self.cache is None:
+            return self.encode_uncached(clips, config)
+        sources = [source_key(clip) for clip in clips]
+        visuals: dict[tuple, EncodedVisual | None] = {}
+        for source in sources:
+            if source in visuals:
+                self.cache.count_hit("visual")
+            else:
+                visuals[source] = self.cached_visual(source, config)
+        missing = [source for source, visual in visuals.items() if visual is None]
+        encoded = self.encode_uncached([clips[sources.index(source)] for source in missing], config) if missing else []
+        for source, visual in zip(missing, encoded):
+            visual.key = self.visual_cache_key(source, config)
+            stored = dataclasses.replace(visual, clip=without_pixels(visual.clip))
+            self.cache.put(visual.key, stored, visual.features.nbytes)
+            visuals[source] = visual
+        return [visuals[source] for source in sources]
+
+    def encode_uncached(self, clips: list[VideoClip], config: ReductionConfig) -> list[EncodedVisual]:
         plan = self.plan(config)
         started = time.perf_counter()
         pixels, sizes, modalities = [], [], []
@@ -449,6 +532,7 @@ class VideoLLM:
         generator = None
         if options.do_sample and options.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(options.seed)
+        prefill = self.prefix_prefill(visuals, prompts)
         started = time.perf_counter()
         output = self.model.generate(
             ids,
@@ -464,6 +548,7 @@ class VideoLLM:
             reduction=self.plan(configs.pop()),
             return_dict_in_generate=True,
             cancelled_rows=cancellation_watch(cancelled or []),
+            prefill=prefill,
         )
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
@@ -476,6 +561,17 @@ class VideoLLM:
             responses.append(Response(text, len(kept), visual.num_tokens, elapsed, first, output.reduction.sample(row),
                                       ended is not None, len(prompts[row]) - 1 + visual.num_tokens))
         return responses
+
+    def prefix_prefill(self, visuals: list[EncodedVisual], prompts: list[list[int]]) -> PrefixPrefill | None:
+        """The prefill that reuses the prompts' video prefixes, when the cache and the visuals
+        allow it (every visual known to the cache, one placeholder per prompt)."""
+        if self.cache is None or not self.prefix_reuse or any(visual.key is None for visual in visuals):
+            return None
+        if any(prompt.count(IMAGE_TOKEN_INDEX) != 1 for prompt in prompts):
+            return None
+        before = [prompt[: prompt.index(IMAGE_TOKEN_INDEX)] for prompt in prompts]
+        return PrefixPrefill(self.model, self.cache, [(visual.key, text) for visual, text in zip(visuals, before)],
+                             [len(text) + visual.num_tokens for visual, text in zip(visuals, before)])
 
     def run(self, requests: Iterable[Request], batch_size: int = 1, workers: int = 2, reduction=None,
             stream: Callable[[str], None] | None = None, **generation) -> Iterator[Result]:
@@ -492,19 +588,15 @@ class VideoLLM:
             requests = (dataclasses.replace(request, stream=stream) for request in requests)
         config = self.resolve(reduction)
 
-        def read(request: Request):
-            source = request.source
-            if isinstance(source, EncodedVisual):
-                return self.check_encoded(source, config)
-            return self.load(source, config)
-
-        loaded = read_ahead(requests, read, workers, depth=max(2 * workers, 2 * batch_size))
+        loaded = read_ahead(requests, lambda request: self.read(request.source, config), workers,
+                            depth=max(2 * workers, 2 * batch_size))
         for batch in batches(loaded, batch_size):
             yield from self.answer_batch(batch, config, generation)
 
     def answer_batch(self, batch: list[tuple[Request, object]], config: ReductionConfig,
                      generation: dict) -> list[Result]:
-        """Encode and answer one batch of read items; an item's failure stays its own."""
+        """Encode and answer one batch of read items (from :meth:`read`); an item's failure stays
+        its own."""
         results = [Result(request, error=item if isinstance(item, BaseException) else None) for request, item in batch]
         pending = [(result, item) for result, (_, item) in zip(results, batch) if result.error is None]
         clips = [(result, item) for result, item in pending if isinstance(item, VideoClip)]
@@ -532,6 +624,8 @@ class VideoLLM:
                                      [r.request.cancelled for r, _ in group], **generation)
 
         self.each_or_one_by_one(ready, respond, lambda result, response: setattr(result, "response", response))
+        if self.cache is not None:
+            logger.info("reuse cache so far: %s", self.cache.summary())
         return results
 
     @staticmethod

@@ -11,8 +11,10 @@ from aim_llava.video import VideoError
 
 @pytest.fixture(scope="module")
 def llm(loaded):
+    """Without the reuse cache: these tests count the encodings the explicit API does
+    (tests/test_reuse.py covers the cache)."""
     tokenizer, model, processor, _ = loaded
-    return VideoLLM(tokenizer, model, processor, sampling=SamplingOptions(num_frames=6))
+    return VideoLLM(tokenizer, model, processor, sampling=SamplingOptions(num_frames=6), cache_mb=0)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ the same time.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,24 @@ class ReductionPlan:
     def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
         """Visual tokens still attended to after ``layer`` out of ``num_visual`` (for accounting)."""
         return num_visual
+
+    def visual_key(self) -> Hashable:
+        """What decides this plan's work before the LLM (the vision-tower reducer, frame and image
+        merging): plans with equal keys turn the same frames into the same visual tokens, so an
+        encoded video can be reused across them. None: the plan does nothing before the LLM. A
+        plan that overrides one of those hooks is keyed by its class and options unless it says
+        more precisely what matters."""
+        hooks = ("reduce_video_frames", "reduce_image_tokens", "vision_reducer")
+        if all(getattr(type(self), hook) is getattr(ReductionPlan, hook) for hook in hooks):
+            return None
+        return type(self).__qualname__, getattr(self, "options", None)
+
+    def text_free_layers(self, num_layers: int) -> int:
+        """How many leading decoder layers compute the same keys and values for the prompt's
+        prefix (system text and visual tokens) whatever question follows: the layers before the
+        first one whose reduction reads the question (every layer when no layer reducer runs; 0
+        for a reducer that does not say)."""
+        return num_layers if self.layer_reducer(num_layers) is None else 0
 
     @property
     def attn_implementation(self) -> str | None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aim_llava.pipeline import Request, RequestCancelled, Result, VideoLLM
+from aim_llava.pipeline import EncodedVisual, Request, RequestCancelled, Result, VideoLLM
 from aim_llava.sample_media import random_frames
 from aim_llava.server.requests import ChatRequest
 from aim_llava.video import VideoClip
@@ -48,7 +48,7 @@ class Job:
     request: ChatRequest
     loop: asyncio.AbstractEventLoop
     deadline: float  # time.monotonic() by which the reply must be complete
-    clip: VideoClip | None = None
+    clip: VideoClip | EncodedVisual | None = None  # an encoded video when the reuse cache held it
     done: asyncio.Future | None = None  # set to (Result, Completion or None) on the event loop
     pieces: asyncio.Queue | None = None  # streamed text, then None
     answered: Callable[[], None] = lambda: None  # called on the event loop once the model has answered
@@ -72,7 +72,8 @@ def warm_up(llm: VideoLLM, frames: int) -> float:
     server's requests bring them, the default reduction, a few graph-replayed tokens) and run the
     PageRank importance once at the model's head shapes (which requests with a pruning config
     need) before the server takes requests, so that the first client does not pay for compiling
-    GPU kernels, setting up cuBLAS and the allocator's first blocks. Returns the seconds it took;
+    GPU kernels, setting up cuBLAS and the allocator's first blocks; the random clip is then
+    dropped from the model's reuse cache (it would only take room). Returns the seconds it took;
     a failure raises (the server would fail alike)."""
     import torch
 
@@ -91,6 +92,8 @@ def warm_up(llm: VideoLLM, frames: int) -> float:
         k = torch.randn(1, text.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)
         log_importance(q, k, torch.ones(1, tokens, dtype=torch.bool, device=device),
                        torch.zeros(1, tokens, device=device), head_dim**-0.5)
+    if llm.cache is not None:
+        llm.cache.clear()
     return time.perf_counter() - started
 
 

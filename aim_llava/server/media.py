@@ -27,6 +27,7 @@ import stat
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -35,6 +36,9 @@ from PIL import Image
 from aim_llava.errors import AimLlavaError
 from aim_llava.server.errors import ApiError, bad, cut, shown
 from aim_llava.video import MediaLimits, ReadingTimeExceeded, VideoClip, VideoError, is_image_file, open_image_rgb
+
+if TYPE_CHECKING:
+    from aim_llava.pipeline import EncodedVisual
 
 logger = logging.getLogger("aim_llava.serve")
 
@@ -243,10 +247,11 @@ def image_clip(frames: list[np.ndarray]) -> VideoClip:
                      float(len(frames)), 1.0, "frames")
 
 
-def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) -> VideoClip:
+def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) -> VideoClip | EncodedVisual:
     """The frames of a request's media. ``load(path)`` samples a video or frame directory (under
-    ``limits``); an image named as a video goes through the image path and its budget. A failure
-    to decode is a 400 naming the media as the client did (a 504 at the deadline)."""
+    ``limits``), or returns its encoded video from the model's reuse cache; an image named as a
+    video goes through the image path and its budget. A failure to decode is a 400 naming the
+    media as the client did (a 504 at the deadline)."""
     video = media.video
     if video is not None and not is_image_file(video.path):  # the path opened, not the URL's query or fragment
         with root.open(video) as opened:

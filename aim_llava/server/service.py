@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aim_llava.errors import AimLlavaError
-from aim_llava.pipeline import RequestCancelled, Result, VideoLLM
+from aim_llava.pipeline import EncodedVisual, RequestCancelled, Result, VideoLLM
 from aim_llava.server.batching import Completion, Job, ModelThread, cut_at_stop
 from aim_llava.server.errors import ApiError, bad
 from aim_llava.server.limits import ServerLimits
@@ -86,14 +86,16 @@ class Service:
         del raw
         return await asyncio.to_thread(self.parser.parse, decoded)
 
-    def read_media(self, job: Job) -> VideoClip:
-        """The job's frames (runs in a worker thread, off the event loop)."""
+    def read_media(self, job: Job) -> VideoClip | EncodedVisual:
+        """The job's frames, or its encoded video when the model's reuse cache holds it (one cache
+        per server: the model's, shared by every request; runs in a worker thread, off the event
+        loop)."""
         size = self.llm.image_processor.image_size
         limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline)
         request = job.request
 
-        def load(path: str) -> VideoClip:
-            return self.llm.load(path, request.config, limits, backend="pyav", **request.sampling)
+        def load(path: str) -> VideoClip | EncodedVisual:
+            return self.llm.read(path, request.config, limits, backend="pyav", **request.sampling)
 
         return read_media(request.media, self.root, load, limits)
 

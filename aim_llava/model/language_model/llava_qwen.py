@@ -194,6 +194,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         cancelled_rows: Callable[[], list[int]] | None = None,
         stopping_criteria=None,
         num_beams: int = 1,
+        prefill: Callable[..., tuple[torch.Tensor, TokenState, ReductionRecord]] | None = None,
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
@@ -210,7 +211,9 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         each step has fixed shapes and, on a GPU, is replayed as a CUDA graph unless
         ``cuda_graph=False`` (``"strict"``: a capture that fails raises instead of decoding
         eagerly). Without the cache every step recomputes the whole sequence, replaying
-        the prefill's reduction decisions (a reference path).
+        the prefill's reduction decisions (a reference path). ``prefill`` stands in for
+        :meth:`prefill` (same arguments and results), e.g. one that takes the prompts' video
+        prefixes from a cache (:class:`aim_llava.prefix_cache.PrefixPrefill`).
         """
         if num_beams != 1:
             raise InputError(f"num_beams={num_beams}: beam search is not implemented; use num_beams=1")
@@ -237,7 +240,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if streamer is not None:
             streamer.put(torch.empty(mm.valid.shape[0], 0, dtype=torch.long))
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
-        hidden, _, record = self.prefill(mm, cache, plan)
+        hidden, _, record = (prefill or self.prefill)(mm, cache, plan)
         with stage("decode", self.device):
             first = self.lm_head(hidden[:, -1]).float()
             if cache is not None:

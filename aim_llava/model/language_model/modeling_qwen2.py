@@ -227,19 +227,27 @@ class Qwen2Model(nn.Module):
         """
         implementation = attn_implementation or self.attn_implementation
         state = TokenState.start(inputs_embeds, position_ids, valid, visual, padded, num_visual, rows)
-        cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
+        state, entering = self.run_layers(state, range(len(self.layers)), cache, reducer, implementation)
+        return self.norm(state.hidden), state, entering
+
+    def run_layers(self, state: TokenState, layers: range, cache: KVCache | None, reducer: LayerReducer | None,
+                   implementation: str) -> tuple[TokenState, list[list[int]]]:
+        """Run the decoder layers ``layers`` (consecutive) over the state's tokens, with the
+        reducer acting after each; returns the state leaving the last one (no final norm) and the
+        visual tokens that entered each, per sample."""
+        cos, sin = self.rotary(state.position_ids, state.hidden.dtype)
         entering, masks = [], AttentionMasks()
-        for index, layer in enumerate(self.layers):
+        for index in layers:
             entering.append(list(state.live_visual))
             wants = reducer is not None and reducer.wants_attention(index)
-            state.hidden, seen = layer(state.hidden, cos, sin, state.alive, state.padded, cache, implementation, wants,
-                                       masks)
+            state.hidden, seen = self.layers[index](state.hidden, cos, sin, state.alive, state.padded, cache,
+                                                    implementation, wants, masks)
             if reducer is not None:
                 positions = state.position_ids
                 state = reducer.after_layer(index, state, seen)
                 if state.position_ids is not positions:
-                    cos, sin = self.rotary(state.position_ids, inputs_embeds.dtype)
-        return self.norm(state.hidden), state, entering
+                    cos, sin = self.rotary(state.position_ids, state.hidden.dtype)
+        return state, entering
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, step: torch.Tensor, cache: KVCache,
              attn_implementation: str | None = None) -> torch.Tensor:

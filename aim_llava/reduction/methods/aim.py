@@ -3,6 +3,7 @@ inside the LLM on a retention schedule (docs/algorithms.md §2 and §3)."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,18 @@ class AimPlan(PruningPlan):
 
     def layer_reducer(self, num_layers: int) -> AimPruner | None:
         return AimPruner(self.schedule, self.options) if self.schedule.prunes else None
+
+    def visual_key(self) -> Hashable:
+        """Only the merging settings decide the visual tokens (the pruning acts inside the LLM)."""
+        options = self.options
+        if options.merge_ratio is None and options.merge_steps is None and options.image_merge_ratio is None:
+            return None
+        return ("aim_merge", options.merge_ratio, options.merge_steps, options.merge_order, options.merge_weighting,
+                options.image_merge_ratio)
+
+    def text_free_layers(self, num_layers: int) -> int:
+        """The layers before the first pruning layer, whose PageRank reads the question's tokens."""
+        return next((layer for layer in range(num_layers) if self.schedule.prunes_after(layer)), num_layers)
 
     @property
     def attn_implementation(self) -> str | None:

@@ -75,3 +75,7 @@ class FastVPlan(PruningPlan):
 
     def layer_reducer(self, num_layers: int) -> FastVPruner:
         return FastVPruner(self.options)
+
+    def text_free_layers(self, num_layers: int) -> int:
+        """The layers before K - 1, whose last prompt token (the question's end) ranks the tokens."""
+        return self.options.layer - 1

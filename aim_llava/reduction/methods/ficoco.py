@@ -180,6 +180,10 @@ class FiCoCoLPlan(PruningPlan):
     def layer_reducer(self, num_layers: int) -> FiCoCoLReducer:
         return FiCoCoLReducer(self.options)
 
+    def text_free_layers(self, num_layers: int) -> int:
+        """The layers before start_layer (its scores read the text's attention)."""
+        return self.options.start_layer
+
 
 @dataclass(frozen=True)
 class FiCoCoVLOptions:
@@ -305,6 +309,9 @@ class FiCoCoVLPlan(ReductionPlan):
 
     def layer_reducer(self, num_layers: int):
         return self.llm.layer_reducer(num_layers) if self.llm else None
+
+    def text_free_layers(self, num_layers: int) -> int:
+        return self.llm.text_free_layers(num_layers) if self.llm else num_layers
 
     @property
     def prune_mode(self) -> str:

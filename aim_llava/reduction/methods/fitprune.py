@@ -242,6 +242,10 @@ class FitPrunePlan(PruningPlan):
     def layer_reducer(self, num_layers: int) -> FitPrunePruner:
         return FitPrunePruner(self.recipe, self.options.prune_mode)
 
+    def text_free_layers(self, num_layers: int) -> int:
+        """The layers before the recipe's first drop (its scores read the text's attention)."""
+        return next((layer for layer, drop in enumerate(self.recipe.drop) if drop > 0), num_layers)
+
 
 @dataclass
 class Calibration:
