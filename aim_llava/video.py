@@ -135,7 +135,7 @@ def fps_frame_count(first: int, last: int, source_fps: float, fps: float, max_fr
 def fps_indices(first: int, last: int, source_fps: float, fps: float, max_frames: int | None) -> list[int]:
     """Nearest source frames every 1/fps seconds from ``first``; uniform if over ``max_frames``."""
     step = source_fps / fps
-    count = int(math.floor((last - first) / step + 1e-9)) + 1
+    count = fps_frame_count(first, last, source_fps, fps, None)
     if max_frames is not None and count > max_frames:
         return uniform_indices(first, last, max_frames)
     return [min(last, first + int(round(k * step))) for k in range(count)]
@@ -161,6 +161,19 @@ def check_frame_count(count: int, limit: int | None, source: str) -> None:
         )
 
 
+def uniform_frame_count(num_frames: int, max_frames: int | None) -> int:
+    """How many frames a uniform sampling gives."""
+    return num_frames if max_frames is None else min(num_frames, max_frames)
+
+
+def check_sampled_count(count: int, frame_limit: int | None, limits: MediaLimits | None, source: str) -> None:
+    """Refuse a sampling of ``count`` frames beyond the context's ``frame_limit`` or the request's
+    ``limits``, before any is built or decoded."""
+    check_frame_count(count, frame_limit, source)
+    if limits is not None:
+        limits.check_frames(count, source)
+
+
 def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> list[int]:
     """The sampled frame indices, their count checked against the limits before they are built
     (an fps sampling of a long source could otherwise list millions)."""
@@ -168,10 +181,8 @@ def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> li
     if opts["fps"] is not None:
         count = fps_frame_count(first, last, source_fps, opts["fps"], opts["max_frames"])
     else:
-        count = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
-    check_frame_count(count, opts.get("frame_limit"), source)
-    if opts.get("limits") is not None:
-        opts["limits"].check_frames(count, source)
+        count = uniform_frame_count(opts["num_frames"], opts["max_frames"])
+    check_sampled_count(count, opts.get("frame_limit"), opts.get("limits"), source)
     if opts["fps"] is not None:
         return fps_indices(first, last, source_fps, opts["fps"], opts["max_frames"])
     return uniform_indices(first, last, count)
@@ -477,10 +488,7 @@ def load_video(
     """
     validate_sampling(num_frames, fps, max_frames, start, end)
     if fps is None:
-        count = num_frames if max_frames is None else min(num_frames, max_frames)
-        check_frame_count(count, frame_limit, str(path))
-        if limits is not None:
-            limits.check_frames(count, str(path))
+        check_sampled_count(uniform_frame_count(num_frames, max_frames), frame_limit, limits, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if limits is not None and backend not in ("auto", "pyav"):
