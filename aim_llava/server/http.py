@@ -21,6 +21,7 @@ import hmac
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -71,16 +72,26 @@ class AccessPolicy:
         scheme, _, given = (authorization or "").partition(" ")
         given_digest = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
         valid = False
-        for key in self.api_keys:
-            valid |= hmac.compare_digest(given_digest, hashlib.sha256(key.encode()).digest())
+        for key_digest in self.key_digests:
+            valid |= hmac.compare_digest(given_digest, key_digest)
         return valid and scheme.lower() == "bearer"
+
+    @cached_property
+    def key_digests(self) -> tuple[bytes, ...]:
+        """The SHA-256 digests of the keys (computed once, not per request)."""
+        return tuple(hashlib.sha256(key.encode()).digest() for key in self.api_keys)
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    """The HTTP response of a refusal."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 class Refusal:
     """An ASGI app answering every request with one :class:`ApiError`."""
 
     def __init__(self, error: ApiError):
-        self.response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        self.response = error_response(error)
 
     async def __call__(self, scope, receive, send) -> None:
         await self.response(scope, receive, send)
@@ -136,7 +147,7 @@ def create_app(service: Service, policy: AccessPolicy | None = None):
 
     @app.exception_handler(ApiError)
     async def api_error(_, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+        return error_response(error)
 
     @app.exception_handler(Exception)
     async def server_error(_, error: Exception):
