@@ -402,22 +402,27 @@ class VideoLLM:
             key = source_key(source, reading)
         except OSError:
             return self.load(source, config, limits, **sampling)  # missing or unreadable: load says so
-        visual = self.cached_visual(key, config, count_miss=False)
+        visual = self.cached_visual(self.visual_cache_key(key, config), config, count_miss=False)
         return visual if visual is not None else keyed(self.load(source, config, limits, **sampling), key)
+
+    def preprocessing_key(self) -> tuple:
+        """What of the processor and the model's config decides how frames become visual tokens
+        (read at each look-up: a processor or config changed in place is a miss, never a stale hit)."""
+        processor = self.image_processor
+        model_config = self.model.config
+        return (type(processor).__name__, getattr(processor, "image_size", None),
+                tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
+                model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
+                model_config.mm_spatial_pool_stride)
 
     def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
         """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
-        processor = self.image_processor
-        model_config = self.model.config
-        preprocessing = (type(processor).__name__, getattr(processor, "image_size", None),
-                         tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
-                         model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
-                         model_config.mm_spatial_pool_stride)
-        return visual_key(source, preprocessing, self.model.dtype, self.model.device, self.plan(config).visual_key())
+        return visual_key(source, self.preprocessing_key(), self.model.dtype, self.model.device,
+                          self.plan(config).visual_key())
 
-    def cached_visual(self, source: tuple, config: ReductionConfig, count_miss: bool = True) -> EncodedVisual | None:
-        """The cached visual of ``source`` (a :func:`source_key`) for ``config``, if any."""
-        visual = self.cache.get(self.visual_cache_key(source, config), count_miss)
+    def cached_visual(self, key: tuple, config: ReductionConfig, count_miss: bool = True) -> EncodedVisual | None:
+        """The cached visual under ``key`` (a :meth:`visual_cache_key`), made ``config``'s, if any."""
+        visual = self.cache.get(key, count_miss)
         if visual is None:
             return None
         return dataclasses.replace(visual, reduction=config, encode_seconds=0.0, cached=True)
@@ -447,16 +452,18 @@ class VideoLLM:
         if self.cache is None:
             return self.encode_uncached(clips, config)
         sources = [source_key(clip) for clip in clips]
+        first_clips = dict(zip(reversed(sources), reversed(clips)))  # each source's first clip
+        keys = {source: self.visual_cache_key(source, config) for source in first_clips}
         visuals: dict[tuple, EncodedVisual | None] = {}
         for source in sources:
             if source in visuals:
                 self.cache.count_hit("visual")
             else:
-                visuals[source] = self.cached_visual(source, config)
+                visuals[source] = self.cached_visual(keys[source], config)
         missing = [source for source, visual in visuals.items() if visual is None]
-        encoded = self.encode_uncached([clips[sources.index(source)] for source in missing], config) if missing else []
+        encoded = self.encode_uncached([first_clips[source] for source in missing], config) if missing else []
         for source, visual in zip(missing, encoded):
-            visual.key = self.visual_cache_key(source, config)
+            visual.key = keys[source]
             stored = dataclasses.replace(visual, clip=without_pixels(visual.clip))
             self.cache.put(visual.key, stored, visual.features.nbytes)
             visuals[source] = visual

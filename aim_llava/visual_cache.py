@@ -74,16 +74,19 @@ def source_key(source: str | Path | VideoClip, sampling: Hashable = None) -> tup
     return ("file", file_identity(source), sampling)
 
 
+def clip_fields(clip: VideoClip) -> dict:
+    """The fields of ``clip`` that a :class:`VideoClip` has (a :class:`KeyedClip`'s key left out)."""
+    return {f.name: getattr(clip, f.name) for f in dataclasses.fields(VideoClip)}
+
+
 def keyed(clip: VideoClip, key: tuple) -> KeyedClip:
-    fields = {f.name: getattr(clip, f.name) for f in dataclasses.fields(VideoClip)}
-    return KeyedClip(**fields, source_key=key)
+    return KeyedClip(**clip_fields(clip), source_key=key)
 
 
 def without_pixels(clip: VideoClip) -> VideoClip:
     """The clip's times and indices without its pixels (what an encoded visual keeps in the cache)."""
     frames = np.empty((0, *clip.frames.shape[1:]), dtype=clip.frames.dtype)
-    fields = {f.name: getattr(clip, f.name) for f in dataclasses.fields(VideoClip)}
-    return VideoClip(**{**fields, "frames": frames})
+    return VideoClip(**{**clip_fields(clip), "frames": frames})
 
 
 def visual_key(source: tuple, preprocessing: Hashable, dtype, device, pre_llm: Hashable) -> tuple:
