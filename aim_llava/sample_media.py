@@ -36,10 +36,10 @@ def textured_frame(index: int, height: int = 96, width: int = 160) -> np.ndarray
     return np.stack([red, green, blue], axis=-1).clip(0, 255).astype(np.uint8)
 
 
-def random_frames(count: int, height: int = 360, width: int = 640) -> np.ndarray:
-    """``count`` frames of uniform noise [T, H, W, 3] uint8 (seeded): 640x360 by default, the
+def random_frames(count: int, height: int = 360, width: int = 640, seed: int = 0) -> np.ndarray:
+    """``count`` frames of uniform noise [T, H, W, 3] uint8 (from ``seed``): 640x360 by default, the
     stand-in for a decoded video where only the sizes matter (benchmarks, the server's warm-up)."""
-    return np.random.default_rng(0).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
 
 
 def read_frame_index(frame: np.ndarray) -> int:

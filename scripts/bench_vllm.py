@@ -26,16 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from aim_llava.sample_media import random_frames
+from aim_llava.vllm_plugin import ARCHITECTURE, CONFIG_KEY
+
 QUESTION = "Describe the video."
-PLUGIN = {"architectures": ["AimLlavaOnevisionForConditionalGeneration"]}
+PLUGIN = {"architectures": [ARCHITECTURE]}
 
 
 def videos(count: int, frames: int) -> list:
     """``count`` different random videos of ``frames`` 384x384 frames (the processors' size)."""
-    import numpy as np
-
-    return [np.random.default_rng(seed).integers(0, 256, (frames, 384, 384, 3), dtype=np.uint8)
-            for seed in range(count)]
+    return [random_frames(frames, 384, 384, seed=seed) for seed in range(count)]
 
 
 def run_vllm(args) -> dict:
@@ -50,7 +50,7 @@ def run_vllm(args) -> dict:
 
     from aim_llava.conversation import build_prompt
 
-    overrides = {} if args.engine == "vllm" else dict(PLUGIN, aim_reduction=args.preset)
+    overrides = {} if args.engine == "vllm" else {**PLUGIN, CONFIG_KEY: args.preset}
     # vLLM sizes its encoder cache for at most 16 frames a video, or for max_num_batched_tokens
     # when larger: enough for a whole video's tokens without merging.
     length = args.frames * 196 + 256

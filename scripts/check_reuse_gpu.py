@@ -19,7 +19,6 @@ import argparse
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from aim_llava.architectures import architecture
@@ -27,6 +26,7 @@ from aim_llava.bench import machine_name, random_model
 from aim_llava.model.builder import load_pretrained_model
 from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.pipeline import GenerationOptions, Request, SamplingOptions, VideoLLM
+from aim_llava.sample_media import random_frames
 from aim_llava.tiny_checkpoint import build_tokenizer, write_tiny_checkpoint
 from aim_llava.video import VideoClip
 
@@ -36,8 +36,7 @@ QUESTIONS = ["What is happening?", "Which colour dominates the scene?", "Who is 
 
 
 def clip(frames: int, seed: int) -> VideoClip:
-    pixels = np.random.default_rng(seed).integers(0, 256, (frames, 360, 640, 3), dtype=np.uint8)
-    return VideoClip(pixels, list(range(frames)), [i / 2 for i in range(frames)], frames / 2, 2.0, "memory")
+    return VideoClip(random_frames(frames, seed=seed), list(range(frames)), [i / 2 for i in range(frames)], frames / 2, 2.0, "memory")
 
 
 def replies(llm: VideoLLM, clips: list[VideoClip], preset: str) -> list[tuple[str, int]]:
