@@ -68,7 +68,11 @@ class Phase:
     needs_s: float
     limit_s: float
     commands: tuple[tuple[str, ...], ...]
-    bench_reports: tuple[str, ...] = ()  # names of the --json reports its commands write
+
+    @property
+    def bench_reports(self) -> tuple[str, ...]:
+        """Names of the --json reports its commands write (their ``report:`` arguments)."""
+        return tuple(part[len(REPORT):] for command in self.commands for part in command if part.startswith(REPORT))
 
 
 @dataclass
@@ -102,23 +106,22 @@ def phases() -> list[Phase]:
               ((sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider", "-k", "not flex"),)),
         Phase("prefill_32f", "7B bf16 prefill, 32 frames, four presets", 60, 150,
               (bench("prefill_32f", "--frames", "32", *prefill,
-                     "--configs", "baseline,aim_merge_only,aim_default,aim_prune_only"),), ("prefill_32f",)),
+                     "--configs", "baseline,aim_merge_only,aim_default,aim_prune_only"),)),
         Phase("prefill_192f", "7B bf16 prefill, 192 frames, aim_default vs aim_merge_only", 50, 120,
-              (bench("prefill_192f", "--frames", "192", *prefill, "--configs", "aim_merge_only,aim_default"),),
-              ("prefill_192f",)),
+              (bench("prefill_192f", "--frames", "192", *prefill, "--configs", "aim_merge_only,aim_default"),)),
         Phase("decode_eager", "7B decode, batch 1, without the CUDA graph", 40, 90,
-              (bench("decode_eager", *decode, "--no-cuda-graph"),), ("decode_eager",)),
+              (bench("decode_eager", *decode, "--no-cuda-graph"),)),
         Phase("decode_b16", "7B decode, batch 16, CUDA graphs", 45, 100,
-              (bench("decode_b16", *decode, "--batch", "16"),), ("decode_b16",)),
+              (bench("decode_b16", *decode, "--batch", "16"),)),
         Phase("decode_attn", "decode-step attention per kernel and shape; 7B decode, batch 1, eager attention",
               60, 120, ((sys.executable, "scripts/bench_decode_attention.py", "--device", "cuda", "--dtype",
                          "bfloat16", "--repeats", "20", "--json", REPORT + "decode_attention_kernels"),
-                        bench("decode_attn", *decode, "--attn", "eager")), ("decode_attention_kernels", "decode_attn")),
+                        bench("decode_attn", *decode, "--attn", "eager"))),
         Phase("ttft_video", "time to first token from a 60 s 640x360 clip (PyAV)", 60, 120,
               ((sys.executable, "scripts/make_sample_video.py", clip, "--frames", "1800", "--fps", "30", "--width",
                 "640", "--height", "360", "--gop", "250"),
                bench("ttft_video", "--frames", "32", "--repeats", "3", "--decode-tokens", "1", "--video", clip,
-                     "--backend", "pyav", "--configs", "baseline,aim_default")), ("ttft_video",)),
+                     "--backend", "pyav", "--configs", "baseline,aim_default"))),
     ]
 
 
