@@ -277,10 +277,7 @@ def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0,
     with ``processor=True`` the processor files too: what vLLM loads), with the tiny tokenizer:
     ids beyond its 320 tokens decode to nothing, so replies are mostly empty text and rarely end
     early. For measuring speed (which does not depend on the weights' values), never accuracy."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed)
-    tokenizer.save_pretrained(str(out))
+    out, tokenizer = _start_checkpoint(out, seed, layout, processor)
     text = dataclasses.asdict(config.text)
     vision = {key: value for key, value in dataclasses.asdict(config.vision).items() if key in TINY_VISION}
     vision["num_hidden_layers"] += 1  # stored like the published tower: with the layer it does not run
@@ -291,14 +288,24 @@ def write_random_checkpoint(out: str | Path, config: LlavaConfig, seed: int = 0,
     return out
 
 
-def _write_layout(out: Path, layout: str, tokenizer, state: dict[str, torch.Tensor], text: dict, vision: dict,
-                  dtype: str, processor: bool, tower: str, shards: int) -> None:
-    """Weights (in ``shards`` files; one HF-layout file is ``model.safetensors``) and config.json
-    in ``layout``, and the processor files (HF layout only)."""
+def _start_checkpoint(out: str | Path, seed: int, layout: str, processor: bool) -> tuple[Path, object]:
+    """Check the layout options (before any weight is made), create ``out`` and write the tiny
+    tokenizer there; returns the directory and the tokenizer."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if processor and layout != "hf":
         raise ValueError("processor files come with the HF layout (layout='hf')")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(seed)
+    tokenizer.save_pretrained(str(out))
+    return out, tokenizer
+
+
+def _write_layout(out: Path, layout: str, tokenizer, state: dict[str, torch.Tensor], text: dict, vision: dict,
+                  dtype: str, processor: bool, tower: str, shards: int) -> None:
+    """Weights (in ``shards`` files; one HF-layout file is ``model.safetensors``) and config.json
+    in ``layout`` (checked by :func:`_start_checkpoint`), and the processor files (HF layout only)."""
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if layout == "llava_qwen":
         config = _llava_qwen_config(image_id, text, vision, dtype, tower)
@@ -322,12 +329,7 @@ def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int
     """Write config, tokenizer and weights to ``out``; returns the directory. ``head_size``: the
     text model's head size (None: the tiny default, 16); ``processor``: also write transformers'
     processor files (HF layout only), as vLLM needs."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(seed)
-    tokenizer.save_pretrained(str(out))
+    out, tokenizer = _start_checkpoint(out, seed, layout, processor)
     text = TINY_TEXT if head_size is None else text_with_head_size(head_size)
     _write_layout(out, layout, tokenizer, random_state_dict(seed, text=text), text, TINY_VISION, "float32", processor,
                   "aim-llava/siglip-tiny-patch14-384", 2 if layout == "llava_qwen" else 1)

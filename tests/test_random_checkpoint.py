@@ -5,10 +5,11 @@ they were made for and run end to end."""
 import dataclasses
 import shutil
 
+import pytest
 import torch
 from conftest import prompt_ids, random_frames
 
-from aim_llava import load_pretrained_model
+from aim_llava import load_pretrained_model, tiny_checkpoint
 from aim_llava.architectures import architecture
 from aim_llava.tiny_checkpoint import write_random_checkpoint
 
@@ -34,3 +35,17 @@ def test_a_random_checkpoint_loads_as_its_architecture(tmp_path):
         assert tokens.shape == (1, 3) and int(tokens.max()) < config.text.vocab_size
     finally:
         shutil.rmtree(path)  # ~300 MB
+
+
+@pytest.mark.parametrize("layout, processor", [("llava", False), ("llava_qwen", True)])
+def test_bad_layout_options_are_refused_before_any_weight_is_made(tmp_path, monkeypatch, layout, processor):
+    """A 7B checkpoint's random weights take ~16 GB and minutes: an unknown layout, or processor
+    files asked of the LLaVA-NeXT layout, is refused first, and nothing is written."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("random weights were made before the layout options were checked")
+
+    monkeypatch.setattr(tiny_checkpoint, "random_state_dict", no_weights)
+    with pytest.raises(ValueError, match="layout"):
+        write_random_checkpoint(tmp_path / "refused", architecture("llava-onevision-qwen2-7b"), layout=layout,
+                                processor=processor)
+    assert not (tmp_path / "refused").exists()
