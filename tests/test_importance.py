@@ -1,21 +1,24 @@
 """PageRank importance (docs/algorithms.md §3) against the dense formula, the log-space kernels
 against each other, underflow and ties."""
 
+from functools import partial
+
 import pytest
 import torch
 
-from aim_llava.reduction import importance
+from aim_llava.reduction import factored_importance, importance
+from aim_llava.reduction.factored_importance import pagerank_log_importance_factored
 from aim_llava.reduction.importance import (
     flex_bucket,
+    log_importance,
     log_start_weights,
     pagerank_importance,
     pagerank_log_importance,
-    pagerank_log_importance_factored,
     pagerank_log_importance_flex,
 )
 from aim_llava.reduction.tokens import TokenState, keep_top_visual
 
-CHUNKED_KERNELS = [pagerank_log_importance, pagerank_log_importance_factored]
+LOG_SPACE_KERNELS = [pagerank_log_importance, pagerank_log_importance_factored]
 
 
 def dense_importance(q, k, key_mask, start, scale, temperature=0.1, iterations=5, dtype=torch.float64):
@@ -61,19 +64,31 @@ def inputs():
     return q, k, key_mask, start
 
 
-@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
 @pytest.mark.parametrize("cache_budget", [0, 2**30])  # recompute the chunks every step / keep them
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, None])
-def test_chunked_equals_dense(inputs, chunk_size, cache_budget, kernel):
+def test_chunked_equals_dense(inputs, chunk_size, cache_budget):
     q, k, key_mask, start = inputs
-    ours = kernel(q, k, key_mask, start.log(), 8**-0.5, chunk_size=chunk_size, cache_budget=cache_budget).exp()
+    ours = pagerank_log_importance(q, k, key_mask, start.log(), 8**-0.5, chunk_size=chunk_size,
+                                   cache_budget=cache_budget).exp()
     reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
     assert ours.shape == (2, 37) and ours.dtype == torch.float32
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
-def test_memory_budget_chooses_small_chunks(inputs, kernel, monkeypatch):
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])  # one head at a time / all heads of a key head together
+@pytest.mark.parametrize("panel_rows", [1, 32, 64, 512])  # several panels (the last one padded) / one
+def test_factored_equals_dense(inputs, panel_rows, cache_bytes):
+    """Left padding, keys pruned earlier (mask mode), a length that is no multiple of the row block."""
+    q, k, key_mask, start = inputs
+    ours = pagerank_log_importance_factored(q, k, key_mask, start.log(), 8**-0.5, panel_rows=panel_rows,
+                                            cache_bytes=cache_bytes).exp()
+    reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
+    assert ours.shape == (2, 37) and ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
+
+
+def test_memory_budget_chooses_small_chunks(inputs, monkeypatch):
+    kernel = pagerank_log_importance
     q, k, key_mask, start = inputs
     budget = 2 * 4 * 37 * 4 * 3  # three query rows of float32 logits for 2 samples x 4 heads x 37 keys
     blocks = []
@@ -128,13 +143,14 @@ def sharp_inputs(n=300, heads=4, dim=16, seed=3):
     return q, k, mask, mask.float() / n
 
 
-@pytest.mark.parametrize("kernel", CHUNKED_KERNELS)
+@pytest.mark.parametrize("kernel", [partial(pagerank_log_importance, chunk_size=128),
+                                    partial(pagerank_log_importance_factored, panel_rows=128)], ids=["chunked", "factored"])
 def test_log_space_does_not_underflow_and_keeps_the_published_order(kernel):
     q, k, mask, start = sharp_inputs()
     scale = 16**-0.5
     published = dense_importance(q, k, mask, start, scale, dtype=torch.float32)[0]  # float32, as published
     reference = dense_log_importance(q, k, mask, start, scale)[0]
-    ours = kernel(q, k, mask, torch.log(start), scale, chunk_size=128)[0]
+    ours = kernel(q, k, mask, torch.log(start), scale)[0]
     assert (published == 0).sum() > 50  # the premise: many published scores are exactly 0 (tied)
     assert torch.isfinite(ours).all()  # ours are all distinct finite log-scores
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-3)
@@ -263,3 +279,97 @@ def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
                                                                 for k in ("factored", "chunked", "flex")]
     assert all(row["same_top_half"] and row["max_rel_diff"] < 1e-4 and row["warm_ms"] > 0 for row in rows)
     assert result.stdout.count("| 64 |") == 3
+
+
+def scaled_inputs(sharpness, n=300, heads=4, dim=16, seed=3):
+    """Logits sharpened by ``sharpness``: PageRank mass concentrates on few rows, so that many
+    block sums of the factored kernel would underflow in float32."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, n, dim, generator=gen) * sharpness
+    k = torch.randn(1, heads // 2, n, dim, generator=gen) * sharpness
+    mask = torch.ones(1, n, dtype=torch.bool)
+    return q, k, mask, mask.float() / n
+
+
+@pytest.mark.parametrize("sharpness, path", [(1.6, "exact_block_sums"), (3.0, "dense_block_sums")])
+def test_factored_recomputes_the_block_sums_float32_cannot_trust(sharpness, path, monkeypatch):
+    """A few untrusted block sums are recomputed one by one, many (sharp attention) by redoing the
+    panel in log space; either way the result is the float64 log-space formula's, and it would not
+    be without the repair."""
+    q, k, mask, start = scaled_inputs(sharpness)
+    reference = dense_log_importance(q, k, mask, start, 0.25)[0]
+    calls = []
+    original = getattr(factored_importance.PanelMatrix, path)
+    monkeypatch.setattr(factored_importance.PanelMatrix, path,
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    ours = pagerank_log_importance_factored(q, k, mask, start.log(), 0.25, panel_rows=128)[0]
+    assert calls  # the premise: this path ran
+    assert torch.allclose(ours.double(), reference, rtol=1e-5, atol=1e-3)
+    monkeypatch.setattr(factored_importance.HeadGroupPageRank, "repair", lambda self, *args: None)
+    unrepaired = pagerank_log_importance_factored(q, k, mask, start.log(), 0.25, panel_rows=128)[0]
+    assert not torch.allclose(unrepaired.double(), reference, rtol=1e-5, atol=1e-3)
+
+
+def test_factored_row_normalisers_of_rows_far_below_their_block(monkeypatch):
+    """Rows whose largest logit lies far below their block's (every other query scaled down) get
+    their log-normaliser in log space, equal to float64's; the factored sum alone underflows."""
+    gen = torch.Generator().manual_seed(4)
+    n, dim, scale = 96, 16, 2.5
+    q = torch.randn(1, n, dim, generator=gen) * 4
+    q[:, 1::2] *= 0.05
+    k = torch.randn(n, dim, generator=gen) * 4
+    logits = (q[0].double() @ k.double().T * scale).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -torch.inf)
+    reference = torch.logsumexp(logits, dim=-1)
+
+    def normalisers():
+        rank = factored_importance.HeadGroupPageRank(q, k, torch.ones(n, dtype=torch.bool), scale, panel_rows=64)
+        return rank.lse[0, :n]
+
+    assert torch.allclose(normalisers().double(), reference, rtol=1e-6, atol=1e-4)
+    monkeypatch.setattr(factored_importance, "TRUSTED_ROW_SUM", 0.0)
+    assert not torch.allclose(normalisers().double(), reference, rtol=1e-6, atol=1e-4)
+
+
+def test_factored_keeps_one_head_group_of_triangle_panels():
+    """What one head keeps is the causal triangle in panels (not the square, nor every head): the
+    tensors held equal :func:`resident_bytes`, and long inputs go one head at a time."""
+    q, k, mask, _ = scaled_inputs(1.0, n=300, heads=2)
+    rank = factored_importance.HeadGroupPageRank(q[0], k[0, 0], mask[0], 0.25, panel_rows=64)
+    held = sum(4 * (matrix.logits.numel() + matrix.exps.numel()) for matrix in rank.matrices)
+    assert held == 2 * factored_importance.resident_bytes(300, 64) < 2 * 2 * 4 * 300 * 300 * 0.7
+    assert factored_importance.heads_per_group(300, 7) == 7
+    assert factored_importance.heads_per_group(9509, 7) == 1  # 192 frames: ~370 MB a head
+
+
+def test_factored_leaves_heads_beyond_its_memory_budget_to_the_chunked_kernel(inputs, monkeypatch):
+    from aim_llava.reduction import importance
+
+    q, k, key_mask, start = inputs
+    calls = []
+    monkeypatch.setattr(importance, "pagerank_log_importance",
+                        lambda *args: calls.append(1) or pagerank_log_importance(*args))
+    factored = log_importance(q, k, key_mask, start.log(), 8**-0.5, kernel="factored")
+    assert not calls
+    monkeypatch.setattr(importance, "FACTORED_HEAD_BUDGET", factored_importance.resident_bytes(37) - 1)
+    assert torch.allclose(log_importance(q, k, key_mask, start.log(), 8**-0.5, kernel="factored"), factored,
+                          rtol=1e-5)
+    assert calls == [1]
+
+
+def test_overlap_script_compares_every_pruning_layer_with_the_float32_reference(loaded):
+    """scripts/importance_overlap.py on the tiny checkpoint: a row per pruning layer; in float32 the
+    model's kernel keeps exactly the reference's tokens."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "importance_overlap.py"
+    spec = importlib.util.spec_from_file_location("importance_overlap", script)
+    overlap = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = overlap  # its dataclasses look their module up
+    spec.loader.exec_module(overlap)
+    _, model, _, _ = loaded
+    rows = overlap.measure(model, {"method": "aim", "prune_start": 1}, frames=2, text_tokens=20)
+    assert [row.layer for row in rows] == [1, 2, 3, 4, 5]
+    assert all(row.overlap == 1.0 and row.max_abs_diff < 1e-3 for row in rows)
+    assert rows[0].visual_kept == int(2 * 49 * 0.875) + 1

@@ -24,10 +24,12 @@ Four kernels compute it:
   is a logsumexp reduction. On CUDA the logits come from the model-dtype q and k with float32
   accumulation and output, and each reduction is one pass over memory (a Triton kernel,
   :mod:`aim_llava.reduction.logsumexp`).
-* ``factored``: the same chunks, but each step is a matrix-vector product of column-shifted
-  exponentials, as cheap as the linear formula, with an exact repair of the columns that would
-  underflow (:func:`pagerank_log_importance_factored`); the repair is decided on the host, so it
-  is the CPU's kernel.
+* ``factored`` (:mod:`aim_llava.reduction.factored_importance`): per head, the logits computed
+  once (float32 products of the model-dtype q and k) over the causal triangle and kept with their
+  exponentials, shifted per block of rows and key; each step is then a batched matrix-vector
+  product, and the few block sums that float32 could have underflowed are recomputed exactly in
+  log space, decided on the host: the CPU's kernel. A head whose matrices would exceed
+  :data:`FACTORED_HEAD_BUDGET` (about 16k tokens) is left to ``chunked``.
 * ``flex``: FlexAttention, whose fused kernels return each pass's log-sum-exp without storing the
   matrix: the row normalisers are the LSE of the causal attention, and each PageRank step is the
   LSE of the transposed problem (keys attend to the queries that see them) with
@@ -64,10 +66,16 @@ import torch
 from aim_llava.capabilities import HALF_DTYPES, RUNTIME_FALLBACKS, device_capabilities
 from aim_llava.model.attention import expand_kv_heads
 from aim_llava.reduction.attention_lse import Tiling, attention_lse
+from aim_llava.reduction.factored_importance import (
+    PANEL_ROWS,
+    pagerank_log_importance_factored,
+    resident_bytes,
+)
 from aim_llava.reduction.logsumexp import logsumexp_with_bias
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20  # bytes for one chunk of float32 attention rows
 DEFAULT_CACHE_BUDGET = 2**30  # the whole logit matrix is kept (not recomputed) when it is this small
+FACTORED_HEAD_BUDGET = 2**30  # bytes one head's resident matrices may take (factored kernel); else chunked
 IMPORTANCE_KERNELS = ("auto", "chunked", "factored", "flex", "fused")
 
 
@@ -179,105 +187,6 @@ def pagerank_log_importance(
             part = logsumexp_with_bias(logits, -2, bias[..., start:end])
             total = part if total is None else torch.logaddexp(total, part)
         log_p = total
-    return head_log_importance(log_p)
-
-
-UNDERFLOW_FLOOR = 2.0**-100  # factored sums below this may have lost float32 terms: recomputed exactly
-
-
-def exact_columns(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, bias: torch.Tensor, scale: float,
-                  columns: torch.Tensor) -> torch.Tensor:
-    """log sum_i exp(bias[h, i] + L[h, i, j]) [H, len(columns)] for one sample's ``columns``,
-    from its q [H, N, d], k [H_kv, N, d] and key mask [N]."""
-    heads, n = q.shape[0], q.shape[1]
-    logits = grouped_logits(q.reshape(1, k.shape[0], heads // k.shape[0], n, -1), k[None, :, columns])[0].mul_(scale)
-    rows = torch.arange(n, device=q.device)[:, None]
-    allowed = (rows >= columns[None, :]) & key_mask[columns][None, :]
-    logits = logits.masked_fill_(~allowed[None], float("-inf"))
-    return torch.logsumexp(logits + bias[:, :, None], dim=1)
-
-
-def exact_rows(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float, rows: torch.Tensor) -> torch.Tensor:
-    """Row log-normalisers lse_i [H, len(rows)] of one sample's ``rows``."""
-    heads, n = q.shape[0], q.shape[1]
-    grouped = q[:, rows].reshape(1, k.shape[0], heads // k.shape[0], len(rows), -1)
-    logits = grouped_logits(grouped, k[None])[0].mul_(scale)
-    allowed = (torch.arange(n, device=q.device)[None, :] <= rows[:, None]) & key_mask[None, :]
-    return torch.logsumexp(logits.masked_fill_(~allowed[None], float("-inf")), dim=-1)
-
-
-def repair_underflow(target: torch.Tensor, sums: torch.Tensor, needed: torch.Tensor, exact) -> None:
-    """Overwrite ``target`` [B, H, N] where a factored sum fell below :data:`UNDERFLOW_FLOOR`
-    (among ``needed``) with ``exact(sample, positions)`` [H, len(positions)]."""
-    low = (sums < UNDERFLOW_FLOOR) & needed
-    for sample in range(target.shape[0]):
-        positions = low[sample].any(dim=0).nonzero().flatten()
-        if len(positions):
-            target[sample, :, positions] = exact(sample, positions)
-
-
-def pagerank_log_importance_factored(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    key_mask: torch.Tensor,
-    log_start: torch.Tensor,
-    scale: float,
-    temperature: float = 0.1,
-    iterations: int = 5,
-    chunk_size: int | None = None,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    cache_budget: int = DEFAULT_CACHE_BUDGET,
-) -> torch.Tensor:
-    """The log-importance of :func:`pagerank_log_importance` at the cost of the linear formula
-    (for the CPU, where elementwise exponentials over the matrix dominate).
-
-    With c_j the largest logit of column j and C the largest of all, E_ij = exp(L_ij - c_j) is
-    computed once; the row normalisers are lse_i = C + log sum_j E_ij exp(c_j - C), and every step
-    is one matrix-vector product in float32: log p_{t+1}[j] = A + c_j + log sum_i exp(a_i - A) E_ij
-    with a_i = log p_t[i] - lse_i and A = max a. A row or column whose sum falls below 2^-100
-    (where float32 terms may have underflowed) is recomputed exactly in log space. That decision
-    is taken on the host, which is why CUDA uses the other kernels.
-    """
-    batch, heads, n, _ = q.shape
-    chunk, keep = chunk_plan(q, chunk_size, memory_budget, cache_budget)
-    scale = scale / temperature
-    cached = []
-    column_max = torch.full((batch, heads, n), float("-inf"), device=q.device)
-    for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk):
-        column_max = torch.maximum(column_max, logits.amax(dim=-2))
-        if keep:
-            cached.append((start, end, logits))
-    dead = torch.isinf(column_max)  # keys that no query may attend to
-    shift = torch.where(dead, torch.zeros_like(column_max), column_max)
-    for _, _, logits in cached:
-        logits.sub_(shift[..., None, :]).exp_()
-
-    def exponentials():
-        if keep:
-            return cached
-        return ((start, end, logits.sub_(shift[..., None, :]).exp_())
-                for start, end, logits in attention_logit_chunks(q, k, key_mask, scale, chunk))
-
-    top = shift.amax(dim=-1, keepdim=True)
-    column_weights = torch.where(dead, torch.zeros_like(shift), (shift - top).exp())
-    row_sums = torch.cat([(block @ column_weights[..., :, None]).squeeze(-1) for _, _, block in exponentials()], dim=-1)
-    lse = top + row_sums.log()
-    blind = key_mask.long().cumsum(dim=1) == 0  # rows that may attend to nothing
-    repair_underflow(lse, row_sums, ~blind[:, None, :],
-                     lambda sample, rows: exact_rows(q[sample], k[sample], key_mask[sample], scale, rows))
-    log_p = log_start.float()[:, None, :].expand(batch, heads, n)
-    for _ in range(iterations):
-        bias = row_bias(log_p, lse)
-        peak = bias.amax(dim=-1, keepdim=True)
-        peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-        weights = (bias - peak).exp()
-        total = torch.zeros(batch, heads, n, device=q.device)
-        for start, end, block in exponentials():
-            total += (weights[..., None, start:end] @ block).squeeze(-2)
-        log_p = torch.where(dead, torch.full_like(total, float("-inf")), peak + shift + total.log())
-        repair_underflow(log_p, total, ~dead,
-                         lambda sample, columns, bias=bias: exact_columns(q[sample], k[sample], key_mask[sample],
-                                                                          bias[sample], scale, columns))
     return head_log_importance(log_p)
 
 
@@ -451,12 +360,16 @@ def log_importance(q, k, key_mask, log_start, scale, temperature=0.1, iterations
     replaced by ``chunked``."""
     if kernel == "auto":
         kernel = auto_kernel(q.device, q.dtype)
-    if kernel == "factored":
-        return pagerank_log_importance_factored(q, k, key_mask, log_start, scale, temperature, iterations,
-                                                chunk_size)
 
     def chunked():
         return pagerank_log_importance(q, k, key_mask, log_start, scale, temperature, iterations, chunk_size)
+
+    if kernel == "factored":
+        panel_rows = PANEL_ROWS if chunk_size is None else chunk_size
+        if resident_bytes(q.shape[2], panel_rows) > FACTORED_HEAD_BUDGET:
+            return chunked()
+        return pagerank_log_importance_factored(q, k, key_mask, log_start, scale, temperature, iterations,
+                                                panel_rows)
 
     if kernel in FALLIBLE_KERNELS:
         return RUNTIME_FALLBACKS.run(
