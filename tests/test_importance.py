@@ -75,13 +75,13 @@ def test_chunked_equals_dense(inputs, chunk_size, cache_budget):
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("cache_bytes", [0, 2**30])  # one head at a time / all heads of a key head together
+@pytest.mark.parametrize("group_bytes", [0, 2**30])  # one head at a time / all heads together
 @pytest.mark.parametrize("panel_rows", [1, 32, 64, 512])  # several panels (the last one padded) / one
-def test_factored_equals_dense(inputs, panel_rows, cache_bytes):
+def test_factored_equals_dense(inputs, panel_rows, group_bytes):
     """Left padding, keys pruned earlier (mask mode), a length that is no multiple of the row block."""
     q, k, key_mask, start = inputs
     ours = pagerank_log_importance_factored(q, k, key_mask, start.log(), 8**-0.5, panel_rows=panel_rows,
-                                            cache_bytes=cache_bytes).exp()
+                                            group_bytes=group_bytes).exp()
     reference = dense_importance(q, k, key_mask, start, scale=8**-0.5)
     assert ours.shape == (2, 37) and ours.dtype == torch.float32
     assert torch.allclose(ours.double(), reference, rtol=1e-4, atol=1e-12)
@@ -322,7 +322,7 @@ def test_factored_row_normalisers_of_rows_far_below_their_block(monkeypatch):
     reference = torch.logsumexp(logits, dim=-1)
 
     def normalisers():
-        rank = factored_importance.HeadGroupPageRank(q, k, torch.ones(n, dtype=torch.bool), scale, panel_rows=64)
+        rank = factored_importance.HeadGroupPageRank(q, k[None], torch.ones(n, dtype=torch.bool), scale, panel_rows=64)
         return rank.lse[0, :n]
 
     assert torch.allclose(normalisers().double(), reference, rtol=1e-6, atol=1e-4)
@@ -334,11 +334,11 @@ def test_factored_keeps_one_head_group_of_triangle_panels():
     """What one head keeps is the causal triangle in panels (not the square, nor every head): the
     tensors held equal :func:`resident_bytes`, and long inputs go one head at a time."""
     q, k, mask, _ = scaled_inputs(1.0, n=300, heads=2)
-    rank = factored_importance.HeadGroupPageRank(q[0], k[0, 0], mask[0], 0.25, panel_rows=64)
+    rank = factored_importance.HeadGroupPageRank(q[0], k[0, [0, 0]], mask[0], 0.25, panel_rows=64)
     held = sum(4 * (matrix.logits.numel() + matrix.exps.numel()) for matrix in rank.matrices)
     assert held == 2 * factored_importance.resident_bytes(300, 64) < 2 * 2 * 4 * 300 * 300 * 0.7
-    assert factored_importance.heads_per_group(300, 7) == 7
-    assert factored_importance.heads_per_group(9509, 7) == 1  # 192 frames: ~370 MB a head
+    assert factored_importance.heads_per_group(300, 28) == 28
+    assert factored_importance.heads_per_group(9509, 28) == 1  # 192 frames: ~370 MB a head
 
 
 def test_factored_leaves_heads_beyond_its_memory_budget_to_the_chunked_kernel(inputs, monkeypatch):

@@ -21,8 +21,8 @@ scores differ); with soft attention at the cost of one exponential per logit in 
 
 Cost and memory: rows are taken in panels that only reach the keys they may see (the causal
 triangle, not the square); per head the panel logits and exponentials are kept (about 4 N^2
-bytes for a head at N tokens), heads in groups that fit :data:`CACHE_BYTES` so that the steps
-read them from the cache; a head larger than the memory budget makes the caller use the chunked
+bytes for a head at N tokens), heads in groups that fit :data:`GROUP_BYTES` (so that short inputs
+take few, large operations); a head larger than the memory budget makes the caller use the chunked
 kernel. Half-precision q and k are multiplied with float32 accumulation and output (oneDNN with
 bfloat16 inputs, exact for bfloat16 values), never rounded to the model dtype.
 """
@@ -38,7 +38,7 @@ import torch
 
 ROW_BLOCK = 32  # rows sharing one column shift and one weight shift
 PANEL_ROWS = 512  # rows per panel (a multiple of ROW_BLOCK); the last panel may be shorter
-CACHE_BYTES = 24 * 2**20  # logits + exponentials of the heads processed together
+GROUP_BYTES = 256 * 2**20  # logits + exponentials of the heads processed together
 EXP_FLOOR = -87.0  # exp() never sees less: results below float32's normal range take a ~10x slower path
 TRUSTED_SUM = 2.0**-100  # a block sum at least this large is accurate to ~1e-6 (relative)
 TRUSTED_ROW_SUM = 2.0**-80  # a row sum (up to N terms) at least this large, likewise
@@ -91,9 +91,10 @@ def resident_bytes(n: int, panel_rows: int = PANEL_ROWS) -> int:
     return sum(2 * 4 * p.blocks * ROW_BLOCK * p.width for p in panels(n, panel_rows))
 
 
-def heads_per_group(n: int, kv_group: int, cache_bytes: int = CACHE_BYTES) -> int:
-    """How many query heads of one key head are processed together: as many as fit the cache."""
-    return max(1, min(kv_group, cache_bytes // max(1, resident_bytes(n))))
+def heads_per_group(n: int, heads: int, group_bytes: int = GROUP_BYTES) -> int:
+    """How many heads are processed together at n tokens: as many as fit ``group_bytes`` (so that
+    short inputs take few, large operations), at least one."""
+    return max(1, min(heads, group_bytes // max(1, resident_bytes(n))))
 
 
 def floored_exp_(x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,7 @@ class PanelMatrix:
         heads = queries.shape[0]
         self.panel = panel
         self.scale = scale
-        logits = torch.matmul(queries, keys[:panel.width].T)  # [g, blocks * R, width]
+        logits = torch.matmul(queries, keys[:, :panel.width].transpose(1, 2))  # [g, blocks * R, width]
         logits[:, panel.rows:] = NEG_INF  # padding rows
         logits[:, :panel.rows, panel.start:].masked_fill_(upper[:panel.rows, :panel.rows], NEG_INF)  # causal
         if blocked_keys is not None:
@@ -173,7 +174,8 @@ class PanelMatrix:
 
 
 class HeadGroupPageRank:
-    """The PageRank steps of g query heads that share one key head, over resident panels."""
+    """The PageRank steps of g query heads q [g, n, d] with their keys k [g, n, d], over resident
+    panels."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float,
                  panel_rows: int = PANEL_ROWS):
@@ -251,25 +253,22 @@ class HeadGroupPageRank:
 def pagerank_log_importance_factored(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor,
                                      log_start: torch.Tensor, scale: float, temperature: float = 0.1,
                                      iterations: int = 5, panel_rows: int = PANEL_ROWS,
-                                     cache_bytes: int = CACHE_BYTES) -> torch.Tensor:
+                                     group_bytes: int = GROUP_BYTES) -> torch.Tensor:
     """Log PageRank importance [B, N] (float32) from the rotated q [B, H, N, d] and k [B, H_kv, N, d]
     of a layer, as :func:`aim_llava.reduction.importance.pagerank_log_importance` computes it."""
     batch, heads, n, _ = q.shape
-    kv_heads = k.shape[1]
-    per_kv = heads // kv_heads
-    group = heads_per_group(n, per_kv, cache_bytes)
+    key_head = torch.arange(heads) // (heads // k.shape[1])
+    group = heads_per_group(n, heads, group_bytes)
     log_p = torch.empty(batch, heads, n)
     with exact_products(q.dtype):
         for sample in range(batch):
             start = log_start[sample].float()
-            for kv in range(kv_heads):
-                keys = k[sample, kv].float()
-                for first in range(kv * per_kv, (kv + 1) * per_kv, group):
-                    last = min(first + group, (kv + 1) * per_kv)
-                    group_rank = HeadGroupPageRank(q[sample, first:last].float(), keys, key_mask[sample],
-                                                   scale / temperature, panel_rows)
-                    group_log_p = start.expand(last - first, n)
-                    for _ in range(iterations):
-                        group_log_p = group_rank.step(group_log_p)
-                    log_p[sample, first:last] = group_log_p
+            for first in range(0, heads, group):
+                last = min(first + group, heads)
+                rank = HeadGroupPageRank(q[sample, first:last].float(), k[sample, key_head[first:last]].float(),
+                                         key_mask[sample], scale / temperature, panel_rows)
+                group_log_p = start.expand(last - first, n)
+                for _ in range(iterations):
+                    group_log_p = rank.step(group_log_p)
+                log_p[sample, first:last] = group_log_p
     return 0.5 * (torch.logsumexp(2 * log_p, dim=1) - math.log(heads))
