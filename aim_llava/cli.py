@@ -20,6 +20,7 @@ from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
     ResultsFile,
+    check_no_unasked_records,
     check_writable,
     error_message,
     latest_by_key,
@@ -29,6 +30,7 @@ from aim_llava.records import (
     write_text_atomically,
 )
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB
+from aim_llava.run_settings import differences, run_settings, settings_id, stamped
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -139,7 +141,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
     parser.add_argument("--json", action="store_true", help="one JSON line per video on stdout")
     parser.add_argument("--output", type=Path, help="write JSONL results here (one record appended per video)")
-    parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --output: go on from its records (items done there with the same settings are "
+                             "skipped)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --output: replace its records (the old file stays whole until the run ends)")
     add_batch_options(parser)
     add_cache_options(parser)
 
@@ -192,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--config", default="baseline", help="preset, YAML path, fitprune:R.json or budget:X")
     evaluate.add_argument("--configs", help="several configs, comma-separated (a comparison table)")
     evaluate.add_argument("--output", type=Path, default=Path("outputs/eval"), help="directory for CONFIG.jsonl")
-    evaluate.add_argument("--resume", action="store_true", help="skip items already answered in --output")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="go on from the records in --output (items answered there with the same settings are "
+                               "skipped)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the records in --output (each old file stays whole until the run ends)")
     evaluate.add_argument("--frames", type=positive_int, default=32)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
     add_runtime_options(evaluate)
@@ -272,18 +282,20 @@ def planned_question(video: str, question: str | None, prompt: str | None) -> st
 
 
 def caption_key(record: dict) -> tuple:
-    """Resume identity of a caption/ask record: the same video, question and config."""
-    return record["video"], record.get("question"), record.get("config")
+    """Resume identity of a caption/ask record: the same video and question, made with the same
+    settings (:mod:`aim_llava.run_settings`)."""
+    return record["video"], record.get("question"), record.get("settings_id")
 
 
-def caption_record(video: str, question: str, config: str, result=None, error: str | None = None) -> dict:
-    """The JSONL record of one caption/ask item (``result``: a pipeline Result)."""
-    record = {"video": video, "question": question, "config": config, "text": None, "error": error}
+def caption_record(video: str, question: str, settings: dict, result=None, error: str | None = None) -> dict:
+    """The JSONL record of one caption/ask item made with ``settings`` (``result``: a pipeline
+    Result)."""
+    record = {"video": video, "question": question, "config": settings["config"], "text": None, "error": error}
     if result is None:
-        return record
+        return stamped(record, settings)
     if result.error is not None:
         record["error"] = error_message(result.error)
-        return record
+        return stamped(record, settings)
     visual, response = result.visual, result.response
     record.update(
         text=response.text,
@@ -297,7 +309,7 @@ def caption_record(video: str, question: str, config: str, result=None, error: s
         encode_seconds=round(visual.encode_seconds, 3),
         generate_seconds=round(response.seconds, 3),
     )
-    return record
+    return stamped(record, settings)
 
 
 def report(record: dict, args, many: bool, progress=None) -> None:
@@ -317,11 +329,10 @@ def report(record: dict, args, many: bool, progress=None) -> None:
 
 def run(args) -> int:
     from aim_llava.model.builder import checkpoint_config
-    from aim_llava.pipeline import SamplingOptions
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
-    if args.resume and args.output is None:
-        raise CliError("--resume needs --output FILE")
+    check_output_mode(args, "--output FILE")
     shard = Shard.from_environment()
     if shard.world > 1 and args.output is None:
         raise CliError("with several processes give --output FILE (each writes FILE.rankN; rank 0 merges into FILE)")
@@ -333,22 +344,29 @@ def run(args) -> int:
     if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
     sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    generation = GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
     reduction = resolve_reduction(args.config, model_config, sampling.max_frames or sampling.num_frames)
+    settings = planned_settings(args, model_config, reduction, sampling, generation, args.template, args.time_aware)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
         resolve_output(args.output, videos + sources)
+        if shard.world > 1:
+            check_no_unasked_records(args.output, caption_key, args.resume, args.overwrite)
     own_output = args.output if shard.world == 1 else args.output.with_name(f"{args.output.name}.rank{shard.rank}")
-    results = ResultsFile(own_output, caption_key, args.resume, videos + sources) if own_output else None
+    results = (ResultsFile(own_output, caption_key, args.resume, videos + sources, args.overwrite)
+               if own_output else None)
     try:
         merged_before = read_records(args.output, caption_key) if args.resume and shard.world > 1 else []
-        done = results.done() if results is not None else set()
-        done |= {caption_key(r) for r in merged_before if r.get("error") is None}
-        todo = [item for item in shard.take(items) if (*item, reduction.name) not in done]
+        earlier = (results.records if results is not None else []) + merged_before
+        done = {caption_key(r) for r in earlier if r.get("error") is None}
+        todo = [item for item in shard.take(items) if (*item, settings_id(settings)) not in done]
         if len(todo) < len(shard.take(items)) and shard.rank == 0:
             print(f"aim-llava: resuming: {len(items) - len(todo)} of {len(items)} already in {args.output}",
                   file=sys.stderr)
+        if shard.rank == 0:
+            say_other_settings(earlier, lambda r: (r["video"], r.get("question")), todo, settings, args.output)
         device = shard.start(args.device)
         failures = 0
         progress = None
@@ -357,7 +375,7 @@ def run(args) -> int:
 
             progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
         try:
-            for record in caption_records(args, todo, reduction, sampling, device):
+            for record in caption_records(args, todo, reduction, sampling, generation, settings, device):
                 failures += record["error"] is not None
                 if results is not None:
                     results.append(record)
@@ -370,44 +388,76 @@ def run(args) -> int:
     finally:
         if results is not None:
             results.close()
-    return merge_caption_shards(shard, videos, args.output, failures)
+    return merge_caption_shards(shard, videos, args.output, failures, args.resume)
 
 
-def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, device):
+def check_output_mode(args, output: str) -> None:
+    """--resume and --overwrite need an output, and exclude each other."""
+    for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)):
+        if given and args.output is None:
+            raise CliError(f"{flag} needs {output}")
+    if args.resume and args.overwrite:
+        raise CliError("--resume goes on from the records of --output and --overwrite replaces them: give one of the two")
+
+
+def planned_settings(args, model_config, reduction, sampling, generation, template: str, time_aware: bool) -> dict:
+    """The settings the records of this run will carry, known before the model loads (the dtype
+    ``auto`` will choose included)."""
+    from aim_llava.model.builder import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, model_config, resolve_device(args.device), say=False)
+    return run_settings(os.path.realpath(args.model), str(dtype).removeprefix("torch."), reduction, sampling,
+                        generation, template, time_aware)
+
+
+def say_other_settings(earlier: list[dict], identity, todo: list, settings: dict, where: Path) -> None:
+    """One note when items to do (``todo``: their identities) have records in ``where`` made with
+    other settings (``identity(record)``: the item a record is of): they are done again and the
+    earlier records stay. Says how many, and what differs for the first."""
+    current = settings_id(settings)
+    other = {identity(r): r for r in earlier if r.get("settings_id") != current}
+    again = [item for item in todo if item in other]
+    if again:
+        print(f"aim-llava: note: {len(again)} item(s) in {where} were done with other settings "
+              f"({differences(other[again[0]].get('settings'), settings)}): they are done again with these, and the "
+              "earlier records stay", file=sys.stderr)
+
+
+def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, generation, settings: dict, device):
     """The records of the (video, question) items, in order. The model is loaded only if some
     video exists; the next videos are read in worker threads while the model works on a batch."""
-    from aim_llava.pipeline import GenerationOptions, Request, VideoLLM
+    from aim_llava.pipeline import Request, VideoLLM
 
     if not any(os.path.exists(video) for video, _ in todo):
         for video, asked in todo:
-            yield caption_record(video, asked, reduction.name, error=f"file not found: {video}")
+            yield caption_record(video, asked, settings, error=f"file not found: {video}")
         return
     llm = VideoLLM.from_pretrained(
         args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
-        conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
-        generation=GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph),
+        conv_template=args.template, time_aware=args.time_aware, sampling=sampling, generation=generation,
         cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
     )
     stream = print_now if args.stream and not args.json else None
     requests = [Request(video, [(asked, None)]) for video, asked in todo]
     for (video, asked), result in zip(todo, llm.run(requests, args.batch_size, args.workers, stream=stream)):
-        yield caption_record(video, asked, reduction.name, result)
+        yield caption_record(video, asked, settings, result)
 
 
-def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int) -> int:
-    """With several processes: after all are done, rank 0 writes every record to ``output`` in
-    input order. Returns the exit code (2 if any video failed)."""
+def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int, resume: bool) -> int:
+    """With several processes: after all are done, rank 0 writes every record to ``output`` (after
+    the records it held, when resuming), this run's videos in input order. Returns the exit code
+    (2 if any video failed)."""
     if shard.world == 1:
         return EXIT_BAD_INPUT if failures else 0
     shard.wait_for_all()
     if shard.rank == 0:
-        records = read_records(output, caption_key)
+        records = read_records(output, caption_key) if resume else []
         for rank in range(shard.world):
             records += read_records(output.with_name(f"{output.name}.rank{rank}"), caption_key)
         order = {video: index for index, video in enumerate(videos)}
-        merged = sorted((r for r in latest_by_key(records, caption_key) if r["video"] in order),
-                        key=lambda r: order[r["video"]])
-        write_records(output, merged)
+        latest = latest_by_key(records, caption_key)
+        merged = sorted((r for r in latest if r["video"] in order), key=lambda r: order[r["video"]])
+        write_records(output, [r for r in latest if r["video"] not in order] + merged)
         failures = sum(r.get("error") is not None for r in merged)
     shard.finish()
     return EXIT_BAD_INPUT if failures else 0
@@ -523,8 +573,10 @@ def run_eval(args) -> int:
     from aim_llava.conversation import build_prompt
     from aim_llava.mm_utils import tokenizer_image_token
     from aim_llava.model.builder import checkpoint_config, load_tokenizer
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
+    check_output_mode(args, "--output DIR")
     items = evaluation.read_items(args.data)
     specs = [c.strip() for c in (args.configs or args.config).split(",") if c.strip()]
     if not specs:
@@ -535,13 +587,27 @@ def run_eval(args) -> int:
     prompt = build_prompt(items[0].prompt(), "qwen_1_5")
     text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(Path(args.model)))) - 1  # for the FLOPs column
     reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
+    stems = distinct_results_stems(specs, reductions)
+    sampling = SamplingOptions(num_frames=args.frames)
+    generation = GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph)
+    settings = [planned_settings(args, model_config, r, sampling, generation, "qwen_1_5", False) for r in reductions]
     shard = Shard.from_environment()
+    if shard.world > 1:
+        for stem in stems:
+            check_no_unasked_records(args.output / f"{stem}.jsonl", evaluation.item_key, args.resume, args.overwrite)
     args.output.mkdir(parents=True, exist_ok=True)
     inputs = [args.data] + [item.video for item in items]
-    results = [ResultsFile(evaluation.records_path(args.output, r.name, shard), evaluation.item_key, args.resume, inputs)
-               for r in reductions]
+    results = []
     try:
-        rows, failures = evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens)
+        for stem in stems:
+            results.append(ResultsFile(evaluation.records_path(args.output, stem, shard), evaluation.item_key,
+                                       args.resume, inputs, args.overwrite))
+        if shard.rank == 0:
+            for file, config_settings in zip(results, settings):
+                say_other_settings(file.records, lambda r: evaluation.item_key(r)[:-1],
+                                   [item.key(config_settings)[:-1] for item in items], config_settings, file.shown)
+        rows, failures = evaluate_configs(args, items, shard, list(zip(specs, reductions, stems, settings)), results,
+                                          model_config, text_tokens, sampling, generation)
     finally:
         for file in results:
             file.close()
@@ -557,35 +623,50 @@ def run_eval(args) -> int:
     return EXIT_BAD_INPUT if failures else 0
 
 
-def evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens) -> tuple[list[dict], int]:
-    """Run every config over this process's share; rank 0 returns the summary rows and the count
-    of failed items."""
+def distinct_results_stems(specs: list[str], reductions: list) -> list[str]:
+    """Each config's results file name (:func:`aim_llava.evaluation.results_stem`); two configs
+    that would share one are the same reduction given twice, which is refused."""
+    from aim_llava.evaluation import results_stem
+
+    stems: dict[str, str] = {}
+    for spec, reduction in zip(specs, reductions):
+        stem = results_stem(spec, reduction)
+        if stem in stems:
+            raise CliError(f"--configs gives {stems[stem]} and {spec}, the same reduction (name {reduction.name!r}, "
+                           "same settings): give it once")
+        stems[stem] = spec
+    return list(stems)
+
+
+def evaluate_configs(args, items, shard, configs, results, model_config, text_tokens, sampling,
+                     generation) -> tuple[list[dict], int]:
+    """Run every config (``configs``: (spec, reduction, results stem, settings) each) over this
+    process's share; rank 0 returns the summary rows and the count of failed items."""
     from aim_llava import evaluation
     from aim_llava.flops import flops_report
-    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.pipeline import VideoLLM
 
     device = shard.start(args.device)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
-                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
-                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                     cuda_graph=args.cuda_graph),
+                                   attn_implementation=args.attn, sampling=sampling, generation=generation,
                                    cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     rows, failures = [], 0
-    for reduction, file in zip(reductions, results):
+    for (spec, reduction, stem, settings), file in zip(configs, results):
+        label = spec if stem != evaluation.safe_name(reduction.name) else reduction.name
         progress = None
         if shard.rank == 0:
             from tqdm import tqdm
 
-            todo = len([item for item in shard.take(items) if item.id not in file.done()])
-            progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=reduction.name)
+            todo = len(evaluation.todo_items(items, shard, file, settings))
+            progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=label)
 
         def report(record, progress=progress):
             print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
         before = llm.cache.snapshot() if llm.cache is not None else None
         try:
-            records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
-                                            args.workers)
+            records = evaluation.run_config(llm, items, shard, file, reduction, settings, progress, report,
+                                            args.batch_size, args.workers)
         finally:
             if progress is not None:
                 progress.close()
@@ -595,11 +676,12 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
             shard.wait_for_all()
             if shard.rank != 0:
                 continue
-            records = evaluation.merge_shards(items, args.output, reduction.name, shard.world)
+            records = evaluation.merge_shards(items, args.output, stem, shard.world, settings, args.resume)
         summary = evaluation.summarize(records)
         failures += summary["errors"]
         cost = flops_report("", model_config, reduction, args.frames, text_tokens)
-        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary, "cache": cache})
+        rows.append({"config": label, "records": f"{stem}.jsonl", "prefill_tflops": cost.prefill_tflops, **summary,
+                     "cache": cache})
     shard.finish()
     return rows, failures
 

@@ -67,14 +67,15 @@ def resolve_device(device_map) -> torch.device:
     return device
 
 
-def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
-    """'auto': decided by the device's capabilities and logged (:func:`aim_llava.capabilities.auto_dtype`):
-    on a CPU bfloat16 where it computes bfloat16 in hardware, else float32; on a GPU the
-    checkpoint's dtype, float16 in place of bfloat16 where the GPU has no bfloat16."""
+def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device, say: bool = True) -> torch.dtype:
+    """'auto': decided by the device's capabilities and logged unless ``say`` is False
+    (:func:`aim_llava.capabilities.auto_dtype`): on a CPU bfloat16 where it computes bfloat16 in
+    hardware, else float32; on a GPU the checkpoint's dtype, float16 in place of bfloat16 where
+    the GPU has no bfloat16."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype in (None, "auto"):
-        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16))
+        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16), say)
     if torch_dtype not in DTYPES:
         raise CheckpointError(f"unknown torch_dtype {torch_dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[torch_dtype]
