@@ -168,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--config", default="baseline", help="preset, YAML path or budget:FRACTION")
     flops.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached value (2 for bf16)")
     flops.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    presets = commands.add_parser("presets", help="list the reduction presets, or show what one does")
+    presets.add_argument("name", nargs="?",
+                         help="a preset (or YAML path, budget:X, fitprune:R.json) to show: its YAML, the visual "
+                              "tokens entering each LLM layer and its prefill FLOPs against the baseline")
+    presets.add_argument("--arch", default="llava-onevision-qwen2-7b",
+                         help="named architecture or a config.json path (default: %(default)s)")
+    presets.add_argument("--frames", type=positive_int, default=32, help="frames of the video (default: %(default)s)")
+    presets.add_argument("--text-tokens", type=non_negative_int, default=100,
+                         help="text tokens of the prompt (default: %(default)s)")
+    presets_format = presets.add_mutually_exclusive_group()
+    presets_format.add_argument("--json", action="store_true", help="JSON instead of text (one object per preset)")
+    presets_format.add_argument("--markdown", action="store_true", help="the list as a Markdown table (the README's)")
     bench = commands.add_parser("bench", help="measure prefill/decode speed of several configs in one run")
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--arch", default="llava-onevision-qwen2-0.5b", help="named architecture, random weights")
@@ -287,9 +299,12 @@ def caption_key(record: dict) -> tuple:
     return record["video"], record.get("question"), record.get("settings_id")
 
 
-def caption_record(video: str, question: str, settings: dict, result=None, error: str | None = None) -> dict:
+def caption_record(video: str, question: str, settings: dict, result=None, error: str | None = None,
+                   arch=None) -> dict:
     """The JSONL record of one caption/ask item made with ``settings`` (``result``: a pipeline
-    Result)."""
+    Result of a model of config ``arch``)."""
+    from aim_llava.flops import record_cost
+
     record = {"video": video, "question": question, "config": settings["config"], "text": None, "error": error}
     if result is None:
         return stamped(record, settings)
@@ -305,6 +320,7 @@ def caption_record(video: str, question: str, settings: dict, result=None, error
         timestamps=visual.clip.timestamps,
         duration=round(visual.clip.duration, 3),
         visual_tokens=response.visual_tokens,
+        **record_cost(arch, result),
         new_tokens=response.num_new_tokens,
         encode_seconds=round(visual.encode_seconds, 3),
         generate_seconds=round(response.seconds, 3),
@@ -440,7 +456,7 @@ def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, gene
     stream = print_now if args.stream and not args.json else None
     requests = [Request(video, [(asked, None)]) for video, asked in todo]
     for (video, asked), result in zip(todo, llm.run(requests, args.batch_size, args.workers, stream=stream)):
-        yield caption_record(video, asked, settings, result)
+        yield caption_record(video, asked, settings, result, arch=llm.model.config)
 
 
 def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int, resume: bool) -> int:
@@ -471,6 +487,25 @@ def run_flops(args) -> int:
     reduction = resolve_reduction(args.config, arch, args.frames, args.text_tokens)
     report = flops_report(name, arch, reduction, args.frames, args.text_tokens, args.kv_bytes)
     print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def run_presets(args) -> int:
+    from aim_llava.flops import resolve_architecture
+    from aim_llava.preset_report import format_list, format_preset, markdown_table, preset_report, preset_reports
+
+    name, arch = resolve_architecture(args.arch)
+    if args.name is not None:
+        if args.markdown:
+            raise CliError("--markdown is for the list: leave out the preset name")
+        report = preset_report(args.name, name, arch, args.frames, args.text_tokens)
+        print(report.to_json() if args.json else format_preset(report))
+        return 0
+    reports = preset_reports(name, arch, args.frames, args.text_tokens)
+    if args.json:
+        print("\n".join(report.to_json() for report in reports))
+    else:
+        print(markdown_table(reports) if args.markdown else format_list(reports))
     return 0
 
 
@@ -789,7 +824,7 @@ def run_serve(args) -> int:
 
 
 COMMANDS = {
-    "caption": run, "ask": run, "flops": run_flops, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
+    "caption": run, "ask": run, "flops": run_flops, "presets": run_presets, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
     "eval": run_eval, "serve": run_serve,
 }
 

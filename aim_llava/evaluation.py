@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
+from aim_llava.flops import record_cost
 from aim_llava.pipeline import Request
 from aim_llava.records import (
     error_message,
@@ -98,9 +99,9 @@ def parse_choice(text: str, count: int) -> str | None:
     return match.group(1) if match else None
 
 
-def item_record(item: Item, settings: dict, result) -> dict:
+def item_record(item: Item, settings: dict, result, arch) -> dict:
     """The record of one answered (or failed) item made with ``settings``; ``result`` is a
-    pipeline Result."""
+    pipeline Result of a model of config ``arch``."""
     record = {"id": item.id, "video": item.video, "question": item.question, "options": item.options,
               "category": item.category, "answer": item.answer, "config": settings["config"], "prediction": None,
               "correct": False, "text": None, "error": None}
@@ -111,7 +112,7 @@ def item_record(item: Item, settings: dict, result) -> dict:
     prediction = parse_choice(response.text, len(item.options))
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
-        visual_tokens=response.reduction.visual_tokens_per_layer[0][0],
+        visual_tokens=response.reduction.visual_tokens_per_layer[0][0], **record_cost(arch, result),
         prefill_s=round(response.first_token_s, 4), visual_cached=result.visual.cached,
     )
     return stamped(record, settings)
@@ -172,7 +173,7 @@ def run_config(llm, items: list[Item], shard: Shard, results, reduction, setting
     todo = todo_items(items, shard, results, settings)
     requests = [Request(item.video, [(item.prompt(), None)]) for item in todo]
     for item, result in zip(todo, llm.run(requests, batch_size, workers, reduction=reduction)):
-        record = item_record(item, settings, result)
+        record = item_record(item, settings, result, llm.model.config)
         results.append(record)
         if record["error"] is not None and report is not None:
             report(record)
