@@ -125,7 +125,8 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
-                        help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
+                        help="checkpoint directory, or a Hugging Face id (org/name) in the local Hugging Face cache "
+                             "(default: $AIM_LLAVA_MODEL or %(default)s)")
     parser.add_argument("--config", default="baseline",
                         help="reduction preset name, YAML path, or budget:FRACTION (e.g. budget:0.15)")
     parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly (default 32)")
@@ -419,11 +420,11 @@ def check_output_mode(args, output: str) -> None:
 def planned_settings(args, model_config, reduction, sampling, generation, template: str, time_aware: bool) -> dict:
     """The settings the records of this run will carry, known before the model loads (the dtype
     ``auto`` will choose included)."""
-    from aim_llava.model.builder import resolve_device, resolve_dtype
+    from aim_llava.model.builder import model_directory, resolve_device, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, model_config, resolve_device(args.device), say=False)
-    return run_settings(os.path.realpath(args.model), str(dtype).removeprefix("torch."), reduction, sampling,
-                        generation, template, time_aware)
+    return run_settings(os.path.realpath(model_directory(args.model)), str(dtype).removeprefix("torch."), reduction,
+                        sampling, generation, template, time_aware)
 
 
 def say_other_settings(earlier: list[dict], identity, todo: list, settings: dict, where: Path) -> None:
@@ -607,7 +608,7 @@ def run_eval(args) -> int:
     from aim_llava import evaluation
     from aim_llava.conversation import build_prompt
     from aim_llava.mm_utils import tokenizer_image_token
-    from aim_llava.model.builder import checkpoint_config, load_tokenizer
+    from aim_llava.model.builder import checkpoint_config, load_tokenizer, model_directory
     from aim_llava.pipeline import GenerationOptions, SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
@@ -620,7 +621,7 @@ def run_eval(args) -> int:
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
     prompt = build_prompt(items[0].prompt(), "qwen_1_5")
-    text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(Path(args.model)))) - 1  # for the FLOPs column
+    text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(model_directory(args.model)))) - 1  # FLOPs column
     reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
     stems = distinct_results_stems(specs, reductions)
     sampling = SamplingOptions(num_frames=args.frames)
