@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from aim_llava import __version__
-from aim_llava.conversation import check_text
+from aim_llava.conversation import check_text, get_conversation
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
@@ -176,6 +176,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
     parser.add_argument("--start", type=non_negative_float, help="window start in seconds")
     parser.add_argument("--end", type=positive_float, help="window end in seconds")
+    parser.add_argument("--frame-rate", type=positive_float, default=1.0,
+                        help="frames per second of a directory of frame images (its files are its frames, in name "
+                             "order)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder")
     parser.add_argument("--time-aware", action="store_true", help="state duration and frame times in the prompt")
     parser.add_argument("--template", default="qwen_1_5", help="conversation template")
@@ -385,6 +388,7 @@ def caption_record(video: str, question: str, settings: dict, result=None, error
 
 
 def report(record: dict, args, many: bool, progress=None) -> None:
+    note_repeated_frames(record, progress)
     if args.json:
         print(json.dumps(record, ensure_ascii=False), flush=True)
     elif record["error"] is not None:
@@ -397,6 +401,19 @@ def report(record: dict, args, many: bool, progress=None) -> None:
         print(record["text"], flush=True)
     if record["error"] is not None:
         print_error(f"{record['video']}: {record['error']}", progress)
+
+
+def note_repeated_frames(record: dict, progress=None) -> None:
+    """A note when the model saw frames repeated: a source with fewer frames than asked for (a
+    frame directory of 9 images at --frames 32, a short clip) gives each of them several times,
+    as the published evaluation does, at the cost of their tokens."""
+    indices = record.get("frame_indices") or []
+    distinct = len(set(indices))
+    if distinct == 0 or distinct == len(indices):
+        return
+    print_line(f"aim-llava: note: {one_line(record['video'])} gave {distinct} distinct frames for the {len(indices)} "
+               f"sampled, so each is seen about {len(indices) / distinct:.0f} times ({record['visual_tokens']:,} visual "
+               f"tokens): --frames {distinct} shows each once", progress)
 
 
 def run(args) -> int:
@@ -418,7 +435,9 @@ def run(args) -> int:
     question = check_text(args.question, "the question") if args.command == "ask" else None
     if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
-    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend,
+                               args.frame_rate)
+    get_conversation(args.template)
     generation = generation_options(args)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
@@ -512,23 +531,35 @@ def say_other_settings(earlier: list[dict], identity, todo: list, settings: dict
 
 
 def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, generation, settings: dict, device):
-    """The records of the (video, question) items, in order. The model is loaded only if some
-    video exists; the next videos are read in worker threads while the model works on a batch."""
+    """The records of the (video, question) items, in order. Each video is first checked for what
+    can be known without decoding it (aim_llava.video.probe): those that fail are recorded as
+    failed without the model, which is loaded only if some video is left; the next videos are read
+    in worker threads while the model works on a batch."""
     from aim_llava.pipeline import Request, VideoLLM
+    from aim_llava.video import VideoError, probe
 
-    if not any(os.path.exists(video) for video, _ in todo):
-        for video, asked in todo:
-            yield caption_record(video, asked, settings, error=f"file not found: {video}")
-        return
-    llm = VideoLLM.from_pretrained(
-        args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
-        conv_template=args.template, time_aware=args.time_aware, sampling=sampling, generation=generation,
-        cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
-    )
-    stream = print_now if args.stream and not args.json else None
-    requests = [Request(video, [(asked, None)]) for video, asked in todo]
-    for (video, asked), result in zip(todo, llm.run(requests, args.batch_size, args.workers, stream=stream)):
-        yield caption_record(video, asked, settings, result, arch=llm.model.config)
+    problems = {}
+    for video, _ in todo:
+        try:
+            probe(video, sampling.start)
+        except VideoError as err:
+            problems[video] = str(err)
+    readable = [(video, asked) for video, asked in todo if video not in problems]
+    results = iter(())
+    if readable:
+        llm = VideoLLM.from_pretrained(
+            args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
+            conv_template=args.template, time_aware=args.time_aware, sampling=sampling, generation=generation,
+            cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
+        )
+        stream = print_now if args.stream else None
+        requests = [Request(video, [(asked, None)]) for video, asked in readable]
+        results = llm.run(requests, args.batch_size, args.workers, stream=stream)
+    for video, asked in todo:
+        if video in problems:
+            yield caption_record(video, asked, settings, error=problems[video])
+        else:
+            yield caption_record(video, asked, settings, next(results), arch=llm.model.config)
 
 
 def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int, resume: bool) -> int:
@@ -975,7 +1006,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_error(message: str, progress=None) -> None:
     """One ``aim-llava: error:`` line on stderr, kept apart from a progress bar when one is shown;
     names and fields echoed into the message cannot break it over lines."""
-    line = f"aim-llava: error: {one_line(message)}"
+    print_line(f"aim-llava: error: {one_line(message)}", progress)
+
+
+def print_line(line: str, progress=None) -> None:
+    """A line on stderr, kept apart from a progress bar when one is shown."""
     if progress is not None:
         progress.write(line, file=sys.stderr)
     else:

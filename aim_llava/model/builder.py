@@ -72,7 +72,8 @@ def resolve_device(device_map) -> torch.device:
     except (RuntimeError, TypeError):
         raise CheckpointError(f"unknown device {device_map!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device_map!r} requested but CUDA is not available: use device_map='cpu'")
+        raise CheckpointError(f"device {device_map!r} asked for, but CUDA is not available here: run on the CPU "
+                              "(--device cpu; device_map='cpu' in Python)")
     return device
 
 
