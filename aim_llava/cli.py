@@ -499,12 +499,10 @@ def generation_options(args):
 
 
 def check_output_mode(args, output: str) -> None:
-    """--resume and --overwrite need an output, and exclude each other."""
+    """--resume and --overwrite need an output (that they exclude each other, ResultsFile says)."""
     for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)):
         if given and args.output is None:
             raise CliError(f"{flag} needs {output}")
-    if args.resume and args.overwrite:
-        raise CliError("--resume goes on from the records of --output and --overwrite replaces them: give one of the two")
 
 
 def planned_settings(args, model_config, reduction, sampling, generation, template: str, time_aware: bool) -> dict:
