@@ -28,6 +28,7 @@ import re
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -228,10 +229,11 @@ def timed_preprocess(model, processor, frames: np.ndarray) -> tuple[torch.Tensor
 
 def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_tokens: int = 100,
               decode_tokens: int = 16, repeats: int = 3, video: str | None = None, backend: str = "auto",
-              batch: int = 1, cuda_graph: bool = True) -> BenchReport:
+              batch: int = 1, cuda_graph: bool = True, progress: Callable[[str], None] | None = None) -> BenchReport:
     """Measure every config in one process, alternating, after one warm-up round; ``batch``
     copies of the prompt are generated together. With ``video`` the frames are read from it
-    (timed) every repeat; otherwise synthetic 640x360 frames are used."""
+    (timed) every repeat; otherwise synthetic 640x360 frames are used. ``progress`` is told of
+    each measurement done (``(repeats + 1) * len(configs)`` of them), by its round and config."""
     device, config = model.device, model.config
     torch.manual_seed(0)
     processor = SiglipImageProcessor.from_vision_config(config.vision)
@@ -252,6 +254,8 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
             result = measure_config(model, plan, features, ids, decode_tokens, batch, cuda_graph)
             if repeat > 0:
                 samples[index].append({**result, "vision_s": vision_s, "read_s": read_s, "preprocess_s": preprocess_s})
+            if progress is not None:
+                progress(f"{'warm-up' if repeat == 0 else f'round {repeat}/{repeats}'}: {reductions[index].name}")
     frames = pixels.shape[0]
     report = BenchReport(arch_name, frames, text_tokens, decode_tokens, batch, str(device), machine_name(device),
                          str(model.dtype).replace("torch.", ""), model.model.attn_implementation, repeats,

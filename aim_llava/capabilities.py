@@ -96,12 +96,14 @@ def device_capabilities(device: str) -> DeviceCapabilities:
                               triton, torch.__version__)
 
 
-def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype, say: bool = True) -> torch.dtype:
     """What ``dtype="auto"`` loads a model in on ``device`` (:meth:`DeviceCapabilities.auto_dtype`),
-    said once in the log (the command line shows it)."""
+    said in the log (the command line shows it) unless ``say`` is False (a question asked before
+    loading)."""
     capabilities = device_capabilities(str(device))
     dtype = capabilities.auto_dtype(checkpoint_dtype)
-    logger.info("dtype auto on %s: %s", capabilities.describe(), str(dtype).removeprefix("torch."))
+    if say:
+        logger.info("dtype auto on %s: %s", capabilities.describe(), str(dtype).removeprefix("torch."))
     return dtype
 
 

@@ -15,11 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-from aim_llava.conversation import check_text
+from aim_llava import __version__
+from aim_llava.conversation import check_text, get_conversation
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
     ResultsFile,
+    check_no_unasked_records,
     check_writable,
     error_message,
     latest_by_key,
@@ -29,6 +31,7 @@ from aim_llava.records import (
     write_text_atomically,
 )
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB
+from aim_llava.run_settings import differences, run_settings, settings_id, stamped
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
 
@@ -43,8 +46,24 @@ class CliError(AimLlavaError):
     """A command-line usage error."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option that takes a value ends its help with its default, when it has one (not None
+    or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        silent = action.default is None or action.default == [] or action.default is argparse.SUPPRESS
+        if "%(default)" in text or not action.option_strings or action.nargs == 0 or silent:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit code 2)."""
+    """argparse, but a usage error is one line (and exit code 2), and --help shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise CliError(f"{message} (see {self.prog} --help)")
@@ -74,6 +93,13 @@ def _float(text: str) -> float:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = _int(text)
     if value < 0:
@@ -97,9 +123,12 @@ def non_negative_float(text: str) -> float:
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs."""
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights and activations; auto: the checkpoint's on a GPU (float16 where it has no "
+                             "bfloat16), bfloat16 on a CPU with bfloat16 instructions, float32 on other CPUs")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                        help="attention kernel (flash_attention_2 needs flash-attn, else sdpa is used)")
     parser.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                         help="decode eagerly on a GPU (by default each decoding step is replayed as a CUDA graph)")
 
@@ -107,45 +136,72 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 def add_batch_options(parser: argparse.ArgumentParser) -> None:
     """How many items are generated together, and how many threads read ahead."""
     parser.add_argument("--batch-size", type=positive_int, default=1,
-                        help="videos encoded and generated together (default 1)")
+                        help="videos encoded and generated together")
     parser.add_argument("--workers", type=non_negative_int, default=2,
-                        help="threads reading the next videos while the model works (0: none; default 2)")
+                        help="threads reading the next videos while the model works (0: none)")
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
     """The reuse cache of encoded videos and their KV prefixes (VideoLLM's cache_mb, prefix_reuse)."""
     parser.add_argument("--cache-mb", type=non_negative_float, default=DEFAULT_CACHE_MB,
                         help="memory (on the model's device) for reusing encoded videos and their KV prefixes "
-                             "across questions about the same clip (0: off; default %(default).0f)")
+                             "across questions about the same clip (0: off)")
     parser.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                         help="keep only the encoded videos in the cache, not their KV prefixes")
 
 
+MODEL_HELP = ("checkpoint directory, or a Hugging Face id (org/name) in the local Hugging Face cache "
+              "($AIM_LLAVA_MODEL sets the default)")
+CONFIG_HELP = "reduction: a preset (aim-llava presets lists them), a YAML path, fitprune:RECIPE.json or budget:FRACTION"
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR), help=MODEL_HELP)
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """How replies are sampled (GenerationOptions)."""
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+                        help="sampling temperature (0: greedy decoding, the same reply every time)")
+    parser.add_argument("--top-p", type=unit_fraction, help="nucleus sampling: keep the smallest set of tokens "
+                                                            "whose probability reaches this (with --temperature)")
+    parser.add_argument("--seed", type=_int, help="seed of the sampling, for replies that repeat (with --temperature)")
+
+
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR),
-                        help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
-    parser.add_argument("--config", default="baseline",
-                        help="reduction preset name, YAML path, or budget:FRACTION (e.g. budget:0.15)")
-    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly (default 32)")
+    add_model_option(parser)
+    parser.add_argument("--config", default="baseline", help=CONFIG_HELP)
+    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly")
     parser.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
     parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
     parser.add_argument("--start", type=non_negative_float, help="window start in seconds")
     parser.add_argument("--end", type=positive_float, help="window end in seconds")
+    parser.add_argument("--frame-rate", type=positive_float, default=1.0,
+                        help="frames per second of a directory of frame images (its files are its frames, in name "
+                             "order)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder")
     parser.add_argument("--time-aware", action="store_true", help="state duration and frame times in the prompt")
     parser.add_argument("--template", default="qwen_1_5", help="conversation template")
     add_runtime_options(parser)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
-    parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="the longest reply, in tokens")
+    add_generation_options(parser)
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated (not with --json)")
     parser.add_argument("--json", action="store_true", help="one JSON line per video on stdout")
-    parser.add_argument("--output", type=Path, help="write JSONL results here (one record appended per video)")
-    parser.add_argument("--resume", action="store_true", help="with --output: skip videos already done there")
+    parser.add_argument("--output", type=Path,
+                        help="also write the records to this JSONL file, each as soon as it is done "
+                             "(docs/records.schema.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --output: go on from its records (items done there with the same settings are "
+                             "skipped)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --output: replace its records (the old file stays whole until the run ends)")
     add_batch_options(parser)
     add_cache_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="aim-llava", description="Fast video LLM inference with visual-token reduction.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     caption = commands.add_parser("caption", help="describe videos (or images)")
     caption.add_argument("videos", nargs="+", help="videos, frame directories, images, or .txt lists of paths")
@@ -153,59 +209,84 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(caption)
     ask = commands.add_parser("ask", help="ask a question about a video")
     ask.add_argument("video", help="a video, frame directory, image, or .txt list of paths")
-    ask.add_argument("question")
+    ask.add_argument("question", help="the question, in quotes")
     add_common_options(ask)
     flops = commands.add_parser("flops", help="analytic compute of a setting (paper accounting and as executed)")
     flops.add_argument("--arch", required=True, help="named architecture or a config.json path")
-    flops.add_argument("--frames", type=positive_int, default=32)
-    flops.add_argument("--text-tokens", type=int, default=100)
-    flops.add_argument("--config", default="baseline", help="preset, YAML path or budget:FRACTION")
+    flops.add_argument("--frames", type=positive_int, default=32, help="frames of the video")
+    flops.add_argument("--text-tokens", type=non_negative_int, default=100, help="text tokens of the prompt")
+    flops.add_argument("--config", default="baseline", help=CONFIG_HELP)
     flops.add_argument("--kv-bytes", type=positive_int, default=2, help="bytes per cached value (2 for bf16)")
     flops.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    presets = commands.add_parser("presets", help="list the reduction presets, or show what one does")
+    presets.add_argument("name", nargs="?",
+                         help="a preset (or YAML path, budget:X, fitprune:R.json) to show: its YAML, the visual "
+                              "tokens entering each LLM layer and its prefill FLOPs against the baseline")
+    presets.add_argument("--arch", default="llava-onevision-qwen2-7b",
+                         help="named architecture or a config.json path")
+    presets.add_argument("--frames", type=positive_int, default=32, help="frames of the video")
+    presets.add_argument("--text-tokens", type=non_negative_int, default=100,
+                         help="text tokens of the prompt")
+    presets_format = presets.add_mutually_exclusive_group()
+    presets_format.add_argument("--json", action="store_true", help="JSON instead of text (one object per preset)")
+    presets_format.add_argument("--markdown", action="store_true", help="the list as a Markdown table (the README's)")
     bench = commands.add_parser("bench", help="measure prefill/decode speed of several configs in one run")
     source = bench.add_mutually_exclusive_group()
     source.add_argument("--arch", default="llava-onevision-qwen2-0.5b", help="named architecture, random weights")
-    source.add_argument("--model", help="a checkpoint directory instead of random weights")
-    bench.add_argument("--configs", default="baseline,aim_default", help="comma-separated presets/YAML/budget:X")
-    bench.add_argument("--frames", type=positive_int, default=16)
+    source.add_argument("--model", help="a checkpoint (directory or cached Hugging Face id) instead of random weights")
+    bench.add_argument("--configs", default="baseline,aim_default",
+                       help="reductions to compare, comma-separated (presets, YAML paths, budget:X)")
+    bench.add_argument("--frames", type=positive_int, default=16, help="frames of the video")
     bench.add_argument("--video", help="read the frames from this video (default: synthetic frames)")
     bench.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder for --video")
-    bench.add_argument("--text-tokens", type=positive_int, default=100)
-    bench.add_argument("--decode-tokens", type=positive_int, default=16)
-    bench.add_argument("--repeats", type=positive_int, default=3)
+    bench.add_argument("--text-tokens", type=positive_int, default=100, help="text tokens of the prompt")
+    bench.add_argument("--decode-tokens", type=positive_int, default=16, help="tokens generated to time decoding")
+    bench.add_argument("--repeats", type=positive_int, default=3,
+                       help="timed rounds after the warm-up (each stage's median is reported)")
     bench.add_argument("--batch", type=positive_int, default=1, help="prompts generated together (decode tokens/s)")
     add_runtime_options(bench)
-    bench.add_argument("--json", help="also write the full report as JSON to this file")
+    bench.add_argument("--json", nargs="?", const=True, metavar="FILE",
+                       help="print the report as JSON instead of the table (--json FILE writes it to FILE, as "
+                            "--output does)")
+    bench.add_argument("--output", help="also write the full report as JSON to this file")
     bench.add_argument("--plot", help="write a PNG: FLOPs vs measured time, and tokens per layer")
     calibrate = commands.add_parser("fitprune-calibrate", help="fit a FitPrune recipe to a FLOPs budget")
-    calibrate.add_argument("--model", required=True, help="local checkpoint directory")
+    calibrate.add_argument("--model", required=True, help=MODEL_HELP.split(" ($")[0])
     calibrate.add_argument("--data", required=True, type=Path,
                            help='JSONL, one {"video" or "image": PATH, "question": TEXT} per line (5 to 100)')
     calibrate.add_argument("--budget", type=positive_float, required=True, help="fraction of the unpruned prefill FLOPs")
     calibrate.add_argument("--out", required=True, type=Path, help="recipe JSON to write")
-    calibrate.add_argument("--frames", type=positive_int, default=32)
+    calibrate.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly")
     add_runtime_options(calibrate)
     evaluate = commands.add_parser("eval", help="multiple-choice video QA accuracy of one or several configs")
     evaluate.add_argument("--data", required=True, type=Path,
                           help='JSONL: {"id", "video", "question", "options": [...], "answer", "category"} per line')
-    evaluate.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
-    evaluate.add_argument("--config", default="baseline", help="preset, YAML path, fitprune:R.json or budget:X")
+    add_model_option(evaluate)
+    evaluate.add_argument("--config", default="baseline", help=CONFIG_HELP)
     evaluate.add_argument("--configs", help="several configs, comma-separated (a comparison table)")
-    evaluate.add_argument("--output", type=Path, default=Path("outputs/eval"), help="directory for CONFIG.jsonl")
-    evaluate.add_argument("--resume", action="store_true", help="skip items already answered in --output")
-    evaluate.add_argument("--frames", type=positive_int, default=32)
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=8)
+    evaluate.add_argument("--output", type=Path, default=Path("outputs/eval"),
+                          help="directory for each config's records (CONFIG.jsonl) and summary.json")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="go on from the records in --output (items answered there with the same settings are "
+                               "skipped)")
+    evaluate.add_argument("--overwrite", action="store_true",
+                          help="replace the records in --output (each old file stays whole until the run ends)")
+    evaluate.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=8,
+                          help="the longest reply, in tokens (the answer is its first option letter)")
+    add_generation_options(evaluate)
     add_runtime_options(evaluate)
     add_batch_options(evaluate)
     add_cache_options(evaluate)
     evaluate.add_argument("--plot", help="PNG of accuracy against prefill FLOPs")
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions)")
-    serve.add_argument("--model", default=os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR))
+    serve.add_argument("model_argument", nargs="?", metavar="MODEL", help=f"the model to serve: {MODEL_HELP}")
+    serve.add_argument("--model", help="the model, as MODEL")
     serve.add_argument("--media-root", required=True, type=Path,
                        help="the only directory whose files (videos, images) requests may name")
     serve.add_argument("--config", default="baseline", help="default reduction (requests may pick another)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=positive_int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
     serve.add_argument("--served-model-name", help="the model id of the API (default: the checkpoint's folder name)")
     serve.add_argument("--frames", type=positive_int, default=32, help="frames sampled per video by default")
     serve.add_argument("--max-new-tokens", type=positive_int, default=256, help="default max_tokens")
@@ -217,13 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long a request waits for others to batch with")
     serve.add_argument("--max-pending", type=positive_int, default=32,
                        help="requests in progress (reading frames or waiting for the model) beyond which new "
-                            "ones are answered 503 (default 32)")
+                            "ones are answered 503")
     serve.add_argument("--max-connections", type=positive_int, default=128,
-                       help="open connections beyond which requests are answered 503 (default 128)")
+                       help="open connections beyond which requests are answered 503")
     serve.add_argument("--max-tokens-limit", type=positive_int, default=4096,
-                       help="the most max_tokens a request may ask (default 4096)")
+                       help="the most max_tokens a request may ask")
     serve.add_argument("--request-timeout", type=positive_float, default=600.0,
-                       help="seconds a request may take from admission to its last token (default 600)")
+                       help="seconds a request may take from admission to its last token")
     serve.add_argument("--api-key", action="append", default=[],
                        help=f"require Authorization: Bearer KEY on /v1 (repeat for several keys). Prefer "
                             f"${API_KEYS_VARIABLE} (comma-separated keys): other users see the command line in ps")
@@ -272,18 +353,23 @@ def planned_question(video: str, question: str | None, prompt: str | None) -> st
 
 
 def caption_key(record: dict) -> tuple:
-    """Resume identity of a caption/ask record: the same video, question and config."""
-    return record["video"], record.get("question"), record.get("config")
+    """Resume identity of a caption/ask record: the same video and question, made with the same
+    settings (:mod:`aim_llava.run_settings`)."""
+    return record["video"], record.get("question"), record.get("settings_id")
 
 
-def caption_record(video: str, question: str, config: str, result=None, error: str | None = None) -> dict:
-    """The JSONL record of one caption/ask item (``result``: a pipeline Result)."""
-    record = {"video": video, "question": question, "config": config, "text": None, "error": error}
+def caption_record(video: str, question: str, settings: dict, result=None, error: str | None = None,
+                   arch=None) -> dict:
+    """The JSONL record of one caption/ask item made with ``settings`` (``result``: a pipeline
+    Result of a model of config ``arch``)."""
+    from aim_llava.flops import record_cost
+
+    record = {"video": video, "question": question, "config": settings["config"], "text": None, "error": error}
     if result is None:
-        return record
+        return stamped(record, settings)
     if result.error is not None:
         record["error"] = error_message(result.error)
-        return record
+        return stamped(record, settings)
     visual, response = result.visual, result.response
     record.update(
         text=response.text,
@@ -293,14 +379,16 @@ def caption_record(video: str, question: str, config: str, result=None, error: s
         timestamps=visual.clip.timestamps,
         duration=round(visual.clip.duration, 3),
         visual_tokens=response.visual_tokens,
+        **record_cost(arch, result),
         new_tokens=response.num_new_tokens,
         encode_seconds=round(visual.encode_seconds, 3),
         generate_seconds=round(response.seconds, 3),
     )
-    return record
+    return stamped(record, settings)
 
 
 def report(record: dict, args, many: bool, progress=None) -> None:
+    note_repeated_frames(record, progress)
     if args.json:
         print(json.dumps(record, ensure_ascii=False), flush=True)
     elif record["error"] is not None:
@@ -315,40 +403,64 @@ def report(record: dict, args, many: bool, progress=None) -> None:
         print_error(f"{record['video']}: {record['error']}", progress)
 
 
+def note_repeated_frames(record: dict, progress=None) -> None:
+    """A note when the model saw frames repeated: a source with fewer frames than asked for (a
+    frame directory of 9 images at --frames 32, a short clip) gives each of them several times,
+    as the published evaluation does, at the cost of their tokens."""
+    indices = record.get("frame_indices") or []
+    distinct = len(set(indices))
+    if distinct == 0 or distinct == len(indices):
+        return
+    print_line(f"aim-llava: note: {one_line(record['video'])} gave {distinct} distinct frames for the {len(indices)} "
+               f"sampled, so each is seen about {len(indices) / distinct:.0f} times ({record['visual_tokens']:,} visual "
+               f"tokens): --frames {distinct} shows each once", progress)
+
+
 def run(args) -> int:
     from aim_llava.model.builder import checkpoint_config
     from aim_llava.pipeline import SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
-    if args.resume and args.output is None:
-        raise CliError("--resume needs --output FILE")
+    check_output_mode(args, "--output FILE")
     shard = Shard.from_environment()
     if shard.world > 1 and args.output is None:
         raise CliError("with several processes give --output FILE (each writes FILE.rankN; rank 0 merges into FILE)")
     if args.stream and args.batch_size > 1:
         raise CliError("--stream prints one reply as it is generated: use it with --batch-size 1")
+    if args.stream and args.json:
+        raise CliError("--stream prints the reply as text while --json prints one JSON record per video: give one "
+                       "of the two")
     sources = args.videos if args.command == "caption" else [args.video]
     videos = expand_inputs(sources)
     question = check_text(args.question, "the question") if args.command == "ask" else None
     if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
-    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend,
+                               args.frame_rate)
+    get_conversation(args.template)
+    generation = generation_options(args)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
     reduction = resolve_reduction(args.config, model_config, sampling.max_frames or sampling.num_frames)
+    settings = planned_settings(args, model_config, reduction, sampling, generation, args.template, args.time_aware)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
         resolve_output(args.output, videos + sources)
+        if shard.world > 1:
+            check_no_unasked_records(args.output, caption_key, args.resume, args.overwrite)
     own_output = args.output if shard.world == 1 else args.output.with_name(f"{args.output.name}.rank{shard.rank}")
-    results = ResultsFile(own_output, caption_key, args.resume, videos + sources) if own_output else None
+    results = (ResultsFile(own_output, caption_key, args.resume, videos + sources, args.overwrite)
+               if own_output else None)
     try:
         merged_before = read_records(args.output, caption_key) if args.resume and shard.world > 1 else []
-        done = results.done() if results is not None else set()
-        done |= {caption_key(r) for r in merged_before if r.get("error") is None}
-        todo = [item for item in shard.take(items) if (*item, reduction.name) not in done]
+        earlier = (results.records if results is not None else []) + merged_before
+        done = {caption_key(r) for r in earlier if r.get("error") is None}
+        todo = [item for item in shard.take(items) if (*item, settings_id(settings)) not in done]
         if len(todo) < len(shard.take(items)) and shard.rank == 0:
             print(f"aim-llava: resuming: {len(items) - len(todo)} of {len(items)} already in {args.output}",
                   file=sys.stderr)
+        if shard.rank == 0:
+            say_other_settings(earlier, lambda r: (r["video"], r.get("question")), todo, settings, args.output)
         device = shard.start(args.device)
         failures = 0
         progress = None
@@ -357,7 +469,7 @@ def run(args) -> int:
 
             progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
         try:
-            for record in caption_records(args, todo, reduction, sampling, device):
+            for record in caption_records(args, todo, reduction, sampling, generation, settings, device):
                 failures += record["error"] is not None
                 if results is not None:
                     results.append(record)
@@ -370,44 +482,99 @@ def run(args) -> int:
     finally:
         if results is not None:
             results.close()
-    return merge_caption_shards(shard, videos, args.output, failures)
+    return merge_caption_shards(shard, videos, args.output, failures, args.resume)
 
 
-def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, device):
-    """The records of the (video, question) items, in order. The model is loaded only if some
-    video exists; the next videos are read in worker threads while the model works on a batch."""
-    from aim_llava.pipeline import GenerationOptions, Request, VideoLLM
+def generation_options(args):
+    """The GenerationOptions of --max-new-tokens, --temperature, --top-p, --seed and --no-cuda-graph."""
+    from aim_llava.pipeline import GenerationOptions
 
-    if not any(os.path.exists(video) for video, _ in todo):
-        for video, asked in todo:
-            yield caption_record(video, asked, reduction.name, error=f"file not found: {video}")
-        return
-    llm = VideoLLM.from_pretrained(
-        args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
-        conv_template=args.template, time_aware=args.time_aware, sampling=sampling,
-        generation=GenerationOptions(max_new_tokens=args.max_new_tokens, cuda_graph=args.cuda_graph),
-        cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
-    )
-    stream = print_now if args.stream and not args.json else None
-    requests = [Request(video, [(asked, None)]) for video, asked in todo]
-    for (video, asked), result in zip(todo, llm.run(requests, args.batch_size, args.workers, stream=stream)):
-        yield caption_record(video, asked, reduction.name, result)
+    if args.temperature == 0 and (args.top_p is not None or args.seed is not None):
+        given = "--top-p" if args.top_p is not None else "--seed"
+        raise CliError(f"{given} shapes sampling, and decoding is greedy without --temperature: give --temperature "
+                       "above 0 too (e.g. 0.7)")
+    return GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             cuda_graph=args.cuda_graph)
 
 
-def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int) -> int:
-    """With several processes: after all are done, rank 0 writes every record to ``output`` in
-    input order. Returns the exit code (2 if any video failed)."""
+def check_output_mode(args, output: str) -> None:
+    """--resume and --overwrite need an output (that they exclude each other, ResultsFile says)."""
+    for flag, given in (("--resume", args.resume), ("--overwrite", args.overwrite)):
+        if given and args.output is None:
+            raise CliError(f"{flag} needs {output}")
+
+
+def planned_settings(args, model_config, reduction, sampling, generation, template: str, time_aware: bool) -> dict:
+    """The settings the records of this run will carry, known before the model loads (the dtype
+    ``auto`` will choose included)."""
+    from aim_llava.model.builder import model_directory, resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, model_config, resolve_device(args.device), say=False)
+    return run_settings(os.path.realpath(model_directory(args.model)), str(dtype).removeprefix("torch."), reduction,
+                        sampling, generation, template, time_aware)
+
+
+def say_other_settings(earlier: list[dict], identity, todo: list, settings: dict, where: Path) -> None:
+    """One note when items to do (``todo``: their identities) have records in ``where`` made with
+    other settings (``identity(record)``: the item a record is of): they are done again and the
+    earlier records stay. Says how many, and what differs for the first."""
+    current = settings_id(settings)
+    other = {identity(r): r for r in earlier if r.get("settings_id") != current}
+    again = [item for item in todo if item in other]
+    if again:
+        print(f"aim-llava: note: {len(again)} item(s) in {where} were done with other settings "
+              f"({differences(other[again[0]].get('settings'), settings)}): they are done again with these, and the "
+              "earlier records stay", file=sys.stderr)
+
+
+def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, generation, settings: dict, device):
+    """The records of the (video, question) items, in order. Each video is first checked for what
+    can be known without decoding it (aim_llava.video.probe): those that fail are recorded as
+    failed without the model, which is loaded only if some video is left; the next videos are read
+    in worker threads while the model works on a batch."""
+    from aim_llava.pipeline import Request, VideoLLM
+    from aim_llava.video import VideoError, probe
+
+    problems = {}
+    for video, _ in todo:
+        try:
+            probe(video, sampling.start)
+        except VideoError as err:
+            problems[video] = str(err)
+    readable = [(video, asked) for video, asked in todo if video not in problems]
+    results = iter(())
+    if readable:
+        llm = VideoLLM.from_pretrained(
+            args.model, reduction, device=device, dtype=args.dtype, attn_implementation=args.attn,
+            conv_template=args.template, time_aware=args.time_aware, sampling=sampling, generation=generation,
+            cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse,
+        )
+        stream = print_now if args.stream else None
+        requests = [Request(video, [(asked, None)]) for video, asked in readable]
+        results = llm.run(requests, args.batch_size, args.workers, stream=stream)
+    for video, asked in todo:
+        if video in problems:
+            yield caption_record(video, asked, settings, error=problems[video])
+        else:
+            yield caption_record(video, asked, settings, next(results), arch=llm.model.config)
+
+
+def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int, resume: bool) -> int:
+    """With several processes: after all are done, rank 0 writes every record to ``output`` (after
+    the records it held, when resuming), this run's videos in input order. Returns the exit code
+    (2 if any video failed)."""
     if shard.world == 1:
         return EXIT_BAD_INPUT if failures else 0
     shard.wait_for_all()
     if shard.rank == 0:
-        records = read_records(output, caption_key)
+        records = read_records(output, caption_key) if resume else []
         for rank in range(shard.world):
             records += read_records(output.with_name(f"{output.name}.rank{rank}"), caption_key)
         order = {video: index for index, video in enumerate(videos)}
-        merged = sorted((r for r in latest_by_key(records, caption_key) if r["video"] in order),
-                        key=lambda r: order[r["video"]])
-        write_records(output, merged)
+        latest = latest_by_key(records, caption_key)
+        merged = sorted((r for r in latest if r["video"] in order), key=lambda r: order[r["video"]])
+        write_records(output, [r for r in latest if r["video"] not in order] + merged)
         failures = sum(r.get("error") is not None for r in merged)
     shard.finish()
     return EXIT_BAD_INPUT if failures else 0
@@ -421,6 +588,25 @@ def run_flops(args) -> int:
     reduction = resolve_reduction(args.config, arch, args.frames, args.text_tokens)
     report = flops_report(name, arch, reduction, args.frames, args.text_tokens, args.kv_bytes)
     print(report.to_json() if args.json else format_report(report))
+    return 0
+
+
+def run_presets(args) -> int:
+    from aim_llava.flops import resolve_architecture
+    from aim_llava.preset_report import format_list, format_preset, markdown_table, preset_report, preset_reports
+
+    name, arch = resolve_architecture(args.arch)
+    if args.name is not None:
+        if args.markdown:
+            raise CliError("--markdown is for the list: leave out the preset name")
+        report = preset_report(args.name, name, arch, args.frames, args.text_tokens)
+        print(report.to_json() if args.json else format_preset(report))
+        return 0
+    reports = preset_reports(name, arch, args.frames, args.text_tokens)
+    if args.json:
+        print("\n".join(report.to_json() for report in reports))
+    else:
+        print(markdown_table(reports) if args.markdown else format_list(reports))
     return 0
 
 
@@ -438,7 +624,11 @@ def run_bench(args) -> int:
         raise CliError(f"--configs {args.configs!r} names no config: give e.g. baseline,aim_default")
     for spec in configs:
         check_reduction_spec(spec)
-    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
+    if isinstance(args.json, str):  # --json FILE, as --output FILE
+        if args.output:
+            raise CliError("--json FILE and --output FILE both name the JSON report's file: give --output FILE")
+        args.output, args.json = args.json, False
+    for path, option in ((args.output, "--output"), (args.plot, "--plot")):
         if path:
             resolve_output(path, what=option)
     if args.video and not os.path.exists(args.video):
@@ -452,12 +642,20 @@ def run_bench(args) -> int:
         device = resolve_device(args.device)
         model = random_model(config, device, resolve_dtype(args.dtype, config, device), args.attn)
         name = args.arch
-    with torch.no_grad():
+    from tqdm import tqdm
+
+    with torch.no_grad(), tqdm(total=(args.repeats + 1) * len(configs), file=sys.stderr, unit="run",
+                               desc="bench", dynamic_ncols=True) as progress:
+
+        def measured(what: str) -> None:
+            progress.set_postfix_str(what, refresh=False)
+            progress.update(1)
+
         report = bench(model, name, configs, args.frames, args.text_tokens, args.decode_tokens, args.repeats,
-                       args.video, args.backend, args.batch, args.cuda_graph)
-    print(markdown(report))
-    if args.json:
-        write_text_atomically(args.json, json.dumps(report.to_dict(), indent=2))
+                       args.video, args.backend, args.batch, args.cuda_graph, measured)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else markdown(report))
+    if args.output:
+        write_text_atomically(args.output, json.dumps(report.to_dict(), indent=2))
     if args.plot:
         plot(report, args.plot)
     return 0
@@ -522,9 +720,11 @@ def run_eval(args) -> int:
     from aim_llava import evaluation
     from aim_llava.conversation import build_prompt
     from aim_llava.mm_utils import tokenizer_image_token
-    from aim_llava.model.builder import checkpoint_config, load_tokenizer
+    from aim_llava.model.builder import checkpoint_config, load_tokenizer, model_directory
+    from aim_llava.pipeline import SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
+    check_output_mode(args, "--output DIR")
     items = evaluation.read_items(args.data)
     specs = [c.strip() for c in (args.configs or args.config).split(",") if c.strip()]
     if not specs:
@@ -533,15 +733,29 @@ def run_eval(args) -> int:
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
     prompt = build_prompt(items[0].prompt(), "qwen_1_5")
-    text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(Path(args.model)))) - 1  # for the FLOPs column
+    text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(model_directory(args.model)))) - 1  # FLOPs column
     reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
+    stems = distinct_results_stems(specs, reductions)
+    sampling = SamplingOptions(num_frames=args.frames)
+    generation = generation_options(args)
+    settings = [planned_settings(args, model_config, r, sampling, generation, "qwen_1_5", False) for r in reductions]
     shard = Shard.from_environment()
+    if shard.world > 1:
+        for stem in stems:
+            check_no_unasked_records(args.output / f"{stem}.jsonl", evaluation.item_key, args.resume, args.overwrite)
     args.output.mkdir(parents=True, exist_ok=True)
     inputs = [args.data] + [item.video for item in items]
-    results = [ResultsFile(evaluation.records_path(args.output, r.name, shard), evaluation.item_key, args.resume, inputs)
-               for r in reductions]
+    results = []
     try:
-        rows, failures = evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens)
+        for stem in stems:
+            results.append(ResultsFile(evaluation.records_path(args.output, stem, shard), evaluation.item_key,
+                                       args.resume, inputs, args.overwrite))
+        if shard.rank == 0:
+            for file, config_settings in zip(results, settings):
+                say_other_settings(file.records, lambda r: evaluation.item_key(r)[:-1],
+                                   [item.key(config_settings)[:-1] for item in items], config_settings, file.shown)
+        rows, failures = evaluate_configs(args, items, shard, list(zip(specs, reductions, stems, settings)), results,
+                                          model_config, text_tokens, sampling, generation)
     finally:
         for file in results:
             file.close()
@@ -557,35 +771,50 @@ def run_eval(args) -> int:
     return EXIT_BAD_INPUT if failures else 0
 
 
-def evaluate_configs(args, items, shard, reductions, results, model_config, text_tokens) -> tuple[list[dict], int]:
-    """Run every config over this process's share; rank 0 returns the summary rows and the count
-    of failed items."""
+def distinct_results_stems(specs: list[str], reductions: list) -> list[str]:
+    """Each config's results file name (:func:`aim_llava.evaluation.results_stem`); two configs
+    that would share one are the same reduction given twice, which is refused."""
+    from aim_llava.evaluation import results_stem
+
+    stems: dict[str, str] = {}
+    for spec, reduction in zip(specs, reductions):
+        stem = results_stem(spec, reduction)
+        if stem in stems:
+            raise CliError(f"--configs gives {stems[stem]} and {spec}, the same reduction (name {reduction.name!r}, "
+                           "same settings): give it once")
+        stems[stem] = spec
+    return list(stems)
+
+
+def evaluate_configs(args, items, shard, configs, results, model_config, text_tokens, sampling,
+                     generation) -> tuple[list[dict], int]:
+    """Run every config (``configs``: (spec, reduction, results stem, settings) each) over this
+    process's share; rank 0 returns the summary rows and the count of failed items."""
     from aim_llava import evaluation
     from aim_llava.flops import flops_report
-    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.pipeline import VideoLLM
 
     device = shard.start(args.device)
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
-                                   attn_implementation=args.attn, sampling=SamplingOptions(num_frames=args.frames),
-                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                                     cuda_graph=args.cuda_graph),
+                                   attn_implementation=args.attn, sampling=sampling, generation=generation,
                                    cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
     rows, failures = [], 0
-    for reduction, file in zip(reductions, results):
+    for (spec, reduction, stem, settings), file in zip(configs, results):
+        label = spec if stem != evaluation.safe_name(reduction.name) else reduction.name
         progress = None
         if shard.rank == 0:
             from tqdm import tqdm
 
-            todo = len([item for item in shard.take(items) if item.id not in file.done()])
-            progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=reduction.name)
+            todo = len(evaluation.todo_items(items, shard, file, settings))
+            progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=label)
 
         def report(record, progress=progress):
             print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
         before = llm.cache.snapshot() if llm.cache is not None else None
         try:
-            records = evaluation.run_config(llm, items, shard, file, reduction, progress, report, args.batch_size,
-                                            args.workers)
+            records = evaluation.run_config(llm, items, shard, file, reduction, settings, progress, report,
+                                            args.batch_size, args.workers)
         finally:
             if progress is not None:
                 progress.close()
@@ -595,11 +824,12 @@ def evaluate_configs(args, items, shard, reductions, results, model_config, text
             shard.wait_for_all()
             if shard.rank != 0:
                 continue
-            records = evaluation.merge_shards(items, args.output, reduction.name, shard.world)
+            records = evaluation.merge_shards(items, args.output, stem, shard.world, settings, args.resume)
         summary = evaluation.summarize(records)
         failures += summary["errors"]
         cost = flops_report("", model_config, reduction, args.frames, text_tokens)
-        rows.append({"config": reduction.name, "prefill_tflops": cost.prefill_tflops, **summary, "cache": cache})
+        rows.append({"config": label, "records": f"{stem}.jsonl", "prefill_tflops": cost.prefill_tflops, **summary,
+                     "cache": cache})
     shard.finish()
     return rows, failures
 
@@ -632,6 +862,13 @@ def api_keys(given: list[str]) -> list[str]:
     return keys
 
 
+def serve_model(args) -> str:
+    """The model ``serve`` serves: MODEL or --model (once), else $AIM_LLAVA_MODEL or the default."""
+    if args.model_argument and args.model and args.model_argument != args.model:
+        raise CliError(f"two models given, {args.model_argument} and --model {args.model}: give one")
+    return args.model_argument or args.model or os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR)
+
+
 def run_serve(args) -> int:
     import torch
 
@@ -644,6 +881,7 @@ def run_serve(args) -> int:
         raise CliError(f"--port {args.port} is not a port number (1..65535)")
     if not hasattr(os, "O_PATH"):
         raise CliError("aim-llava serve needs Linux (it opens media through O_PATH handles)")
+    args.model = serve_model(args)
     keys = api_keys(args.api_key)
     if args.api_key:
         print(f"aim-llava: warning: a key given with --api-key is visible to every user of this machine (ps, "
@@ -707,7 +945,7 @@ def run_serve(args) -> int:
 
 
 COMMANDS = {
-    "caption": run, "ask": run, "flops": run_flops, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
+    "caption": run, "ask": run, "flops": run_flops, "presets": run_presets, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
     "eval": run_eval, "serve": run_serve,
 }
 
@@ -766,7 +1004,11 @@ def main(argv: list[str] | None = None) -> int:
 def print_error(message: str, progress=None) -> None:
     """One ``aim-llava: error:`` line on stderr, kept apart from a progress bar when one is shown;
     names and fields echoed into the message cannot break it over lines."""
-    line = f"aim-llava: error: {one_line(message)}"
+    print_line(f"aim-llava: error: {one_line(message)}", progress)
+
+
+def print_line(line: str, progress=None) -> None:
+    """A line on stderr, kept apart from a progress bar when one is shown."""
     if progress is not None:
         progress.write(line, file=sys.stderr)
     else:

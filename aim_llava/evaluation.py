@@ -8,9 +8,13 @@ option's letter from the given choices directly." The first option letter in the
 prediction.
 
 Every item's record is appended to ``OUTPUT_DIR/CONFIG.jsonl`` as soon as it is done (see
-:class:`~aim_llava.records.ResultsFile`); ``resume`` skips items already recorded without error. Under a launcher that sets RANK and
-WORLD_SIZE (torchrun, ``accelerate launch``), each process takes every WORLD_SIZE-th item,
-writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in data order.
+:class:`~aim_llava.records.ResultsFile`), stamped with the run's settings
+(:mod:`aim_llava.run_settings`); resuming skips items already recorded without error with the same
+settings. A config given as a YAML file writes ``STEM-DIGEST.jsonl``, its content's digest in the
+name, so that two files of one name (``exp1/config.yaml``, ``exp2/config.yaml``) never share
+records. Under a launcher that sets RANK and WORLD_SIZE (torchrun, ``accelerate launch``), each
+process takes every WORLD_SIZE-th item, writes ``CONFIG.rankR.jsonl``, and rank 0 merges them in
+data order.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError
+from aim_llava.flops import record_cost
 from aim_llava.pipeline import Request
 from aim_llava.records import (
     error_message,
@@ -30,6 +35,7 @@ from aim_llava.records import (
     read_records,
     write_records,
 )
+from aim_llava.run_settings import settings_id, stamped
 from aim_llava.text_files import parse_json, read_text_file
 
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -51,6 +57,10 @@ class Item:
     def prompt(self) -> str:
         lines = [f"{letter}. {text}" for letter, text in zip(string.ascii_uppercase, self.options)]
         return "\n".join([self.question, *lines, POST_PROMPT])
+
+    def key(self, settings: dict) -> tuple:
+        """The :func:`item_key` of this item's records made with ``settings``."""
+        return self.id, self.video, self.question, tuple(self.options), settings_id(settings)
 
 
 def read_items(path: Path) -> list[Item]:
@@ -89,21 +99,23 @@ def parse_choice(text: str, count: int) -> str | None:
     return match.group(1) if match else None
 
 
-def item_record(item: Item, config_name: str, result) -> dict:
-    """The record of one answered (or failed) item; ``result`` is a pipeline Result."""
-    record = {"id": item.id, "video": item.video, "category": item.category, "answer": item.answer,
-              "config": config_name, "prediction": None, "correct": False, "text": None, "error": None}
+def item_record(item: Item, settings: dict, result, arch) -> dict:
+    """The record of one answered (or failed) item made with ``settings``; ``result`` is a
+    pipeline Result of a model of config ``arch``."""
+    record = {"id": item.id, "video": item.video, "question": item.question, "options": item.options,
+              "category": item.category, "answer": item.answer, "config": settings["config"], "prediction": None,
+              "correct": False, "text": None, "error": None}
     if result.error is not None:
         record["error"] = error_message(result.error)
-        return record
+        return stamped(record, settings)
     response = result.response
     prediction = parse_choice(response.text, len(item.options))
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
-        visual_tokens=response.reduction.visual_tokens_per_layer[0][0],
+        visual_tokens=response.reduction.visual_tokens_per_layer[0][0], **record_cost(arch, result),
         prefill_s=round(response.first_token_s, 4), visual_cached=result.visual.cached,
     )
-    return record
+    return stamped(record, settings)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -126,49 +138,70 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "config"
 
 
-def item_key(record: dict) -> str:
-    return record["id"]
+def item_key(record: dict) -> tuple:
+    """What resuming compares: the item (id, video, question, options) and the settings' id."""
+    return (record["id"], record.get("video"), record.get("question"), tuple(record.get("options") or ()),
+            record.get("settings_id"))
 
 
-def records_path(out_dir: Path, name: str, shard: Shard) -> Path:
-    """Where this process writes a config's records."""
+def results_stem(spec: str, reduction) -> str:
+    """The name of a config's results file without its suffix: the config's name, and for a
+    YAML file also its content's digest (two ``config.yaml`` of a sweep never share a file)."""
+    stem = safe_name(reduction.name)
+    return f"{stem}-{reduction.digest()[:8]}" if Path(spec).suffix in (".yaml", ".yml") else stem
+
+
+def records_path(out_dir: Path, stem: str, shard: Shard) -> Path:
+    """Where this process writes a config's records (``stem``: :func:`results_stem`)."""
     suffix = ".jsonl" if shard.world == 1 else f".rank{shard.rank}.jsonl"
-    return out_dir / f"{safe_name(name)}{suffix}"
+    return out_dir / f"{stem}{suffix}"
 
 
-def run_config(llm, items: list[Item], shard: Shard, results, reduction, progress=None, report=None,
+def todo_items(items: list[Item], shard: Shard, results, settings: dict) -> list[Item]:
+    """This process's share of ``items`` not yet done with ``settings`` in ``results``."""
+    done = results.done()
+    return [item for item in shard.take(items) if item.key(settings) not in done]
+
+
+def run_config(llm, items: list[Item], shard: Shard, results, reduction, settings: dict, progress=None, report=None,
                batch_size: int = 1, workers: int = 2) -> list[dict]:
     """Evaluate this process's share of ``items`` with one reduction config, ``batch_size`` items
-    generated together while ``workers`` threads read the next videos, appending each record to
-    ``results`` (a :class:`~aim_llava.records.ResultsFile`); items already done there are
+    generated together while ``workers`` threads read the next videos, appending each record
+    (stamped with ``settings``, :func:`aim_llava.run_settings.run_settings`) to ``results`` (a
+    :class:`~aim_llava.records.ResultsFile`); items already done there with these settings are
     skipped. ``report(record)`` is told of every failed item. Returns this share's records."""
-    done = results.done()
-    todo = [item for item in shard.take(items) if item.id not in done]
+    todo = todo_items(items, shard, results, settings)
     requests = [Request(item.video, [(item.prompt(), None)]) for item in todo]
     for item, result in zip(todo, llm.run(requests, batch_size, workers, reduction=reduction)):
-        record = item_record(item, reduction.name, result)
+        record = item_record(item, settings, result, llm.model.config)
         results.append(record)
         if record["error"] is not None and report is not None:
             report(record)
         if progress is not None:
             progress.update(1)
-    return ordered_records(items, results.records)
+    return ordered_records(items, results.records, settings)
 
 
-def merge_shards(items: list[Item], out_dir: Path, name: str, world: int) -> list[dict]:
-    """Rank 0: all shards' records in data order, written to ``CONFIG.jsonl``."""
-    records = []
+def merge_shards(items: list[Item], out_dir: Path, stem: str, world: int, settings: dict,
+                 resume: bool = False) -> list[dict]:
+    """Rank 0: all shards' records written to ``STEM.jsonl`` (after the records it held, when
+    resuming), this run's in data order; returns this run's."""
+    merged = out_dir / f"{stem}.jsonl"
+    records = read_records(merged, item_key) if resume else []
     for rank in range(world):
-        records += read_records(out_dir / f"{safe_name(name)}.rank{rank}.jsonl", item_key)
-    merged = ordered_records(items, records)
-    write_records(out_dir / f"{safe_name(name)}.jsonl", merged)
-    return merged
+        records += read_records(out_dir / f"{stem}.rank{rank}.jsonl", item_key)
+    latest = latest_by_key(records, item_key)
+    current = ordered_records(items, latest, settings)
+    chosen = {id(record) for record in current}
+    others = [record for record in latest if id(record) not in chosen]
+    write_records(merged, others + current)
+    return current
 
 
-def ordered_records(items: list[Item], records: list[dict]) -> list[dict]:
-    """The latest record of every item, in data order."""
-    by_id = {r["id"]: r for r in latest_by_key(records, item_key)}
-    return [by_id[item.id] for item in items if item.id in by_id]
+def ordered_records(items: list[Item], records: list[dict], settings: dict) -> list[dict]:
+    """The latest record of every item made with ``settings``, in data order."""
+    latest = {item_key(r): r for r in latest_by_key(records, item_key)}
+    return [latest[item.key(settings)] for item in items if item.key(settings) in latest]
 
 
 def cache_cell(counts: dict | None) -> str:

@@ -111,6 +111,22 @@ def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, 
     )
 
 
+def record_cost(arch: LlavaConfig, result) -> dict:
+    """What reduction did for one answered item (``result``: a pipeline Result), as the fields of
+    its results record: the visual tokens entering each LLM layer (counted in the run), and for a
+    video the LLM prefill FLOPs against the baseline's for the same frames and text (the paper's
+    accounting; None for an image, whose tiling the formula does not follow)."""
+    response, visual = result.response, result.visual
+    fraction = None
+    if visual.modality == "video":
+        frames, text = len(visual.clip.indices), response.prompt_tokens - response.visual_tokens
+        cost = flops_report("", arch, visual.reduction, frames, text).prefill_tflops
+        baseline = flops_report("", arch, ReductionConfig(), frames, text).prefill_tflops
+        fraction = round(cost / baseline, 4)
+    return {"visual_tokens_per_layer": [layer[0] for layer in response.reduction.visual_tokens_per_layer],
+            "prefill_flops_fraction": fraction}
+
+
 def format_report(report: FlopsReport) -> str:
     """A readable table."""
     rows = [

@@ -56,9 +56,10 @@ class SamplingOptions:
     start: float | None = None
     end: float | None = None
     backend: str = "auto"
+    frame_rate: float = 1.0  # the frames per second of a directory of frame images
 
     def __post_init__(self) -> None:
-        validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end)
+        validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end, self.frame_rate)
 
 
 @dataclass
@@ -383,7 +384,7 @@ class VideoLLM:
         options = dataclasses.replace(self.sampling, **sampling)
         return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
                           options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
-                          limits=limits)
+                          limits=limits, frame_rate=options.frame_rate)
 
     def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
              **sampling) -> VideoClip | EncodedVisual:

@@ -8,8 +8,12 @@ it is a pipe or a terminal), the command's own stdout or stderr redirected to a 
 text and the records would overwrite each other), a place that cannot be written (found by
 trying, before any work: permission bits do not tell for root, ACLs or read-only mounts) or an
 existing file that is not a results file, and a symbolic link is written through to its target.
-When a resumed run superseded earlier records (a failed item done again), the file is rewritten
-once at the end, atomically, with one record per item.
+An existing file that holds records is never started afresh unasked: without ``resume`` (go on
+from its records) or ``overwrite`` (replace it) it is refused. An overwriting run writes its
+records to a new file beside it, renamed over the old one when the run ends (interrupted or not),
+so the old records stay whole until then. When a resumed run superseded earlier records (a failed
+item done again), the file is rewritten once at the end, atomically, with one record per item.
+Every file is created with the permissions the user's umask gives (a replaced file keeps its own).
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 
@@ -95,19 +99,39 @@ def check_writable(path: Path) -> None:
     files in) cannot be written: the file is opened for appending, or a file created and removed
     in the directory. Trying is the only answer that holds for every user and file system."""
     if path.is_dir():
-        handle, name = tempfile.mkstemp(dir=path, prefix=".aim-llava-check-")
+        handle, name = create_beside(path / "check", None)
         os.close(handle)
         os.unlink(name)
     else:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
 
 
+def create_beside(target: Path, replaced: Path | None) -> tuple[int, str]:
+    """A new, empty temporary file in ``target``'s directory (its descriptor and path) with the
+    permissions of the file it will replace, or, when ``replaced`` is None or does not exist, those
+    the umask gives a new file (``tempfile.mkstemp`` would make it private, 0600, for good)."""
+    try:
+        mode = stat.S_IMODE(os.stat(replaced).st_mode) if replaced is not None else None
+    except FileNotFoundError:
+        mode = None
+    while True:
+        name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            handle = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            os.fchmod(handle, mode)
+        return handle, name
+
+
 def write_text_atomically(path: str | Path, text: str, inputs: Iterable[str | Path] = ()) -> None:
     """Write to a temporary file beside the target, then rename it into place (a symlink is
-    written through to its target)."""
+    written through to its target); the file gets the permissions of the one it replaces, or the
+    umask's for a new one."""
     target = resolve_output(path, inputs, what="output")
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, tmp = create_beside(target, target)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
@@ -167,6 +191,22 @@ def read_records(path: Path | None, key: Callable[[dict], Hashable] | None = Non
     return parse_records(text, path, key)[0]
 
 
+def unasked_records_error(path: Path, count: int) -> ResultsError:
+    return ResultsError(f"{path} already holds {count} record(s): add --resume to go on from them or --overwrite "
+                        "to replace them (or choose another --output)")
+
+
+def check_no_unasked_records(path: Path, key: Callable[[dict], Hashable], resume: bool, overwrite: bool) -> None:
+    """Refuse, before any work, a results file that holds records the run was not told to go on
+    from (``resume``) or replace (``overwrite``): what :class:`ResultsFile` checks, for a file that
+    a run writes only at its end (the merge of several processes' records)."""
+    if resume or overwrite:
+        return
+    records = read_records(path, key)
+    if records:
+        raise unasked_records_error(path, len(records))
+
+
 def latest_by_key(records: list[dict], key: Callable[[dict], Hashable]) -> list[dict]:
     """One record per key, the last one written, in the order keys first appeared."""
     latest: dict[Hashable, dict] = {}
@@ -180,16 +220,22 @@ class ResultsFile:
     """A results JSONL file open for one run (see the module docstring).
 
     ``key(record)`` identifies an item (resuming skips items whose latest record has no error).
-    Without ``resume`` an existing results file is started afresh.
+    An existing file holding records needs ``resume`` (go on from them) or ``overwrite`` (replace
+    them when the run ends); otherwise it is refused before any work.
     """
 
     def __init__(self, path: str | Path, key: Callable[[dict], Hashable], resume: bool = False,
-                 inputs: Iterable[str | Path] = ()):
+                 inputs: Iterable[str | Path] = (), overwrite: bool = False):
+        if resume and overwrite:
+            raise ResultsError("--resume goes on from the records of the output and --overwrite replaces them: "
+                               "give one of the two")
         self.shown = Path(path)
         self.path = resolve_output(path, inputs)
         self.key = key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a+b")  # noqa: SIM115 (held for the run, closed by close())
+        self.replacement: str | None = None
+        self.writer = self.handle
         try:
             fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -197,20 +243,35 @@ class ResultsFile:
             raise ResultsError(f"{self.shown} is being written by another aim-llava process: wait for it or "
                                "choose another --output") from None
         try:
-            self.handle.seek(0)
-            raw = self.handle.read()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ResultsError(f"{self.shown} is not an aim-llava results file (not UTF-8 text): "
-                                   "choose another output path") from None
-            records, intact = parse_records(text, self.shown, key)
-            self.handle.truncate(intact if resume else 0)
-            self.records = records if resume else []
+            self.records = self.read_own_records(resume, overwrite)
+            if overwrite:
+                handle, self.replacement = create_beside(self.path, self.path)
+                self.writer = os.fdopen(handle, "wb")
         except BaseException:
             self.close(compact=False)
             raise
         self.superseded = len(self.records) != len(latest_by_key(self.records, key))
+
+    def read_own_records(self, resume: bool, overwrite: bool) -> list[dict]:
+        """The records the run goes on from: those of the file when resuming (a torn last line
+        cut off), none otherwise; a file that is not a results file, or one that holds records
+        the run was not told what to do with, is refused."""
+        self.handle.seek(0)
+        raw = self.handle.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ResultsError(f"{self.shown} is not an aim-llava results file (not UTF-8 text): "
+                               "choose another output path") from None
+        records, intact = parse_records(text, self.shown, self.key)
+        if resume:
+            self.handle.truncate(intact)
+            return records
+        if records and not overwrite:
+            raise unasked_records_error(self.shown, len(records))
+        if not overwrite:
+            self.handle.truncate(0)  # at most a torn line of an interrupted run
+        return []
 
     def done(self) -> set[Hashable]:
         """Keys of the items whose latest record has no error."""
@@ -220,20 +281,33 @@ class ResultsFile:
         """Add one record durably."""
         self.superseded |= any(self.key(r) == self.key(record) for r in self.records)
         self.records.append(record)
-        self.handle.seek(0, os.SEEK_END)
-        self.handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        self.writer.seek(0, os.SEEK_END)
+        self.writer.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        self.writer.flush()
+        os.fsync(self.writer.fileno())
 
     def close(self, compact: bool = True) -> None:
-        """Rewrite once with one record per item if earlier records were superseded; release."""
+        """Put an overwriting run's file in place of the old one (or drop it, when the run could
+        not start), or rewrite once with one record per item if earlier records were superseded;
+        release the file."""
         if self.handle.closed:
             return
         try:
+            if self.replacement is not None:
+                self.replace_old_file(keep=compact)
             if compact and self.superseded:
                 write_records(self.path, latest_by_key(self.records, self.key))
         finally:
             self.handle.close()
+
+    def replace_old_file(self, keep: bool) -> None:
+        """The overwriting run's file renamed over the old one (``keep``), or removed."""
+        self.writer.close()
+        if keep:
+            os.replace(self.replacement, self.path)
+        else:
+            Path(self.replacement).unlink(missing_ok=True)
+        self.replacement = None
 
     def __enter__(self) -> ResultsFile:
         return self

@@ -435,7 +435,7 @@ def _open_frame_file(directory: Path, name: str, limits: MediaLimits) -> np.ndar
 def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
     limits: MediaLimits | None = opts.get("limits")
     files = _frame_files(path, limits)
-    source_fps = 1.0
+    source_fps = opts.get("frame_rate") or 1.0
     indices = choose_indices(len(files), source_fps, opts, str(path))
     frames, size = [], None
     for i in indices:
@@ -453,7 +453,45 @@ def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
 MAX_FRAMES = 100_000  # far beyond any model's context; a bound on what a request may ask
 
 
-def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end) -> None:
+def check_local(path: str | Path) -> None:
+    """A path that names nothing here is one clear error (a URL says that it is one)."""
+    if re.match(r"[a-z][a-z0-9+.-]*://", str(path), flags=re.IGNORECASE):
+        raise VideoError(f"{path} is a URL: only local files are read; download it first")
+    if not os.path.exists(path):
+        raise VideoError(f"file not found: {path}")
+
+
+def probe(path: str | Path, start: float | None = None) -> None:
+    """Check, without decoding any frame, what can be known of ``path`` before a model is loaded:
+    that it exists and is not empty, that a frame directory holds images, that PyAV can open a
+    video file and finds a video stream in it, and that ``start`` (seconds) is not past its end
+    when the container states its duration. Raises VideoError with the message reading it would."""
+    check_local(path)
+    path = Path(path)
+    if path.is_dir():
+        _frame_files(path, None)
+        return
+    if path.stat().st_size == 0:
+        raise VideoError(f"{path} is empty (0 bytes)")
+    if is_image_file(path) or not _backend_available("pyav"):
+        return
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path} has no video stream")
+            duration = container.duration / av.time_base if container.duration else None
+    except VideoError:
+        raise
+    except Exception as err:  # PyAV raises its own error types for what it cannot open
+        raise VideoError(f"cannot decode {path} as a video (pyav: {str(err).splitlines()[0] if str(err) else err})")
+    if start is not None and duration is not None and start >= duration:
+        raise VideoError(f"start={start}s is beyond the end of {path} ({duration:.2f}s)")
+
+
+def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end,
+                      frame_rate: float = 1.0) -> None:
     if num_frames is None or num_frames < 1:
         raise VideoError(f"the number of frames must be at least 1, got {num_frames}")
     if num_frames > MAX_FRAMES or (max_frames is not None and max_frames > MAX_FRAMES):
@@ -464,6 +502,8 @@ def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None
         raise VideoError(f"max_frames must be at least 1, got {max_frames}")
     if start is not None and start < 0:
         raise VideoError(f"start must be >= 0 seconds, got {start}")
+    if frame_rate <= 0:
+        raise VideoError(f"the frame rate of a frame directory must be positive, got {frame_rate}")
     if start is not None and end is not None and end <= start:
         raise VideoError(f"end ({end}s) must be after start ({start}s)")
 
@@ -478,26 +518,26 @@ def load_video(
     backend: str = "auto",
     frame_limit: int | None = None,
     limits: MediaLimits | None = None,
+    frame_rate: float = 1.0,
 ) -> VideoClip:
     """Sample frames from a video file, a directory of frame images, or one image file.
 
-    Frame directories are taken at 1 frame per second (sorted by name, numbers compared as
-    numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
+    Frame directories are taken at ``frame_rate`` frames per second (sorted by name, numbers
+    compared as numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
     ``frame_limit`` frames is refused before any frame is decoded. ``limits``: read an untrusted
     source (see :class:`MediaLimits`; videos with PyAV).
     """
-    validate_sampling(num_frames, fps, max_frames, start, end)
+    validate_sampling(num_frames, fps, max_frames, start, end, frame_rate)
     if fps is None:
         check_sampled_count(uniform_frame_count(num_frames, max_frames), frame_limit, limits, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if limits is not None and backend not in ("auto", "pyav"):
         raise VideoError(f"untrusted media are read with pyav, not {backend}")
+    check_local(path)
     path = Path(path)
-    if not os.path.exists(path):
-        raise VideoError(f"file not found: {path}")
     opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit,
-                limits=limits)
+                limits=limits, frame_rate=frame_rate)
     if path.is_dir():
         return _load_frame_dir(path, opts)
     if path.stat().st_size == 0:

@@ -37,6 +37,7 @@ from aim_llava.model.builder import load_pretrained_model
 from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
 from aim_llava.records import ResultsFile
 from aim_llava.reduction.config import build_plan
+from aim_llava.run_settings import run_settings
 from aim_llava.sample_media import write_sample_video
 from aim_llava.serve import Service
 from aim_llava.tiny_checkpoint import write_random_checkpoint
@@ -57,9 +58,11 @@ def eval_items(clips: list[Path], questions: int) -> list[evaluation.Item]:
 
 def items_per_second(llm: VideoLLM, items: list[evaluation.Item], reduction, out: Path) -> float:
     results = ResultsFile(out, evaluation.item_key)
+    settings = run_settings("bench_reuse", str(llm.model.dtype).removeprefix("torch."), reduction, llm.sampling,
+                            llm.generation, llm.conv_template, llm.time_aware)
     try:
         started = time.perf_counter()
-        records = evaluation.run_config(llm, items, Shard(), results, reduction)
+        records = evaluation.run_config(llm, items, Shard(), results, reduction, settings)
         seconds = time.perf_counter() - started
     finally:
         results.close()

@@ -131,12 +131,15 @@ def test_batch_records_failures_and_keeps_going(capsys, media, tiny_qwen_dir, tm
 
 def test_resume_skips_done_and_retries_failed(capsys, media, tiny_qwen_dir, tmp_path):
     output = tmp_path / "out.jsonl"
-    asked = {"question": DEFAULT_CAPTION_PROMPT, "config": "baseline"}  # what a run records beside the video
-    done = {"video": f"{media}/good.mp4", **asked, "text": "kept from the first run", "error": None}
-    failed = {"video": f"{media}/other.mp4", **asked, "text": None, "error": "interrupted"}
+    command = ["caption", media / "good.mp4", media / "other.mp4", "--model", tiny_qwen_dir, "--frames", 4,
+               "--max-new-tokens", 3, "--output", output]
+    assert run_cli(capsys, *command)[0] == 0
+    first, second = [json.loads(line) for line in output.read_text().splitlines()]
+    assert first["question"] == DEFAULT_CAPTION_PROMPT and first["config"] == "baseline"
+    done = {**first, "text": "kept from the first run"}  # a text no run gives: kept, not done again
+    failed = {**second, "text": None, "error": "interrupted"}
     output.write_text(json.dumps(done) + "\n" + json.dumps(failed) + "\n" + '{"video": "half a li')
-    code, _, err = run_cli(capsys, "caption", media / "good.mp4", media / "other.mp4", "--model", tiny_qwen_dir,
-                           "--frames", 4, "--max-new-tokens", 3, "--output", output, "--resume")
+    code, _, err = run_cli(capsys, *command, "--resume")
     assert code == 0, err
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert records[0] == done

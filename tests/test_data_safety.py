@@ -113,11 +113,11 @@ def test_special_file_output_is_refused(capsys, tiny_qwen_dir, clip, tmp_path):
 
 def test_resume_keeps_records_and_drops_only_a_torn_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    good = {"video": "a.mp4", "question": "q", "config": "c", "text": "t", "error": None}
-    failed = {"video": "b.mp4", "question": "q", "config": "c", "text": None, "error": "boom"}
+    good = {"video": "a.mp4", "question": "q", "settings_id": "s", "text": "t", "error": None}
+    failed = {"video": "b.mp4", "question": "q", "settings_id": "s", "text": None, "error": "boom"}
     path.write_text(json.dumps(good) + "\n" + json.dumps(failed) + "\n" + '{"video": "c.mp4", "quest')
     with ResultsFile(path, caption_key, resume=True) as results:
-        assert results.done() == {("a.mp4", "q", "c")}
+        assert results.done() == {("a.mp4", "q", "s")}
         results.append({**failed, "text": "again", "error": None})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert lines == [good, {**failed, "text": "again", "error": None}]  # one record per item, in order
@@ -351,3 +351,100 @@ def test_caption_output_checked_before_loading(capsys, tiny_qwen_dir, clip, tmp_
         output = tmp_path / "plain" / "out.jsonl"
     code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output)
     assert code == 2 and words in one_error_line(err)
+
+
+def eval_data(tmp_path: Path, clip: Path) -> Path:
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "q1", "video": str(clip), "question": "?", "options": ["a", "b"],
+                                "answer": "A"}) + "\n")
+    return data
+
+
+@pytest.mark.parametrize("command", ["caption", "eval"])
+def test_a_second_run_without_resume_never_truncates(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch, command):
+    """Results written by a run are not wiped by the next run into the same output: without
+    --resume or --overwrite it is refused in one line, before the model loads, the file as it was.
+    (Before, the second run started the file afresh without a word.)"""
+    second = write_sample_video(tmp_path / "second.mp4", num_frames=12, fps=10)
+    if command == "caption":
+        output = tmp_path / "caps.jsonl"
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, second, "--output", output)
+    else:
+        output = tmp_path / "out" / "baseline.jsonl"
+        code, _, err = run_cli(capsys, "eval", "--data", eval_data(tmp_path, clip), "--model", tiny_qwen_dir,
+                               "--frames", 2, "--max-new-tokens", 2, "--output", output.parent)
+    assert code == 0, err
+    before = output.read_bytes()
+    import aim_llava.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    if command == "caption":
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output)
+    else:
+        code, _, err = run_cli(capsys, "eval", "--data", eval_data(tmp_path, second), "--model", tiny_qwen_dir,
+                               "--frames", 2, "--output", output.parent)
+    line = one_error_line(err)
+    assert code == 2 and str(output) in line and "--resume" in line and "--overwrite" in line
+    assert output.read_bytes() == before
+
+
+def test_overwrite_replaces_the_file_whole_at_the_end(capsys, tiny_qwen_dir, clip, tmp_path, monkeypatch):
+    """--overwrite replaces the records, atomically: while the run goes on a reader sees the old
+    file whole; at the end the new one, with the old one's permissions, and no temporary file."""
+    import stat
+
+    output = tmp_path / "caps.jsonl"
+    old = "".join(json.dumps({"video": f"{i}.mp4", "question": "q", "text": "old", "error": None}) + "\n"
+                  for i in range(3))
+    output.write_text(old)
+    output.chmod(0o640)
+    seen, append = [], ResultsFile.append
+
+    def append_and_look(self, record):
+        append(self, record)
+        seen.append(output.read_text())
+
+    monkeypatch.setattr(ResultsFile, "append", append_and_look)
+    second = write_sample_video(tmp_path / "second.mp4", num_frames=12, fps=10)
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, second, "--output", output, "--overwrite")
+    assert code == 0, err
+    assert seen == [old, old]
+    assert [json.loads(line)["video"] for line in output.read_text().splitlines()] == [str(clip), str(second)]
+    assert stat.S_IMODE(output.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.jsonl", "second.mp4"]
+
+
+def test_resume_and_overwrite_together_are_refused(capsys, tiny_qwen_dir, clip, tmp_path):
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", tmp_path / "o.jsonl", "--resume", "--overwrite")
+    assert code == 2 and "give one of the two" in one_error_line(err)
+    code, _, err = caption(capsys, tiny_qwen_dir, clip, "--overwrite")
+    assert code == 2 and "--overwrite needs --output" in one_error_line(err)
+
+
+def test_every_file_written_has_the_permissions_of_the_umask(capsys, tiny_qwen_dir, clip, tmp_path):
+    """Under umask 022 every file a command writes is 0644: bench's --json, eval's summary.json
+    and a results file rewritten by --resume. (They were 0600: an atomic write through mkstemp
+    keeps its private mode.)"""
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        report = tmp_path / "bench.json"
+        code, _, err = run_cli(capsys, "bench", "--model", tiny_qwen_dir, "--configs", "baseline", "--frames", 1,
+                               "--text-tokens", 4, "--decode-tokens", 1, "--repeats", 1, "--device", "cpu",
+                               "--json", report)
+        assert code == 0, err
+        data = eval_data(tmp_path, clip)
+        common = ["eval", "--data", data, "--model", tiny_qwen_dir, "--frames", 2, "--max-new-tokens", 2,
+                  "--output", tmp_path / "out"]
+        assert run_cli(capsys, *common)[0] == 0
+        records = tmp_path / "out" / "baseline.jsonl"
+        failed = {**json.loads(records.read_text()), "error": "interrupted"}
+        records.write_text(json.dumps(failed) + "\n")
+        assert run_cli(capsys, *common, "--resume")[0] == 0  # the failed item done again: the file is rewritten
+        assert len(records.read_text().splitlines()) == 1 and json.loads(records.read_text())["error"] is None
+        written = [report, tmp_path / "out" / "summary.json", records]
+        assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in written} == {
+            path.name: "0o644" for path in written}
+    finally:
+        os.umask(previous)

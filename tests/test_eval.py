@@ -122,3 +122,20 @@ def test_two_processes_give_the_same_results_as_one(dataset, tmp_path, scripted_
     keep = ("id", "prediction", "correct", "text", "error", "visual_tokens")
     assert [{k: r[k] for k in keep if k in r} for r in one] == [{k: r[k] for k in keep if k in r} for r in two]
     assert (sharded / "baseline.rank0.jsonl").exists() and (sharded / "baseline.rank1.jsonl").exists()
+
+
+def test_the_example_data_file_runs(tmp_path, tiny_qwen_dir, monkeypatch, capsys):
+    """examples/mcq.jsonl, as the README runs it (its videos are outputs/sample.mp4, which
+    scripts/make_sample_video.py writes): every item is read and answered, none fails."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "mcq.jsonl"
+    monkeypatch.chdir(tmp_path)
+    write_sample_video(tmp_path / "outputs" / "sample.mp4")
+    code = main(["eval", "--data", str(example), "--model", str(tiny_qwen_dir), "--frames", "2",
+                 "--max-new-tokens", "2", "--configs", "baseline,aim_default", "--output", "outputs/eval"])
+    assert code == 0, capsys.readouterr().err
+    ids = [json.loads(line)["id"] for line in example.read_text().splitlines()]
+    for config in ("baseline", "aim_default"):
+        records = [json.loads(line) for line in (tmp_path / "outputs/eval" / f"{config}.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in records] == ids and all(r["error"] is None for r in records)

@@ -15,6 +15,7 @@ from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
 from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
 from aim_llava.model.config import LlavaConfig, config_from_file
+from aim_llava.model.hub_cache import cached_snapshot, is_repo_id
 from aim_llava.model.image_processor import SiglipImageProcessor
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.reduction.config import load_reduction_config
@@ -32,14 +33,22 @@ def read_config(model_dir: Path) -> LlavaConfig:
     return config_from_file(path)
 
 
-def checkpoint_config(model_path: str | Path) -> LlavaConfig:
-    """The config of a local checkpoint directory, read without loading any weights."""
+def model_directory(model_path: str | Path) -> Path:
+    """The checkpoint directory of ``model_path``: a local directory, or a Hugging Face id
+    (``org/name``) found in the local Hugging Face cache (:mod:`aim_llava.model.hub_cache`)."""
     model_dir = Path(model_path).expanduser()
-    if not os.path.isdir(model_dir):
-        raise CheckpointError(
-            f"model path {str(model_path)!r} is not a local directory (nothing is downloaded; see model/README.md)"
-        )
-    return read_config(model_dir)
+    if os.path.isdir(model_dir):
+        return model_dir
+    if is_repo_id(str(model_path)):
+        return cached_snapshot(str(model_path))
+    raise CheckpointError(f"model path {str(model_path)!r} is not a local directory: give a checkpoint directory, "
+                          "or a Hugging Face id (org/name) downloaded to the local Hugging Face cache")
+
+
+def checkpoint_config(model_path: str | Path) -> LlavaConfig:
+    """The config of a checkpoint (a directory or a cached Hugging Face id), read without loading
+    any weights."""
+    return read_config(model_directory(model_path))
 
 
 def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> LlavaConfig:
@@ -63,18 +72,20 @@ def resolve_device(device_map) -> torch.device:
     except (RuntimeError, TypeError):
         raise CheckpointError(f"unknown device {device_map!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device_map!r} requested but CUDA is not available: use device_map='cpu'")
+        raise CheckpointError(f"device {device_map!r} asked for, but CUDA is not available here: run on the CPU "
+                              "(--device cpu; device_map='cpu' in Python)")
     return device
 
 
-def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
-    """'auto': decided by the device's capabilities and logged (:func:`aim_llava.capabilities.auto_dtype`):
-    on a CPU bfloat16 where it computes bfloat16 in hardware, else float32; on a GPU the
-    checkpoint's dtype, float16 in place of bfloat16 where the GPU has no bfloat16."""
+def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device, say: bool = True) -> torch.dtype:
+    """'auto': decided by the device's capabilities and logged unless ``say`` is False
+    (:func:`aim_llava.capabilities.auto_dtype`): on a CPU bfloat16 where it computes bfloat16 in
+    hardware, else float32; on a GPU the checkpoint's dtype, float16 in place of bfloat16 where
+    the GPU has no bfloat16."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype in (None, "auto"):
-        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16))
+        return auto_dtype(device, DTYPES.get(config.torch_dtype or "bfloat16", torch.bfloat16), say)
     if torch_dtype not in DTYPES:
         raise CheckpointError(f"unknown torch_dtype {torch_dtype!r}; use auto, {', '.join(DTYPES)}")
     return DTYPES[torch_dtype]
@@ -138,10 +149,11 @@ def load_pretrained_model(
     multimodal: bool = False,
     customized_config=None,
 ):
-    """Load a local LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
+    """Load a LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
 
     Returns ``(tokenizer, model, image_processor, max_length)`` like LLaVA-NeXT's builder.
-    Nothing is downloaded: ``model_path`` must be a directory. ``device_map`` is one device
+    Nothing is downloaded: ``model_path`` is a directory, or a Hugging Face id (``org/name``)
+    already in the local Hugging Face cache. ``device_map`` is one device
     ("auto" picks CUDA when present). ``attn_implementation``: eager, sdpa or
     flash_attention_2 (falls back to sdpa, with a warning, when flash-attn is not installed).
     ``overwrite_config`` replaces config fields by name; its ``reduction`` entry (a preset name,
@@ -155,8 +167,8 @@ def load_pretrained_model(
         raise CheckpointError("customized_config (a replacement config) is not supported: change fields with overwrite_config")
     if "llava" not in model_name.lower() and not multimodal:
         raise CheckpointError(f"model_name {model_name!r} is not a LLaVA model; use 'llava_qwen' (or multimodal=True)")
-    model_dir = Path(model_path).expanduser()
-    config = apply_overrides(checkpoint_config(model_dir), overwrite_config)
+    model_dir = model_directory(model_path)
+    config = apply_overrides(read_config(model_dir), overwrite_config)
     reduction = load_reduction_config((overwrite_config or {}).get("reduction"))
     device = resolve_device(device_map)
     dtype = resolve_dtype(torch_dtype, config, device)

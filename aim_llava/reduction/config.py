@@ -9,7 +9,9 @@ the :class:`~aim_llava.reduction.plan.ReductionPlan` that a model call takes.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,14 @@ class ReductionConfig:
             object.__setattr__(self, "options", METHODS[self.method].options())
         elif not isinstance(self.options, METHODS[self.method].options):
             raise ConfigError(f"options for method {self.method!r} must be {METHODS[self.method].options.__name__}")
+
+    def digest(self) -> str:
+        """sha256 of what the config does: its method, its options and the content of the files
+        they name (a FitPrune recipe); not its name. Two configs with one digest reduce alike."""
+        files = getattr(self.options, "content_files", tuple)()
+        content = {"method": self.method, "options": dataclasses.asdict(self.options),
+                   "files": [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in files]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
     def build(self, num_layers: int) -> ReductionPlan:
         """The :class:`ReductionPlan` for an LLM of ``num_layers`` layers (checks the fit)."""

@@ -36,8 +36,8 @@ class ReductionRecord:
 
     plan: str
     visual_tokens_per_layer: list[list[int]]
-    kept: dict[int, torch.Tensor] = field(default_factory=dict)
-    merges: dict = field(default_factory=dict)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    merges: dict = field(default_factory=dict, repr=False)
 
     def sample(self, row: int) -> ReductionRecord:
         """The record of one sample of the batch."""

@@ -205,6 +205,10 @@ class FitPruneOptions:
         if self.prune_mode not in PRUNE_MODES:
             raise RecipeError(f"prune_mode={self.prune_mode!r} is not one of {', '.join(PRUNE_MODES)}")
 
+    def content_files(self) -> tuple[str, ...]:
+        """The files whose content is part of the config (its digest changes with them)."""
+        return (self.recipe,)
+
 
 class FitPrunePruner(RecordingReducer):
     """After each recipe layer, drops the live visual tokens with the lowest c_j * v_j."""
