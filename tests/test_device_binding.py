@@ -116,7 +116,8 @@ def test_host_mirror_records_its_events_on_the_devices_stream(monkeypatch):
     for step in range(3):
         mirror.push(step, torch.tensor([step, step + 1]), torch.tensor(step == 2))
     assert mirror.deliver(2) == 2 and mirror.tokens.tolist() == [[0, 1], [1, 2], [2, 3]]
-    assert cuda.events == [GPU1] * 3 and cuda.pinned_bytes == [mirror.tokens.nbytes, mirror.finished.nbytes]
+    assert cuda.events == [GPU1] * 3
+    assert cuda.pinned_bytes == [mirror.tokens.nbytes, mirror.finished.nbytes, mirror.broken.nbytes]
 
 
 def test_stage_events_are_recorded_on_the_named_devices_stream(monkeypatch):
