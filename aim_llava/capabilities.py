@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from aim_llava.errors import AimLlavaError
+from aim_llava.errors import AimLlavaError, DeviceFailure, DeviceMemoryError
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,27 @@ def first_line(error: BaseException) -> str:
     """``Type: first line of the message`` (at most 300 characters of it)."""
     line = (str(error).strip().splitlines() or [""])[0][:300]
     return f"{type(error).__name__}: {line}"
+
+
+def device_failure(error: BaseException) -> DeviceFailure:
+    """The one-line error that a failure of the device (:func:`is_device_failure`) becomes."""
+    return DeviceFailure(f"the GPU failed ({first_line(error)}): nothing more can run on it in this process; "
+                         "restart it (with CUDA_LAUNCH_BLOCKING=1 the error names the failing kernel)")
+
+
+def out_of_memory(error: torch.OutOfMemoryError, freed_bytes: int) -> DeviceMemoryError:
+    """The one-line error of a request that ran out of device memory even after ``freed_bytes``
+    were given back: how much it needed (as torch's message says) and what to do."""
+    text = str(error)
+    needed = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
+    what = f"it needed {needed.group(1)} more" if needed else first_line(error)
+    if free:
+        what += f", with {free.group(2)} free of {free.group(1)}"
+    if freed_bytes:
+        what += f", after the reuse cache gave back {freed_bytes / 2**20:.0f} MiB"
+    return DeviceMemoryError(f"out of device memory for this request ({what}): ask with fewer frames, a reduction "
+                             "that keeps fewer tokens (e.g. aim_default), a smaller batch or a smaller --cache-mb")
 
 
 Result = TypeVar("Result")

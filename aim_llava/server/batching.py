@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aim_llava.errors import DeviceFailure
 from aim_llava.pipeline import EncodedVisual, Request, RequestCancelled, Result, VideoLLM
 from aim_llava.sample_media import random_frames
 from aim_llava.server.requests import ChatRequest
@@ -98,10 +99,13 @@ def warm_up(llm: VideoLLM, frames: int) -> float:
 
 
 class ModelThread:
-    """Runs the model for every job: takes what arrived together as one batch."""
+    """Runs the model for every job: takes what arrived together as one batch. Once the GPU has
+    failed (:class:`~aim_llava.errors.DeviceFailure`), ``failure`` says why and every job is
+    answered at once with that error."""
 
     def __init__(self, llm: VideoLLM, max_batch_size: int, max_wait_ms: float):
         self.llm, self.max_batch_size, self.max_wait = llm, max_batch_size, max_wait_ms / 1000.0
+        self.failure: str | None = None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self.loop, name="aim-llava-model", daemon=True)
         self.thread.start()
@@ -145,7 +149,9 @@ class ModelThread:
     def answer(self, group: list[Job]) -> None:
         live = []
         for job in group:
-            if job.cancelled():  # its client has gone or its time is up: not even encoded
+            if self.failure is not None:
+                self.hand_back(job, Result(Request(job.clip), error=DeviceFailure(self.failure)))
+            elif job.cancelled():  # its client has gone or its time is up: not even encoded
                 self.hand_back(job, Result(Request(job.clip), error=RequestCancelled("the request was dropped")))
             else:
                 live.append(job)
@@ -157,6 +163,10 @@ class ModelThread:
                      for job in live]
             generation = dict(live[0].request.generation(), max_new_tokens=max(job.request.max_tokens for job in live))
             results = self.llm.answer_batch(items, live[0].request.config, generation)
+        except DeviceFailure as err:
+            logger.error("%s", err)
+            self.failure = str(err)
+            results = [Result(Request(job.clip), error=err) for job in live]
         except Exception as err:  # the model thread must survive anything
             logger.exception("a batch failed")
             results = [Result(Request(job.clip), error=err) for job in live]
