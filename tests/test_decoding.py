@@ -271,6 +271,24 @@ def test_a_generation_that_finds_the_graph_memory_in_use_decodes_eagerly(monkeyp
     assert memory.claim()
 
 
+def test_a_torch_that_cannot_make_the_graph_pool_decodes_eagerly(monkeypatch, caplog):
+    """Making the pool raising (a torch without MemPool): the same outputs, eagerly, with the one
+    fallback warning, and the device's graph memory is not left held."""
+    FakeCuda(monkeypatch)
+
+    def no_pool(*args, **kwargs):
+        raise RuntimeError("MemPool is not supported by this build")
+
+    monkeypatch.setattr(torch.cuda, "MemPool", no_pool)
+    memory = GraphMemory(GPU1)
+    inputs = [torch.full((3,), float(number)) for number in range(4)]
+    step = GraphedStep(ToyStep(), GPU1, eager_steps=1, memory=memory)
+    outputs = [step(values, torch.tensor([number])).clone() for number, values in enumerate(inputs)]
+    assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
+    assert list(RUNTIME_FALLBACKS.failed) == [GRAPH_FALLBACK] and "MemPool is not supported" in caplog.text
+    assert not memory.lock.locked() and memory.stream is None
+
+
 def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
     """Capture waits for a few eager steps: a reply that reaches EOS within them costs no
     capture, and gives the same tokens."""

@@ -166,9 +166,14 @@ class GraphMemory:
         if not self.lock.acquire(blocking=False):
             return False
         if self.stream is None:
-            with on_device(self.device):  # a pool belongs to the current device
-                self.stream = torch.cuda.Stream(device=self.device)
-                self.pool = torch.cuda.MemPool()
+            try:
+                with on_device(self.device):  # a pool belongs to the current device
+                    self.pool = torch.cuda.MemPool()
+                    self.stream = torch.cuda.Stream(device=self.device)
+            except BaseException:
+                self.pool = None
+                self.lock.release()
+                raise
         return True
 
     def release(self) -> None:
@@ -270,7 +275,11 @@ class GraphedStep:
     def claim(self) -> bool:
         """Take the device's graph memory for this generation; while another generation holds it,
         decode eagerly (or raise, with ``strict``)."""
-        self.claimed = self.memory.claim()
+        try:
+            self.claimed = self.memory.claim()
+        except RuntimeError as error:  # a torch that cannot make the stream or the pool
+            self.give_up(error)
+            return False
         if not self.claimed:
             if self.strict:
                 raise GraphCaptureError("another generation is using this device's decoding graphs")
@@ -297,7 +306,8 @@ class GraphedStep:
             self.graph, self.output = capture_graph(lambda: self.function(*self.inputs), self.memory.stream,
                                                     self.device, self.memory.pool)
         except RuntimeError as error:
-            return self.give_up(error, [inputs])
+            self.give_up(error)
+            return self.function(*inputs)  # writes this step's KV slot again, in case the capture spoiled it
         return expected
 
     def check_step(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -309,15 +319,16 @@ class GraphedStep:
         self.graph.replay()
         if not same_values(self.output, expected):
             gap = (self.output - expected).abs().nan_to_num(float("inf")).max()
-            error = GraphCaptureError(f"its replay with a later step's inputs gave logits up to {float(gap):.3g} away "
-                                      "from the eager step's")
-            return self.give_up(error, [self.captured_inputs, inputs])
+            captured = self.captured_inputs
+            self.give_up(GraphCaptureError(f"its replay with a later step's inputs gave logits up to {float(gap):.3g} "
+                                           "away from the eager step's"))
+            self.function(*captured)  # both steps' KV slots written again, in case the replay spoiled them
+            return self.function(*inputs)
         self.checked, self.captured_inputs = True, []
         return expected
 
-    def give_up(self, error: RuntimeError, steps: list) -> torch.Tensor:
-        """Decode eagerly from here (or raise, see the class); the ``steps``' inputs are run again
-        eagerly, in order, which writes their KV slots again in case a bad replay spoiled them."""
+    def give_up(self, error: RuntimeError) -> None:
+        """Decode eagerly from here on, or raise (see the class)."""
         self.close()
         if is_device_failure(error):
             raise error
@@ -328,9 +339,6 @@ class GraphedStep:
             logger.warning("capturing the decoding step ran out of device memory: this reply is decoded eagerly")
         else:
             RUNTIME_FALLBACKS.record(GRAPH_FALLBACK, error, "eager decoding")
-        for step_inputs in steps:
-            logits = self.function(*step_inputs)
-        return logits
 
     def close(self) -> None:
         """End the graph (its memory goes back to the pool) and give the stream and pool back."""
