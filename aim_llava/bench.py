@@ -41,6 +41,7 @@ from aim_llava.cost import prefill_flops
 from aim_llava.flops import executed_tokens
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.image_processor import SiglipImageProcessor
+from aim_llava.model.language_model.generation import STEPS_IN_GRAPH_CAPTURE
 from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
 from aim_llava.reduction.budget import resolve_reduction
 from aim_llava.reduction.plan import ReductionPlan
@@ -204,8 +205,9 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
 
 def decode_rate(seconds: dict[str, float], steps: int, batch: int) -> float:
     """Tokens per second over the batch of ``steps`` decoding steps timed as stage ``decode``, less
-    the ``graph_capture`` stage inside it and the one step that stage ran (0 without steps)."""
-    captured = 1 if "graph_capture" in seconds else 0
+    the ``graph_capture`` stage inside it and the steps that stage ran (the captured one and the
+    check's; 0 without steps beyond them)."""
+    captured = STEPS_IN_GRAPH_CAPTURE if "graph_capture" in seconds else 0
     if steps <= captured:
         return 0.0
     return batch * (steps - captured) / (seconds["decode"] - seconds.get("graph_capture", 0.0))

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from aim_llava.capabilities import device_failure, is_device_failure, out_of_memory
 from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from aim_llava.conversation import get_conversation
-from aim_llava.errors import InputError
+from aim_llava.errors import DeviceFailure, InputError, NonFiniteOutputError
 from aim_llava.flops import video_token_counts
 from aim_llava.mm_utils import process_images, tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.model.language_model.llava_qwen import GenerationOutput
 from aim_llava.prefetch import batches, read_ahead
 from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
@@ -521,7 +523,10 @@ class VideoLLM:
         (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
         token limits below the batch's ``max_new_tokens`` (a conversation that reaches its own
         stops taking part); ``systems``: per-conversation system messages; ``cancelled``:
-        per-conversation checks, asked once a step, whose True ends that reply where it is."""
+        per-conversation checks, asked once a step, whose True ends that reply where it is.
+        Conversations whose logits became NaN or infinite get no reply: a
+        :class:`~aim_llava.errors.NonFiniteOutputError` names them, with the others' replies as
+        its ``partial`` (None in their place)."""
         options = dataclasses.replace(self.generation, **generation)
         configs = {visual.reduction for visual in visuals}
         if len(configs) != 1:
@@ -540,35 +545,65 @@ class VideoLLM:
         generator = None
         if options.do_sample and options.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(options.seed)
-        prefill = self.prefix_prefill(visuals, prompts)
+        reduction = self.plan(configs.pop())
         started = time.perf_counter()
-        output = self.model.generate(
-            ids,
-            attention_mask=mask,
-            visual_features=[visual.features for visual in visuals],
-            max_new_tokens=limits,
-            do_sample=options.do_sample,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            generator=generator,
-            streamer=clock,
-            cuda_graph=options.cuda_graph,
-            reduction=self.plan(configs.pop()),
-            return_dict_in_generate=True,
-            cancelled_rows=cancellation_watch(cancelled or []),
-            prefill=prefill,
-        )
+
+        def generate():  # run again, with a fresh prefill, after memory was freed
+            return self.model.generate(
+                ids,
+                attention_mask=mask,
+                visual_features=[visual.features for visual in visuals],
+                max_new_tokens=limits,
+                do_sample=options.do_sample,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                generator=generator,
+                streamer=clock,
+                cuda_graph=options.cuda_graph,
+                reduction=reduction,
+                return_dict_in_generate=True,
+                cancelled_rows=cancellation_watch(cancelled or []),
+                prefill=self.prefix_prefill(visuals, prompts),
+            )
+
+        try:
+            output, broken = self.within_memory(generate, clock), None
+        except NonFiniteOutputError as error:
+            output, broken = error.partial, error
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
         responses = []
         for row, (visual, tokens) in enumerate(zip(visuals, output.sequences.tolist())):
+            if broken is not None and row in broken.rows:
+                responses.append(None)
+                continue
             tokens = tokens[: limits[row]]
             ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
             kept = tokens[:ended] if ended else tokens
             text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
             responses.append(Response(text, len(kept), visual.num_tokens, elapsed, first, output.reduction.sample(row),
                                       ended is not None, len(prompts[row]) - 1 + visual.num_tokens))
+        if broken is not None:
+            raise NonFiniteOutputError(str(broken), broken.rows, responses)
         return responses
+
+    def within_memory(self, generate: Callable[[], GenerationOutput], clock: TokenClock) -> GenerationOutput:
+        """``generate()``; if it runs out of device memory before its first token while the reuse
+        cache holds entries, once more after emptying the cache (its device memory given back);
+        otherwise a one-line error that says how much memory was needed."""
+        try:
+            return generate()
+        except torch.OutOfMemoryError as error:
+            freed = self.cache.used if self.cache is not None else 0
+            if not freed or clock.first is not None:
+                raise out_of_memory(error, 0) from None
+            logger.warning("out of device memory: the reuse cache gives its %.0f MiB back and the request is tried "
+                           "once more", freed / 2**20)
+            self.cache.clear()
+        try:
+            return generate()
+        except torch.OutOfMemoryError as error:
+            raise out_of_memory(error, freed) from None
 
     def prefix_prefill(self, visuals: list[EncodedVisual], prompts: list[list[int]]) -> PrefixPrefill | None:
         """The prefill that reuses the prompts' video prefixes, when the cache and the visuals
@@ -640,20 +675,32 @@ class VideoLLM:
     def each_or_one_by_one(group: list[tuple[Result, object]], work: Callable[[list], list],
                            store: Callable[[Result, object], None]) -> None:
         """Run ``work`` on the whole group; if it fails, on each member alone, so that only the
-        members that fail by themselves get an error."""
+        members that fail by themselves get an error (members that the failure names, with the
+        others' outputs, get it at once). A failure of the device ends everything: it is raised,
+        as :class:`~aim_llava.errors.DeviceFailure`."""
         if not group:
             return
         try:
             outputs = work(group)
-        except Exception:
-            if len(group) == 1:
+        except DeviceFailure:
+            raise
+        except Exception as error:
+            if is_device_failure(error):
+                raise device_failure(error) from error
+            if isinstance(error, NonFiniteOutputError) and isinstance(error.partial, list):
+                outputs = [error if output is None else output for output in error.partial]
+            elif len(group) == 1:
                 group[0][0].error = sys.exc_info()[1]
                 return
-            for member in group:
-                VideoLLM.each_or_one_by_one([member], work, store)
-            return
+            else:
+                for member in group:
+                    VideoLLM.each_or_one_by_one([member], work, store)
+                return
         for (result, _), output in zip(group, outputs):
-            store(result, output)
+            if isinstance(output, NonFiniteOutputError):
+                result.error = output
+            else:
+                store(result, output)
 
     def answer_list(self, requests: list[Request], batch_size: int, reduction, generation: dict) -> list[str]:
         results = list(self.run(requests, batch_size, reduction=reduction, **generation))

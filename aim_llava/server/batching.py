@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aim_llava.errors import DeviceFailure
 from aim_llava.pipeline import EncodedVisual, Request, RequestCancelled, Result, VideoLLM
 from aim_llava.sample_media import random_frames
 from aim_llava.server.requests import ChatRequest
@@ -22,6 +23,11 @@ from aim_llava.video import VideoClip
 logger = logging.getLogger("aim_llava.serve")
 
 WARM_UP_QUESTION = "Describe the video."
+# The length of the importance warm-up: Triton compiles a kernel per specialisation of its
+# arguments, integers and strides divisible by 16 or not, and the importance's strides hold the
+# length (N, heads x N, N x N). An odd length specialises as most requests do (with 28 heads: every
+# length not divisible by 4); 64 compiled a kernel only lengths divisible by 16 use.
+WARM_UP_IMPORTANCE_TOKENS = 65
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -85,23 +91,36 @@ def warm_up(llm: VideoLLM, frames: int) -> float:
                      frames / 30, 30.0, "warm-up")
     started = time.perf_counter()
     llm.ask(clip, WARM_UP_QUESTION, max_new_tokens=MIN_GRAPHED_TOKENS + 1)
-    text, device, dtype = llm.model.config.text, llm.model.device, llm.model.dtype
-    head_dim, tokens = text.head_dim, 64
     with torch.no_grad():
-        q = torch.randn(1, text.num_attention_heads, tokens, head_dim, device=device, dtype=dtype)
-        k = torch.randn(1, text.num_key_value_heads, tokens, head_dim, device=device, dtype=dtype)
-        log_importance(q, k, torch.ones(1, tokens, dtype=torch.bool, device=device),
-                       torch.zeros(1, tokens, device=device), head_dim**-0.5)
+        q, k, valid, log_start = importance_warm_up_inputs(llm.model.config.text, llm.model.device, llm.model.dtype)
+        log_importance(q, k, valid, log_start, q.shape[-1] ** -0.5)
     if llm.cache is not None:
         llm.cache.clear()
     return time.perf_counter() - started
 
 
+def importance_warm_up_inputs(text, device, dtype, tokens: int = WARM_UP_IMPORTANCE_TOKENS):
+    """Random q [1, heads, N, d] and k [1, kv_heads, N, d], laid out as the decoder's attention
+    hands them to the importance (heads transposed from [1, N, heads, d]), every key valid, and the
+    start weights, for the text model ``text`` (a :class:`~aim_llava.model.config.TextConfig`)."""
+    import torch
+
+    from aim_llava.reduction.importance import log_start_weights
+
+    q = torch.randn(1, tokens, text.num_attention_heads, text.head_dim, device=device, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, text.num_key_value_heads, text.head_dim, device=device, dtype=dtype).transpose(1, 2)
+    valid = torch.ones(1, tokens, dtype=torch.bool, device=device)
+    return q, k, valid, log_start_weights(valid)
+
+
 class ModelThread:
-    """Runs the model for every job: takes what arrived together as one batch."""
+    """Runs the model for every job: takes what arrived together as one batch. Once the GPU has
+    failed (:class:`~aim_llava.errors.DeviceFailure`), ``failure`` says why and every job is
+    answered at once with that error."""
 
     def __init__(self, llm: VideoLLM, max_batch_size: int, max_wait_ms: float):
         self.llm, self.max_batch_size, self.max_wait = llm, max_batch_size, max_wait_ms / 1000.0
+        self.failure: str | None = None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self.loop, name="aim-llava-model", daemon=True)
         self.thread.start()
@@ -145,7 +164,9 @@ class ModelThread:
     def answer(self, group: list[Job]) -> None:
         live = []
         for job in group:
-            if job.cancelled():  # its client has gone or its time is up: not even encoded
+            if self.failure is not None:
+                self.hand_back(job, Result(Request(job.clip), error=DeviceFailure(self.failure)))
+            elif job.cancelled():  # its client has gone or its time is up: not even encoded
                 self.hand_back(job, Result(Request(job.clip), error=RequestCancelled("the request was dropped")))
             else:
                 live.append(job)
@@ -157,6 +178,10 @@ class ModelThread:
                      for job in live]
             generation = dict(live[0].request.generation(), max_new_tokens=max(job.request.max_tokens for job in live))
             results = self.llm.answer_batch(items, live[0].request.config, generation)
+        except DeviceFailure as err:
+            logger.error("%s", err)
+            self.failure = str(err)
+            results = [Result(Request(job.clip), error=err) for job in live]
         except Exception as err:  # the model thread must survive anything
             logger.exception("a batch failed")
             results = [Result(Request(job.clip), error=err) for job in live]

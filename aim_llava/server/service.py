@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from aim_llava.errors import AimLlavaError
+from aim_llava.errors import AimLlavaError, DeviceFailure, NonFiniteOutputError
 from aim_llava.pipeline import EncodedVisual, RequestCancelled, Result, VideoLLM
 from aim_llava.server.batching import Completion, Job, ModelThread, cut_at_stop
 from aim_llava.server.errors import ApiError, bad
@@ -48,6 +48,8 @@ class Service:
     def health(self) -> tuple[int, dict]:
         if not self.worker.alive:
             return 503, {"status": "error", "reason": "the model thread has stopped: restart the server"}
+        if self.worker.failure is not None:
+            return 503, {"status": "error", "reason": self.worker.failure}
         return 200, {"status": "ok"}
 
     def admit(self) -> None:
@@ -57,6 +59,8 @@ class Service:
         model has answered it, even if its client has gone (:meth:`release`)."""
         if not self.worker.alive:
             raise ApiError(503, "the model thread has stopped: the server cannot answer", code="server_error")
+        if self.worker.failure is not None:
+            raise ApiError(503, self.worker.failure, code="server_error")
         if self.pending >= self.max_pending:
             raise ApiError(503, f"the server is busy ({self.pending} requests in progress): retry shortly",
                            code="server_busy", headers={"Retry-After": "1"})
@@ -151,6 +155,11 @@ class Service:
     def failure(self, result: Result) -> ApiError:
         if isinstance(result.error, RequestCancelled):  # the model ended it at its deadline
             return self.timeout()
+        if isinstance(result.error, DeviceFailure):
+            return ApiError(503, str(result.error), code="server_error")
+        if isinstance(result.error, NonFiniteOutputError):  # the server's dtype, not the request, is at fault
+            logger.error("a request failed: %s", result.error)
+            return ApiError(500, str(result.error), code="server_error")
         if isinstance(result.error, AimLlavaError):
             return bad(str(result.error), "messages", "invalid_prompt")
         logger.error("a request failed: %s", result.error, exc_info=result.error)

@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from aim_llava.devices import on_own_device
-from aim_llava.errors import AimLlavaError, InputError
+from aim_llava.errors import AimLlavaError, InputError, NonFiniteOutputError
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.generation import (
+    DecodingGraphs,
+    GraphedStep,
     SamplingParams,
+    nonfinite_message,
     run_decoding,
     step_runner,
 )
@@ -85,6 +88,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_defaults = GenerationDefaults()
         self.default_reduction = ReductionPlan()
+        self.decoding_graphs = DecodingGraphs()  # one side stream and graph memory pool per device, for good
 
     def set_reduction(self, plan: ReductionPlan | None) -> None:
         """The plan used by calls that pass no ``reduction`` (None: no reduction). Build one with
@@ -198,7 +202,10 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
-        reduction record.
+        reduction record. A sample whose logits or token importance become NaN or infinite (the
+        model's dtype overflowed) is ended there, and the call raises
+        :class:`~aim_llava.errors.NonFiniteOutputError` naming those samples, with the output
+        of the others as its ``partial``.
 
         ``max_new_tokens`` is one limit or one per sample (a sample that reaches its own is padded
         like one that emitted EOS, and the batch stops once all have ended). ``cancelled_rows``,
@@ -240,12 +247,13 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if streamer is not None:
             streamer.put(torch.empty(mm.valid.shape[0], 0, dtype=torch.long))
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
-        hidden, _, record = (prefill or self.prefill)(mm, cache, plan)
+        hidden, state, record = (prefill or self.prefill)(mm, cache, plan)
+        step = None
         with stage("decode", self.device):
             first = self.lm_head(hidden[:, -1]).float()
             if cache is not None:
                 step = step_runner(self.step_logits(cache, plan.attn_implementation), self.device, cuda_graph,
-                                   max_new_tokens)
+                                   max_new_tokens, self.decoding_graphs)
                 positions = mm.position_ids[:, -1] + 1
                 index = torch.zeros(1, dtype=torch.long, device=self.device)
 
@@ -260,15 +268,20 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
                     mm = appended(mm, self.model.embed_tokens(tokens)[:, None])
                     return self.lm_head(self.prefill(mm, None, plan, replay=record)[0][:, -1]).float()
 
-            sequences, steps = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer,
-                                            row_limits, cancelled_rows)
+            try:
+                decoded = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer, row_limits,
+                                       cancelled_rows, state.nonfinite_scores)
+            finally:
+                if isinstance(step, GraphedStep):
+                    step.close()
         if cache is not None:
-            cache.advance(steps)
+            cache.advance(decoded.steps)
         if streamer is not None:
             streamer.end()
-        if not return_dict_in_generate:
-            return sequences
-        return GenerationOutput(sequences, record, cache.nbytes if cache is not None else 0)
+        output = GenerationOutput(decoded.tokens, record, cache.nbytes if cache is not None else 0)
+        if decoded.broken_rows:
+            raise NonFiniteOutputError(nonfinite_message(self.dtype), decoded.broken_rows, output)
+        return output if return_dict_in_generate else decoded.tokens
 
 
 def criteria_stop_ids(criteria) -> list[int]:
