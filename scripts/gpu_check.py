@@ -12,6 +12,8 @@ recorded as skipped) and stopped when the time left runs out (recorded as timed 
   prefill_32f    7B, bf16, 32 frames: baseline, aim_merge_only, aim_default, aim_prune_only (3 repeats,
                  importance share, stage times; decode tokens/s at batch 1 with CUDA graphs)
   prefill_192f   7B, 192 frames: aim_default vs aim_merge_only
+  overlap        7B, bf16, 32 and 192 frames: at every pruning layer, the share of the float32
+                 importance's kept tokens that the GPU's kernel keeps (scripts/importance_overlap.py)
   decode_eager   7B, batch 1, without the CUDA graph
   decode_b16     7B, batch 16, CUDA graphs
   decode_attn    the decode step's attention alone, eager vs SDPA kernels at batch 1/4/16 and three
@@ -104,6 +106,12 @@ def bench(report: str, *options: str) -> tuple[str, ...]:
             "bfloat16", "--json", REPORT + report, *options)
 
 
+def overlap(frames: int) -> tuple[str, ...]:
+    """scripts/importance_overlap.py on the 7B architecture in bf16 at ``frames`` frames."""
+    return (sys.executable, "scripts/importance_overlap.py", "--arch", SEVEN_B, "--frames", str(frames), "--device",
+            "cuda", "--dtype", "bfloat16", "--json", f"{REPORT}importance_overlap_{frames}f")
+
+
 def phases() -> list[Phase]:
     """The check's phases, in order of value (see the module docstring)."""
     prefill = ("--repeats", "3", "--decode-tokens", "64")
@@ -119,6 +127,8 @@ def phases() -> list[Phase]:
                      "--configs", "baseline,aim_merge_only,aim_default,aim_prune_only"),)),
         Phase("prefill_192f", "7B bf16 prefill, 192 frames, aim_default vs aim_merge_only", 50, 120,
               (bench("prefill_192f", "--frames", "192", *prefill, "--configs", "aim_merge_only,aim_default"),)),
+        Phase("overlap", "7B bf16 kept sets vs the float32 importance, 32 and 192 frames", 40, 100,
+              tuple(overlap(frames) for frames in (32, 192))),
         Phase("decode_eager", "7B decode, batch 1, without the CUDA graph", 40, 90,
               (bench("decode_eager", *decode, "--no-cuda-graph"),)),
         Phase("decode_b16", "7B decode, batch 16, CUDA graphs", 45, 100,
@@ -254,6 +264,10 @@ def targets(results: list[PhaseResult]) -> list[dict]:
           lambda: at32["baseline"]["prefill_s"] / at32["aim_default"]["prefill_s"], "x", lambda v: v >= 5.1)
     check("aim_prune_only >= 1.2x faster than baseline, 32 frames",
           lambda: at32["baseline"]["prefill_s"] / at32["aim_prune_only"]["prefill_s"], "x", lambda v: v >= 1.2)
+    for frames in (32, 192):
+        check(f"kept tokens >= 99% those of the float32 importance at every pruning layer, {frames} frames",
+              lambda frames=frames: 100 * min(row["overlap"] for row in reports[f"importance_overlap_{frames}f"]["rows"]),
+              "%", lambda v: v >= 99)
     check("aim_default at 192 frames below the 32-frame baseline's prefill",
           lambda: at192["aim_default"]["prefill_s"] / at32["baseline"]["prefill_s"], "x", lambda v: v < 1)
     check("decode >= 150 tokens/s at batch 1 (aim_default, CUDA graph)",
@@ -275,6 +289,16 @@ def bench_table(report: dict) -> list[str]:
         lines.append(f"| {row['config']} | {1000 * row['prefill_s']:.1f} | {1000 * row['importance_s']:.1f} "
                      f"({share:.0f}%) | {1000 * row['vision_s']:.1f} | {1000 * row['ttft_s']:.1f} | "
                      f"{row['decode_tokens_per_s']:.1f} | {1000 * row['graph_capture_s']:.1f} |")
+    return lines
+
+
+def overlap_table(report: dict) -> list[str]:
+    """scripts/importance_overlap.py's rows: per pruning layer, the kept-set overlap with float32."""
+    lines = [f"{report['arch']}, {report['frames']} frames, {report['config']}, {report['dtype']}, {report['device']}",
+             "", "| layer | tokens | visual kept | overlap | max abs. log-score diff | ms | float32 ms |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['tokens']} | {r['visual_kept']} | {100 * r['overlap']:.2f}% | "
+              f"{r['max_abs_diff']:.1e} | {r['model_ms']:.1f} | {r['reference_ms']:.1f} |" for r in report["rows"]]
     return lines
 
 
@@ -316,7 +340,8 @@ def write_summary(out: Path, results: list[PhaseResult], budget_s: float, elapse
     lines += [f"- {entry['phase']}, {entry['count']}x: {entry['warning']}" for entry in fired] or ["none"]
     for result in results:
         for name, report in result.reports.items():
-            table = decode_attention_table if name == "decode_attention_kernels" else bench_table
+            table = (decode_attention_table if name == "decode_attention_kernels"
+                     else overlap_table if name.startswith("importance_overlap") else bench_table)
             lines += ["", f"## {name}", ""] + table(report)
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 

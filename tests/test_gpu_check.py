@@ -92,8 +92,15 @@ def test_targets_and_summary_from_the_bench_reports(gpu_check, tmp_path):
                         {"batch": 1, "cache": 1769, "implementation": "sdpa", "error": 0.002, "us": 12.25,
                          "fastest": True},
                         {"batch": 1, "cache": 1769, "implementation": "sdpa:cudnn", "unsupported": "No kernel"}]}
+    overlap = {"arch": "llava-onevision-qwen2-7b", "frames": 32, "config": "aim_default", "dtype": "bfloat16",
+               "device": "H200", "rows": [
+                   {"layer": 14, "tokens": 1669, "visual_kept": 1373, "overlap": 1.0, "max_abs_diff": 2e-6,
+                    "model_ms": 1.5, "reference_ms": 3.0, "model_peak_mib": 10},
+                   {"layer": 15, "tokens": 1473, "visual_kept": 1177, "overlap": 0.9856, "max_abs_diff": 3e-3,
+                    "model_ms": 1.2, "reference_ms": 2.5, "model_peak_mib": 8}]}
     results = [PhaseResult("prefill_32f", "", "ok", 50, "", {"prefill_32f": at32}),
                PhaseResult("prefill_192f", "", "ok", 40, "", {"prefill_192f": at192}),
+               PhaseResult("overlap", "", "ok", 30, "", {"importance_overlap_32f": overlap}),
                PhaseResult("decode_b16", "", "skipped", 0, "10 s left, needs 45 s"),
                PhaseResult("decode_attn", "", "ok", 30, "", {"decode_attention_kernels": kernels})]
     checks = {check["target"]: (check["measured"], check["met"]) for check in gpu_check.targets(results)}
@@ -105,15 +112,20 @@ def test_targets_and_summary_from_the_bench_reports(gpu_check, tmp_path):
     assert checks["aim_prune_only >= 1.2x faster than baseline, 32 frames"] == ("1.13x", False)
     assert checks["aim_default at 192 frames below the 32-frame baseline's prefill"] == ("1.18x", False)
     assert checks["decode >= 150 tokens/s at batch 1 (aim_default, CUDA graph)"] == ("160 tok/s", True)
+    assert checks["kept tokens >= 99% those of the float32 importance at every pruning layer, 32 frames"] == (
+        "98.6%", False)  # the least of the layers
+    assert checks["kept tokens >= 99% those of the float32 importance at every pruning layer, 192 frames"] == (
+        None, None)
     assert checks["decode >= 1,500 tokens/s in total at batch 16 (aim_default)"] == (None, None)
     assert checks["time to first token from the mp4 <= 250 ms (aim_default)"] == (None, None)
     gpu_check.write_summary(tmp_path, results, 480, 123)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [phase["status"] for phase in summary["phases"]] == ["ok", "ok", "skipped", "ok"]
+    assert [phase["status"] for phase in summary["phases"]] == ["ok", "ok", "ok", "skipped", "ok"]
     assert summary["fallbacks"] == []
     text = (tmp_path / "gpu_check.md").read_text()
     assert "| decode_b16 |  | skipped | 0 | 0 | 10 s left, needs 45 s |" in text
     assert "| aim_default | 30.0 | 3.0 (10%) |" in text
+    assert "| 15 | 1473 | 1177 | 98.56% | 3.0e-03 | 1.2 | 2.5 |" in text
     assert "| 1 | 1769 | sdpa | 12.2 (fastest) | 2.0e-03 |" in text and "| sdpa:cudnn | unsupported: No kernel |" in text
 
 
@@ -190,7 +202,8 @@ def test_the_script_with_no_time_left_writes_its_summary(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [phase["name"] for phase in summary["phases"]] == ["machine", "tests", "prefill_32f", "prefill_192f",
-                                                              "decode_eager", "decode_b16", "decode_attn", "ttft_video"]
+                                                              "overlap", "decode_eager", "decode_b16", "decode_attn",
+                                                              "ttft_video"]
     assert {phase["status"] for phase in summary["phases"]} == {"skipped"}
     assert all(target["met"] is None for target in summary["targets"])
     assert (tmp_path / "gpu_check.md").exists() and (tmp_path / "gpu_check.log").exists()
