@@ -63,3 +63,42 @@ def test_the_reduction_comes_from_the_hf_config():
         plan_from_hf_config(SimpleNamespace(text_config=text), "aim_reduction")
     with pytest.raises(UnsupportedReductionError, match="'aim_default'"):
         plan_from_hf_config(SimpleNamespace(text_config=text, aim_reduction="aim_default"), "aim_reduction")
+
+
+# Per-frame token counts of vLLM's LLaVA-OneVision checkpoints and of other grids (a 27x27
+# so400m grid pooled 2x2 gives 196; 26x26 gives 169; 24x24 gives 144).
+FRAME_TOKEN_COUNTS = (196, 169, 144, 64)
+CUSTOM_SPECS = [
+    {"name": "steps_150", "method": "aim", "merge_steps": [150], "prune": None},
+    {"name": "steps_10_100", "method": "aim", "merge_steps": [10, 100], "prune": None},
+    {"name": "steps_98_49_40_30", "method": "aim", "merge_steps": [98, 49, 40, 30], "prune": None},
+    {"name": "ratio_375", "method": "aim", "merge_ratio": 0.375, "prune": None},
+    {"name": "spatial_size", "method": "aim", "merge_ratio": 0.1, "merge_order": "spatial",
+     "merge_weighting": "size", "prune": None},
+    {"name": "random_30", "method": "random", "keep_ratio": 0.3, "seed": 4},
+    {"name": "pool_20", "method": "pool", "keep_ratio": 0.2},
+]
+
+
+@pytest.mark.parametrize("tokens", FRAME_TOKEN_COUNTS)
+@pytest.mark.parametrize("spec", supported_presets(LAYERS) + tuple(CUSTOM_SPECS),
+                         ids=lambda spec: spec if isinstance(spec, str) else spec["name"])
+def test_every_accepted_spec_produces_the_count_it_declares(spec, tokens):
+    """vLLM places frames x K + 1 tokens from the declaration and fills them with what the model
+    returns: the two must agree for every frame size, or frames are silently cut."""
+    plan = frame_reduction_plan(spec, LAYERS)
+    frames = torch.randn(3, tokens, 8, generator=torch.Generator().manual_seed(tokens))
+    assert plan.reduce_video_frames(frames).shape[1] == plan.frame_tokens_after_merging(tokens)
+
+
+@pytest.mark.parametrize(("steps", "kept"), [
+    # each step merges min(r, T // 2) tokens (docs/algorithms.md §2): 196 -> 98
+    ([150], 98),
+    # 196 -> 186 -> 93
+    ([10, 100], 93),
+    # 196 -> 98 -> 49 -> 25 (min(40, 24)) -> 13 (min(30, 12))
+    ([98, 49, 40, 30], 13),
+])
+def test_explicit_merge_steps_declare_what_the_capped_steps_leave(steps, kept):
+    plan = frame_reduction_plan({"method": "aim", "merge_steps": steps, "prune": None}, LAYERS)
+    assert plan.frame_tokens_after_merging(196) == kept

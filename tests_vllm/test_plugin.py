@@ -2,7 +2,7 @@
 
 from importlib.metadata import entry_points
 
-from conftest import aim_overrides, run_vllm
+from conftest import aim_overrides, one_by_one, run_vllm
 
 from aim_llava.vllm_plugin import ARCHITECTURE, register
 
@@ -21,7 +21,23 @@ def test_vllm_finds_the_plugin_and_registering_twice_is_harmless():
 
 
 def test_a_preset_pruning_inside_the_llm_is_refused_by_name(tmp_path, checkpoint, videos):
-    done = run_vllm(tmp_path, checkpoint, aim_overrides("aim_default"), videos[:1])
+    done = run_vllm(tmp_path, checkpoint, aim_overrides("aim_default"), one_by_one(videos[:1]))
     assert done.returncode != 0
     assert "reduction 'aim_default' (method 'aim') acts inside the LLM" in done.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_registering_with_a_vllm_that_lacks_an_overridden_hook_is_refused_in_one_line(monkeypatch):
+    """A vLLM whose LLaVA-OneVision lost a method the plugin overrides would silently run without
+    the reduction (or cut videos): register() refuses it at start, naming the hook and the tested
+    versions."""
+    import pytest
+    from vllm.model_executor.models import llava_onevision
+
+    monkeypatch.delattr(llava_onevision.LlavaOnevisionForConditionalGeneration, "_process_video_pixels")
+    with pytest.raises(RuntimeError) as refused:
+        register()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "LlavaOnevisionForConditionalGeneration._process_video_pixels" in message
+    assert "0.32" in message
