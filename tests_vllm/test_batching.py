@@ -68,10 +68,12 @@ def test_random_dropping_keeps_per_video_tokens_whatever_is_batched(vllm_random,
 
 
 def test_a_video_alone_and_beside_others_gets_the_same_embedding(vllm_random):
+    """Bit for bit: the vision tower's rows do not depend on the batch, and each video is reduced
+    alone."""
     beside = encoded(vllm_random, "video", 0) + encoded(vllm_random, "video", 1)
     for call in (2, 3):
         (alone,) = encoded(vllm_random, "video", call)
-        assert min((alone - other).abs().max().item() for other in beside if other.shape == alone.shape) <= 1e-6
+        assert any(torch.equal(alone, other) for other in beside)
 
 
 def test_a_merge_steps_mapping_gets_the_tokens_its_steps_leave(vllm_custom, our_engine, clips, checkpoint):
@@ -99,30 +101,37 @@ def test_an_image_beside_a_video_is_not_reduced(vllm_custom, our_engine, clips, 
     assert_greedy_equals_ours(result, our_engine, items, [CUSTOM, CUSTOM], checkpoint)
 
 
+BFLOAT16_VIDEOS = (0, 2, 3)
+
+
 @pytest.fixture(scope="module")
 def vllm_bfloat16(tmp_path_factory, checkpoint, clips) -> dict:
-    calls = [[request([clips[i]]) for i in (0, 2, 3)]]
+    """aim_merge_only in bfloat16, three videos of different frame counts in one call."""
+    calls = [[request([clips[i]]) for i in BFLOAT16_VIDEOS]]
     return vllm_results(tmp_path_factory.mktemp("bf16"), checkpoint, aim_overrides("aim_merge_only"), calls,
                         dtype="bfloat16")
 
 
-def test_bfloat16_merges_each_video_as_our_engine(vllm_bfloat16, clips, checkpoint):
-    """In bfloat16, each video's embedding is our merge of the frames vLLM pooled (exactly), and
-    near our engine's own bfloat16 features (a different vision-tower implementation)."""
+def test_bfloat16_merges_each_video_as_our_engine(vllm_bfloat16, our_engine, clips, checkpoint):
+    """In bfloat16, each video's embedding is exactly our merge of the frames vLLM pooled, and as
+    close to the float32 result as our engine's own bfloat16 run is (on random frames, bfloat16
+    rounding flips some near-tied merge choices: both land 7-10% from float32, against 0.7% for
+    the pooled frames)."""
     from aim_llava.pipeline import VideoLLM
 
     ours = VideoLLM.from_pretrained(checkpoint, device="cpu", dtype="bfloat16")
     plan = ours.plan(ours.resolve("aim_merge_only"))
     (batch,) = [b for b in vllm_bfloat16["encoder"] if b["modality"] == "video"]
     (pooled,) = batch["pooled"]
-    frames = [BATCH_FRAMES[i] for i in (0, 2, 3)]
+    frames = [BATCH_FRAMES[i] for i in BFLOAT16_VIDEOS]
     assert pooled.dtype == torch.bfloat16 and pooled.shape[0] == sum(frames)
     merged = [torch.cat([plan.reduce_video_frames(part).flatten(0, 1), ours.model.model.image_newline[None]])
               for part in pooled.split(frames)]
     assert_each_was_encoded(merged, batch["embeddings"], atol=0.0)
-    expected = [ours.encode(clip_of(clips[i]), reduction="aim_merge_only").features for i in (0, 2, 3)]
-    for want in expected:
-        theirs = next(e for e in batch["embeddings"] if e.shape == want.shape)
-        assert theirs.dtype == want.dtype == torch.bfloat16
-        relative = (theirs.float() - want.float()).norm() / want.float().norm()
-        assert relative <= 0.02
+    for i in BFLOAT16_VIDEOS:
+        exact = our_engine.encode(clip_of(clips[i]), reduction="aim_merge_only").features
+        ours_bf16 = ours.encode(clip_of(clips[i]), reduction="aim_merge_only").features
+        theirs = next(e for e in batch["embeddings"] if e.shape == exact.shape)
+        assert theirs.dtype == ours_bf16.dtype == torch.bfloat16
+        error, our_error = [(x.float() - exact).norm() / exact.norm() for x in (theirs, ours_bf16)]
+        assert error <= 1.5 * our_error + 0.01, (error, our_error)

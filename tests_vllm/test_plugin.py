@@ -2,6 +2,7 @@
 
 from importlib.metadata import entry_points
 
+import pytest
 from conftest import aim_overrides, one_by_one, run_vllm
 
 from aim_llava.vllm_plugin import ARCHITECTURE, register
@@ -27,17 +28,18 @@ def test_a_preset_pruning_inside_the_llm_is_refused_by_name(tmp_path, checkpoint
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_registering_with_a_vllm_that_lacks_an_overridden_hook_is_refused_in_one_line(monkeypatch):
-    """A vLLM whose LLaVA-OneVision lost a method the plugin overrides would silently run without
-    the reduction (or cut videos): register() refuses it at start, naming the hook and the tested
-    versions."""
-    import pytest
-    from vllm.model_executor.models import llava_onevision
+def test_registering_with_a_vllm_that_renamed_an_overridden_method_is_refused_in_one_line(monkeypatch):
+    """A vLLM whose LLaVA-OneVision renamed a method the plugin overrides would run its own
+    method instead (no reduction, or videos cut): register() refuses it at start, naming the
+    method and the tested versions."""
+    from aim_llava.vllm_plugin import hooks
 
-    monkeypatch.delattr(llava_onevision.LlavaOnevisionForConditionalGeneration, "_process_video_pixels")
-    with pytest.raises(RuntimeError) as refused:
+    source = hooks.vllm_source()
+    assert "def _process_video_pixels(" in source
+    monkeypatch.setattr(hooks, "vllm_source", lambda: source.replace("def _process_video_pixels(", "def _embed_videos("))
+    with pytest.raises(hooks.UnsupportedVllmError) as refused:
         register()
     message = str(refused.value)
     assert "\n" not in message
-    assert "LlavaOnevisionForConditionalGeneration._process_video_pixels" in message
-    assert "0.32" in message
+    assert "LlavaOnevisionForConditionalGeneration._process_video_pixels(self, inputs)" in message
+    assert "tested with vLLM 0.32.x" in message
