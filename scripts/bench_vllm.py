@@ -153,7 +153,7 @@ def main() -> None:
         if args.model is None:
             args.model = str(write_checkpoint(args.arch, Path(work) / "model"))
         runs = [(engine, preset) for engine in args.engines for preset in args.presets
-                if not (engine == "vllm" and preset != "baseline") and not (engine == "vllm+plugin" and preset == "baseline")]
+                if (engine == "vllm") == (preset == "baseline") or engine == "aim-llava"]
         rows = []
         for engine, preset in runs:
             result = Path(work) / "row.json"
@@ -170,7 +170,8 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | --- |")
     for row in rows:
         each = ", ".join(f"{rate:.3g}" for rate in row["rounds_requests_per_s"])
-        print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['requests_per_s']:.3g} | {each} |")
+        print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['requests_per_s']:.3g} "
+              f"| {each} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "frames": args.frames, "requests": args.requests,
                                                "repeats": args.repeats, "max_tokens": args.max_tokens,

@@ -60,17 +60,17 @@ def checkpoint(tmp_path_factory) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_vllm"), "hf", seed=1, head_size=64, processor=True)
 
 
+def save_video(path: Path, count: int, seed: int) -> Path:
+    """Random 384x384 frames (the processors' size: neither engine resizes them) saved as .npy."""
+    np.save(path, random_frames(count, 384, 384, seed=seed))
+    return path
+
+
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory) -> list[Path]:
     """Random videos of FRAME_COUNTS frames."""
     folder = tmp_path_factory.mktemp("videos")
     return [save_video(folder / f"video{seed}.npy", count, seed) for seed, count in enumerate(FRAME_COUNTS)]
-
-
-def save_video(path: Path, count: int, seed: int) -> Path:
-    """Random 384x384 frames (the processors' size: neither engine resizes them) saved as .npy."""
-    np.save(path, random_frames(count, 384, 384, seed=seed))
-    return path
 
 
 def run_vllm(work: Path, model: Path, hf_overrides: dict, calls: list[list[dict]], dtype: str = "float32",
@@ -124,16 +124,17 @@ BATCH_FRAMES = (4, 4, 3, 2, 5)
 CUSTOM = {"name": "merge_10_100", "method": "aim", "merge_steps": [10, 100], "prune": None}
 # per generate call, its requests' videos (indices into BATCH_FRAMES), with the deployment's preset
 CUSTOM_CALLS = [[(1,)], [(0,), (2,), (3, 4)]]
-IMAGE_CALL = len(CUSTOM_CALLS)  # then a call with an image beside the video BATCH_FRAMES[3]
+IMAGE_CALL = len(CUSTOM_CALLS)  # then a call with an image beside the 2-frame video batch_videos[3]
 # per generate call, its requests: (video, the request's preset, or None for the deployment's)
 REQUEST_PRESET_CALLS = [[(2, "pool_12"), (0, "random_25"), (0, None), (1, "aim_merge_only")]]
 # requests refused: a preset acting inside the LLM, one with more tokens per frame than the
 # deployment's (its memory was not profiled for them), and a file path (requests name presets only)
-REFUSED_REQUEST_PRESETS = ["aim_default", "baseline", str(Path(__file__).resolve().parents[1] / "configs" / "pool_12.yaml")]
+REFUSED_REQUEST_PRESETS = ["aim_default", "baseline", str(HERE.parent / "configs" / "pool_12.yaml")]
 
 
 @pytest.fixture(scope="session")
-def clips(tmp_path_factory) -> list[Path]:
+def batch_videos(tmp_path_factory) -> list[Path]:
+    """Random videos of BATCH_FRAMES frames."""
     folder = tmp_path_factory.mktemp("batch_videos")
     return [save_video(folder / f"video{i}.npy", count, seed=10 + i) for i, count in enumerate(BATCH_FRAMES)]
 
@@ -149,15 +150,16 @@ def image(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vllm_custom(tmp_path_factory, checkpoint, clips, image) -> dict:
+def vllm_custom(tmp_path_factory, checkpoint, batch_videos, image) -> dict:
     """The plugin with a merge_steps mapping (room for two videos and an image a prompt): the
     calls of CUSTOM_CALLS; one with an image beside a video; the calls of REQUEST_PRESET_CALLS;
     one call per refused request preset."""
-    calls = [[request([clips[i] for i in videos]) for videos in call] for call in CUSTOM_CALLS]
-    calls.append([request([clips[3]], images=[image])])
-    calls += [[request([clips[i]], mm_processor_kwargs=None if preset is None else {"aim_reduction": preset})
+    calls = [[request([batch_videos[i] for i in videos]) for videos in call] for call in CUSTOM_CALLS]
+    calls.append([request([batch_videos[3]], images=[image])])
+    calls += [[request([batch_videos[i]], mm_processor_kwargs=None if preset is None else {"aim_reduction": preset})
                for i, preset in call] for call in REQUEST_PRESET_CALLS]
-    calls += [[request([clips[2]], mm_processor_kwargs={"aim_reduction": preset})] for preset in REFUSED_REQUEST_PRESETS]
+    calls += [[request([batch_videos[2]], mm_processor_kwargs={"aim_reduction": preset})]
+              for preset in REFUSED_REQUEST_PRESETS]
     return vllm_results(tmp_path_factory.mktemp("custom"), checkpoint, aim_overrides(CUSTOM), calls,
                         limit_mm_per_prompt={"image": 1, "video": 2})
 
@@ -173,6 +175,18 @@ def video_token_id(checkpoint: Path) -> int:
     return json.loads((checkpoint / "config.json").read_text())["video_token_index"]
 
 
+def call_results(run: dict, call: int) -> list[dict]:
+    """The results of the requests of ``run``'s call ``call`` (failing with its error if it had one)."""
+    results = run["calls"][call]
+    assert not isinstance(results, dict), results["error"]
+    return results
+
+
+def video_placeholders(result: dict, checkpoint: Path) -> int:
+    """How many video tokens vLLM placed in the request's prompt."""
+    return result["prompt_token_ids"].count(video_token_id(checkpoint))
+
+
 def clip_of(path: Path) -> VideoClip:
     """The video of an .npy file as aim-llava's engine takes it."""
     frames = np.load(path)
@@ -185,14 +199,14 @@ def image_clip_of(path: Path) -> VideoClip:
     return VideoClip(np.load(path)[None], [0], [0.0], 0.0, 0.0, str(path), is_image=True)
 
 
-def our_greedy(engine, clips: list[VideoClip], presets: list) -> tuple[list[int], list[int], list[float]]:
-    """Our engine's prompt ids (-200 marks each image or video, in the order of ``clips``), greedy
+def our_greedy(engine, items: list[VideoClip], presets: list) -> tuple[list[int], list[int], list[float]]:
+    """Our engine's prompt ids (-200 marks each image or video, in the order of ``items``), greedy
     tokens (EOS not stopping, as vLLM's ignore_eos) and the top-2 logit margin of each choice (the
-    prompt and the tokens re-run). ``presets[i]`` reduces ``clips[i]``; the LLM runs the first's plan
-    (the plugin's presets do nothing inside the LLM)."""
+    prompt and the tokens re-run). ``presets[i]`` reduces ``items[i]``; the LLM runs the first's
+    plan (the plugin's presets do nothing inside the LLM)."""
     plan = engine.plan(engine.resolve(presets[0]))
-    features = [engine.encode(clip, reduction=preset).features for clip, preset in zip(clips, presets)]
-    ids = tokenizer_image_token(build_prompt(QUESTION, num_images=len(clips)), engine.tokenizer)
+    features = [engine.encode(clip, reduction=preset).features for clip, preset in zip(items, presets)]
+    ids = tokenizer_image_token(build_prompt(QUESTION, num_images=len(items)), engine.tokenizer)
     tokens = engine.model.generate(torch.tensor([ids]), visual_features=features, max_new_tokens=MAX_TOKENS,
                                    eos_token_id=[], reduction=plan)[0].tolist()
     logits = engine.model(torch.tensor([ids + tokens[:-1]]), visual_features=features, reduction=plan).logits
@@ -201,12 +215,13 @@ def our_greedy(engine, clips: list[VideoClip], presets: list) -> tuple[list[int]
     return ids, tokens, (top.values[:, 0] - top.values[:, 1]).tolist()
 
 
-def assert_greedy_equals_ours(result: dict, engine, clips: list[VideoClip], presets: list, checkpoint: Path) -> None:
+def assert_greedy_equals_ours(result: dict, engine, items: list[VideoClip], presets: list, checkpoint: Path) -> None:
     """vLLM's greedy tokens and top-2 margins for a request equal our engine's for the same items
     and presets, where every margin makes greedy decoding stable; the prompts' text agrees."""
-    ids, tokens, margins = our_greedy(engine, clips, presets)
+    ids, tokens, margins = our_greedy(engine, items, presets)
     assert min(margins) > MIN_MARGIN, f"greedy is not stable on this checkpoint and prompt: margins {margins}"
-    placeholders = {video_token_id(checkpoint), json.loads((checkpoint / "config.json").read_text())["image_token_index"]}
+    config = json.loads((checkpoint / "config.json").read_text())
+    placeholders = {config["video_token_index"], config["image_token_index"]}
     assert [t for t in result["prompt_token_ids"] if t not in placeholders] == [t for t in ids if t != -200]
     assert result["token_ids"] == tokens
     their_margins = [first - second for first, second in result["top2_logprobs"]]

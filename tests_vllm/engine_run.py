@@ -54,9 +54,8 @@ def engine_input(request: dict, key: str) -> dict:
     media = {"video": [np.load(path) for path in request.get("videos", [])],
              "image": [Image.fromarray(np.load(path)) for path in request.get("images", [])]}
     data = {kind: items[0] if len(items) == 1 else items for kind, items in media.items() if items}
-    prompt = {"prompt": request["prompt"], "multi_modal_data": data,
-              "multi_modal_uuids": {kind: [f"{key}-{kind}{i}" for i in range(len(items))] for kind, items in media.items()
-                                    if items}}
+    uuids = {kind: [f"{key}-{kind}{i}" for i in range(len(items))] for kind, items in media.items() if items}
+    prompt = {"prompt": request["prompt"], "multi_modal_data": data, "multi_modal_uuids": uuids}
     if "mm_processor_kwargs" in request:
         prompt["mm_processor_kwargs"] = request["mm_processor_kwargs"]
     return prompt

@@ -17,11 +17,12 @@ from conftest import (
     aim_overrides,
     assert_each_was_encoded,
     assert_greedy_equals_ours,
+    call_results,
     clip_of,
     encoded,
     image_clip_of,
     request,
-    video_token_id,
+    video_placeholders,
     vllm_results,
 )
 
@@ -39,8 +40,8 @@ RANDOM_CALLS = [
 
 
 @pytest.fixture(scope="module")
-def vllm_random(tmp_path_factory, checkpoint, clips) -> dict:
-    calls = [[request([clips[i] for i in videos]) for videos in call] for call in RANDOM_CALLS]
+def vllm_random(tmp_path_factory, checkpoint, batch_videos) -> dict:
+    calls = [[request([batch_videos[i] for i in videos]) for videos in call] for call in RANDOM_CALLS]
     return vllm_results(tmp_path_factory.mktemp("random"), checkpoint, aim_overrides("random_25"), calls,
                         limit_mm_per_prompt=TWO_VIDEOS)
 
@@ -52,17 +53,15 @@ def test_vllm_encodes_the_videos_of_a_call_together(vllm_random):
     assert max(together) >= 2
 
 
-def test_random_dropping_keeps_per_video_tokens_whatever_is_batched(vllm_random, our_engine, clips, checkpoint):
+def test_random_dropping_keeps_per_video_tokens_whatever_is_batched(vllm_random, our_engine, batch_videos,
+                                                                   checkpoint):
     """Each video, alone or beside others, gets our engine's random_25 tokens for that video alone
     (its own seeded choice per frame), and its prompt has room for exactly those."""
-    video = video_token_id(checkpoint)
     for call, requests in enumerate(RANDOM_CALLS):
-        results = vllm_random["calls"][call]
-        assert not isinstance(results, dict), results["error"]
-        for videos, result in zip(requests, results):
+        for videos, result in zip(requests, call_results(vllm_random, call)):
             frames = sum(BATCH_FRAMES[i] for i in videos)
-            assert result["prompt_token_ids"].count(video) == frames * PER_FRAME["random_25"] + len(videos)
-        expected = [our_engine.encode(clip_of(clips[i]), reduction="random_25").features
+            assert video_placeholders(result, checkpoint) == frames * PER_FRAME["random_25"] + len(videos)
+        expected = [our_engine.encode(clip_of(batch_videos[i]), reduction="random_25").features
                     for videos in requests for i in videos]
         assert_each_was_encoded(expected, encoded(vllm_random, "video", call), atol=1e-5)
 
@@ -76,26 +75,21 @@ def test_a_video_alone_and_beside_others_gets_the_same_embedding(vllm_random):
         assert any(torch.equal(alone, other) for other in beside)
 
 
-def test_a_merge_steps_mapping_gets_the_tokens_its_steps_leave(vllm_custom, our_engine, clips, checkpoint):
-    video = video_token_id(checkpoint)
+def test_a_merge_steps_mapping_gets_the_tokens_its_steps_leave(vllm_custom, our_engine, batch_videos, checkpoint):
     for call, requests in enumerate(CUSTOM_CALLS):
-        results = vllm_custom["calls"][call]
-        assert not isinstance(results, dict), results["error"]
-        for videos, result in zip(requests, results):
+        for videos, result in zip(requests, call_results(vllm_custom, call)):
             frames = sum(BATCH_FRAMES[i] for i in videos)
-            assert result["prompt_token_ids"].count(video) == frames * PER_FRAME["merge_10_100"] + len(videos)
-            assert_greedy_equals_ours(result, our_engine, [clip_of(clips[i]) for i in videos], [CUSTOM] * len(videos),
-                                      checkpoint)
+            assert video_placeholders(result, checkpoint) == frames * PER_FRAME["merge_10_100"] + len(videos)
+            items = [clip_of(batch_videos[i]) for i in videos]
+            assert_greedy_equals_ours(result, our_engine, items, [CUSTOM] * len(videos), checkpoint)
 
 
-def test_an_image_beside_a_video_is_not_reduced(vllm_custom, our_engine, clips, image, checkpoint):
-    calls = vllm_custom["calls"][IMAGE_CALL]
-    assert not isinstance(calls, dict), calls["error"]
-    (result,) = calls
-    items = [image_clip_of(image), clip_of(clips[3])]
+def test_an_image_beside_a_video_is_not_reduced(vllm_custom, our_engine, batch_videos, image, checkpoint):
+    (result,) = call_results(vllm_custom, IMAGE_CALL)
+    items = [image_clip_of(image), clip_of(batch_videos[3])]
     ours = [our_engine.encode(item, reduction=CUSTOM).features for item in items]
     assert ours[0].shape == our_engine.encode(items[0], reduction="baseline").features.shape
-    assert result["prompt_token_ids"].count(video_token_id(checkpoint)) == len(ours[1])
+    assert video_placeholders(result, checkpoint) == len(ours[1])
     assert_each_was_encoded(ours[:1], encoded(vllm_custom, "image", IMAGE_CALL), atol=1e-5)
     assert_each_was_encoded(ours[1:], encoded(vllm_custom, "video", IMAGE_CALL), atol=1e-5)
     assert_greedy_equals_ours(result, our_engine, items, [CUSTOM, CUSTOM], checkpoint)
@@ -105,14 +99,14 @@ BFLOAT16_VIDEOS = (0, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def vllm_bfloat16(tmp_path_factory, checkpoint, clips) -> dict:
+def vllm_bfloat16(tmp_path_factory, checkpoint, batch_videos) -> dict:
     """aim_merge_only in bfloat16, three videos of different frame counts in one call."""
-    calls = [[request([clips[i]]) for i in BFLOAT16_VIDEOS]]
+    calls = [[request([batch_videos[i]]) for i in BFLOAT16_VIDEOS]]
     return vllm_results(tmp_path_factory.mktemp("bf16"), checkpoint, aim_overrides("aim_merge_only"), calls,
                         dtype="bfloat16")
 
 
-def test_bfloat16_merges_each_video_as_our_engine(vllm_bfloat16, our_engine, clips, checkpoint):
+def test_bfloat16_merges_each_video_as_our_engine(vllm_bfloat16, our_engine, batch_videos, checkpoint):
     """In bfloat16, each video's embedding is exactly our merge of the frames vLLM pooled, and as
     close to the float32 result as our engine's own bfloat16 run is (on random frames, bfloat16
     rounding flips some near-tied merge choices: both land 7-10% from float32, against 0.7% for
@@ -129,8 +123,8 @@ def test_bfloat16_merges_each_video_as_our_engine(vllm_bfloat16, our_engine, cli
               for part in pooled.split(frames)]
     assert_each_was_encoded(merged, batch["embeddings"], atol=0.0)
     for i in BFLOAT16_VIDEOS:
-        exact = our_engine.encode(clip_of(clips[i]), reduction="aim_merge_only").features
-        ours_bf16 = ours.encode(clip_of(clips[i]), reduction="aim_merge_only").features
+        exact = our_engine.encode(clip_of(batch_videos[i]), reduction="aim_merge_only").features
+        ours_bf16 = ours.encode(clip_of(batch_videos[i]), reduction="aim_merge_only").features
         theirs = next(e for e in batch["embeddings"] if e.shape == exact.shape)
         assert theirs.dtype == ours_bf16.dtype == torch.bfloat16
         error, our_error = [(x.float() - exact).norm() / exact.norm() for x in (theirs, ours_bf16)]

@@ -11,7 +11,7 @@ checkpoint, frames and prompt (float32).
 
 import pytest
 import torch
-from conftest import FRAME_COUNTS, assert_greedy_equals_ours, clip_of, encoded, video_token_id
+from conftest import FRAME_COUNTS, assert_greedy_equals_ours, clip_of, encoded, video_placeholders
 
 # Tokens per frame after each preset, from the docs: 196 pooled tokens (docs/algorithms.md §1),
 # merged 196 -> 98 -> 49 (§2), pooled to a 5x5 grid (configs/pool_12.yaml).
@@ -30,9 +30,8 @@ def calls_of(request, preset: str) -> list[tuple[dict, int]]:
 
 @pytest.mark.parametrize("preset", sorted(RUNS))
 def test_prompt_gets_frames_times_k_plus_one_placeholders(preset, request, checkpoint):
-    video = video_token_id(checkpoint)
     for frames, (result, _) in zip(FRAME_COUNTS, calls_of(request, preset)):
-        assert result["prompt_token_ids"].count(video) == frames * TOKENS_PER_FRAME[preset] + 1
+        assert video_placeholders(result, checkpoint) == frames * TOKENS_PER_FRAME[preset] + 1
 
 
 @pytest.mark.parametrize("preset", sorted(RUNS))

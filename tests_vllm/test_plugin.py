@@ -36,7 +36,8 @@ def test_registering_with_a_vllm_that_renamed_an_overridden_method_is_refused_in
 
     source = hooks.vllm_source()
     assert "def _process_video_pixels(" in source
-    monkeypatch.setattr(hooks, "vllm_source", lambda: source.replace("def _process_video_pixels(", "def _embed_videos("))
+    renamed = source.replace("def _process_video_pixels(", "def _embed_videos(")
+    monkeypatch.setattr(hooks, "vllm_source", lambda: renamed)
     with pytest.raises(hooks.UnsupportedVllmError) as refused:
         register()
     message = str(refused.value)

@@ -15,24 +15,22 @@ from conftest import (
     REQUEST_PRESET_CALLS,
     assert_each_was_encoded,
     assert_greedy_equals_ours,
+    call_results,
     clip_of,
     encoded,
-    video_token_id,
+    video_placeholders,
 )
 
 PER_FRAME = {"pool_12": 25, "random_25": 49, "aim_merge_only": 49, None: 93}
 FIRST = IMAGE_CALL + 1  # vllm_custom's first call of REQUEST_PRESET_CALLS
 
 
-def test_each_request_gets_its_presets_tokens(vllm_custom, our_engine, clips, checkpoint):
-    video = video_token_id(checkpoint)
+def test_each_request_gets_its_presets_tokens(vllm_custom, our_engine, batch_videos, checkpoint):
     for offset, requests in enumerate(REQUEST_PRESET_CALLS):
-        results = vllm_custom["calls"][FIRST + offset]
-        assert not isinstance(results, dict), results["error"]
-        for (clip, preset), result in zip(requests, results):
-            assert result["prompt_token_ids"].count(video) == BATCH_FRAMES[clip] * PER_FRAME[preset] + 1
-            assert_greedy_equals_ours(result, our_engine, [clip_of(clips[clip])], [preset or CUSTOM], checkpoint)
-        expected = [our_engine.encode(clip_of(clips[clip]), reduction=preset or CUSTOM).features
+        for (clip, preset), result in zip(requests, call_results(vllm_custom, FIRST + offset)):
+            assert video_placeholders(result, checkpoint) == BATCH_FRAMES[clip] * PER_FRAME[preset] + 1
+            assert_greedy_equals_ours(result, our_engine, [clip_of(batch_videos[clip])], [preset or CUSTOM], checkpoint)
+        expected = [our_engine.encode(clip_of(batch_videos[clip]), reduction=preset or CUSTOM).features
                     for clip, preset in requests]
         assert_each_was_encoded(expected, encoded(vllm_custom, "video", FIRST + offset), atol=1e-5)
 

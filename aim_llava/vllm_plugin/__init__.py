@@ -4,9 +4,9 @@ aim-llava preset before the LLM (docs/vllm.md).
 vLLM calls :func:`register` in each of its processes (the ``vllm.general_plugins`` entry point of
 this package). A model is then selected with
 ``hf_overrides={"architectures": [ARCHITECTURE], "aim_reduction": "aim_merge_only"}``, on
-``vllm.LLM(...)`` as on ``vllm serve --hf-overrides '{...}'``; a request may ask for another shipped preset with
-``mm_processor_kwargs={"aim_reduction": NAME}``. This module imports no vLLM code until
-:func:`register` runs, so discovering the plugin stays light.
+``vllm.LLM(...)`` as on ``vllm serve --hf-overrides '{...}'``; a request may ask for another
+shipped preset with ``mm_processor_kwargs={"aim_reduction": NAME}``. This module imports no vLLM
+code until :func:`register` runs, so discovering the plugin stays light.
 """
 
 from __future__ import annotations
