@@ -74,8 +74,8 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.loads(open(spec_path).read())
-    llm = LLM(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, max_model_len=4096, seed=0,
-              limit_mm_per_prompt=spec.get("limit_mm_per_prompt", {"image": 0, "video": 1}),
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], enforce_eager=True, max_model_len=4096, seed=0,
+              limit_mm_per_prompt=spec["limit_mm_per_prompt"],
               hf_overrides=spec["hf_overrides"], distributed_executor_backend="uni")
     encoder: list = []
     current_call = [0]
