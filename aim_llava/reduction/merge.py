@@ -107,10 +107,18 @@ def merge_steps_for_ratio(num_tokens: int, ratio: float) -> list[int]:
     return steps
 
 
+def tokens_after_steps(num_tokens: int, steps: list[int]) -> int:
+    """How many of ``num_tokens`` are left after ``steps``, each merging ``min(r, T // 2)`` of the
+    current T (as :func:`merge_bipartite` does): ``[150]`` leaves 98 of 196, not 46."""
+    for r in steps:
+        num_tokens -= max(0, min(r, num_tokens // 2))
+    return num_tokens
+
+
 def merge_tokens(
     tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean"
 ) -> torch.Tensor:
-    """Apply merging steps to [G, T, C] tokens; returns [G, T - sum(steps), C]."""
+    """Apply merging steps to [G, T, C] tokens; returns [G, tokens_after_steps(T, steps), C]."""
     state = MergeState.start(tokens)
     for r in steps:
         state = merge_bipartite(state, r, order, weighting)

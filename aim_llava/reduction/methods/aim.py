@@ -18,6 +18,7 @@ from aim_llava.reduction.merge import (
     WEIGHTINGS,
     merge_steps_for_ratio,
     merge_tokens,
+    tokens_after_steps,
 )
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.schedule import (
@@ -151,7 +152,7 @@ class AimPlan(PruningPlan):
         return [] if ratio is None else merge_steps_for_ratio(num_tokens, ratio)
 
     def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
-        return tokens_per_frame - sum(self.steps(tokens_per_frame, self.options.merge_ratio))
+        return tokens_after_steps(tokens_per_frame, self.steps(tokens_per_frame, self.options.merge_ratio))
 
     def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
         return self.schedule.kept(layer, num_visual)
