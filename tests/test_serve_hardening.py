@@ -267,7 +267,7 @@ def test_json_and_media_paths_are_handled_off_the_event_loop(shared, media, monk
     assert on_the_loop == []
 
 
-def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, monkeypatch):
+def test_a_body_is_not_read_while_the_server_is_full(tiny_qwen_dir, media, monkeypatch):
     """With --max-pending 1 and one request at the model, the next is refused 503 without its body
     being read (before, up to 64 MiB were read and parsed first: --max-pending bounded nothing
     of that)."""
@@ -277,7 +277,7 @@ def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, 
         gate, entered = held_model(llm, monkeypatch)
         raw, read = json.dumps(video_body(max_tokens=1)).encode(), []
 
-        async def body() -> bytes:
+        async def body(budget) -> bytes:
             read.append(True)
             return raw
 
@@ -403,29 +403,24 @@ def write_frames_video(path, frames) -> None:
             container.mux(packet)
 
 
-@pytest.mark.parametrize("kind, url, opener", [
-    ("image_url", "d/pic.png", "PIL.Image.open"),
-    ("video_url", "d/clip.mp4", "aim_llava.pipeline.load_video"),
-    ("video_url", "d/frames", "aim_llava.pipeline.load_video"),
-])
-def test_a_directory_swapped_for_a_link_reads_nothing_outside(tiny_qwen_dir, swap_media, monkeypatch, kind, url,
-                                                              opener):
+@pytest.mark.parametrize("kind, url", [("image_url", "d/pic.png"), ("video_url", "d/clip.mp4"),
+                                       ("video_url", "d/frames")])
+def test_a_directory_swapped_for_a_link_reads_nothing_outside(tiny_qwen_dir, swap_media, monkeypatch, kind, url):
     """The path check and the open are one operation: the root's d/ is replaced by a link to an
-    outside folder just before the decoder opens the file, and the decoder still reads the red
-    file it was handed (before, the path was checked, then opened again by name: blue)."""
-    import importlib
+    outside folder after the server opened the path and before the decoding process reads it,
+    and the decoder still reads the red file it was handed (before, the path was checked, then
+    opened again by name: blue)."""
+    from aim_llava.server.decoding import DecodingProcess
 
     root, swap = swap_media
-    module_name, _, function = opener.rpartition(".")
-    module = importlib.import_module(module_name)
-    original = getattr(module, function)
+    original = DecodingProcess.ask
 
     def swapping(*args, **kwargs):
         if not (root / "d").is_symlink():
             swap()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, function, swapping)
+    monkeypatch.setattr(DecodingProcess, "ask", swapping)
     body = {"messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}}]}], "max_tokens": 1}
     with in_process_service(tiny_qwen_dir, root) as (llm, service):
         seen = []
@@ -581,11 +576,11 @@ def test_a_reply_the_model_cut_at_its_deadline_is_a_504_not_a_short_answer(tiny_
             job = Job(None, loop, deadline=time.monotonic() - 0.001)
             job.done = loop.create_future()
             service.worker.hand_back(job, Result(Request("clip.mp4")))
-            return await job.done
+            return job, await job.done
 
-        result, completion = asyncio.run(scenario())
+        job, (result, completion) = asyncio.run(scenario())
         with pytest.raises(ApiError) as late:
-            service.reply(result, completion)
+            service.reply(job, result, completion)
     assert late.value.status == 504 and late.value.code == "timeout"
 
 
