@@ -445,16 +445,16 @@ def _load_image_file(path: Path, limits: MediaLimits | None) -> VideoClip:
     return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
 
 
-def directory_entries(path: str | Path, max_entries: int | None = None) -> list[os.DirEntry]:
-    """A directory's entries (unsorted, nothing read but their names); one of more than
-    ``max_entries`` entries is a VideoError once the next is listed."""
-    entries = []
+def directory_names(path: str | Path, max_entries: int | None = None) -> list[str]:
+    """The names of a directory's entries (unsorted, nothing read but the names); one of more
+    than ``max_entries`` entries is a VideoError once the next is listed."""
+    names = []
     with os.scandir(path) as listing:
         for entry in listing:
-            if max_entries is not None and len(entries) >= max_entries:
+            if max_entries is not None and len(names) >= max_entries:
                 raise VideoError(f"directory {path} holds more than {max_entries:,} entries")
-            entries.append(entry)
-    return entries
+            names.append(entry.name)
+    return names
 
 
 def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
@@ -464,8 +464,8 @@ def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
     def natural_key(name: str):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
-    names = [entry.name for entry in directory_entries(path, MAX_FRAMES if limits is not None else None)
-             if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS]
+    names = [name for name in directory_names(path, MAX_FRAMES if limits is not None else None)
+             if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not names:
         raise VideoError(f"directory {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return sorted(names, key=natural_key)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aim_llava.video import VideoClip, directory_entries
+from aim_llava.video import VideoClip, directory_names
 
 
 def file_identity(path: str | Path, max_entries: int | None = None) -> tuple:
@@ -42,9 +42,9 @@ def file_identity(path: str | Path, max_entries: int | None = None) -> tuple:
     if not stat.S_ISDIR(status.st_mode):
         return identity
     entries = []
-    for entry in sorted(directory_entries(path, max_entries), key=lambda e: e.name):
-        inner = entry.stat()
-        entries.append((entry.name, inner.st_size, inner.st_mtime_ns, inner.st_ino))
+    for name in sorted(directory_names(path, max_entries)):
+        inner = os.stat(os.path.join(path, name))
+        entries.append((name, inner.st_size, inner.st_mtime_ns, inner.st_ino))
     return identity + (tuple(entries),)
 
 

@@ -13,8 +13,9 @@ What parsing builds is bounded before it starts:
   widest character; characters beyond Latin-1 (inside those bounded strings) are therefore
   written as ``\\u`` escapes before it is parsed, and that string has one byte a character.
 
-A body of ``n`` bytes then holds at most the bytes (n), one document string (n, dropped once
-parsed) and the values (n, plus four times the bounded wide text): about 3 n at its peak.
+A body of ``n`` bytes then costs at most about 3 n at its peak: the bytes (n; a ``bytearray`` is
+emptied once its escaped copy is made), one document string (n, dropped once parsed) and the
+values (n, plus four times the bounded wide text).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ MAX_WIDE_STRINGS = 2**16  # strings holding characters beyond Latin-1 (a request
 # UTF-8 lead bytes of characters beyond Latin-1 (and bytes that are no UTF-8), marked as NUL to be found
 WIDE_BYTES = bytes.maketrans(bytes(range(0xC4, 0x100)), bytes(0x100 - 0xC4))
 WIDE_ESCAPE = re.compile(rb"\\u(?!00)")  # an escape of a character beyond Latin-1 (\u0100 and up)
-FIRST_WINDOW = 256  # bytes looked at first for the next wide byte; doubled until one is found
+FIRST_WINDOW = 256  # bytes looked at first for the next wide byte; doubled up to LAST_WINDOW until one is found
+LAST_WINDOW = 2**20
 JSON_ESCAPES = "aim_llava_json_escape"
 
 
@@ -52,14 +54,14 @@ def wide_text_bytes(limits: ServerLimits) -> int:
 
 def next_wide_byte(raw: bytes, start: int) -> int:
     """The position of the next byte at or after ``start`` that begins a character beyond
-    Latin-1 (or is no UTF-8), or ``len(raw)``; the window looked at doubles from
-    :data:`FIRST_WINDOW`, so finding a near one is cheap."""
+    Latin-1 (or is no UTF-8), or ``len(raw)``; the window looked at (copied twice) doubles from
+    :data:`FIRST_WINDOW` to :data:`LAST_WINDOW`, so finding a near one is cheap."""
     window = FIRST_WINDOW
     while start < len(raw):
         at = raw[start:start + window].translate(WIDE_BYTES).find(0)
         if at >= 0:
             return start + at
-        start, window = start + window, 2 * window
+        start, window = start + window, min(2 * window, LAST_WINDOW)
     return len(raw)
 
 
@@ -127,12 +129,16 @@ def narrowed(raw: bytes, strings: list[tuple[int, int]]) -> bytes | bytearray:
 
 
 def parse_body(raw: bytes | bytearray, limits: ServerLimits) -> object:
-    """A request body's JSON value, within the bounds of the module docstring."""
+    """A request body's JSON value, within the bounds of the module docstring (a ``bytearray``
+    body is emptied once it has been copied with its characters escaped)."""
     punctuation = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
     if punctuation > limits.max_json_punctuation:
         raise bad(f"the request body holds {punctuation:,} JSON brackets and commas; a request this server "
                   f"takes holds at most {limits.max_json_punctuation:,}", code="too_many_values")
+    text = narrowed(raw, wide_strings(raw, limits))
+    if text is not raw and isinstance(raw, bytearray):
+        raw.clear()  # its bytes are in ``text`` now
     try:
-        return parse_json(narrowed(raw, wide_strings(raw, limits)))
+        return parse_json(text)
     except ValueError as err:
         raise bad(f"the request body is not valid JSON ({err})", code="malformed_body") from None

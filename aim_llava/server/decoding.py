@@ -2,15 +2,18 @@
 than its share of the server.
 
 A request's media are decoded by a process of its own, started when the request first needs a
-decoder (one whose video the reuse cache holds starts none), forked from a small fork server that
-has only the decoders loaded (NumPy, Pillow, PyAV; never torch). The process
+decoder (one whose video the reuse cache holds starts none) by a small fork server
+(``python -m aim_llava.server.decoding``, started with the service) that has only the decoders
+loaded (NumPy, Pillow, PyAV; never torch, never the caller's script). The process
 
-* runs at a lower priority than the server (:data:`NICENESS`): the event loop and the model
-  thread come first;
 * may allocate ``media_memory_bytes`` beyond what it starts with (``RLIMIT_DATA``): past that the
   decoder's allocation fails and the request gets a 400;
-* may spend ``media_cpu_s`` CPU-seconds on each media item (``RLIMIT_CPU``), with or without a
-  deadline: the kernel stops it and the request gets a 400;
+* may spend ``media_cpu_s`` CPU-seconds on each media item, with or without a deadline: the
+  server stops it there (and the kernel, a few seconds later, should the server not) and the
+  request gets a 400;
+* gives way once it has used :data:`GIVE_WAY_AFTER_S` CPU-seconds on an item: its threads get
+  :data:`NICENESS` added, so that a costly file yields to the server's event loop and model
+  thread, and to the decoding of ordinary files;
 * is killed at the request's deadline (504) and as soon as its client has gone, wherever its
   decoder is: a demuxer scanning gigabytes of a sparse file never comes back to Python to look
   at a clock.
@@ -29,15 +32,17 @@ import fcntl
 import logging
 import math
 import mmap
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing import reduction
+from multiprocessing.connection import Connection
 from typing import TypeVar
 
 import numpy as np
@@ -50,11 +55,15 @@ from aim_llava.video import MediaLimits, ReadingTimeExceeded, VideoClip, VideoEr
 
 logger = logging.getLogger("aim_llava.serve")
 
-NICENESS = 10  # added to a decoding process's nice value: the server's own threads come first
-POLL_S = 0.05  # how often a reader thread looks at its request's deadline and client while it waits
+GIVE_WAY_AFTER_S = 0.5  # CPU-seconds of one item after which a decoding process gives way
+NICENESS = 10  # added to the nice value of a decoding process that gives way
+CPU_BACKSTOP_S = 5  # the kernel stops a decoding process this long after its CPU budget
+POLL_S = 0.05  # how often a reader thread looks at its decoder, its request's deadline and client
 # a memfd of decoded pixels can no longer change once it is handed over
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 CLIP_FIELDS = ("indices", "timestamps", "duration", "fps", "source", "is_image")
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+FORK_SERVER_STOPPED = "the server's media decoders have stopped (their fork server has ended): restart the server"
 T = TypeVar("T")
 
 
@@ -75,6 +84,29 @@ def allow_cpu(seconds: float) -> None:
     stops it with SIGXCPU."""
     used = sum(os.times()[:2])
     resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(used + seconds), resource.RLIM_INFINITY))
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (all its threads), from /proc; 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime, stime
+
+
+def give_way(pid: int) -> None:
+    """Adds :data:`NICENESS` to every thread of a process (threads it starts later inherit it)."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for thread in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(thread), NICENESS)
+        except OSError:  # the thread has ended
+            pass
 
 
 def video_task(task: dict, path: str) -> tuple[np.ndarray, dict]:
@@ -119,16 +151,18 @@ def failure_of(err: BaseException) -> dict:
     return {"error": "decoder", "message": f"{type(err).__name__}: {cut(str(err))}"}
 
 
-def decode_tasks(conn, cpu_s: float, memory_bytes: int) -> None:
-    """A decoding process: limits itself, then decodes each task it is sent until it gets None."""
-    os.nice(NICENESS)
+def decode_tasks(conn: Connection) -> None:
+    """A decoding process: takes its limits, then decodes each task it is sent until it gets
+    None (or the server has gone)."""
+    cpu_s, memory_bytes = conn.recv()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ceiling = data_bytes() + memory_bytes
     resource.setrlimit(resource.RLIMIT_DATA, (ceiling, ceiling))
     while (task := conn.recv()) is not None:
         handle = reduction.recv_handle(conn) if task["path"] is not None else None
         own_path = None if handle is None else f"/proc/self/fd/{handle}"
-        allow_cpu(cpu_s)
+        allow_cpu(cpu_s + CPU_BACKSTOP_S)
+        conn.send({"started": True})
         try:
             send_array(conn, *TASKS[task["kind"]](task, own_path))
         except Exception as err:  # noqa: BLE001 (every failure goes back to the server, as one message)
@@ -141,16 +175,76 @@ def decode_tasks(conn, cpu_s: float, memory_bytes: int) -> None:
                 os.close(handle)
 
 
-# ---------------------------------------------------------------------------- in the server
+def serve_forks(control: socket.socket) -> None:
+    """The fork server: for each socket the server sends, forks a decoding process that serves
+    it, and sends back the process's pid and a pidfd (an exited process is reaped by the kernel,
+    and a pidfd never names another process). Ends when the server has gone."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            message, handles, _, _ = socket.recv_fds(control, 1, 1)
+        except OSError:
+            return
+        if not message or not handles:
+            return
+        pid = os.fork()
+        if pid == 0:
+            control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            try:
+                decode_tasks(Connection(handles[0]))
+            except (EOFError, OSError):  # the server has gone
+                pass
+            finally:
+                os._exit(0)
+        os.close(handles[0])
+        try:
+            pidfd = [os.pidfd_open(pid)]
+        except ProcessLookupError:  # it has ended already
+            pidfd = []
+        socket.send_fds(control, [pid.to_bytes(4, "big")], pidfd)
+        for handle in pidfd:
+            os.close(handle)
 
 
-def decoder_context():
-    """The multiprocessing context of the decoding processes: a fork server with this module
-    (and so the decoders) imported, started now."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    multiprocessing.forkserver.ensure_running()
-    return context
+class ForkServer:
+    """The process that forks decoding processes (see :func:`serve_forks`), started here."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.process = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self.control, self.lock = ours, threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def fork(self) -> tuple[Connection, int, int | None]:
+        """A new decoding process: (its connection, its pid, its pidfd or None if it has ended)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self.lock:
+                socket.send_fds(self.control, [b"F"], [theirs.fileno()])
+                message, handles, _, _ = socket.recv_fds(self.control, 4, 1)
+        except OSError:
+            message = b""
+        finally:
+            theirs.close()
+        if len(message) != 4:
+            ours.close()
+            raise ApiError(503, FORK_SERVER_STOPPED, code="server_error")
+        return Connection(ours.detach()), int.from_bytes(message, "big"), handles[0] if handles else None
+
+    def close(self) -> None:
+        self.control.close()  # it ends when it sees the server gone
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def mapped_array(handle: int, header: dict) -> np.ndarray:
@@ -169,11 +263,12 @@ class DecodingProcess:
     """The process that decodes one request's media (see the module docstring): started by its
     first task, ended with the request (a context manager)."""
 
-    def __init__(self, context, limits: MediaLimits, cancelled: Callable[[], bool], cpu_s: float,
+    def __init__(self, forks: ForkServer, limits: MediaLimits, cancelled: Callable[[], bool], cpu_s: float,
                  memory_bytes: int):
-        self.context, self.limits, self.cancelled = context, limits, cancelled
+        self.forks, self.limits, self.cancelled = forks, limits, cancelled
         self.cpu_s, self.memory_bytes = cpu_s, memory_bytes
-        self.process, self.conn = None, None
+        self.conn: Connection | None = None
+        self.pid, self.pidfd = 0, None
 
     def __enter__(self) -> DecodingProcess:
         return self
@@ -198,17 +293,20 @@ class DecodingProcess:
         return self.ask({**task, "path": image.path}, image.handle, name)[1]
 
     def ask(self, task: dict, handle: int | None, name: str) -> tuple[dict, np.ndarray]:
-        """Sends one task (with the descriptor ``handle``) and waits for its pixels."""
+        """Sends one task (with the descriptor ``handle``) and waits for its pixels, watching the
+        request and the process's CPU time meanwhile."""
         self.check(name)
-        if self.process is None:
+        if self.conn is None:
             self.start()
         try:
             self.conn.send(task)
             if handle is not None:
-                reduction.send_handle(self.conn, handle, self.process.pid)
+                reduction.send_handle(self.conn, handle, self.pid)
         except OSError:
             raise self.stopped(name) from None
-        header = self.receive(name)
+        self.receive(name)  # the task has started: its CPU time counts from here
+        started = cpu_seconds(self.pid)
+        header = self.receive(name, started)
         if "error" in header:
             raise self.failure(header, name)
         try:
@@ -221,12 +319,11 @@ class DecodingProcess:
             os.close(pixels)
 
     def start(self) -> None:
-        ours, theirs = self.context.Pipe()
-        self.process = self.context.Process(target=decode_tasks, args=(theirs, self.cpu_s, self.memory_bytes),
-                                            name="aim-llava-decoder", daemon=True)
-        self.process.start()
-        theirs.close()
-        self.conn = ours
+        self.conn, self.pid, self.pidfd = self.forks.fork()
+        try:
+            self.conn.send((self.cpu_s, self.memory_bytes))
+        except OSError:
+            raise self.stopped("the media") from None
 
     def check(self, name: str) -> None:
         """Stops the process once the request is cancelled: 504 at its deadline, 499 when its
@@ -237,9 +334,23 @@ class DecodingProcess:
         self.limits.check_deadline(name)
         raise ApiError(499, "the client closed the request", code="client_closed")
 
-    def receive(self, name: str) -> dict:
+    def receive(self, name: str, started: float | None = None) -> dict:
+        """The process's next message; meanwhile, every :data:`POLL_S`, the request is checked
+        and (``started``: the CPU time when the task began) the task's CPU time: past
+        :data:`GIVE_WAY_AFTER_S` the process gives way, past the budget it is stopped."""
+        gave_way = False
         while not self.conn.poll(POLL_S):
             self.check(name)
+            if started is None:
+                continue
+            used = cpu_seconds(self.pid) - started
+            if used > self.cpu_s:
+                self.stop()
+                raise VideoError(f"decoding {name} took more than the {self.cpu_s:g} CPU-seconds one media item "
+                                 "may take: send shorter or smaller media")
+            if used > GIVE_WAY_AFTER_S and not gave_way:
+                give_way(self.pid)
+                gave_way = True
         try:
             return self.conn.recv()
         except (OSError, EOFError):
@@ -247,15 +358,9 @@ class DecodingProcess:
 
     def stopped(self, name: str) -> VideoError:
         """What became of a process that stopped in the middle of a task."""
-        self.process.join(timeout=5)
-        code = self.process.exitcode
         self.stop()
-        if code == -signal.SIGXCPU:
-            return VideoError(f"decoding {name} took more than the {self.cpu_s:g} CPU-seconds one media item may "
-                              "take: send shorter or smaller media")
-        reason = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
-        logger.warning("a decoding process stopped (%s) while reading %s", reason, name)
-        return VideoError(f"the decoder stopped ({reason}) while reading {name}")
+        logger.warning("a decoding process stopped while reading %s", name)
+        return VideoError(f"the decoder stopped while reading {name} (it crashed or was killed)")
 
     def failure(self, reply: dict, name: str) -> VideoError:
         if reply["error"] == "timeout":
@@ -270,12 +375,16 @@ class DecodingProcess:
 
     def stop(self) -> None:
         """Ends the process now, wherever it is (its pixels already sent stay mapped)."""
-        if self.process is None:
+        if self.conn is None:
             return
-        self.process.kill()
-        self.process.join()
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:  # it has ended
+                pass
+            os.close(self.pidfd)
         self.conn.close()
-        self.process, self.conn = None, None
+        self.conn, self.pidfd = None, None
 
 
 class MediaReaders:
@@ -284,7 +393,7 @@ class MediaReaders:
 
     def __init__(self, limits: ServerLimits):
         self.limits = limits
-        self.context = decoder_context()
+        self.forks = ForkServer()
         self.executor = ThreadPoolExecutor(limits.media_readers, thread_name_prefix="aim-llava-media")
         self.lock = threading.Lock()
         self.busy = self.waiting = 0
@@ -314,14 +423,23 @@ class MediaReaders:
 
     def process(self, limits: MediaLimits, cancelled: Callable[[], bool]) -> DecodingProcess:
         """The decoding process of one request read under ``limits`` (stopped once ``cancelled()``)."""
-        return DecodingProcess(self.context, limits, cancelled, self.limits.media_cpu_s, self.limits.media_memory_bytes)
+        return DecodingProcess(self.forks, limits, cancelled, self.limits.media_cpu_s, self.limits.media_memory_bytes)
 
-    def saturated(self) -> str | None:
-        """Why a new request's media would wait (every reader busy, requests waiting), or None."""
+    def trouble(self) -> dict | None:
+        """What /health says when media cannot be read now: the fork server has ended (an error),
+        or every reader is busy and requests wait for one (busy); None otherwise."""
+        if not self.forks.alive:
+            return {"status": "error", "reason": FORK_SERVER_STOPPED}
         with self.lock:
             if self.waiting > 0 and self.busy >= self.limits.media_readers:
-                return f"all {self.busy} media readers are busy and {self.waiting} requests wait for one"
+                return {"status": "busy", "reason": f"all {self.busy} media readers are busy and {self.waiting} "
+                                                    "requests wait for one: new requests wait"}
         return None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.forks.close()
+
+
+if __name__ == "__main__":
+    serve_forks(socket.socket(fileno=int(sys.argv[1])))

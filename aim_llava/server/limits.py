@@ -1,4 +1,4 @@
-"""What one request may ask of the server: every bound in one place (the README lists them)."""
+"""What one request may ask of the server: every bound in one place (docs/serving.md lists them)."""
 
 from __future__ import annotations
 

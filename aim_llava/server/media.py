@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -43,7 +43,6 @@ from aim_llava.video import ReadingTimeExceeded, VideoClip, VideoError, is_image
 
 if TYPE_CHECKING:
     from aim_llava.pipeline import EncodedVisual
-    from aim_llava.server.decoding import DecodingProcess
 
 logger = logging.getLogger("aim_llava.serve")
 
@@ -264,7 +263,14 @@ def decode_inline(image: InlineImage, max_pixels: int) -> Image.Image:
     return open_image_rgb(io.BytesIO(raw), "an inline image", max_pixels, formats=(image.format,))
 
 
-def read_image(image: FileMedia | InlineImage, root: MediaRoot, decoder: DecodingProcess,
+class ImageDecoder(Protocol):
+    """What decodes a request's images (:class:`aim_llava.server.decoding.DecodingProcess`)."""
+
+    def image(self, image: OpenedMedia | InlineImage, name: str, as_frame: bool) -> np.ndarray:
+        """One image as [H, W, 3] uint8: at the model's input size if it is one of several frames."""
+
+
+def read_image(image: FileMedia | InlineImage, root: MediaRoot, decoder: ImageDecoder,
                as_frame: bool) -> np.ndarray:
     """One image as [H, W, 3] uint8, decoded by ``decoder``: at the model's input size if it is
     one of several frames."""
@@ -285,7 +291,7 @@ def image_clip(frames: list[np.ndarray]) -> VideoClip:
 
 
 def read_media(media: RequestMedia, root: MediaRoot, load: Callable[[OpenedMedia], VideoClip | EncodedVisual],
-               decoder: DecodingProcess) -> VideoClip | EncodedVisual:
+               decoder: ImageDecoder) -> VideoClip | EncodedVisual:
     """The frames of a request's media. ``load(opened)`` samples a video or frame directory, or
     returns its encoded video from the model's reuse cache; images are decoded by ``decoder``
     (an image named as a video goes through the image path and its budget). A failure to decode

@@ -75,8 +75,8 @@ class Service:
     def health(self) -> tuple[int, dict]:
         if not self.worker.alive:
             return 503, {"status": "error", "reason": "the model thread has stopped: restart the server"}
-        if (saturated := self.readers.saturated()) is not None:
-            return 503, {"status": "busy", "reason": f"{saturated}: new requests wait"}
+        if (trouble := self.readers.trouble()) is not None:
+            return 503, trouble
         return 200, {"status": "ok"}
 
     def check_room(self) -> None:
@@ -137,7 +137,7 @@ class Service:
         arrived = time.monotonic()
         raw = body if isinstance(body, bytes) else await body(self.bodies)
         self.admit()
-        deadline = arrived + self.limits.request_timeout_s
+        deadline = time.monotonic() + self.limits.request_timeout_s
         try:
             request = await self.checked(raw)
         except BaseException:
