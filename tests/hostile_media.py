@@ -22,7 +22,7 @@ def write_mkv(path: Path, frames: int = 4, size: int = 32) -> Path:
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for index in range(frames):
-            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 40 * index, np.uint8), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 40 * index % 256, np.uint8), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

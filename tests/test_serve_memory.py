@@ -103,7 +103,7 @@ def test_a_body_costs_at_most_about_three_times_its_size(served):
     ordinary, ordinary_reply = peak_growth_mib(pid, lambda: post_raw(base, body_of("What? 😀", user="u" * size)))
     hostile, hostile_reply = peak_growth_mib(pid, lambda: post_raw(base, body_of("What?", user="u" * size + "😀")))
     print(f"a {size / MIB:.0f} MiB body: +{ordinary:.0f} MiB answered, +{hostile:.0f} MiB refused")
-    assert ordinary < 3 * size / MIB + 150, f"the server grew by {ordinary:.0f} MiB for a {size / MIB:.0f} MiB body"
+    assert ordinary < 3 * size / MIB + 100, f"the server grew by {ordinary:.0f} MiB for a {size / MIB:.0f} MiB body"
     assert hostile < 2 * size / MIB, f"the server grew by {hostile:.0f} MiB for a {size / MIB:.0f} MiB body"
     assert ordinary_reply.status_code == 200, (ordinary_reply.text, log.read_text()[-2000:])
     assert hostile_reply.status_code == 400 and hostile_reply.json()["error"]["code"] == "too_much_wide_text"
