@@ -371,8 +371,9 @@ def test_an_untrusted_videos_index_is_bounded_before_it_is_built(tmp_path, monke
     """Under limits a video may have at most MAX_INDEX_ENTRIES index entries: an MP4's are
     counted from its sample tables before FFmpeg opens it, any container's packets as they are
     demuxed (before, every packet was listed whatever their number)."""
-    import aim_llava.video as video
     from hostile_media import write_mkv
+
+    import aim_llava.video as video
 
     path = (write_sample_video(tmp_path / "clip.mp4", num_frames=12, fps=10) if container == "mp4"
             else write_mkv(tmp_path / "clip.mkv", frames=12))

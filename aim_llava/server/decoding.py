@@ -425,6 +425,11 @@ class MediaReaders:
         """The decoding process of one request read under ``limits`` (stopped once ``cancelled()``)."""
         return DecodingProcess(self.forks, limits, cancelled, self.limits.media_cpu_s, self.limits.media_memory_bytes)
 
+    def counts(self) -> tuple[int, int]:
+        """(readers at work, reads waiting for one)."""
+        with self.lock:
+            return self.busy, self.waiting
+
     def trouble(self) -> dict | None:
         """What /health says when media cannot be read now: the fork server has ended (an error),
         or every reader is busy and requests wait for one (busy); None otherwise."""

@@ -165,6 +165,9 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
 
+CHAT_COMPLETIONS = "/v1/chat/completions"
+
+
 class AccessLog:
     """Writes one access-log line per HTTP request once its response is sent (or has failed),
     refusals included, and counts chat completions in /metrics (:mod:`aim_llava.server.metrics`).
@@ -191,9 +194,6 @@ class AccessLog:
             log_access(scope["method"], scope["path"], status[0], latency, outcome)
             if scope["path"] == CHAT_COMPLETIONS:
                 self.service.metrics.observe(status[0], latency, outcome)
-
-
-CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 def create_app(service: Service, policy: AccessPolicy | None = None):

@@ -268,8 +268,7 @@ class Service:
 
     def metrics_text(self) -> str:
         """The server's metrics in Prometheus' text format (:mod:`aim_llava.server.metrics`)."""
-        with self.readers.lock:
-            busy, waiting = self.readers.busy, self.readers.waiting
+        busy, waiting = self.readers.counts()
         gauges = {
             "aim_llava_requests_pending": ("Requests admitted and not yet answered by the model.", self.pending),
             "aim_llava_requests_waiting_for_model": ("Requests read and waiting for the model thread.",
