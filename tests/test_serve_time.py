@@ -29,6 +29,7 @@ from hostile_media import (
     write_sample_table_bomb,
     write_sparse_mkv,
 )
+from PIL import Image
 
 from aim_llava.sample_media import write_sample_video
 
@@ -288,23 +289,54 @@ def test_a_normal_request_beside_six_hostile_ones_is_answered_in_its_usual_time(
     assert memory.growth < 400
 
 
-def test_the_cpu_budget_holds_without_a_deadline(tiny_qwen_dir, media):
+def test_the_cpu_budget_holds_without_a_deadline_and_a_costly_decoder_gives_way(tiny_qwen_dir, media):
     """A per-item CPU budget applies even with a deadline far away: the sparse file's decoder
-    is stopped by the kernel after its CPU-second (before, it ran its ~28 s and was answered)."""
+    is stopped after its 2 CPU-seconds (before, it ran its ~28 s and was answered); past half a
+    CPU-second it runs 10 nice levels below the server."""
+    from aim_llava.serve import ServerLimits, create_app
+
+    root, _ = media
+    limits = ServerLimits(media_cpu_s=2, request_timeout_s=600)
+    with in_process_service(tiny_qwen_dir, root, limits=limits) as (_, service):
+        with serve_in_thread(create_app(service)) as port:
+            seen, niceness = {}, set()
+            thread = threading.Thread(target=lambda: seen.update(reply=timed(f"http://127.0.0.1:{port}",
+                                                                             body("video_url", "sparse.mkv"))))
+            thread.start()
+            while thread.is_alive():
+                for decoder in psutil.Process(service.readers.forks.process.pid).children():
+                    try:
+                        niceness.add(decoder.nice() - psutil.Process().nice())
+                    except psutil.NoSuchProcess:
+                        pass
+                time.sleep(0.05)
+            thread.join()
+    refused, seconds = seen["reply"]
+    assert refused.status_code == 400, refused.text
+    assert "took more than the 2 CPU-seconds one media item may take" in refused.json()["error"]["message"]
+    assert seconds < 10 + SLACK_S, seconds
+    assert niceness == {0, 10}, niceness
+
+
+def test_a_decoder_is_held_to_its_memory(tiny_qwen_dir, media, tmp_path):
+    """A decoding process may allocate media_memory_bytes beyond what it starts with: a 6000 x
+    6000 PNG (108 MB as RGB, within the pixel limits) is refused with 64 MiB, decoded with the
+    default 1.5 GiB."""
     from fastapi.testclient import TestClient
 
     from aim_llava.serve import ServerLimits, create_app
 
     root, _ = media
-    limits = ServerLimits(media_cpu_s=1, request_timeout_s=600)
-    with in_process_service(tiny_qwen_dir, root, limits=limits) as (_, service):
-        with TestClient(create_app(service), base_url="http://localhost") as http:
-            started = time.monotonic()
-            refused = http.post("/v1/chat/completions", json=body("video_url", "sparse.mkv"))
-            seconds = time.monotonic() - started
+    Image.new("RGB", (6000, 6000), (1, 2, 3)).save(root / "large.png")
+    replies = []
+    for memory in (64 * MIB, ServerLimits().media_memory_bytes):
+        with in_process_service(tiny_qwen_dir, root, limits=ServerLimits(media_memory_bytes=memory)) as (_, service):
+            with TestClient(create_app(service), base_url="http://localhost") as http:
+                replies.append(http.post("/v1/chat/completions", json=body("image_url", "large.png")))
+    refused, answered = replies
     assert refused.status_code == 400, refused.text
-    assert "took more than the 1 CPU-seconds one media item may take" in refused.json()["error"]["message"]
-    assert seconds < 10 + SLACK_S, seconds
+    assert "needs more than the 64 MiB a media reader may use" in refused.json()["error"]["message"]
+    assert answered.status_code == 200, answered.text
 
 
 def test_health_reports_saturated_media_readers(tiny_qwen_dir, media):
