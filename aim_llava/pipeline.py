@@ -520,8 +520,8 @@ class VideoLLM:
                      cancelled: list[Callable[[], bool] | None] | None = None, **generation) -> list[Response]:
         """Generate the replies of several conversations together (one left-padded batch; the
         visuals must share one reduction; a visual of None is a text-only conversation, and a
-        batch of them only is generated without reduction). ``stream``: one callback, or one per conversation
-        (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
+        batch of them only is generated without reduction). ``stream``: one callback, or one per
+        conversation (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
         token limits below the batch's ``max_new_tokens`` (a conversation that reaches its own
         stops taking part); ``systems``: per-conversation system messages; ``cancelled``:
         per-conversation checks, asked once a step, whose True ends that reply where it is."""
@@ -577,7 +577,9 @@ class VideoLLM:
     def prefix_prefill(self, visuals: list[EncodedVisual], prompts: list[list[int]]) -> PrefixPrefill | None:
         """The prefill that reuses the prompts' video prefixes, when the cache and the visuals
         allow it (every visual known to the cache, one placeholder per prompt)."""
-        if self.cache is None or not self.prefix_reuse or any(visual is None or visual.key is None for visual in visuals):
+        if self.cache is None or not self.prefix_reuse:
+            return None
+        if any(visual is None or visual.key is None for visual in visuals):
             return None
         if any(prompt.count(IMAGE_TOKEN_INDEX) != 1 for prompt in prompts):
             return None

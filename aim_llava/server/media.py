@@ -184,8 +184,8 @@ class MediaRoot:
             raise bad(f"{cut(media.reference)} is not a regular file or directory", media.param)
         if stat.S_ISREG(status.st_mode) and status.st_nlink > 1:
             os.close(handle)
-            raise ApiError(403, f"{cut(media.reference)} has {status.st_nlink} hard links, and a hard link may be a file "
-                                "from outside the media root: media files with several links are not served",
+            raise ApiError(403, f"{cut(media.reference)} has {status.st_nlink} hard links, and a hard link may be a "
+                                "file from outside the media root: media files with several links are not served",
                            media.param, "hard_link")
         return OpenedMedia(handle, stat.S_ISDIR(status.st_mode))
 

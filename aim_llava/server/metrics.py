@@ -108,7 +108,8 @@ class ServerMetrics:
                             for status, count in sorted(self.requests.items())])
             for kind, count in self.tokens.items():
                 name = f"aim_llava_{kind}_tokens_total"
-                lines += family(name, "counter", f"{kind.capitalize()} tokens of the replies given.", [f"{name} {count}"])
+                lines += family(name, "counter", f"{kind.capitalize()} tokens of the replies given.",
+                                [f"{name} {count}"])
             lines += family("aim_llava_request_latency_seconds", "histogram",
                             "Seconds from a chat completion's arrival to its last byte.",
                             self.latency.lines("aim_llava_request_latency_seconds"))
