@@ -39,7 +39,7 @@ from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
-from aim_llava.video import MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.video import MAX_FRAMES, MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
 
 logger = logging.getLogger("aim_llava.cache")
@@ -377,36 +377,38 @@ class VideoLLM:
         return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
 
     def load(self, source: str | Path | VideoClip, reduction=None, limits: MediaLimits | None = None,
-             **sampling) -> VideoClip:
+             reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip:
         """Read the sampled frames (on the host; safe in worker threads). A sampling that cannot
         fit the model's context is refused before any frame is decoded; ``limits``: the source is
-        untrusted (see :class:`aim_llava.video.MediaLimits`)."""
+        untrusted (see :class:`aim_llava.video.MediaLimits`); ``reader``: what reads it, called as
+        :func:`~aim_llava.video.load_video` (the server's reads it in a worker process)."""
         if isinstance(source, VideoClip):
             return source
         options = dataclasses.replace(self.sampling, **sampling)
-        return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
-                          options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
-                          limits=limits, frame_rate=options.frame_rate)
+        return reader(source, options.num_frames, options.fps, options.max_frames, options.start, options.end,
+                      options.backend, frame_limit=self.frame_limit(self.resolve(reduction)), limits=limits,
+                      frame_rate=options.frame_rate)
 
     def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
-             **sampling) -> VideoClip | EncodedVisual:
+             reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip | EncodedVisual:
         """What encoding ``source`` needs: its encoded visual when the reuse cache holds it (a file
         is recognised by its identity, before any frame is decoded), otherwise its frames, read
         as :meth:`load` does (safe in worker threads). Frames read under ``limits`` are resized as
-        they are decoded, so the limits (but their deadline) are part of the key."""
+        they are decoded, so the limits (but their deadline) are part of the key, and a directory
+        of more than :data:`~aim_llava.video.MAX_FRAMES` entries is refused before its key is built."""
         config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
             return self.check_encoded(source, config)
         if self.cache is None or isinstance(source, VideoClip):
-            return self.load(source, config, limits, **sampling)
+            return self.load(source, config, limits, reader, **sampling)
         options = dataclasses.replace(self.sampling, **sampling)
         reading = dataclasses.astuple(options), dataclasses.replace(limits, deadline=None) if limits else None
         try:
-            key = source_key(source, reading)
+            key = source_key(source, reading, MAX_FRAMES if limits is not None else None)
         except OSError:
-            return self.load(source, config, limits, **sampling)  # missing or unreadable: load says so
+            return self.load(source, config, limits, reader, **sampling)  # missing or unreadable: load says so
         visual = self.cached_visual(self.visual_cache_key(key, config), config, count_miss=False)
-        return visual if visual is not None else keyed(self.load(source, config, limits, **sampling), key)
+        return visual if visual is not None else keyed(self.load(source, config, limits, reader, **sampling), key)
 
     def preprocessing_key(self) -> tuple:
         """What of the processor and the model's config decides how frames become visual tokens
@@ -492,14 +494,16 @@ class VideoLLM:
         return [EncodedVisual(clip, feature, modality, seconds, config)
                 for clip, feature, modality in zip(clips, features, modalities)]
 
-    def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]], system: str | None = None) -> str:
-        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first;
-        ``system`` replaces the template's system message."""
+    def prompt(self, visual: EncodedVisual | None, turns: list[tuple[str, str | None]],
+               system: str | None = None) -> str:
+        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first
+        (none for a text-only conversation, ``visual`` None); ``system`` replaces the template's
+        system message."""
         conv = get_conversation(self.conv_template)
         if system is not None:
             conv.system = system
         for i, (question, answer) in enumerate(turns):
-            if i == 0:
+            if i == 0 and visual is not None:
                 if self.time_aware and visual.modality == "video":
                     question = f"{time_instruction(visual.clip)}\n{question}"
                 question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
@@ -519,8 +523,9 @@ class VideoLLM:
                      limits: list[int | None] | None = None, systems: list[str | None] | None = None,
                      cancelled: list[Callable[[], bool] | None] | None = None, **generation) -> list[Response]:
         """Generate the replies of several conversations together (one left-padded batch; the
-        visuals must share one reduction). ``stream``: one callback, or one per conversation
-        (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
+        visuals must share one reduction; a visual of None is a text-only conversation, and a
+        batch of them only is generated without reduction). ``stream``: one callback, or one per
+        conversation (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
         token limits below the batch's ``max_new_tokens`` (a conversation that reaches its own
         stops taking part); ``systems``: per-conversation system messages; ``cancelled``:
         per-conversation checks, asked once a step, whose True ends that reply where it is.
@@ -528,7 +533,7 @@ class VideoLLM:
         :class:`~aim_llava.errors.NonFiniteOutputError` names them, with the others' replies as
         its ``partial`` (None in their place)."""
         options = dataclasses.replace(self.generation, **generation)
-        configs = {visual.reduction for visual in visuals}
+        configs = {visual.reduction for visual in visuals if visual is not None} or {ReductionConfig()}
         if len(configs) != 1:
             raise InputError("the items of one batch must be encoded with the same reduction")
         callbacks = stream if isinstance(stream, list) else [stream] * len(visuals)
@@ -552,7 +557,7 @@ class VideoLLM:
             return self.model.generate(
                 ids,
                 attention_mask=mask,
-                visual_features=[visual.features for visual in visuals],
+                visual_features=[visual.features for visual in visuals if visual is not None],
                 max_new_tokens=limits,
                 do_sample=options.do_sample,
                 temperature=options.temperature,
@@ -581,8 +586,9 @@ class VideoLLM:
             ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
             kept = tokens[:ended] if ended else tokens
             text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            responses.append(Response(text, len(kept), visual.num_tokens, elapsed, first, output.reduction.sample(row),
-                                      ended is not None, len(prompts[row]) - 1 + visual.num_tokens))
+            visual_tokens = visual.num_tokens if visual is not None else 0
+            responses.append(Response(text, len(kept), visual_tokens, elapsed, first, output.reduction.sample(row),
+                                      ended is not None, len(prompts[row]) - (visual is not None) + visual_tokens))
         if broken is not None:
             raise NonFiniteOutputError(str(broken), broken.rows, responses)
         return responses
@@ -608,7 +614,9 @@ class VideoLLM:
     def prefix_prefill(self, visuals: list[EncodedVisual], prompts: list[list[int]]) -> PrefixPrefill | None:
         """The prefill that reuses the prompts' video prefixes, when the cache and the visuals
         allow it (every visual known to the cache, one placeholder per prompt)."""
-        if self.cache is None or not self.prefix_reuse or any(visual.key is None for visual in visuals):
+        if self.cache is None or not self.prefix_reuse:
+            return None
+        if any(visual is None or visual.key is None for visual in visuals):
             return None
         if any(prompt.count(IMAGE_TOKEN_INDEX) != 1 for prompt in prompts):
             return None

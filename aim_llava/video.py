@@ -25,8 +25,11 @@ Media from an untrusted source (the server's clients) are read under :class:`Med
 PyAV only, its demuxers limited to video containers and its protocols to plain files, FFmpeg's
 decoder limited to frames of ``max_source_pixels`` and to :data:`UNTRUSTED_DECODER_THREADS`
 threads, every frame brought to the model's input size as it is decoded, a pixel budget checked
-before decoding and a deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS`
-only, everywhere (never EPS/PS, which would run Ghostscript).
+before decoding, the index an MP4 file declares and the packets of any container bounded by
+:data:`MAX_INDEX_ENTRIES` before they are indexed, directories of at most :data:`MAX_FRAMES`
+entries, frames that are regular files of one link, and a deadline. Images are opened with
+Pillow's decoders for :data:`IMAGE_FORMATS` only, everywhere (never EPS/PS, which would run
+Ghostscript), and a JPEG's scans are counted before it is decoded (:func:`check_jpeg_scans`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from aim_llava.errors import InputError
+from aim_llava.media_checks import DeclaredTooMuch, is_mp4, jpeg_scan_count, mp4_index_entries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Pillow's decoders for those extensions: no other decoder ever sees a file (EPS and PS would run
@@ -55,6 +59,13 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf")
 BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
 UNTRUSTED_DECODER_THREADS = 2  # FFmpeg's decoding threads for an untrusted video (frames in flight)
+# the index entries (packets, samples) an untrusted video may have: 38 hours at 30 frames a second,
+# ~160 MB of FFmpeg's index and ours
+MAX_INDEX_ENTRIES = 2**22
+# a JPEG's scans: each is a pass over the whole image, so their number is bounded, and more tightly
+# for larger images (a progressive JPEG has about ten)
+MAX_JPEG_SCANS = 1000
+MAX_JPEG_SCAN_PIXELS = 2**31  # scans x pixels: 32 scans of the largest image allowed (2**26 pixels)
 
 
 class VideoError(InputError):
@@ -220,9 +231,11 @@ class PacketIndex:
     keyframes: list[int]
 
     @classmethod
-    def read(cls, container, stream, check: Callable[[], None] = no_check) -> PacketIndex | None:
+    def read(cls, container, stream, check: Callable[[], None] = no_check,
+             max_packets: int | None = None) -> PacketIndex | None:
         """None when some packet has no timestamp (then frames can only be counted by decoding);
-        ``check()`` runs at every packet (it raises to stop)."""
+        ``check()`` runs at every packet (it raises to stop); a stream of more than
+        ``max_packets`` packets is a VideoError, raised before they are all listed."""
         pts, keyframes = [], []
         for packet in container.demux(stream):
             check()
@@ -230,6 +243,8 @@ class PacketIndex:
                 continue
             if packet.pts is None:
                 return None
+            if max_packets is not None and len(pts) >= max_packets:
+                raise VideoError(f"{container.name} holds more than {max_packets:,} video packets")
             pts.append(packet.pts)
             if packet.is_keyframe:
                 keyframes.append(packet.pts)
@@ -303,11 +318,16 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
         def check():
             limits.check_deadline(path)
 
+    if limits is not None:
+        check_declared_index(path)
     with av.open(path, container_options=options) as container:
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
         stream = container.streams.video[0]
         if limits is not None:
+            if stream.frames > MAX_INDEX_ENTRIES:
+                raise VideoError(f"{path} declares {stream.frames:,} frames, more than the {MAX_INDEX_ENTRIES:,} "
+                                 "a video may have here")
             limits.check_source(stream.codec_context.width, stream.codec_context.height, path)
             # FFmpeg itself refuses larger frames (a stream may change size after its header), and
             # frame threading holds one decoded frame per thread: a few threads, not all cores
@@ -315,7 +335,7 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
             stream.codec_context.thread_count = UNTRUSTED_DECODER_THREADS
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
-        index = PacketIndex.read(container, stream, check)
+        index = PacketIndex.read(container, stream, check, MAX_INDEX_ENTRIES if limits is not None else None)
         total = len(index.pts) if index is not None else stream.frames
         if total == 0 or source_fps <= 0:
             raise VideoError(f"{path} has no decodable video frames")
@@ -328,6 +348,18 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
     if missing:
         raise VideoError(f"{path} is truncated or damaged: frame {max(missing)} of {total} does not decode")
     return np.stack([decoded[i] for i in indices]), indices, source_fps, total
+
+
+def check_declared_index(path: str) -> None:
+    """Refuses an MP4/QuickTime file whose sample tables declare more than
+    :data:`MAX_INDEX_ENTRIES` index entries (read before FFmpeg opens it and builds its index)."""
+    with open(path, "rb") as file:
+        if not is_mp4(file):
+            return
+        try:
+            mp4_index_entries(file, os.fstat(file.fileno()).st_size, MAX_INDEX_ENTRIES)
+        except DeclaredTooMuch as err:
+            raise VideoError(f"{path} cannot be indexed here: {err} (at most {MAX_INDEX_ENTRIES:,})") from None
 
 
 def _read_torchcodec(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
@@ -384,6 +416,8 @@ def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None,
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise VideoError(f"{name} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
                                  "allowed: send smaller images")
+            if image.format == "JPEG":
+                check_jpeg_scans(image, name)
             image.load()
             return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError:
@@ -395,9 +429,32 @@ def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None,
         raise VideoError(f"cannot read {name} as an image ({err})") from None
 
 
+def check_jpeg_scans(image: Image.Image, name: str) -> None:
+    """Refuses a JPEG of more scans than :data:`MAX_JPEG_SCANS`, or than
+    :data:`MAX_JPEG_SCAN_PIXELS` allow at its size (counted in its file before it is decoded)."""
+    pixels = max(1, image.width * image.height)
+    allowed = min(MAX_JPEG_SCANS, max(1, MAX_JPEG_SCAN_PIXELS // pixels))
+    scans = jpeg_scan_count(image.fp, allowed)
+    if scans > allowed:
+        raise VideoError(f"{name} is a JPEG of more than {allowed:,} scans (each a pass over its "
+                         f"{image.width}x{image.height} pixels; a progressive JPEG has about ten): send it re-encoded")
+
+
 def _load_image_file(path: Path, limits: MediaLimits | None) -> VideoClip:
     frame = np.asarray(open_image_rgb(path, max_pixels=limits.max_source_pixels if limits else None))
     return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+
+
+def directory_names(path: str | Path, max_entries: int | None = None) -> list[str]:
+    """The names of a directory's entries (unsorted, nothing read but the names); one of more
+    than ``max_entries`` entries is a VideoError once the next is listed."""
+    names = []
+    with os.scandir(path) as listing:
+        for entry in listing:
+            if max_entries is not None and len(names) >= max_entries:
+                raise VideoError(f"directory {path} holds more than {max_entries:,} entries")
+            names.append(entry.name)
+    return names
 
 
 def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
@@ -407,13 +464,8 @@ def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
     def natural_key(name: str):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
-    names = []
-    with os.scandir(path) as entries:
-        for count, entry in enumerate(entries):
-            if limits is not None and count >= MAX_FRAMES:
-                raise VideoError(f"directory {path} holds more than {MAX_FRAMES:,} entries")
-            if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                names.append(entry.name)
+    names = [name for name in directory_names(path, MAX_FRAMES if limits is not None else None)
+             if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not names:
         raise VideoError(f"directory {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return sorted(names, key=natural_key)
@@ -421,14 +473,19 @@ def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
 
 def _open_frame_file(directory: Path, name: str, limits: MediaLimits) -> np.ndarray:
     """An untrusted directory's frame at the model's input size: opened without following a
-    symbolic link (which could lead anywhere), and only if it is a regular file."""
+    symbolic link (which could lead anywhere), and only if it is a regular file of one link (a
+    hard link may be a file from anywhere on the file system)."""
     try:
         handle = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         raise VideoError(f"cannot open the frame {name} ({err.strerror})") from None
     with os.fdopen(handle, "rb") as file:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
             raise VideoError(f"the frame {name} is not a regular file")
+        if status.st_nlink > 1:
+            raise VideoError(f"the frame {name} has {status.st_nlink} hard links (one may lead outside the media "
+                             "root): give each frame one link")
         return limits.frame(open_image_rgb(file, name, limits.max_source_pixels))
 
 

@@ -307,3 +307,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + png_chunk(b"IEND", b""))
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_growth_mib(pid: int, send):
+    """(MiB the process's resident memory peaked above its size before ``send()``, what it returned)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak becomes the current size
+    before = status_kib(pid, "VmRSS")
+    result = send()
+    return (status_kib(pid, "VmHWM") - before) / 1024, result

@@ -12,11 +12,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aim_llava.errors import DeviceFailure
 from aim_llava.pipeline import EncodedVisual, Request, RequestCancelled, Result, VideoLLM
 from aim_llava.sample_media import random_frames
+from aim_llava.server.metrics import Outcome
 from aim_llava.server.requests import ChatRequest
 from aim_llava.video import VideoClip
 
@@ -39,12 +40,15 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 @dataclass(frozen=True)
 class Completion:
     """A reply as the API returns it: the text cut at the first stop sequence, why it ended, and
-    the tokens of the prompt and of the returned text (counted by the model thread)."""
+    the tokens of the prompt and of the returned text (counted by the model thread); with the
+    prompt's visual tokens and when (``time.monotonic()``) its first new token came."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    visual_tokens: int = 0
+    first_token_at: float = 0.0
 
 
 @dataclass
@@ -61,6 +65,8 @@ class Job:
     # the client went away, or its deadline passed (the event loop gave up waiting): the model
     # drops the job, or ends its reply
     abandoned: bool = False
+    arrived: float = 0.0  # time.monotonic() when the request arrived
+    outcome: Outcome = field(default_factory=Outcome)  # what the reply came to, for the access log and /metrics
 
     def cancelled(self) -> bool:
         """Whether the model should stop working on this job (asked before encoding, before
@@ -185,18 +191,21 @@ class ModelThread:
         except Exception as err:  # the model thread must survive anything
             logger.exception("a batch failed")
             results = [Result(Request(job.clip), error=err) for job in live]
+        answered = time.monotonic()
         for job, result in zip(live, results):
-            self.hand_back(job, result)
+            self.hand_back(job, result, answered)
 
-    def hand_back(self, job: Job, result: Result) -> None:
+    def hand_back(self, job: Job, result: Result, answered: float = 0.0) -> None:
         """Sends a result to the job's event loop; a reply the model cut because its time was up
-        is not a complete reply, and goes back as cancelled (the client gets the timeout)."""
+        is not a complete reply, and goes back as cancelled (the client gets the timeout).
+        ``answered``: when the model returned it (its first token came its generation's length
+        minus its time to first token before)."""
         if result.error is None and job.cancelled():
             result.error = RequestCancelled("the request was cut at its deadline")
         completion = None
         if result.error is None:
             try:
-                completion = self.completion(job, result)
+                completion = self.completion(job, result, answered)
             except Exception as err:  # noqa: BLE001 (a tokenizer failure is this job's, not the thread's)
                 result.error = err
         try:
@@ -204,7 +213,7 @@ class ModelThread:
         except RuntimeError:  # the event loop has closed: nobody waits for this reply any more
             logger.warning("a reply had nowhere to go (its event loop has closed)")
 
-    def completion(self, job: Job, result: Result) -> Completion:
+    def completion(self, job: Job, result: Result, answered: float) -> Completion:
         """The reply's API view; a reply cut at a stop sequence has its returned tokens counted
         here, with the tokenizer, in this thread."""
         response = result.response
@@ -213,7 +222,8 @@ class ModelThread:
         if text != response.text:
             tokens = len(self.llm.tokenizer(text).input_ids) if text else 0
         reason = "stop" if stopped or response.ended_by_eos else "length"
-        return Completion(text, reason, response.prompt_tokens, tokens)
+        return Completion(text, reason, response.prompt_tokens, tokens, response.visual_tokens,
+                          answered - response.seconds + response.first_token_s)
 
     @staticmethod
     def streamer(job: Job):
