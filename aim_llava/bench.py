@@ -38,9 +38,9 @@ import torch
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.cost import prefill_flops
 from aim_llava.flops import executed_tokens
-from aim_llava.model.config import LlavaConfig
+from aim_llava.model.families import family_of
 from aim_llava.model.image_processor import SiglipImageProcessor
-from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+from aim_llava.model.language_model.llava_qwen import Qwen2MultimodalForCausalLM
 from aim_llava.reduction.budget import resolve_reduction
 from aim_llava.reduction.plan import ReductionPlan
 from aim_llava.sample_media import random_frames
@@ -157,11 +157,12 @@ def machine_name(device: torch.device) -> str:
     return f"{name}, {psutil.cpu_count()} CPUs"
 
 
-def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                 seed: int = 0) -> LlavaQwenForCausalLM:
-    """A model of this architecture with random weights (speed does not depend on the values)."""
+def random_model(config, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                 seed: int = 0) -> Qwen2MultimodalForCausalLM:
+    """A model of this architecture (any family) with random weights (speed does not depend on the
+    values)."""
     with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config, attn_implementation)
+        model = family_of(config).build_model(config, attn_implementation)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: the device never holds float32 weights
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.conversation import get_conversation
 from aim_llava.errors import InputError
-from aim_llava.flops import video_token_counts
-from aim_llava.mm_utils import process_images, tokenizer_image_token
+from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.model.families import family_of
 from aim_llava.prefetch import batches, read_ahead
 from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
@@ -313,6 +313,7 @@ class VideoLLM:
         prefix_reuse: bool = True,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.family = family_of(model.config)
         if cache_mb < 0:
             raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
         self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
@@ -363,15 +364,17 @@ class VideoLLM:
         return resolve_reduction(reduction, self.model.config, frames)
 
     def plan(self, config: ReductionConfig) -> ReductionPlan:
-        """The built plan of a config (built once per config)."""
+        """The built plan of a config (built once per config; one the model's family cannot run is
+        refused)."""
         if config not in self._plans:
-            self._plans[config] = config.build(self.model.config.text.num_hidden_layers)
+            plan = config.build(self.model.config.text.num_hidden_layers)
+            self.family.check_reduction(plan)
+            self._plans[config] = plan
         return self._plans[config]
 
     def frame_limit(self, config: ReductionConfig) -> int:
         """The most frames whose visual tokens (after this reduction's merging) fit the context."""
-        per_frame = video_token_counts(self.model.config, self.plan(config), 1, 0)[0] - 1
-        return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
+        return self.family.frame_limit(self.model.config, self.plan(config))
 
     def load(self, source: str | Path | VideoClip, reduction=None, limits: MediaLimits | None = None,
              **sampling) -> VideoClip:
@@ -408,12 +411,7 @@ class VideoLLM:
     def preprocessing_key(self) -> tuple:
         """What of the processor and the model's config decides how frames become visual tokens
         (read at each look-up: a processor or config changed in place is a miss, never a stale hit)."""
-        processor = self.image_processor
-        model_config = self.model.config
-        return (type(processor).__name__, getattr(processor, "image_size", None),
-                tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
-                model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
-                model_config.mm_spatial_pool_stride)
+        return self.family.preprocessing_key(self.image_processor, self.model.config)
 
     def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
         """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
@@ -475,15 +473,10 @@ class VideoLLM:
         pixels, sizes, modalities = [], [], []
         with stage("preprocess", self.model.device):
             for clip in clips:
-                if clip.is_image:
-                    pixels.append(process_images(list(clip.frames), self.image_processor, self.model.config)[0])
-                    sizes.append((clip.frames.shape[2], clip.frames.shape[1]))
-                    modalities.append("image")
-                else:
-                    pixels.append(self.image_processor.preprocess_frames(clip.frames, self.model.device,
-                                                                         self.model.dtype))
-                    sizes.append(None)
-                    modalities.append("video")
+                clip_pixels, size, modality = self.family.preprocess(clip, self.image_processor, self.model)
+                pixels.append(clip_pixels)
+                sizes.append(size)
+                modalities.append(modality)
         features = self.model.visual_features(pixels, sizes, modalities, plan)
         seconds = time.perf_counter() - started
         return [EncodedVisual(clip, feature, modality, seconds, config)
@@ -491,18 +484,10 @@ class VideoLLM:
 
     def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]], system: str | None = None) -> str:
         """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first;
-        ``system`` replaces the template's system message."""
-        conv = get_conversation(self.conv_template)
-        if system is not None:
-            conv.system = system
-        for i, (question, answer) in enumerate(turns):
-            if i == 0:
-                if self.time_aware and visual.modality == "video":
-                    question = f"{time_instruction(visual.clip)}\n{question}"
-                question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-            conv.append_message(conv.roles[0], question)
-            conv.append_message(conv.roles[1], answer)
-        return conv.get_prompt()
+        ``system`` replaces the template's system message. The model's family builds it."""
+        if self.time_aware and visual.modality == "video":
+            turns = [(f"{time_instruction(visual.clip)}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+        return self.family.prompt(turns, visual.modality, system, self.conv_template, self.tokenizer)
 
     def respond(self, visual: EncodedVisual, turns: list[tuple[str, str | None]],
                 stream: Callable[[str], None] | None = None, **generation) -> Response:

@@ -26,7 +26,7 @@ from aim_llava.errors import InputError
 from aim_llava.mm_utils import get_anyres_image_grid_shape
 from aim_llava.model.config import LlavaConfig
 from aim_llava.reduction.plan import ReductionPlan
-from aim_llava.tensors import to_device
+from aim_llava.tensors import host_values, to_device
 from aim_llava.timing import stage
 
 MODALITIES = ("image", "video")
@@ -36,9 +36,11 @@ MODALITIES = ("image", "video")
 class MultimodalInputs:
     """A left-padded batch ready for the decoder.
 
-    inputs_embeds [B, L, H]; valid [B, L] (False on padding); position_ids [B, L];
-    visual [B, L] marks visual tokens (including newline tokens); padded: any padding at all.
-    Host counts per sample: ``num_visual`` visual tokens, ``lengths`` real tokens.
+    inputs_embeds [B, L, H]; valid [B, L] (False on padding); position_ids [B, L], or [B, L, 3]
+    (time, height, width) for multimodal RoPE; visual [B, L] marks visual tokens (including
+    newline tokens); padded: any padding at all. Host counts per sample: ``num_visual`` visual
+    tokens, ``lengths`` real tokens, ``next_position`` the position of the first token after the
+    prompt (None: one after the last row's, which is the length of 1-D positions).
     """
 
     inputs_embeds: torch.Tensor
@@ -48,6 +50,18 @@ class MultimodalInputs:
     padded: bool
     num_visual: list[int]
     lengths: list[int]
+    next_position: list[int] | None = None
+
+    @property
+    def extents(self) -> list[int]:
+        """Per sample, the position the first generated token takes (host values)."""
+        return self.next_position if self.next_position is not None else self.lengths
+
+    def next_positions(self) -> torch.Tensor:
+        """[B] on the device: the position the first generated token takes (all axes alike)."""
+        if self.next_position is not None:
+            return host_values(self.next_position, self.position_ids.device)
+        return self.position_ids[:, -1] + 1
 
 
 def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
