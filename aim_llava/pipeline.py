@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
-from aim_llava.conversation import get_conversation
 from aim_llava.errors import InputError
 from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
@@ -37,7 +36,15 @@ from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
-from aim_llava.video import MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.video import (
+    FRAME_RULES,
+    MediaLimits,
+    VideoClip,
+    VideoError,
+    is_image_file,
+    load_video,
+    validate_sampling,
+)
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
 
 logger = logging.getLogger("aim_llava.cache")
@@ -48,7 +55,8 @@ DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
 
 @dataclass
 class SamplingOptions:
-    """How frames are taken from a video (see :func:`aim_llava.video.load_video`)."""
+    """How frames are taken from a video (see :func:`aim_llava.video.load_video`); the model's
+    family sets ``frame_rule``."""
 
     num_frames: int = 32
     fps: float | None = None
@@ -56,9 +64,12 @@ class SamplingOptions:
     start: float | None = None
     end: float | None = None
     backend: str = "auto"
+    frame_rule: str = "llava"
 
     def __post_init__(self) -> None:
         validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end)
+        if self.frame_rule not in FRAME_RULES:
+            raise VideoError(f"unknown frame rule {self.frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
 
 
 @dataclass
@@ -318,12 +329,13 @@ class VideoLLM:
             raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
         self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.prefix_reuse = prefix_reuse
-        self.sampling = sampling or SamplingOptions()
+        family_sampling = self.family.sampling(dataclasses.asdict(sampling)) if sampling else None
+        self.sampling = SamplingOptions(**(family_sampling or self.family.default_sampling(image_processor)))
         self._plans: dict[ReductionConfig, ReductionPlan] = {}
         self.reduction = self.resolve(reduction if reduction is not None else "baseline")
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template
-        get_conversation(conv_template)
+        self.family.check_template(conv_template)
         self.time_aware = time_aware
 
     @classmethod
@@ -348,7 +360,6 @@ class VideoLLM:
         ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class).
         """
         check_reduction_spec(reduction)
-        sampling = sampling or SamplingOptions()
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
@@ -386,7 +397,7 @@ class VideoLLM:
         options = dataclasses.replace(self.sampling, **sampling)
         return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
                           options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
-                          limits=limits)
+                          limits=limits, frame_rule=options.frame_rule)
 
     def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
              **sampling) -> VideoClip | EncodedVisual:
@@ -487,7 +498,8 @@ class VideoLLM:
         ``system`` replaces the template's system message. The model's family builds it."""
         if self.time_aware and visual.modality == "video":
             turns = [(f"{time_instruction(visual.clip)}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
-        return self.family.prompt(turns, visual.modality, system, self.conv_template, self.tokenizer)
+        return self.family.prompt(turns, visual.modality, system, self.conv_template, self.tokenizer,
+                                  self.image_processor)
 
     def respond(self, visual: EncodedVisual, turns: list[tuple[str, str | None]],
                 stream: Callable[[str], None] | None = None, **generation) -> Response:

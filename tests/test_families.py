@@ -39,7 +39,7 @@ def test_cli_refuses_another_family_in_one_line(tmp_path, capsys):
     code = main(["ask", str(video), "What happens?", "--model", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "model_type 'qwen3_vl' is not a model family aim-llava runs" in err and "LLaVA-OneVision" in err
+    assert "model_type 'qwen3_vl' is not a model family aim-llava runs" in err and "Qwen2.5-VL" in err
 
 
 def test_multimodal_rope_equals_transformers_qwen2_5_vl():

@@ -61,13 +61,16 @@ class ModelFamily:
         """The processor that turns frames and images into the model's pixel input."""
         raise NotImplementedError
 
-    def default_sampling(self) -> dict:
+    def default_sampling(self, processor) -> dict:
         """How frames are sampled when the caller says nothing (``SamplingOptions`` fields)."""
         return {}
 
     def sampling(self, options: dict) -> dict:
-        """The caller's sampling fields (``num_frames``, ``fps``...) adapted to the family's rules."""
+        """The caller's sampling fields (``num_frames``, ``fps``...) with the family's frame rule."""
         return options
+
+    def check_template(self, name: str) -> None:
+        """Refuse a conversation template the family's prompts cannot use."""
 
     def preprocessing_key(self, processor, config) -> tuple:
         """What of the processor and the config decides how frames become visual tokens (part of
@@ -79,7 +82,7 @@ class ModelFamily:
         raise NotImplementedError
 
     def prompt(self, turns: list[tuple[str, str | None]], modality: str, system: str | None, template: str,
-               tokenizer) -> str:
+               tokenizer, processor=None) -> str:
         """The chat prompt of ``turns`` [(question, answer or None)] with the visual's place marked
         ``<image>`` in the first turn (``tokenizer_image_token`` turns it into the placeholder id)."""
         raise NotImplementedError
@@ -119,6 +122,7 @@ class FamilyEntry:
 FAMILIES: dict[str, FamilyEntry] = {
     "llava_onevision": FamilyEntry("LLaVA-OneVision / LLaVA-Video", ("llava", "llava_qwen", "llava_onevision"),
                                    "aim_llava.model.llava_onevision_family"),
+    "qwen2_5_vl": FamilyEntry("Qwen2.5-VL", ("qwen2_5_vl",), "aim_llava.model.qwen2_5_vl.family"),
 }
 
 

@@ -60,7 +60,10 @@ class LlavaOnevisionFamily(ModelFamily):
             return pixels, (clip.frames.shape[2], clip.frames.shape[1]), "image"
         return processor.preprocess_frames(clip.frames, model.device, model.dtype), None, "video"
 
-    def prompt(self, turns, modality, system, template, tokenizer) -> str:
+    def check_template(self, name: str) -> None:
+        get_conversation(name)
+
+    def prompt(self, turns, modality, system, template, tokenizer, processor=None) -> str:
         """The conversation template's prompt (``qwen_1_5`` for these checkpoints)."""
         conv = get_conversation(template)
         if system is not None:

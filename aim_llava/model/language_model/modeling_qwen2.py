@@ -15,6 +15,7 @@ from aim_llava.model.attention import attend
 from aim_llava.model.config import TextConfig
 from aim_llava.model.language_model.kv_cache import KVCache, LayerCache
 from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState
+from aim_llava.tensors import to_device
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -45,12 +46,13 @@ class RotaryEmbedding:
         self.theta = theta
         self.max_positions = max_positions
         self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.axis_of_channel: torch.Tensor | None = None
+        self.channel_axes: list[int] | None = None  # with multimodal RoPE: the axis each channel turns with
+        self.axis_tables: dict[torch.device, torch.Tensor] = {}
         if mrope_section is not None:
             if sum(mrope_section) != head_dim // 2:
                 raise ValueError(f"mrope_section {list(mrope_section)} must add up to half the head size {head_dim}")
-            axes = torch.cat([torch.full((size,), axis % 3) for axis, size in enumerate(mrope_section)])
-            self.axis_of_channel = torch.cat([axes, axes])
+            axes = [axis % 3 for axis, size in enumerate(mrope_section) for _ in range(size)]
+            self.channel_axes = axes + axes
 
     def table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (torch.device(device), dtype)
@@ -67,9 +69,12 @@ class RotaryEmbedding:
         cos, sin = self.table(position_ids.device, dtype)
         if position_ids.dim() == 2:
             return cos[position_ids], sin[position_ids]
-        if self.axis_of_channel is None:
+        if self.channel_axes is None:
             raise ValueError("positions with (time, height, width) axes need a model with multimodal RoPE")
-        axis = self.axis_of_channel.to(position_ids.device).expand(*position_ids.shape[:-1], -1)
+        device = position_ids.device
+        if device not in self.axis_tables:
+            self.axis_tables[device] = to_device(torch.tensor(self.channel_axes), device)
+        axis = self.axis_tables[device].expand(*position_ids.shape[:-1], -1)
         per_channel = position_ids.gather(-1, axis)  # [B, L, head_dim]: each channel's position
         channel = torch.arange(self.head_dim, device=position_ids.device)
         return cos[per_channel, channel], sin[per_channel, channel]
