@@ -177,8 +177,7 @@ def test_ficoco_l_removes_the_reference_tokens(qwen25, mode):
     assert torch.equal(out.reduction.kept[2][0], ~removed)
 
 
-@pytest.mark.parametrize("method", [{"method": "fastv"}, {"method": "ficoco_l", "keep_ratio": 0.5},
-                                    {"method": "aim", "merge_ratio": None}])
+@pytest.mark.parametrize("method", [{"method": "fastv"}, {"method": "ficoco_l", "keep_ratio": 0.5}])
 def test_removing_carries_positions_and_equals_masking(qwen25, method):
     """Remove mode drops the pruned rows with their (t, h, w); the rows left keep the positions of
     the prompt rows they came from, and the last token's logits equal mask mode's (where the
