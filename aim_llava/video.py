@@ -93,12 +93,15 @@ class MediaLimits:
     frame; tests/test_video.py), and nothing larger is kept; the sampled frames may hold
     ``max_pixels`` pixels at that size (a sampling that would hold more is refused before anything
     is decoded); one decoded image or video frame may have ``max_source_pixels`` (checked from its
-    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value)."""
+    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value).
+    With ``keep_aspect`` (models that take frames at their native resolution), a frame keeps its
+    aspect ratio and is only shrunk, to at most ``frame_size`` squared pixels."""
 
     frame_size: int
     max_pixels: int
     max_source_pixels: int
     deadline: float | None = None
+    keep_aspect: bool = False
 
     def check_frames(self, count: int, source: str) -> None:
         held = count * self.frame_size**2
@@ -117,8 +120,11 @@ class MediaLimits:
             raise ReadingTimeExceeded(f"reading {source} took longer than the request's time limit")
 
     def frame(self, image: Image.Image) -> np.ndarray:
-        """A decoded RGB image at the model's input size."""
+        """A decoded RGB image at the model's input size (within it, keeping its aspect ratio)."""
         size = (self.frame_size, self.frame_size)
+        if self.keep_aspect:
+            scale = min(1.0, self.frame_size / math.sqrt(image.width * image.height))
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         return np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC))
 
 

@@ -91,7 +91,8 @@ class Service:
         per server: the model's, shared by every request; runs in a worker thread, off the event
         loop)."""
         size = self.llm.image_processor.image_size
-        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline)
+        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline,
+                             keep_aspect=self.llm.family.native_resolution)
         request = job.request
 
         def load(path: str) -> VideoClip | EncodedVisual:
