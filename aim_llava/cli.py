@@ -126,7 +126,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help="local checkpoint directory (default: $AIM_LLAVA_MODEL or %(default)s)")
     parser.add_argument("--config", default="baseline",
                         help="reduction preset name, YAML path, or budget:FRACTION (e.g. budget:0.15)")
-    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly (default 32)")
+    parser.add_argument("--frames", type=positive_int,
+                        help="frames sampled uniformly (default: the model's rule, 32 frames for LLaVA-OneVision, "
+                             "2 a second for Qwen2.5-VL)")
     parser.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
     parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
     parser.add_argument("--start", type=non_negative_float, help="window start in seconds")
@@ -317,6 +319,7 @@ def report(record: dict, args, many: bool, progress=None) -> None:
 
 def run(args) -> int:
     from aim_llava.model.builder import checkpoint_config
+    from aim_llava.model.families import family_of
     from aim_llava.pipeline import SamplingOptions
     from aim_llava.reduction.budget import resolve_reduction
 
@@ -332,10 +335,12 @@ def run(args) -> int:
     question = check_text(args.question, "the question") if args.command == "ask" else None
     if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
-    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend)
+    sampling = requested_sampling(args)
+    SamplingOptions(**{"num_frames": 32, **sampling})  # checked before the model loads
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
-    reduction = resolve_reduction(args.config, model_config, sampling.max_frames or sampling.num_frames)
+    family_of(model_config).check_template(args.template)
+    reduction = resolve_reduction(args.config, model_config, args.max_frames or args.frames or 32)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
         resolve_output(args.output, videos + sources)
@@ -373,7 +378,14 @@ def run(args) -> int:
     return merge_caption_shards(shard, videos, args.output, failures)
 
 
-def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, device):
+def requested_sampling(args) -> dict:
+    """The sampling fields the command line sets (the model's own rule gives the others)."""
+    fields = {"num_frames": args.frames, "fps": args.fps, "max_frames": args.max_frames, "start": args.start,
+              "end": args.end, "backend": args.backend}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def caption_records(args, todo: list[tuple[str, str]], reduction, sampling: dict, device):
     """The records of the (video, question) items, in order. The model is loaded only if some
     video exists; the next videos are read in worker threads while the model works on a batch."""
     from aim_llava.pipeline import GenerationOptions, Request, VideoLLM

@@ -316,7 +316,7 @@ class VideoLLM:
         model,
         image_processor,
         reduction: str | dict | ReductionConfig | None = None,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
@@ -329,14 +329,24 @@ class VideoLLM:
             raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
         self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.prefix_reuse = prefix_reuse
-        family_sampling = self.family.sampling(dataclasses.asdict(sampling)) if sampling else None
-        self.sampling = SamplingOptions(**(family_sampling or self.family.default_sampling(image_processor)))
+        self.sampling = self.sampling_options(sampling)
         self._plans: dict[ReductionConfig, ReductionPlan] = {}
         self.reduction = self.resolve(reduction if reduction is not None else "baseline")
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template
         self.family.check_template(conv_template)
         self.time_aware = time_aware
+
+    def sampling_options(self, sampling: SamplingOptions | dict | None) -> SamplingOptions:
+        """The options given, with the family's frame rule; a mapping of fields changes the family's
+        default (given ``num_frames`` or ``fps``, the default's own counts do not apply)."""
+        if isinstance(sampling, SamplingOptions):
+            fields = dataclasses.asdict(sampling)
+        else:
+            sampling = dict(sampling or {})
+            counts = "num_frames" in sampling or "fps" in sampling
+            fields = {**({} if counts else self.family.default_sampling(self.image_processor)), **sampling}
+        return SamplingOptions(**self.family.sampling(fields))
 
     @classmethod
     def from_pretrained(
@@ -348,7 +358,7 @@ class VideoLLM:
         attn_implementation: str = "sdpa",
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         cache_mb: float = DEFAULT_CACHE_MB,
         prefix_reuse: bool = True,
@@ -357,7 +367,9 @@ class VideoLLM:
 
         ``reduction="budget:0.15"`` picks the AIM setting that fits 15% of the baseline's prefill
         FLOPs for this model at the sampling's frame count (``max_frames`` when sampling by fps).
-        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class).
+        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class). ``sampling``: options, a
+        mapping of the fields to change in the model's own rule (32 frames for LLaVA-OneVision, 2 a
+        second for Qwen2.5-VL), or None for that rule.
         """
         check_reduction_spec(reduction)
         tokenizer, model, processor, _ = load_pretrained_model(
