@@ -57,7 +57,7 @@ def test_frame_pixel_cap_is_qwen_vl_utils(frames):
     cap = max(min(high, total / frames * vision_process.FRAME_FACTOR), int(low * 1.05))
     processor = Qwen2_5_VLProcessor(Qwen2_5_VLVisionConfig(), ProcessorSettings())
     for height, width in ((720, 1280), (1080, 1920), (2160, 3840)):
-        assert processor.video_size(frames, height, width) == vision_process.smart_resize(height, width, factor, low,
+        assert processor.resized_video_size(frames, height, width) == vision_process.smart_resize(height, width, factor, low,
                                                                                            cap)
 
 

@@ -45,6 +45,8 @@ class ModelFamily:
     title: str = ""
     model_types: tuple[str, ...] = ()
     layouts: tuple[str, ...] = ()
+    bench_frame_size: tuple[int, int] = (360, 640)  # (height, width) of the bench's synthetic frames
+    native_resolution: bool = False  # frames keep their aspect ratio (else the processor squares them)
 
     def read_config(self, raw: dict, source: str):
         """The family's config object from a parsed config.json."""

@@ -42,6 +42,8 @@ class Qwen2_5_VLFamily(ModelFamily):
     layouts = ("transformers (`Qwen/Qwen2.5-VL-3B-Instruct`, `-7B-`, `-32B-`, `-72B-Instruct`): model_type "
                "`qwen2_5_vl`, tensors `visual.*`, `model.layers.*`, `lm_head` as published, or "
                "`model.visual.*`, `model.language_model.*` as transformers 5 saves them",)
+    bench_frame_size = (FLOPS_FRAME_SIZE, FLOPS_FRAME_SIZE)
+    native_resolution = True
 
     def read_config(self, raw: dict, source: str) -> Qwen2_5_VLConfig:
         return config_from_dict(raw, source)

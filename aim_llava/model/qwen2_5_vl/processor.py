@@ -161,13 +161,19 @@ class Qwen2_5_VLProcessor:
         self.image_mean, self.image_std = self.settings.image_mean, self.settings.image_std
         self.staging = PinnedStaging()
 
-    def video_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+    @property
+    def image_size(self) -> int:
+        """The side of a square frame of the most pixels a video frame may keep (what media read
+        under limits are shrunk to, keeping their aspect ratio)."""
+        return math.isqrt(self.settings.video_max_pixels)
+
+    def resized_video_size(self, frames: int, height: int, width: int) -> tuple[int, int]:
         """The (height, width) ``frames`` sampled frames of ``height`` x ``width`` are resized to."""
         factor = self.vision.merge_factor
         return smart_resize(height, width, factor, self.settings.video_min_pixels,
                             self.settings.frame_max_pixels(frames, factor))
 
-    def image_size(self, height: int, width: int) -> tuple[int, int]:
+    def resized_image_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.vision.merge_factor, self.settings.image_min_pixels,
                             self.settings.image_max_pixels)
 
@@ -177,7 +183,7 @@ class Qwen2_5_VLProcessor:
         qwen-vl-utils' 2 is assumed) -> their patches."""
         frames = as_frames(frames)
         count, height, width, _ = frames.shape
-        size = self.video_size(count, height, width)
+        size = self.resized_video_size(count, height, width)
         pixels = self.normalised(frames, size, device, dtype)
         seconds = self.vision.temporal_patch_size / (sampled_fps if sampled_fps > 0 else DEFAULT_FPS)
         return self.patches(pixels, "video", seconds)
@@ -185,7 +191,7 @@ class Qwen2_5_VLProcessor:
     def image(self, image, device: torch.device | str, dtype: torch.dtype = torch.float32) -> VisualInput:
         """One image (PIL, or an HxWx3 uint8 array) -> its patches, at its native resolution."""
         frame = as_frames(np.array(to_pil(image))[None])
-        size = self.image_size(*frame.shape[1:3])
+        size = self.resized_image_size(*frame.shape[1:3])
         return self.patches(self.normalised(frame, size, device, dtype), "image")
 
     def normalised(self, frames: torch.Tensor, size: tuple[int, int], device, dtype) -> torch.Tensor:
