@@ -20,22 +20,11 @@ from safetensors.torch import save_file
 from aim_llava.model.qwen2_5_vl.chat import QWEN2_5_VL_CHAT_TEMPLATE
 from aim_llava.model.qwen2_5_vl.config import Qwen2_5_VLConfig, config_from_dict
 from aim_llava.model.qwen2_5_vl.processor import CLIP_MEAN, CLIP_STD
-from aim_llava.tiny_checkpoint import MAX_SHARD_BYTES, TINY_VOCAB_SIZE, build_tokenizer, write_shards
+from aim_llava.tiny_checkpoint import MAX_SHARD_BYTES, TINY_TEXT, build_tokenizer, write_shards
 
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-TINY_QWEN_TEXT = {
-    "vocab_size": TINY_VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": False,
-}
+TINY_QWEN_TEXT = TINY_TEXT  # the tiny LLaVA-OneVision's LLM: 6 layers, 4 heads of 16, 2 key/value heads
 TINY_QWEN_MROPE_SECTION = [2, 3, 3]  # half the text head size (16 / 2)
 TINY_QWEN_VISION = {
     "depth": 4,

@@ -203,21 +203,32 @@ class LlavaMetaForCausalLM:
         them, on the CPU): the layout is planned there and only the embeddings are assembled on the
         device, without reading anything back from it.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        rows = input_ids.tolist()
-        keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
-        sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
-        n_placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
-        if visual_features is not None:
-            features = list(visual_features)
-        else:
-            features = self.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
-        if n_placeholders != len(features):
-            raise InputError(
-                f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"
-            )
+        sequences, features = prompts_and_visuals(self, input_ids, attention_mask, images, image_sizes, modalities,
+                                                  visual_features, reduction)
         return assemble_inputs(sequences, features, self.model.embed_tokens, self.config.max_length, self.device)
+
+
+def prompts_and_visuals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images, image_sizes,
+                        modalities, visual_features: list | None, reduction: ReductionPlan | None
+                        ) -> tuple[list[list[int]], list]:
+    """The prompts' real token ids (host lists, padding left out) and one visual per placeholder:
+    ``visual_features`` as given, or ``model.visual_features`` of ``images``; a count that does not
+    match the placeholders is an InputError."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    rows = input_ids.tolist()
+    keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
+    sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
+    n_placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
+    if visual_features is not None:
+        features = list(visual_features)
+    else:
+        features = model.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
+    if n_placeholders != len(features):
+        raise InputError(
+            f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"
+        )
+    return sequences, features
 
 
 def assemble_inputs(sequences: list[list[int]], features: list[torch.Tensor], embed: nn.Embedding,

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.model.language_model.llava_qwen import Qwen2MultimodalForCausalLM
 from aim_llava.model.language_model.modeling_qwen2 import Qwen2Model
-from aim_llava.model.llava_arch import MultimodalInputs, assemble_inputs
+from aim_llava.model.llava_arch import MultimodalInputs, assemble_inputs, prompts_and_visuals
 from aim_llava.model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from aim_llava.model.qwen2_5_vl.positions import VisualTokens, rope_positions
 from aim_llava.model.qwen2_5_vl.processor import VisualInput
@@ -119,19 +118,8 @@ class Qwen2_5_VLForCausalLM(Qwen2MultimodalForCausalLM):
         visual's tokens, and multimodal positions (see :mod:`aim_llava.model.qwen2_5_vl.positions`).
         ``images``: :class:`VisualInput` s from the processor, or ``visual_features`` already
         encoded. Token ids are read on the host."""
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        rows = input_ids.tolist()
-        keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
-        sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
-        placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
-        if visual_features is not None:
-            features = list(visual_features)
-        else:
-            features = self.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
-        if placeholders != len(features):
-            raise InputError(f"the prompt has {placeholders} visual placeholders but {len(features)} images/videos "
-                             "were given")
+        sequences, features = prompts_and_visuals(self, input_ids, attention_mask, images, image_sizes, modalities,
+                                                  visual_features, reduction)
         if not all(isinstance(feature, VisualTokens) for feature in features):
             raise InputError("Qwen2.5-VL's visual features carry their grid cells: pass what visual_features() gives")
         inputs = assemble_inputs(sequences, [feature.embeds for feature in features], self.model.embed_tokens,
