@@ -20,22 +20,24 @@ from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_ten
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.families import family_of, read_config_file
 from aim_llava.model.language_model.llava_qwen import Qwen2MultimodalForCausalLM
+from aim_llava.model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from aim_llava.reduction.config import load_reduction_config
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+ModelConfig = LlavaConfig | Qwen2_5_VLConfig  # a config of any family
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def read_config(model_dir: Path):
+def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not os.path.exists(path):
         raise CheckpointError(f"{model_dir} has no config.json: is this a checkpoint directory?")
     return read_config_file(path)
 
 
-def checkpoint_config(model_path: str | Path):
+def checkpoint_config(model_path: str | Path) -> ModelConfig:
     """The config of a local checkpoint directory (its family's config object), read without loading
     any weights."""
     model_dir = Path(model_path).expanduser()
@@ -46,7 +48,7 @@ def checkpoint_config(model_path: str | Path):
     return read_config(model_dir)
 
 
-def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> LlavaConfig:
+def apply_overrides(config: ModelConfig, overwrite_config: dict | None) -> ModelConfig:
     """Replace top-level config fields by name (LLaVA-NeXT's ``overwrite_config``)."""
     if not overwrite_config:
         return config
@@ -71,7 +73,7 @@ def resolve_device(device_map) -> torch.device:
     return device
 
 
-def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(torch_dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
     """'auto': decided by the device's capabilities and logged (:func:`aim_llava.capabilities.auto_dtype`):
     on a CPU bfloat16 where it computes bfloat16 in hardware, else float32; on a GPU the
     checkpoint's dtype, float16 in place of bfloat16 where the GPU has no bfloat16."""
@@ -96,7 +98,7 @@ def load_tokenizer(model_dir: Path):
         raise CheckpointError(f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first})") from None
 
 
-def check_tokenizer_fits(tokenizer, config: LlavaConfig, model_dir: Path) -> None:
+def check_tokenizer_fits(tokenizer, config: ModelConfig, model_dir: Path) -> None:
     """Every id the tokenizer can produce must have a row in the model's embedding table."""
     largest = max(tokenizer.get_vocab().values(), default=-1)
     if largest >= config.text.vocab_size:
@@ -108,7 +110,7 @@ def check_tokenizer_fits(tokenizer, config: LlavaConfig, model_dir: Path) -> Non
 
 def build_model(
     model_dir: Path,
-    config: LlavaConfig,
+    config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str,

@@ -2,8 +2,8 @@
 
 Its calls (prefill, forward, generation) are those of every family on our Qwen2 decoder, written
 once in :class:`Qwen2MultimodalForCausalLM`; a family adds its visual modules and
-``prepare_multimodal_inputs``. ``forward(input_ids, images=..., image_sizes=..., modalities=[...])`` gives logits;
-``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
+``prepare_multimodal_inputs``. ``forward(input_ids, images=..., image_sizes=..., modalities=[...])``
+gives logits; ``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
 an argument of each call (``reduction=plan``, a built
 :class:`~aim_llava.reduction.plan.ReductionPlan`; ``set_reduction`` only sets the default), and
 what it did comes back with the call's output.
