@@ -65,14 +65,14 @@ def test_budget_picks_the_costliest_setting_within_it():
 
 @pytest.mark.parametrize("preset", ["baseline", "aim_default", "pool_25"])
 def test_counts_are_those_the_model_runs_on_448_frames(qwen25, preset):
-    """The tiny model on 4 frames of 448 x 448 (the published processor's bounds): the visual
-    tokens entering each layer are the FLOPs report's."""
+    """The tiny model on 5 frames of 448 x 448 (the published processor's bounds; the last frame
+    repeated to fill a third group): the visual tokens entering each layer are the FLOPs report's."""
     tokenizer, model, _, _ = qwen25
     processor = Qwen2_5_VLProcessor(model.config.vision, ProcessorSettings())
-    clip = processor.video(random_frames(4, 448, 448, seed=1), "cpu", torch.float32, 2.0)
+    clip = processor.video(random_frames(5, 448, 448, seed=1), "cpu", torch.float32, 2.0)
     reduction = load_reduction_config(preset)
     with torch.no_grad():
         out = model(torch.tensor([[1, 3, -200, 4, 10, 11, 2]]), images=[clip],
                     reduction=reduction.build(model.config.text.num_hidden_layers))
-    report = flops_report("tiny", model.config, reduction, 4, 0)
+    report = flops_report("tiny", model.config, reduction, 5, 0)
     assert [layer[0] for layer in out.reduction.visual_tokens_per_layer] == report.tokens_per_layer
