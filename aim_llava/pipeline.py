@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from aim_llava.capabilities import device_failure, is_device_failure, out_of_memory
-from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from aim_llava.conversation import get_conversation
+from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import DeviceFailure, InputError, NonFiniteOutputError
-from aim_llava.flops import video_token_counts
-from aim_llava.mm_utils import process_images, tokenizer_image_token
+from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.model.families import family_of
 from aim_llava.model.language_model.llava_qwen import GenerationOutput
 from aim_llava.prefetch import batches, read_ahead
 from aim_llava.prefix_cache import PrefixPrefill
@@ -39,7 +38,16 @@ from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
-from aim_llava.video import MAX_FRAMES, MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.video import (
+    FRAME_RULES,
+    MAX_FRAMES,
+    MediaLimits,
+    VideoClip,
+    VideoError,
+    is_image_file,
+    load_video,
+    validate_sampling,
+)
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
 
 logger = logging.getLogger("aim_llava.cache")
@@ -50,7 +58,8 @@ DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
 
 @dataclass
 class SamplingOptions:
-    """How frames are taken from a video (see :func:`aim_llava.video.load_video`)."""
+    """How frames are taken from a video (see :func:`aim_llava.video.load_video`); the model's
+    family sets ``frame_rule``."""
 
     num_frames: int = 32
     fps: float | None = None
@@ -59,9 +68,12 @@ class SamplingOptions:
     end: float | None = None
     backend: str = "auto"
     frame_rate: float = 1.0  # the frames per second of a directory of frame images
+    frame_rule: str = "llava"
 
     def __post_init__(self) -> None:
         validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end, self.frame_rate)
+        if self.frame_rule not in FRAME_RULES:
+            raise VideoError(f"unknown frame rule {self.frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
 
 
 @dataclass
@@ -287,6 +299,19 @@ class TokenClock:
             self.inner.end()
 
 
+def family_sampling(family, processor, sampling: SamplingOptions | dict | None) -> SamplingOptions:
+    """Sampling options for a model of ``family`` with ``processor``: the options given, with the
+    family's frame rule; a mapping of fields changes the family's default (given ``num_frames`` or
+    ``fps``, the default's own counts do not apply)."""
+    if isinstance(sampling, SamplingOptions):
+        fields = dataclasses.asdict(sampling)
+    else:
+        sampling = dict(sampling or {})
+        counts = "num_frames" in sampling or "fps" in sampling
+        fields = {**({} if counts else family.default_sampling(processor)), **sampling}
+    return SamplingOptions(**family.sampling(fields))
+
+
 class VideoLLM:
     """A loaded model plus the choices of how to sample, prompt and reduce.
 
@@ -308,7 +333,7 @@ class VideoLLM:
         model,
         image_processor,
         reduction: str | dict | ReductionConfig | None = None,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
@@ -316,17 +341,22 @@ class VideoLLM:
         prefix_reuse: bool = True,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.family = family_of(model.config)
         if cache_mb < 0:
             raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
         self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.prefix_reuse = prefix_reuse
-        self.sampling = sampling or SamplingOptions()
+        self.sampling = self.sampling_options(sampling)
         self._plans: dict[ReductionConfig, ReductionPlan] = {}
         self.reduction = self.resolve(reduction if reduction is not None else "baseline")
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template
-        get_conversation(conv_template)
+        self.family.check_template(conv_template)
         self.time_aware = time_aware
+
+    def sampling_options(self, sampling: SamplingOptions | dict | None) -> SamplingOptions:
+        """The options given, with the family's frame rule (:func:`family_sampling`)."""
+        return family_sampling(self.family, self.image_processor, sampling)
 
     @classmethod
     def from_pretrained(
@@ -338,7 +368,7 @@ class VideoLLM:
         attn_implementation: str = "sdpa",
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         cache_mb: float = DEFAULT_CACHE_MB,
         prefix_reuse: bool = True,
@@ -347,10 +377,11 @@ class VideoLLM:
 
         ``reduction="budget:0.15"`` picks the AIM setting that fits 15% of the baseline's prefill
         FLOPs for this model at the sampling's frame count (``max_frames`` when sampling by fps).
-        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class).
+        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class). ``sampling``: options, a
+        mapping of the fields to change in the model's own rule (32 frames for LLaVA-OneVision, 2 a
+        second for Qwen2.5-VL), or None for that rule.
         """
         check_reduction_spec(reduction)
-        sampling = sampling or SamplingOptions()
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
@@ -366,15 +397,17 @@ class VideoLLM:
         return resolve_reduction(reduction, self.model.config, frames)
 
     def plan(self, config: ReductionConfig) -> ReductionPlan:
-        """The built plan of a config (built once per config)."""
+        """The built plan of a config (built once per config; one the model's family cannot run is
+        refused)."""
         if config not in self._plans:
-            self._plans[config] = config.build(self.model.config.text.num_hidden_layers)
+            plan = config.build(self.model.config.text.num_hidden_layers)
+            self.family.check_reduction(plan)
+            self._plans[config] = plan
         return self._plans[config]
 
     def frame_limit(self, config: ReductionConfig) -> int:
         """The most frames whose visual tokens (after this reduction's merging) fit the context."""
-        per_frame = video_token_counts(self.model.config, self.plan(config), 1, 0)[0] - 1
-        return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
+        return self.family.frame_limit(self.model.config, self.plan(config))
 
     def load(self, source: str | Path | VideoClip, reduction=None, limits: MediaLimits | None = None,
              reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip:
@@ -387,7 +420,7 @@ class VideoLLM:
         options = dataclasses.replace(self.sampling, **sampling)
         return reader(source, options.num_frames, options.fps, options.max_frames, options.start, options.end,
                       options.backend, frame_limit=self.frame_limit(self.resolve(reduction)), limits=limits,
-                      frame_rate=options.frame_rate)
+                      frame_rate=options.frame_rate, frame_rule=options.frame_rule)
 
     def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
              reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip | EncodedVisual:
@@ -413,12 +446,7 @@ class VideoLLM:
     def preprocessing_key(self) -> tuple:
         """What of the processor and the model's config decides how frames become visual tokens
         (read at each look-up: a processor or config changed in place is a miss, never a stale hit)."""
-        processor = self.image_processor
-        model_config = self.model.config
-        return (type(processor).__name__, getattr(processor, "image_size", None),
-                tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
-                model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
-                model_config.mm_spatial_pool_stride)
+        return self.family.preprocessing_key(self.image_processor, self.model.config)
 
     def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
         """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
@@ -480,15 +508,10 @@ class VideoLLM:
         pixels, sizes, modalities = [], [], []
         with stage("preprocess", self.model.device):
             for clip in clips:
-                if clip.is_image:
-                    pixels.append(process_images(list(clip.frames), self.image_processor, self.model.config)[0])
-                    sizes.append((clip.frames.shape[2], clip.frames.shape[1]))
-                    modalities.append("image")
-                else:
-                    pixels.append(self.image_processor.preprocess_frames(clip.frames, self.model.device,
-                                                                         self.model.dtype))
-                    sizes.append(None)
-                    modalities.append("video")
+                clip_pixels, size, modality = self.family.preprocess(clip, self.image_processor, self.model)
+                pixels.append(clip_pixels)
+                sizes.append(size)
+                modalities.append(modality)
         features = self.model.visual_features(pixels, sizes, modalities, plan)
         seconds = time.perf_counter() - started
         return [EncodedVisual(clip, feature, modality, seconds, config)
@@ -498,18 +521,11 @@ class VideoLLM:
                system: str | None = None) -> str:
         """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first
         (none for a text-only conversation, ``visual`` None); ``system`` replaces the template's
-        system message."""
-        conv = get_conversation(self.conv_template)
-        if system is not None:
-            conv.system = system
-        for i, (question, answer) in enumerate(turns):
-            if i == 0 and visual is not None:
-                if self.time_aware and visual.modality == "video":
-                    question = f"{time_instruction(visual.clip)}\n{question}"
-                question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-            conv.append_message(conv.roles[0], question)
-            conv.append_message(conv.roles[1], answer)
-        return conv.get_prompt()
+        system message. The model's family builds it."""
+        if visual is not None and self.time_aware and visual.modality == "video":
+            turns = [(f"{time_instruction(visual.clip)}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+        return self.family.prompt(turns, None if visual is None else visual.modality, system, self.conv_template,
+                                  self.tokenizer, self.image_processor)
 
     def respond(self, visual: EncodedVisual, turns: list[tuple[str, str | None]],
                 stream: Callable[[str], None] | None = None, **generation) -> Response:

@@ -11,6 +11,10 @@ Sampling rules (the source's frame i has timestamp i / fps):
 * fps: one frame every 1/fps seconds from the window's start (the nearest source frame); when
   that gives more than ``max_frames``, uniform sampling of ``max_frames`` over the window instead
   (LLaVA-Video's rule).
+* ``frame_rule="qwen"`` (Qwen2.5-VL's rules, those of qwen-vl-utils): counts are even (a temporal
+  patch is 2 frames): ``num_frames`` rounded to the nearest even number, or by fps ``window x fps``
+  kept within [4, min(max_frames or 768, window)] and rounded down to even; the indices are
+  ``round(torch.linspace(first, last, count))``.
 
 Backends: ``decord``, ``pyav``, ``torchcodec`` and ``qwen`` (qwen-vl-utils' reader). Each decodes
 only what the sampled frames need, with all cores: pyav indexes the packets (no decoding) and
@@ -87,6 +91,7 @@ class VideoClip:
     fps: float
     source: str
     is_image: bool = False
+    sampled_fps: float = 0.0  # samples per second of the window they come from (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,15 @@ class MediaLimits:
     frame; tests/test_video.py), and nothing larger is kept; the sampled frames may hold
     ``max_pixels`` pixels at that size (a sampling that would hold more is refused before anything
     is decoded); one decoded image or video frame may have ``max_source_pixels`` (checked from its
-    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value)."""
+    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value).
+    With ``keep_aspect`` (models that take frames at their native resolution), a frame keeps its
+    aspect ratio and is only shrunk, to at most ``frame_size`` squared pixels."""
 
     frame_size: int
     max_pixels: int
     max_source_pixels: int
     deadline: float | None = None
+    keep_aspect: bool = False
 
     def check_frames(self, count: int, source: str) -> None:
         held = count * self.frame_size**2
@@ -123,8 +131,11 @@ class MediaLimits:
             raise ReadingTimeExceeded(f"reading {source} took longer than the request's time limit")
 
     def frame(self, image: Image.Image) -> np.ndarray:
-        """A decoded RGB image at the model's input size."""
+        """A decoded RGB image at the model's input size (within it, keeping its aspect ratio)."""
         size = (self.frame_size, self.frame_size)
+        if self.keep_aspect:
+            scale = min(1.0, self.frame_size / math.sqrt(image.width * image.height))
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         return np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC))
 
 
@@ -164,6 +175,33 @@ def frame_window(total: int, fps: float, start: float | None, end: float | None,
     return first, last
 
 
+QWEN_FRAME_FACTOR = 2  # Qwen2.5-VL's temporal patch: frame counts are multiples of it
+QWEN_MIN_FRAMES = 4
+QWEN_MAX_FRAMES = 768
+FRAME_RULES = ("llava", "qwen")
+
+
+def qwen_frame_count(window_frames: int, source_fps: float, opts: dict) -> int:
+    """qwen-vl-utils' count (``smart_nframes``): ``num_frames`` rounded to even, or by fps
+    ``window / source_fps * fps`` kept within [4, max_frames] and the window, rounded down to even;
+    at least 2 (a shorter window repeats its frames)."""
+    factor = QWEN_FRAME_FACTOR
+    if opts["fps"] is None:
+        wanted = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
+        return max(factor, round(wanted / factor) * factor)
+    least = math.ceil(QWEN_MIN_FRAMES / factor) * factor
+    most = math.floor(min(opts["max_frames"] or QWEN_MAX_FRAMES, window_frames) / factor) * factor
+    count = min(max(window_frames / source_fps * opts["fps"], least), most, window_frames)
+    return max(factor, math.floor(count / factor) * factor)
+
+
+def qwen_indices(first: int, last: int, count: int) -> list[int]:
+    """qwen-vl-utils' indices: ``torch.linspace(first, last, count).round()``."""
+    import torch
+
+    return torch.linspace(first, last, count).round().long().tolist()
+
+
 def check_frame_count(count: int, limit: int | None, source: str) -> None:
     if limit is not None and count > limit:
         raise VideoError(
@@ -189,6 +227,10 @@ def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> li
     """The sampled frame indices, their count checked against the limits before they are built
     (an fps sampling of a long source could otherwise list millions)."""
     first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
+    if opts.get("frame_rule") == "qwen":
+        count = qwen_frame_count(last - first + 1, source_fps, opts)
+        check_sampled_count(count, opts.get("frame_limit"), opts.get("limits"), source)
+        return qwen_indices(first, last, count)
     if opts["fps"] is not None:
         count = fps_frame_count(first, last, source_fps, opts["fps"], opts["max_frames"])
     else:
@@ -504,7 +546,7 @@ def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
         size = size or frame.size
         frames.append(np.asarray(frame if frame.size == size else frame.resize(size, Image.BILINEAR)))
     return VideoClip(np.stack(frames), indices, [i / source_fps for i in indices], len(files) / source_fps,
-                     source_fps, "frames")
+                     source_fps, "frames", sampled_fps=sampled_rate(indices, len(files), source_fps, opts))
 
 
 MAX_FRAMES = 100_000  # far beyond any model's context; a bound on what a request may ask
@@ -547,6 +589,12 @@ def probe(path: str | Path, start: float | None = None) -> None:
         raise VideoError(f"start={start}s is beyond the end of {path} ({duration:.2f}s)")
 
 
+def sampled_rate(indices: list[int], total: int, source_fps: float, opts: dict) -> float:
+    """Samples per second of the window they were taken from (qwen-vl-utils' ``sample_fps``)."""
+    first, last = frame_window(total, source_fps, opts["start"], opts["end"], "the source")
+    return len(indices) / (last - first + 1) * source_fps
+
+
 def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end,
                       frame_rate: float = 1.0) -> None:
     if num_frames is None or num_frames < 1:
@@ -576,17 +624,24 @@ def load_video(
     frame_limit: int | None = None,
     limits: MediaLimits | None = None,
     frame_rate: float = 1.0,
+    frame_rule: str = "llava",
 ) -> VideoClip:
     """Sample frames from a video file, a directory of frame images, or one image file.
 
     Frame directories are taken at ``frame_rate`` frames per second (sorted by name, numbers
     compared as numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
     ``frame_limit`` frames is refused before any frame is decoded. ``limits``: read an untrusted
-    source (see :class:`MediaLimits`; videos with PyAV).
+    source (see :class:`MediaLimits`; videos with PyAV). ``frame_rule``: ``llava`` (the published
+    rules above) or ``qwen`` (Qwen2.5-VL's).
     """
     validate_sampling(num_frames, fps, max_frames, start, end, frame_rate)
+    if frame_rule not in FRAME_RULES:
+        raise VideoError(f"unknown frame rule {frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
     if fps is None:
-        check_sampled_count(uniform_frame_count(num_frames, max_frames), frame_limit, limits, str(path))
+        count = uniform_frame_count(num_frames, max_frames)
+        if frame_rule == "qwen":
+            count = qwen_frame_count(count, 1.0, dict(fps=None, num_frames=count, max_frames=None))
+        check_sampled_count(count, frame_limit, limits, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if limits is not None and backend not in ("auto", "pyav"):
@@ -594,7 +649,7 @@ def load_video(
     check_local(path)
     path = Path(path)
     opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit,
-                limits=limits, frame_rate=frame_rate)
+                limits=limits, frame_rate=frame_rate, frame_rule=frame_rule)
     if path.is_dir():
         return _load_frame_dir(path, opts)
     if path.stat().st_size == 0:
@@ -619,7 +674,9 @@ def load_video(
             continue
         check_frame_count(len(indices), frame_limit, str(path))  # qwen-vl-utils picks its own count
         timestamps = [i / source_fps for i in indices]
-        return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name)
+        # qwen-vl-utils counts the window's frames as the video's
+        rate = len(indices) / total * source_fps if name == "qwen" else sampled_rate(indices, total, source_fps, opts)
+        return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name, sampled_fps=rate)
     if not failures:
         raise VideoError(f"no video backend is installed for {backend!r} (pip install av)")
     raise VideoError(f"cannot decode {path} as a video ({'; '.join(failures)})")

@@ -49,11 +49,12 @@ def file_identity(path: str | Path, max_entries: int | None = None) -> tuple:
 
 
 def clip_digest(clip: VideoClip) -> str:
-    """A digest of a clip's pixels, shape, frame indices and times."""
+    """A digest of a clip's pixels, shape, frame indices and times (its sampling rate among them:
+    Qwen2.5-VL's time positions depend on it)."""
     digest = hashlib.blake2b(digest_size=20)
     frames = np.ascontiguousarray(clip.frames)
     digest.update(repr((frames.shape, str(frames.dtype), clip.indices, clip.timestamps, clip.duration, clip.fps,
-                        clip.is_image)).encode())
+                        clip.is_image, clip.sampled_fps)).encode())
     digest.update(memoryview(frames).cast("B"))
     return digest.hexdigest()
 

@@ -93,3 +93,12 @@ def test_decoding_reads_back_only_its_host_copies(loaded, spec, sampling):
     stray = [p for p in ours if not (p.where.startswith(inspect.getfile(HostMirror)) and
                                      int(p.where.rsplit(":", 1)[1]) in host_copies)]
     assert stray == []
+
+
+def test_counting_leaves_tensors_as_they_were():
+    """Watching ``tensor[index]`` by replacing Tensor.__getitem__ on the class would give every
+    tensor a sequence slot for the rest of the process, after which torch.tensor of a list of 0-d
+    tensors fails (transformers' Qwen2.5-VL positions build one)."""
+    with count_sync_points():
+        torch.arange(3.0)[torch.tensor([True, False, True])]
+    assert torch.tensor([torch.tensor(1), torch.tensor(2)]).tolist() == [1, 2]

@@ -272,6 +272,7 @@ class HeadGroupPageRank:
         return sums.log_().add_(top).masked_fill_(none, NEG_INF)
 
 
+@torch.no_grad()
 def pagerank_log_importance_factored(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor,
                                      log_start: torch.Tensor, scale: float, temperature: float = 0.1,
                                      iterations: int = 5, panel_rows: int = PANEL_ROWS,

@@ -115,11 +115,18 @@ def tokens_after_steps(num_tokens: int, steps: list[int]) -> int:
     return num_tokens
 
 
+def merge_state(tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean"
+                ) -> MergeState:
+    """Apply merging steps to [G, T, C] tokens; the result holds tokens_after_steps(T, steps) tokens
+    a group and, for each, the original position it keeps (a merged token keeps its destination's)."""
+    state = MergeState.start(tokens)
+    for r in steps:
+        state = merge_bipartite(state, r, order, weighting)
+    return state
+
+
 def merge_tokens(
     tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean"
 ) -> torch.Tensor:
     """Apply merging steps to [G, T, C] tokens; returns [G, tokens_after_steps(T, steps), C]."""
-    state = MergeState.start(tokens)
-    for r in steps:
-        state = merge_bipartite(state, r, order, weighting)
-    return state.tokens
+    return merge_state(tokens, steps, order, weighting).tokens

@@ -34,7 +34,9 @@ class LayerAttention:
 class TokenState:
     """Per-sample token rows, left-padded.
 
-    Device tensors [B, N]: ``valid`` real (not padding) rows; ``alive`` rows that later tokens may
+    ``hidden`` [B, N, H]; ``position_ids`` [B, N], or [B, N, 3] (time, height, width: multimodal
+    RoPE), a row's positions travelling with it when rows are removed. Device tensors [B, N]:
+    ``valid`` real (not padding) rows; ``alive`` rows that later tokens may
     attend to (valid, and not pruned in mask mode); ``visual`` visual-token rows;
     ``original_index`` the row's index in the prefill sequence (``prefill_length`` long).
     Host counts per sample: ``num_visual`` visual tokens at the start of the prefill, ``rows``

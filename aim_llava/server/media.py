@@ -283,11 +283,16 @@ def read_image(image: FileMedia | InlineImage, root: MediaRoot, decoder: ImageDe
 
 
 def image_clip(frames: list[np.ndarray]) -> VideoClip:
-    """One image, or several taken as the frames of a video (one a second)."""
+    """One image, or several taken as the frames of a video (one a second; frames that kept their
+    own aspect ratio are brought to the first one's size)."""
     if len(frames) == 1:
         return VideoClip(frames[0][None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+    height, width = frames[0].shape[:2]
+    frames = [f if f.shape[:2] == (height, width) else np.asarray(Image.fromarray(f).resize((width, height),
+                                                                                          Image.BICUBIC))
+              for f in frames]
     return VideoClip(np.stack(frames), list(range(len(frames))), [float(i) for i in range(len(frames))],
-                     float(len(frames)), 1.0, "frames")
+                     float(len(frames)), 1.0, "frames", sampled_fps=1.0)
 
 
 def read_media(media: RequestMedia, root: MediaRoot, load: Callable[[OpenedMedia], VideoClip | EncodedVisual],

@@ -120,7 +120,8 @@ class Service:
         decoded in the job's own decoding process, which is killed at its deadline or when its
         client goes."""
         size = self.llm.image_processor.image_size
-        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline)
+        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline,
+                             keep_aspect=self.llm.family.native_resolution)
         request = job.request
         with self.readers.process(limits, job.cancelled) as decoder:
             def load(opened: OpenedMedia) -> VideoClip | EncodedVisual:

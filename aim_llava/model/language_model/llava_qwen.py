@@ -1,7 +1,9 @@
 """LlavaQwenForCausalLM: SigLIP + projector + Qwen2, with LLaVA-NeXT's calling conventions.
 
-``forward(input_ids, images=..., image_sizes=..., modalities=[...])`` gives logits;
-``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
+Its calls (prefill, forward, generation) are those of every family on our Qwen2 decoder, written
+once in :class:`Qwen2MultimodalForCausalLM`; a family adds its visual modules and
+``prepare_multimodal_inputs``. ``forward(input_ids, images=..., image_sizes=..., modalities=[...])``
+gives logits; ``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
 an argument of each call (``reduction=plan``, a built
 :class:`~aim_llava.reduction.plan.ReductionPlan`; ``set_reduction`` only sets the default), and
 what it did comes back with the call's output.
@@ -80,11 +82,16 @@ class LlavaQwenModel(Qwen2Model):
         self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
 
-class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
-    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+class Qwen2MultimodalForCausalLM(nn.Module):
+    """A causal LM on our Qwen2 decoder (``self.model``) whose prompts hold visual tokens: the
+    prefill with the call's reduction, logits and generation, shared by every family. A family's
+    model adds its visual modules and ``prepare_multimodal_inputs`` (the prompt's embeddings and
+    positions, a :class:`MultimodalInputs`); ``config`` has ``text`` and ``max_length``."""
+
+    def __init__(self, config, model: Qwen2Model):
         super().__init__()
         self.config = config
-        self.model = LlavaQwenModel(config, attn_implementation)
+        self.model = model
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_defaults = GenerationDefaults()
         self.default_reduction = ReductionPlan()
@@ -161,7 +168,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         cache = KVCache(len(self.model.layers)) if use_cache else None
         hidden, state, record = self.prefill(inputs, cache, plan)
         if cache is not None:
-            cache.next_position = inputs.position_ids[:, -1] + 1
+            cache.next_position = inputs.next_positions()
         return LlavaOutput(self.lm_head(hidden), cache, inputs, state, record)
 
     def step_logits(self, cache: KVCache, attn_implementation: str | None) -> Callable[..., torch.Tensor]:
@@ -238,7 +245,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         params = SamplingParams(do_sample, temperature, top_p, generator)
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features,
                                             plan)
-        longest = max(mm.lengths)
+        longest = max(mm.extents)  # the prompt's length (its last position + 1 with multimodal positions)
         if longest + max_new_tokens > self.config.max_length:
             raise InputError(
                 f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the model's context of "
@@ -254,7 +261,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
             if cache is not None:
                 step = step_runner(self.step_logits(cache, plan.attn_implementation), self.device, cuda_graph,
                                    max_new_tokens, self.decoding_graphs)
-                positions = mm.position_ids[:, -1] + 1
+                positions = mm.next_positions()
                 index = torch.zeros(1, dtype=torch.long, device=self.device)
 
                 def next_logits(tokens: torch.Tensor, number: int) -> torch.Tensor:
@@ -284,6 +291,11 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         return output if return_dict_in_generate else decoded.tokens
 
 
+class LlavaQwenForCausalLM(Qwen2MultimodalForCausalLM, LlavaMetaForCausalLM):
+    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, LlavaQwenModel(config, attn_implementation))
+
+
 def criteria_stop_ids(criteria) -> list[int]:
     """The token ids at which ``stopping_criteria`` end a sample: decoding checks ids on the device,
     never text on the host, so each criterion must name them (``stop_token_ids``)."""
@@ -299,15 +311,20 @@ def criteria_stop_ids(criteria) -> list[int]:
 
 
 def appended(inputs: MultimodalInputs, token_embeds: torch.Tensor) -> MultimodalInputs:
-    """The batch with one more (text) token per sample, at the next position."""
+    """The batch with one more (text) token per sample, at the next position (on every axis of
+    multimodal positions)."""
     batch = token_embeds.shape[0]
     ones = torch.ones(batch, 1, dtype=torch.bool, device=token_embeds.device)
+    position = inputs.next_positions()
+    axes = inputs.position_ids.shape[2:]  # (3,) for multimodal positions
+    new = position.view(batch, 1, *[1] * len(axes)).expand(batch, 1, *axes)
     return MultimodalInputs(
         torch.cat([inputs.inputs_embeds, token_embeds], dim=1),
         torch.cat([inputs.valid, ones], dim=1),
-        torch.cat([inputs.position_ids, inputs.position_ids[:, -1:] + 1], dim=1),
+        torch.cat([inputs.position_ids, new], dim=1),
         torch.cat([inputs.visual, torch.zeros_like(ones)], dim=1),
         inputs.padded,
         inputs.num_visual,
         [length + 1 for length in inputs.lengths],
+        [extent + 1 for extent in inputs.extents],
     )

@@ -16,6 +16,7 @@ from aim_llava.reduction.importance import (
 from aim_llava.reduction.merge import (
     ORDERS,
     WEIGHTINGS,
+    merge_state,
     merge_steps_for_ratio,
     merge_tokens,
     tokens_after_steps,
@@ -166,6 +167,18 @@ class AimPlan(PruningPlan):
             return tokens
         steps = merge_steps_for_ratio(tokens.shape[0], self.options.image_merge_ratio)
         return merge_tokens(tokens[None], steps, self.options.merge_order, self.options.merge_weighting)[0]
+
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each temporal group merged as a frame is; a merged token keeps its destination's cell."""
+        return self.merged_groups(tokens, self.steps(tokens.shape[1], self.options.merge_ratio))
+
+    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = self.options.image_merge_ratio
+        return self.merged_groups(tokens, [] if ratio is None else merge_steps_for_ratio(tokens.shape[1], ratio))
+
+    def merged_groups(self, tokens: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        state = merge_state(tokens, steps, self.options.merge_order, self.options.merge_weighting)
+        return state.tokens, state.positions
 
     def layer_reducer(self, num_layers: int) -> AimPruner | None:
         return AimPruner(self.schedule, self.options) if self.schedule.prunes else None
