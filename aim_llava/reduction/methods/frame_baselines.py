@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from aim_llava.reduction.merge import merge_steps_for_ratio
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.reduction.provenance import OriginTrace, kept_assignment, strongest_reader
 from aim_llava.reduction.schedule import ScheduleError
 from aim_llava.tensors import to_device
 
@@ -48,11 +49,13 @@ class RandomDropPlan(ReductionPlan):
     def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
         return matched_count(tokens_per_frame, self.options.keep_ratio)
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
         count = self.frame_tokens_after_merging(frames.shape[1])
         generator = torch.Generator().manual_seed(self.options.seed)
         keep = to_device(torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
                                       for _ in range(frames.shape[0])]), frames.device)
+        if trace is not None:
+            trace.regroup(kept_assignment(keep, frames.shape[1]), count)
         return frames.gather(1, keep[..., None].expand(-1, -1, frames.shape[-1]))
 
 
@@ -66,11 +69,17 @@ class SpatialPoolPlan(ReductionPlan):
         rows, cols = pooled_grid(matched_count(tokens_per_frame, self.options.keep_ratio))
         return rows * cols
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
         count, side = frames.shape[1], math.isqrt(frames.shape[1])
         if side * side != count:
             raise ScheduleError(f"spatial pooling needs square frame grids, got {count} tokens")
-        rows, cols = pooled_grid(matched_count(count, self.options.keep_ratio))
-        grid = frames.transpose(1, 2).reshape(frames.shape[0], -1, side, side)
-        pooled = F.adaptive_avg_pool2d(grid.float(), (rows, cols)).to(frames.dtype)
-        return pooled.flatten(2).transpose(1, 2)
+        size = pooled_grid(matched_count(count, self.options.keep_ratio))
+
+        def pool(tokens: torch.Tensor) -> torch.Tensor:
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+            pooled = F.adaptive_avg_pool2d(grid.float(), size).to(tokens.dtype)
+            return pooled.flatten(2).transpose(1, 2)
+
+        if trace is not None:
+            trace.regroup(strongest_reader(pool, count)[None].expand(frames.shape[0], -1), size[0] * size[1])
+        return pool(frames)
