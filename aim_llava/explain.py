@@ -52,13 +52,11 @@ class PresetRun:
     the call (``read`` shared by the runs of one clip)."""
 
     config: str
-    modality: str
     answer: str
     pictures: list[np.ndarray]
     origins: TokenOrigins | None
     record: ReductionRecord
     alive: list[torch.Tensor]
-    prompt_tokens: int
     new_tokens: int
     seconds: dict[str, float]
     first_token_s: float
@@ -168,8 +166,8 @@ def explain(llm: VideoLLM, clip: VideoClip, question: str, config: ReductionConf
     tflops, fraction = prefill_cost(llm, config, [int(mask.sum()) for mask in alive[:-1]], text_tokens, clip,
                                     visual.modality)
     longest = PICTURE_SIDE * (2 if visual.modality == "image" else 1)
-    return PresetRun(config.name, visual.modality, response.text, [thumbnail(frame, longest) for frame in clip.frames],
-                     visual.origins, record, alive, response.prompt_tokens, response.num_new_tokens,
+    return PresetRun(config.name, response.text, [thumbnail(frame, longest) for frame in clip.frames],
+                     visual.origins, record, alive, response.num_new_tokens,
                      {"read": read_seconds, **times.seconds()}, response.first_token_s, tflops, fraction,
                      llm.plan(config).prune_mode)
 
