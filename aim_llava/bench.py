@@ -6,7 +6,8 @@ round), as the median of the repeats, with CUDA events on a GPU (no synchronisat
 measured code) and the clock on the CPU:
 
 * read: sampling the frames from ``--video`` (on the host), and preprocess: resizing and
-  normalising them on the model's device (synthetic 640x360 frames without a video);
+  normalising them on the model's device (without a video, synthetic frames of the family's bench
+  size: 640x360 for LLaVA-OneVision, 448x448 for Qwen2.5-VL);
 * vision: the tower and projector (once per repeat, shared by the configs that do not act inside
   the tower; each config that does, FiCoCo-V, has its own);
 * pre-LLM: pooling and merging before the LLM;
@@ -32,21 +33,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.cost import prefill_flops
 from aim_llava.flops import executed_tokens
-from aim_llava.model.config import LlavaConfig
-from aim_llava.model.image_processor import SiglipImageProcessor
-from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+from aim_llava.model.families import family_of
+from aim_llava.model.language_model.generation import STEPS_IN_GRAPH_CAPTURE
+from aim_llava.model.language_model.llava_qwen import Qwen2MultimodalForCausalLM
 from aim_llava.reduction.budget import resolve_reduction
 from aim_llava.reduction.plan import ReductionPlan
 from aim_llava.sample_media import random_frames
 from aim_llava.timing import StageTimes, stage
-from aim_llava.video import load_video
+from aim_llava.video import VideoClip, load_video
 
 
 def release_freed_memory() -> None:
@@ -158,11 +158,12 @@ def machine_name(device: torch.device) -> str:
     return f"{name}, {psutil.cpu_count()} CPUs"
 
 
-def random_model(config: LlavaConfig, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                 seed: int = 0) -> LlavaQwenForCausalLM:
-    """A model of this architecture with random weights (speed does not depend on the values)."""
+def random_model(config, device: torch.device, dtype: torch.dtype, attn_implementation: str = "sdpa",
+                 seed: int = 0) -> Qwen2MultimodalForCausalLM:
+    """A model of this architecture (any family) with random weights (speed does not depend on the
+    values)."""
     with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config, attn_implementation)
+        model = family_of(config).build_model(config, attn_implementation)
     model = model.to(dtype).to_empty(device=device)  # cast on meta: the device never holds float32 weights
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -204,26 +205,32 @@ def measure_config(model, plan, frame_features, ids, decode_tokens: int, batch: 
 
 def decode_rate(seconds: dict[str, float], steps: int, batch: int) -> float:
     """Tokens per second over the batch of ``steps`` decoding steps timed as stage ``decode``, less
-    the ``graph_capture`` stage inside it and the one step that stage ran (0 without steps)."""
-    captured = 1 if "graph_capture" in seconds else 0
+    the ``graph_capture`` stage inside it and the steps that stage ran (the captured one and the
+    check's; 0 without steps beyond them)."""
+    captured = STEPS_IN_GRAPH_CAPTURE if "graph_capture" in seconds else 0
     if steps <= captured:
         return 0.0
     return batch * (steps - captured) / (seconds["decode"] - seconds.get("graph_capture", 0.0))
 
 
-def read_frames(video: str | None, frames: int, backend: str) -> tuple[np.ndarray, float]:
-    """The sampled frames (uint8 [T, H, W, 3]) of ``video`` and the time reading them took, or
-    synthetic 640x360 frames (read time 0)."""
+def read_frames(video: str | None, frames: int, backend: str, family) -> tuple[VideoClip, float]:
+    """The sampled frames of ``video`` (by the family's frame rule) and the time reading them
+    took, or synthetic frames of the family's bench size at 2 frames a second (read time 0)."""
     if video is None:
-        return random_frames(frames), 0.0
+        height, width = family.bench_frame_size
+        times = [index / 2 for index in range(frames)]
+        return VideoClip(random_frames(frames, height, width), list(range(frames)), times, frames / 2, 2.0,
+                         "synthetic", sampled_fps=2.0), 0.0
     started = time.perf_counter()
-    clip = load_video(video, num_frames=frames, backend=backend)
-    return clip.frames, time.perf_counter() - started
+    clip = load_video(video, num_frames=frames, backend=backend, frame_rule=family.sampling({}).get("frame_rule",
+                                                                                                    "llava"))
+    return clip, time.perf_counter() - started
 
 
-def timed_preprocess(model, processor, frames: np.ndarray) -> tuple[torch.Tensor, float]:
+def timed_preprocess(model, processor, clip: VideoClip):
+    """The clip's pixel input, made as the family makes it, and the time it took."""
     with torch.no_grad(), StageTimes() as times, stage("preprocess", model.device):
-        pixels = processor.preprocess_frames(frames, model.device, model.dtype)
+        pixels, _, _ = family_of(model.config).preprocess(clip, processor, model)
     return pixels, times.seconds()["preprocess"]
 
 
@@ -235,8 +242,9 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
     (timed) every repeat; otherwise synthetic 640x360 frames are used. ``progress`` is told of
     each measurement done (``(repeats + 1) * len(configs)`` of them), by its round and config."""
     device, config = model.device, model.config
+    family = family_of(config)
     torch.manual_seed(0)
-    processor = SiglipImageProcessor.from_vision_config(config.vision)
+    processor = family.image_processor(config)
     text = torch.randint(0, min(1000, config.text.vocab_size), (text_tokens,))
     ids = torch.cat([text[:14], torch.tensor([IMAGE_TOKEN_INDEX]), text[14:]])[None]
     reductions = [resolve_reduction(spec, config, frames, text_tokens) for spec in configs]
@@ -246,7 +254,7 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
                    for index, plan in enumerate(plans)]
     samples: dict[int, list[dict]] = {i: [] for i in range(len(plans))}
     for repeat in range(repeats + 1):
-        raw, read_s = read_frames(video, frames, backend)
+        raw, read_s = read_frames(video, frames, backend, family)
         pixels, preprocess_s = timed_preprocess(model, processor, raw)
         shared, shared_s = timed_vision(model, pixels, ReductionPlan())
         for index, plan in enumerate(plans):
@@ -256,10 +264,11 @@ def run_bench(model, arch_name: str, configs: list[str], frames: int = 16, text_
                 samples[index].append({**result, "vision_s": vision_s, "read_s": read_s, "preprocess_s": preprocess_s})
             if progress is not None:
                 progress(f"{'warm-up' if repeat == 0 else f'round {repeat}/{repeats}'}: {reductions[index].name}")
-    frames = pixels.shape[0]
+    frames = len(raw.indices)
+    height, width = raw.frames.shape[1:3]
     report = BenchReport(arch_name, frames, text_tokens, decode_tokens, batch, str(device), machine_name(device),
                          str(model.dtype).replace("torch.", ""), model.model.attn_implementation, repeats,
-                         torch.__version__, video or "synthetic 640x360 frames")
+                         torch.__version__, video or f"synthetic {width}x{height} frames")
     for index, reduction in enumerate(reductions):
         runs = samples[index]
 

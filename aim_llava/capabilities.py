@@ -10,7 +10,9 @@ raised here (a Triton kernel that does not compile for this GPU, a ``ptxas`` or 
 failure, an operator this build lacks, pinned memory refused by the system): each is replaced by
 a path that computes the same result, with one warning, instead of failing every request. It is
 process-wide on purpose: a kernel that cannot compile on this GPU will not compile on the next
-call either.
+call either. A failure of the device itself (:func:`is_device_failure`: an illegal memory access,
+a device-side assert, ...) is never taken for one: it leaves the process's CUDA context unusable,
+so it propagates, and so does running out of memory.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from aim_llava.errors import AimLlavaError
+from aim_llava.errors import AimLlavaError, DeviceFailure, DeviceMemoryError
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,53 @@ def auto_dtype(device: torch.device, checkpoint_dtype: torch.dtype, say: bool = 
     return dtype
 
 
+# What CUDA says (through torch, Triton or cuBLAS) when a kernel has failed on the device: the
+# "sticky" errors after which every later CUDA call of the process fails too. A refusal that leaves
+# the device usable (pinned memory the system will not give, a kernel image this GPU lacks, too
+# many resources for one launch) is not among them: a fallback can run after it.
+DEVICE_FAILURES = (
+    "illegal memory access", "illegal instruction", "misaligned address", "device-side assert",
+    "unspecified launch failure", "hardware stack error", "uncorrectable ECC error", "launch timed out",
+    "invalid program counter", "CUDA error: unknown error", "context is destroyed",
+)
+
+
+def is_device_failure(error: BaseException) -> bool:
+    """Whether ``error`` says the GPU failed (a sticky CUDA error, :data:`DEVICE_FAILURES`): no
+    other path can run on that device in this process."""
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error)
+    return any(failure.lower() in text.lower() for failure in DEVICE_FAILURES)
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters of it)."""
+    line = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {line}"
+
+
+def device_failure(error: BaseException) -> DeviceFailure:
+    """The one-line error that a failure of the device (:func:`is_device_failure`) becomes."""
+    return DeviceFailure(f"the GPU failed ({first_line(error)}): nothing more can run on it in this process; "
+                         "restart it (with CUDA_LAUNCH_BLOCKING=1 the error names the failing kernel)")
+
+
+def out_of_memory(error: torch.OutOfMemoryError, freed_bytes: int) -> DeviceMemoryError:
+    """The one-line error of a request that ran out of device memory even after ``freed_bytes``
+    were given back: how much it needed (as torch's message says) and what to do."""
+    text = str(error)
+    needed = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+    free = re.search(r"total capacity of ([\d.]+ [KMGT]?i?B) of which ([\d.]+ [KMGT]?i?B) is free", text)
+    what = f"it needed {needed.group(1)} more" if needed else first_line(error)
+    if free:
+        what += f", with {free.group(2)} free of {free.group(1)}"
+    if freed_bytes:
+        what += f", after the reuse cache gave back {freed_bytes / 2**20:.0f} MiB"
+    return DeviceMemoryError(f"out of device memory for this request ({what}): ask with fewer frames, a reduction "
+                             "that keeps fewer tokens (e.g. aim_default), a smaller batch or a smaller --cache-mb")
+
+
 Result = TypeVar("Result")
 
 
@@ -116,8 +166,9 @@ class RuntimeFallbacks:
     :meth:`run` tries an optimisation unless it failed before; when it raises, the optimisation
     is recorded as failed, one warning says what takes its place, and the safe path computes the
     result, now and for the rest of the process. Errors that the safe path would meet as well,
-    or that are the caller's to fix, are not caught: running out of device memory, and this
-    package's own errors (an option that cannot work on this device)."""
+    or that are the caller's to fix, are not caught: running out of device memory, a failure of
+    the device itself (:func:`is_device_failure`), and this package's own errors (an option that
+    cannot work on this device)."""
 
     def __init__(self) -> None:
         self.failed: dict[str, str] = {}
@@ -132,11 +183,17 @@ class RuntimeFallbacks:
         except (torch.OutOfMemoryError, AimLlavaError):
             raise
         except Exception as error:  # a compile error, ptxas, shared memory, a missing operator, ...
-            first_line = (str(error).strip().splitlines() or [""])[0][:300]
-            self.failed[name] = f"{type(error).__name__}: {first_line}"
-            logger.warning("%s failed (%s); %s takes its place for the rest of this process", name,
-                           self.failed[name], instead)
+            if is_device_failure(error):
+                raise
+            self.record(name, error, instead)
         return safe()
+
+    def record(self, name: str, error: BaseException, instead: str) -> None:
+        """Write ``name`` off for the rest of the process because of ``error``, with the one
+        warning that says what takes its place (for optimisations that fail outside :meth:`run`)."""
+        self.failed[name] = first_line(error)
+        logger.warning("%s failed (%s); %s takes its place for the rest of this process", name, self.failed[name],
+                       instead)
 
 
 RUNTIME_FALLBACKS = RuntimeFallbacks()

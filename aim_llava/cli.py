@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from aim_llava import __version__
-from aim_llava.conversation import check_text, get_conversation
+from aim_llava.conversation import check_text
 from aim_llava.distributed import Shard
 from aim_llava.errors import AimLlavaError, one_line
 from aim_llava.records import (
@@ -171,7 +171,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     add_model_option(parser)
     parser.add_argument("--config", default="baseline", help=CONFIG_HELP)
-    parser.add_argument("--frames", type=positive_int, default=32, help="frames sampled uniformly")
+    parser.add_argument("--frames", type=positive_int,
+                        help="frames sampled uniformly (default: the model's rule, 32 frames for LLaVA-OneVision, "
+                             "2 a second for Qwen2.5-VL)")
     parser.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
     parser.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
     parser.add_argument("--start", type=non_negative_float, help="window start in seconds")
@@ -449,8 +451,9 @@ def note_repeated_frames(record: dict, progress=None) -> None:
 
 
 def run(args) -> int:
-    from aim_llava.model.builder import checkpoint_config
-    from aim_llava.pipeline import SamplingOptions
+    from aim_llava.model.builder import checkpoint_config, model_directory
+    from aim_llava.model.families import family_of
+    from aim_llava.pipeline import SamplingOptions, family_sampling
     from aim_llava.reduction.budget import resolve_reduction
 
     check_output_mode(args, "--output FILE")
@@ -467,13 +470,15 @@ def run(args) -> int:
     question = check_text(args.question, "the question") if args.command == "ask" else None
     if getattr(args, "prompt", None) is not None:
         check_text(args.prompt, "--prompt")
-    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, args.start, args.end, args.backend,
-                               args.frame_rate)
-    get_conversation(args.template)
+    SamplingOptions(**{"num_frames": 32, **requested_sampling(args)})  # checked before the model is read
     generation = generation_options(args)
     model_config = checkpoint_config(args.model)
     check_new_tokens(args.max_new_tokens, model_config)
-    reduction = resolve_reduction(args.config, model_config, sampling.max_frames or sampling.num_frames)
+    family = family_of(model_config)
+    family.check_template(args.template)
+    sampling = family_sampling(family, family.image_processor(model_config, model_directory(args.model)),
+                               requested_sampling(args))
+    reduction = resolve_reduction(args.config, model_config, args.max_frames or args.frames or 32)
     settings = planned_settings(args, model_config, reduction, sampling, generation, args.template, args.time_aware)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
@@ -515,6 +520,13 @@ def run(args) -> int:
         if results is not None:
             results.close()
     return merge_caption_shards(shard, videos, args.output, failures, args.resume)
+
+
+def requested_sampling(args) -> dict:
+    """The sampling fields the command line sets (the model's own rule gives the others)."""
+    fields = {"num_frames": args.frames, "fps": args.fps, "max_frames": args.max_frames, "start": args.start,
+              "end": args.end, "backend": args.backend, "frame_rate": args.frame_rate}
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def generation_options(args):

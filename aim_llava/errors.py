@@ -19,6 +19,26 @@ class InputError(AimLlavaError):
     """A prompt, image or video given to the model cannot be used."""
 
 
+class NonFiniteOutputError(AimLlavaError):
+    """The model's logits or token importance became NaN or infinite (its activations overflowed
+    the dtype it runs in): no answer is given for the samples ``rows`` of the batch; ``partial``
+    holds what the other samples got (the generate call's output, or a list of per-sample
+    results with None at ``rows``)."""
+
+    def __init__(self, message: str, rows: list[int], partial: object = None):
+        super().__init__(message)
+        self.rows, self.partial = rows, partial
+
+
+class DeviceFailure(AimLlavaError):
+    """The GPU failed (a sticky CUDA error: an illegal memory access, a device-side assert, ...):
+    nothing more can run on it in this process."""
+
+
+class DeviceMemoryError(AimLlavaError):
+    """A request needed more device memory than was free, even after the reuse cache was emptied."""
+
+
 class NotProvidedError(AimLlavaError, ImportError):
     """A LLaVA-NeXT name or feature that aim_llava does not provide, on purpose. It is an
     ImportError too, so that ``from aim_llava.mm_utils import NAME`` shows this message (Python

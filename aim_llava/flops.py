@@ -15,21 +15,14 @@ Two per-layer token lists are reported:
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aim_llava.architectures import ARCHITECTURES, architecture
-from aim_llava.cost import (
-    decode_flops,
-    kv_cache_bytes,
-    prefill_flops,
-    projector_flops,
-    vision_flops,
-)
+from aim_llava.cost import decode_flops, kv_cache_bytes, prefill_flops
 from aim_llava.errors import AimLlavaError
-from aim_llava.model.config import LlavaConfig, config_from_file
+from aim_llava.model.families import family_of, read_config_file
 from aim_llava.reduction.config import ReductionConfig
 
 
@@ -54,16 +47,10 @@ class FlopsReport:
         return json.dumps(asdict(self))
 
 
-def video_token_counts(arch: LlavaConfig, plan, frames: int, text_tokens: int):
+def video_token_counts(arch, plan, frames: int, text_tokens: int):
     """(visual tokens, tokens entering each layer, tokens leaving each layer) for a video prompt
-    under a built reduction plan."""
-    patches = plan.vision_tokens_after(arch.vision)
-    if patches == arch.vision.num_patches:  # the grid is intact, so frames are pooled
-        patches = math.ceil(arch.vision.grid_size / arch.mm_spatial_pool_stride) ** 2
-    visual = frames * plan.frame_tokens_after_merging(patches) + 1
-    leaving = [plan.visual_tokens_leaving(layer, visual) + text_tokens for layer in range(arch.text.num_hidden_layers)]
-    entering = [visual + text_tokens] + leaving[:-1]
-    return visual, entering, leaving
+    under a built reduction plan, as the architecture's family counts them."""
+    return family_of(arch).video_token_counts(arch, plan, frames, text_tokens)
 
 
 def executed_tokens(plan, entering: list[int]) -> list[int]:
@@ -71,8 +58,8 @@ def executed_tokens(plan, entering: list[int]) -> list[int]:
     return [entering[0]] * len(entering) if plan.prune_mode == "mask" else entering
 
 
-def resolve_architecture(name_or_path: str) -> tuple[str, LlavaConfig]:
-    """A named architecture or a checkpoint's config.json (either layout)."""
+def resolve_architecture(name_or_path: str):
+    """(name, config) of a named architecture or of a checkpoint's config.json (any family)."""
     if name_or_path in ARCHITECTURES:
         return name_or_path, architecture(name_or_path)
     path = Path(name_or_path)
@@ -82,15 +69,17 @@ def resolve_architecture(name_or_path: str) -> tuple[str, LlavaConfig]:
         raise AimLlavaError(
             f"unknown architecture {name_or_path!r}: give one of {', '.join(ARCHITECTURES)} or a config.json path"
         )
-    return str(path), config_from_file(path)
+    return str(path), read_config_file(path)
 
 
-def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, frames: int, text_tokens: int,
+def flops_report(arch_name: str, arch, reduction: ReductionConfig, frames: int, text_tokens: int,
                  bytes_per_value: int = 2) -> FlopsReport:
     if frames < 1 or text_tokens < 0:
         raise AimLlavaError(f"frames must be >= 1 and text tokens >= 0, got {frames} and {text_tokens}")
     plan = reduction.build(arch.text.num_hidden_layers)
-    visual, entering, leaving = video_token_counts(arch, plan, frames, text_tokens)
+    family = family_of(arch)
+    family.check_reduction(plan)
+    visual, entering, leaving = family.video_token_counts(arch, plan, frames, text_tokens)
     executed = executed_tokens(plan, entering)
     text = arch.text
     return FlopsReport(
@@ -103,16 +92,17 @@ def flops_report(arch_name: str, arch: LlavaConfig, reduction: ReductionConfig, 
         paper_tokens_per_layer=leaving,
         prefill_tflops=prefill_flops(text, leaving) / 1e12,
         prefill_tflops_executed=prefill_flops(text, executed) / 1e12,
-        vision_tflops=vision_flops(arch.vision, frames, plan.vision_tokens_per_layer(arch.vision)) / 1e12,
-        projector_tflops=projector_flops(arch, frames) / 1e12,
+        vision_tflops=family.vision_flops(arch, plan, frames) / 1e12,
+        projector_tflops=family.projector_flops(arch, frames) / 1e12,
         decode_gflops_per_token=decode_flops(text, executed) / 1e9,
         lm_head_gflops_per_token=2 * text.hidden_size * text.vocab_size / 1e9,
         kv_cache_mib=kv_cache_bytes(text, executed, bytes_per_value) / 2**20,
     )
 
 
-def record_cost(arch: LlavaConfig, result) -> dict:
-    """What reduction did for one answered item (``result``: a pipeline Result), as the fields of
+def record_cost(arch, result) -> dict:
+    """What reduction did for one answered item (``result``: a pipeline Result; ``arch``: the model's
+    config, of any family), as the fields of
     its results record: the visual tokens entering each LLM layer (counted in the run), and for a
     video the LLM prefill FLOPs against the baseline's for the same frames and text (the paper's
     accounting; None for an image, whose tiling the formula does not follow)."""

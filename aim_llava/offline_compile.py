@@ -68,18 +68,10 @@ def meta_like(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def compile_for_target(kernel, arguments: tuple, options: dict, capability: int = 90) -> KernelResources:
     """Compile one launch of the ``@triton.jit`` function ``kernel`` (``arguments`` positional,
     ``options`` its constexprs plus num_warps/num_stages) for ``sm_<capability>``."""
-    if capability not in SHARED_MEMORY_PER_BLOCK:
-        raise AimLlavaError(f"unknown CUDA capability {capability}: use one of {sorted(SHARED_MEMORY_PER_BLOCK)}")
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    options = dict(options, debug=False)
-    bound, specialization, parsed = binder(*arguments, **options)
+    target, backend, options, (bound, specialization, parsed) = _bind(kernel, arguments, options, capability)
     parsed, signature, constexprs, attrs = kernel._pack_args(backend, options, bound, specialization, parsed)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=parsed.__dict__)
     usage = _resource_usage(compiled.asm["cubin"])
@@ -90,6 +82,29 @@ def compile_for_target(kernel, arguments: tuple, options: dict, capability: int 
         num_warps=parsed.num_warps,
         matrix_instructions=tuple(sorted(set(MATRIX_INSTRUCTION.findall(compiled.asm["ptx"])))),
     )
+
+
+def _bind(kernel, arguments: tuple, options: dict, capability: int):
+    """Triton's argument binder for ``sm_<capability>`` applied to one launch: (target, backend,
+    options, (bound arguments, specialisation, parsed options))."""
+    if capability not in SHARED_MEMORY_PER_BLOCK:
+        raise AimLlavaError(f"unknown CUDA capability {capability}: use one of {sorted(SHARED_MEMORY_PER_BLOCK)}")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    options = dict(options, debug=False)
+    return target, backend, options, binder(*arguments, **options)
+
+
+def specialization(launch: Launch, capability: int = 90) -> tuple:
+    """How Triton specialises ``launch`` on ``sm_<capability>`` (pointer alignment, integers and
+    strides equal to 1 or divisible by 16): launches with equal specialisations share one compiled
+    kernel, others compile their own on first use."""
+    return tuple(_bind(launch.kernel, launch.arguments, launch.options, capability)[3][1])
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -125,8 +140,16 @@ def fused_importance_launches(dtype: torch.dtype, tiling: attention_lse.Tiling, 
     """The fused kernel's two passes as ``pagerank_log_importance_fused`` launches them (row
     normalisers with the queries outside, PageRank steps with the keys outside), at one shape
     (default: 7B's heads and a 32-frame aim_default prefill's length)."""
-    q, k = meta_like((1, heads, n, dim), dtype), meta_like((1, kv_heads, n, dim), dtype)
-    per_token, per_head = meta_like((1, n), torch.float32), meta_like((1, heads, n), torch.float32)
+    return fused_importance_launches_of(meta_like((1, heads, n, dim), dtype), meta_like((1, kv_heads, n, dim), dtype),
+                                        tiling)
+
+
+def fused_importance_launches_of(q: torch.Tensor, k: torch.Tensor, tiling: attention_lse.Tiling) -> list[Launch]:
+    """The fused kernel's two passes over q [B, heads, N, d] and k [B, kv_heads, N, d] as given
+    (their strides included; ``meta`` tensors are enough)."""
+    batch, heads, n, _ = q.shape
+    per_token = torch.empty(batch, n, device=q.device)
+    per_head = torch.empty(batch, heads, n, device=q.device)
     kernel = attention_lse.attention_lse_kernel()
     rows = attention_lse.launch_arguments(q, k, heads, 1.0, per_token, per_token, per_head, True, tiling)[:2]
     columns = attention_lse.launch_arguments(k, q, heads, 1.0, per_head, per_token, per_head, False, tiling)[:2]

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from aim_llava.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from aim_llava.conversation import get_conversation
-from aim_llava.errors import InputError
-from aim_llava.flops import video_token_counts
-from aim_llava.mm_utils import process_images, tokenizer_image_token
+from aim_llava.capabilities import device_failure, is_device_failure, out_of_memory
+from aim_llava.constants import IMAGE_TOKEN_INDEX
+from aim_llava.errors import DeviceFailure, InputError, NonFiniteOutputError
+from aim_llava.mm_utils import tokenizer_image_token
 from aim_llava.model.builder import load_pretrained_model
+from aim_llava.model.families import family_of
+from aim_llava.model.language_model.llava_qwen import GenerationOutput
 from aim_llava.prefetch import batches, read_ahead
 from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
@@ -38,7 +39,16 @@ from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
 from aim_llava.reduction.provenance import TokenOrigins
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
-from aim_llava.video import MediaLimits, VideoClip, is_image_file, load_video, validate_sampling
+from aim_llava.video import (
+    FRAME_RULES,
+    MAX_FRAMES,
+    MediaLimits,
+    VideoClip,
+    VideoError,
+    is_image_file,
+    load_video,
+    validate_sampling,
+)
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
 
 logger = logging.getLogger("aim_llava.cache")
@@ -49,7 +59,8 @@ DEFAULT_IMAGE_CAPTION_PROMPT = "Please describe this image in detail."
 
 @dataclass
 class SamplingOptions:
-    """How frames are taken from a video (see :func:`aim_llava.video.load_video`)."""
+    """How frames are taken from a video (see :func:`aim_llava.video.load_video`); the model's
+    family sets ``frame_rule``."""
 
     num_frames: int = 32
     fps: float | None = None
@@ -58,9 +69,12 @@ class SamplingOptions:
     end: float | None = None
     backend: str = "auto"
     frame_rate: float = 1.0  # the frames per second of a directory of frame images
+    frame_rule: str = "llava"
 
     def __post_init__(self) -> None:
         validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end, self.frame_rate)
+        if self.frame_rule not in FRAME_RULES:
+            raise VideoError(f"unknown frame rule {self.frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
 
 
 @dataclass
@@ -287,6 +301,19 @@ class TokenClock:
             self.inner.end()
 
 
+def family_sampling(family, processor, sampling: SamplingOptions | dict | None) -> SamplingOptions:
+    """Sampling options for a model of ``family`` with ``processor``: the options given, with the
+    family's frame rule; a mapping of fields changes the family's default (given ``num_frames`` or
+    ``fps``, the default's own counts do not apply)."""
+    if isinstance(sampling, SamplingOptions):
+        fields = dataclasses.asdict(sampling)
+    else:
+        sampling = dict(sampling or {})
+        counts = "num_frames" in sampling or "fps" in sampling
+        fields = {**({} if counts else family.default_sampling(processor)), **sampling}
+    return SamplingOptions(**family.sampling(fields))
+
+
 class VideoLLM:
     """A loaded model plus the choices of how to sample, prompt and reduce.
 
@@ -308,7 +335,7 @@ class VideoLLM:
         model,
         image_processor,
         reduction: str | dict | ReductionConfig | None = None,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
@@ -316,17 +343,22 @@ class VideoLLM:
         prefix_reuse: bool = True,
     ):
         self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.family = family_of(model.config)
         if cache_mb < 0:
             raise InputError(f"the cache size must be at least 0 MB (0 turns the cache off), got {cache_mb}")
         self.cache = ReuseCache(int(cache_mb * 2**20)) if cache_mb > 0 else None
         self.prefix_reuse = prefix_reuse
-        self.sampling = sampling or SamplingOptions()
+        self.sampling = self.sampling_options(sampling)
         self._plans: dict[ReductionConfig, ReductionPlan] = {}
         self.reduction = self.resolve(reduction if reduction is not None else "baseline")
         self.generation = generation or GenerationOptions()
         self.conv_template = conv_template
-        get_conversation(conv_template)
+        self.family.check_template(conv_template)
         self.time_aware = time_aware
+
+    def sampling_options(self, sampling: SamplingOptions | dict | None) -> SamplingOptions:
+        """The options given, with the family's frame rule (:func:`family_sampling`)."""
+        return family_sampling(self.family, self.image_processor, sampling)
 
     @classmethod
     def from_pretrained(
@@ -338,7 +370,7 @@ class VideoLLM:
         attn_implementation: str = "sdpa",
         conv_template: str = "qwen_1_5",
         time_aware: bool = False,
-        sampling: SamplingOptions | None = None,
+        sampling: SamplingOptions | dict | None = None,
         generation: GenerationOptions | None = None,
         cache_mb: float = DEFAULT_CACHE_MB,
         prefix_reuse: bool = True,
@@ -347,10 +379,11 @@ class VideoLLM:
 
         ``reduction="budget:0.15"`` picks the AIM setting that fits 15% of the baseline's prefill
         FLOPs for this model at the sampling's frame count (``max_frames`` when sampling by fps).
-        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class).
+        ``cache_mb`` and ``prefix_reuse``: the reuse cache (see the class). ``sampling``: options, a
+        mapping of the fields to change in the model's own rule (32 frames for LLaVA-OneVision, 2 a
+        second for Qwen2.5-VL), or None for that rule.
         """
         check_reduction_spec(reduction)
-        sampling = sampling or SamplingOptions()
         tokenizer, model, processor, _ = load_pretrained_model(
             path, device_map=device, torch_dtype=dtype, attn_implementation=attn_implementation
         )
@@ -366,57 +399,56 @@ class VideoLLM:
         return resolve_reduction(reduction, self.model.config, frames)
 
     def plan(self, config: ReductionConfig) -> ReductionPlan:
-        """The built plan of a config (built once per config)."""
+        """The built plan of a config (built once per config; one the model's family cannot run is
+        refused)."""
         if config not in self._plans:
-            self._plans[config] = config.build(self.model.config.text.num_hidden_layers)
+            plan = config.build(self.model.config.text.num_hidden_layers)
+            self.family.check_reduction(plan)
+            self._plans[config] = plan
         return self._plans[config]
 
     def frame_limit(self, config: ReductionConfig) -> int:
         """The most frames whose visual tokens (after this reduction's merging) fit the context."""
-        per_frame = video_token_counts(self.model.config, self.plan(config), 1, 0)[0] - 1
-        return max(1, (self.model.config.max_length - 1) // max(1, per_frame))
+        return self.family.frame_limit(self.model.config, self.plan(config))
 
     def load(self, source: str | Path | VideoClip, reduction=None, limits: MediaLimits | None = None,
-             **sampling) -> VideoClip:
+             reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip:
         """Read the sampled frames (on the host; safe in worker threads). A sampling that cannot
         fit the model's context is refused before any frame is decoded; ``limits``: the source is
-        untrusted (see :class:`aim_llava.video.MediaLimits`)."""
+        untrusted (see :class:`aim_llava.video.MediaLimits`); ``reader``: what reads it, called as
+        :func:`~aim_llava.video.load_video` (the server's reads it in a worker process)."""
         if isinstance(source, VideoClip):
             return source
         options = dataclasses.replace(self.sampling, **sampling)
-        return load_video(source, options.num_frames, options.fps, options.max_frames, options.start,
-                          options.end, options.backend, frame_limit=self.frame_limit(self.resolve(reduction)),
-                          limits=limits, frame_rate=options.frame_rate)
+        return reader(source, options.num_frames, options.fps, options.max_frames, options.start, options.end,
+                      options.backend, frame_limit=self.frame_limit(self.resolve(reduction)), limits=limits,
+                      frame_rate=options.frame_rate, frame_rule=options.frame_rule)
 
     def read(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, limits: MediaLimits | None = None,
-             **sampling) -> VideoClip | EncodedVisual:
+             reader: Callable[..., VideoClip] = load_video, **sampling) -> VideoClip | EncodedVisual:
         """What encoding ``source`` needs: its encoded visual when the reuse cache holds it (a file
         is recognised by its identity, before any frame is decoded), otherwise its frames, read
         as :meth:`load` does (safe in worker threads). Frames read under ``limits`` are resized as
-        they are decoded, so the limits (but their deadline) are part of the key."""
+        they are decoded, so the limits (but their deadline) are part of the key, and a directory
+        of more than :data:`~aim_llava.video.MAX_FRAMES` entries is refused before its key is built."""
         config = self.resolve(reduction)
         if isinstance(source, EncodedVisual):
             return self.check_encoded(source, config)
         if self.cache is None or isinstance(source, VideoClip):
-            return self.load(source, config, limits, **sampling)
+            return self.load(source, config, limits, reader, **sampling)
         options = dataclasses.replace(self.sampling, **sampling)
         reading = dataclasses.astuple(options), dataclasses.replace(limits, deadline=None) if limits else None
         try:
-            key = source_key(source, reading)
+            key = source_key(source, reading, MAX_FRAMES if limits is not None else None)
         except OSError:
-            return self.load(source, config, limits, **sampling)  # missing or unreadable: load says so
+            return self.load(source, config, limits, reader, **sampling)  # missing or unreadable: load says so
         visual = self.cached_visual(self.visual_cache_key(key, config), config, count_miss=False)
-        return visual if visual is not None else keyed(self.load(source, config, limits, **sampling), key)
+        return visual if visual is not None else keyed(self.load(source, config, limits, reader, **sampling), key)
 
     def preprocessing_key(self) -> tuple:
         """What of the processor and the model's config decides how frames become visual tokens
         (read at each look-up: a processor or config changed in place is a miss, never a stale hit)."""
-        processor = self.image_processor
-        model_config = self.model.config
-        return (type(processor).__name__, getattr(processor, "image_size", None),
-                tuple(getattr(processor, "image_mean", ())), tuple(getattr(processor, "image_std", ())),
-                model_config.image_aspect_ratio, str(model_config.image_grid_pinpoints),
-                model_config.mm_spatial_pool_stride)
+        return self.family.preprocessing_key(self.image_processor, self.model.config)
 
     def visual_cache_key(self, source: tuple, config: ReductionConfig) -> tuple:
         """The reuse cache's key of the visual of ``source`` (a :func:`source_key`) under ``config``."""
@@ -493,15 +525,10 @@ class VideoLLM:
         pixels, sizes, modalities = [], [], []
         with stage("preprocess", self.model.device):
             for clip in clips:
-                if clip.is_image:
-                    pixels.append(process_images(list(clip.frames), self.image_processor, self.model.config)[0])
-                    sizes.append((clip.frames.shape[2], clip.frames.shape[1]))
-                    modalities.append("image")
-                else:
-                    pixels.append(self.image_processor.preprocess_frames(clip.frames, self.model.device,
-                                                                         self.model.dtype))
-                    sizes.append(None)
-                    modalities.append("video")
+                clip_pixels, size, modality = self.family.preprocess(clip, self.image_processor, self.model)
+                pixels.append(clip_pixels)
+                sizes.append(size)
+                modalities.append(modality)
         if with_origins:
             features, origins = self.model.visual_features_with_origins(pixels, sizes, modalities, plan)
         else:
@@ -510,20 +537,15 @@ class VideoLLM:
         return [EncodedVisual(clip, feature, modality, seconds, config, origins=origin)
                 for clip, feature, modality, origin in zip(clips, features, modalities, origins)]
 
-    def prompt(self, visual: EncodedVisual, turns: list[tuple[str, str | None]], system: str | None = None) -> str:
-        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first;
-        ``system`` replaces the template's system message."""
-        conv = get_conversation(self.conv_template)
-        if system is not None:
-            conv.system = system
-        for i, (question, answer) in enumerate(turns):
-            if i == 0:
-                if self.time_aware and visual.modality == "video":
-                    question = f"{time_instruction(visual.clip)}\n{question}"
-                question = f"{DEFAULT_IMAGE_TOKEN}\n{question}"
-            conv.append_message(conv.roles[0], question)
-            conv.append_message(conv.roles[1], answer)
-        return conv.get_prompt()
+    def prompt(self, visual: EncodedVisual | None, turns: list[tuple[str, str | None]],
+               system: str | None = None) -> str:
+        """The chat prompt for ``turns`` [(question, answer or None)], visual marker in the first
+        (none for a text-only conversation, ``visual`` None); ``system`` replaces the template's
+        system message. The model's family builds it."""
+        if visual is not None and self.time_aware and visual.modality == "video":
+            turns = [(f"{time_instruction(visual.clip)}\n{turns[0][0]}", turns[0][1]), *turns[1:]]
+        return self.family.prompt(turns, None if visual is None else visual.modality, system, self.conv_template,
+                                  self.tokenizer, self.image_processor)
 
     def respond(self, visual: EncodedVisual, turns: list[tuple[str, str | None]],
                 stream: Callable[[str], None] | None = None, **generation) -> Response:
@@ -537,13 +559,17 @@ class VideoLLM:
                      limits: list[int | None] | None = None, systems: list[str | None] | None = None,
                      cancelled: list[Callable[[], bool] | None] | None = None, **generation) -> list[Response]:
         """Generate the replies of several conversations together (one left-padded batch; the
-        visuals must share one reduction). ``stream``: one callback, or one per conversation
-        (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
+        visuals must share one reduction; a visual of None is a text-only conversation, and a
+        batch of them only is generated without reduction). ``stream``: one callback, or one per
+        conversation (None: not streamed), that gets the text as it is generated. ``limits``: per-conversation
         token limits below the batch's ``max_new_tokens`` (a conversation that reaches its own
         stops taking part); ``systems``: per-conversation system messages; ``cancelled``:
-        per-conversation checks, asked once a step, whose True ends that reply where it is."""
+        per-conversation checks, asked once a step, whose True ends that reply where it is.
+        Conversations whose logits became NaN or infinite get no reply: a
+        :class:`~aim_llava.errors.NonFiniteOutputError` names them, with the others' replies as
+        its ``partial`` (None in their place)."""
         options = dataclasses.replace(self.generation, **generation)
-        configs = {visual.reduction for visual in visuals}
+        configs = {visual.reduction for visual in visuals if visual is not None} or {ReductionConfig()}
         if len(configs) != 1:
             raise InputError("the items of one batch must be encoded with the same reduction")
         callbacks = stream if isinstance(stream, list) else [stream] * len(visuals)
@@ -560,40 +586,73 @@ class VideoLLM:
         generator = None
         if options.do_sample and options.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(options.seed)
-        prefill = self.prefix_prefill(visuals, prompts)
+        reduction = self.plan(configs.pop())
         started = time.perf_counter()
-        output = self.model.generate(
-            ids,
-            attention_mask=mask,
-            visual_features=[visual.features for visual in visuals],
-            max_new_tokens=limits,
-            do_sample=options.do_sample,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            generator=generator,
-            streamer=clock,
-            cuda_graph=options.cuda_graph,
-            reduction=self.plan(configs.pop()),
-            return_dict_in_generate=True,
-            cancelled_rows=cancellation_watch(cancelled or []),
-            prefill=prefill,
-        )
+
+        def generate():  # run again, with a fresh prefill, after memory was freed
+            return self.model.generate(
+                ids,
+                attention_mask=mask,
+                visual_features=[visual.features for visual in visuals if visual is not None],
+                max_new_tokens=limits,
+                do_sample=options.do_sample,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                generator=generator,
+                streamer=clock,
+                cuda_graph=options.cuda_graph,
+                reduction=reduction,
+                return_dict_in_generate=True,
+                cancelled_rows=cancellation_watch(cancelled or []),
+                prefill=self.prefix_prefill(visuals, prompts),
+            )
+
+        try:
+            output, broken = self.within_memory(generate, clock), None
+        except NonFiniteOutputError as error:
+            output, broken = error.partial, error
         elapsed = time.perf_counter() - started
         first = (clock.first or started + elapsed) - started
         responses = []
         for row, (visual, tokens) in enumerate(zip(visuals, output.sequences.tolist())):
+            if broken is not None and row in broken.rows:
+                responses.append(None)
+                continue
             tokens = tokens[: limits[row]]
             ended = next((i + 1 for i, token in enumerate(tokens) if token in eos), None)
             kept = tokens[:ended] if ended else tokens
             text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-            responses.append(Response(text, len(kept), visual.num_tokens, elapsed, first, output.reduction.sample(row),
-                                      ended is not None, len(prompts[row]) - 1 + visual.num_tokens))
+            visual_tokens = visual.num_tokens if visual is not None else 0
+            responses.append(Response(text, len(kept), visual_tokens, elapsed, first, output.reduction.sample(row),
+                                      ended is not None, len(prompts[row]) - (visual is not None) + visual_tokens))
+        if broken is not None:
+            raise NonFiniteOutputError(str(broken), broken.rows, responses)
         return responses
+
+    def within_memory(self, generate: Callable[[], GenerationOutput], clock: TokenClock) -> GenerationOutput:
+        """``generate()``; if it runs out of device memory before its first token while the reuse
+        cache holds entries, once more after emptying the cache (its device memory given back);
+        otherwise a one-line error that says how much memory was needed."""
+        try:
+            return generate()
+        except torch.OutOfMemoryError as error:
+            freed = self.cache.used if self.cache is not None else 0
+            if not freed or clock.first is not None:
+                raise out_of_memory(error, 0) from None
+            logger.warning("out of device memory: the reuse cache gives its %.0f MiB back and the request is tried "
+                           "once more", freed / 2**20)
+            self.cache.clear()
+        try:
+            return generate()
+        except torch.OutOfMemoryError as error:
+            raise out_of_memory(error, freed) from None
 
     def prefix_prefill(self, visuals: list[EncodedVisual], prompts: list[list[int]]) -> PrefixPrefill | None:
         """The prefill that reuses the prompts' video prefixes, when the cache and the visuals
         allow it (every visual known to the cache, one placeholder per prompt)."""
-        if self.cache is None or not self.prefix_reuse or any(visual.key is None for visual in visuals):
+        if self.cache is None or not self.prefix_reuse:
+            return None
+        if any(visual is None or visual.key is None for visual in visuals):
             return None
         if any(prompt.count(IMAGE_TOKEN_INDEX) != 1 for prompt in prompts):
             return None
@@ -660,20 +719,32 @@ class VideoLLM:
     def each_or_one_by_one(group: list[tuple[Result, object]], work: Callable[[list], list],
                            store: Callable[[Result, object], None]) -> None:
         """Run ``work`` on the whole group; if it fails, on each member alone, so that only the
-        members that fail by themselves get an error."""
+        members that fail by themselves get an error (members that the failure names, with the
+        others' outputs, get it at once). A failure of the device ends everything: it is raised,
+        as :class:`~aim_llava.errors.DeviceFailure`."""
         if not group:
             return
         try:
             outputs = work(group)
-        except Exception:
-            if len(group) == 1:
+        except DeviceFailure:
+            raise
+        except Exception as error:
+            if is_device_failure(error):
+                raise device_failure(error) from error
+            if isinstance(error, NonFiniteOutputError) and isinstance(error.partial, list):
+                outputs = [error if output is None else output for output in error.partial]
+            elif len(group) == 1:
                 group[0][0].error = sys.exc_info()[1]
                 return
-            for member in group:
-                VideoLLM.each_or_one_by_one([member], work, store)
-            return
+            else:
+                for member in group:
+                    VideoLLM.each_or_one_by_one([member], work, store)
+                return
         for (result, _), output in zip(group, outputs):
-            store(result, output)
+            if isinstance(output, NonFiniteOutputError):
+                result.error = output
+            else:
+                store(result, output)
 
     def answer_list(self, requests: list[Request], batch_size: int, reduction, generation: dict) -> list[str]:
         results = list(self.run(requests, batch_size, reduction=reduction, **generation))

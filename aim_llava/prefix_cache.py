@@ -61,11 +61,11 @@ def prefix_key(visual_key: Hashable, text_ids: list[int], layers: int, attn_impl
     return "prefix", visual_key, tuple(text_ids), layers, attn_implementation
 
 
-def compute_prefixes(decoder, embeds: torch.Tensor, layers: int, attn_implementation: str) -> list[CachedPrefix]:
-    """The prefixes of ``embeds`` [G, length, H] (equal lengths, no padding) in the first
-    ``layers`` decoder layers."""
+def compute_prefixes(decoder, embeds: torch.Tensor, positions: torch.Tensor, layers: int,
+                     attn_implementation: str) -> list[CachedPrefix]:
+    """The prefixes of ``embeds`` [G, length, H] (equal lengths, no padding) at their positions
+    ([G, length], or [G, length, 3] with multimodal RoPE) in the first ``layers`` decoder layers."""
     count, length, _ = embeds.shape
-    positions = torch.arange(length, device=embeds.device).expand(count, length)
     valid = torch.ones(count, length, dtype=torch.bool, device=embeds.device)
     cache = KVCache(len(decoder.layers))
     state, _ = decoder.run_layers(TokenState.start(embeds, positions, valid, None, False), range(layers), cache,
@@ -125,7 +125,10 @@ class PrefixPrefill:
             starts = [longest - inputs.lengths[row] for _, row in missing]
             embeds = torch.stack([inputs.inputs_embeds[row, start : start + length]
                                   for (_, row), start in zip(missing, starts)])
-            for (key, _), prefix in zip(missing, compute_prefixes(self.model.model, embeds, layers, implementation)):
+            positions = torch.stack([inputs.position_ids[row, start : start + length]
+                                     for (_, row), start in zip(missing, starts)])
+            computed = compute_prefixes(self.model.model, embeds, positions, layers, implementation)
+            for (key, _), prefix in zip(missing, computed):
                 self.cache.put(key, prefix, prefix.nbytes)
                 found[key] = prefix
         return [found[key] for key in keys]

@@ -11,11 +11,14 @@ Several images in one request are taken as the frames of one video (what OpenAI-
 send for videos). Options: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``,
 ``top_p``, ``seed``, ``stop``, ``stream`` (server-sent events in OpenAI's chunk format, with
 ``stream_options.include_usage``), and the extras ``frames``, ``fps``, ``max_frames`` and
-``config`` (a preset name or ``budget:X``). ``GET /v1/models`` and ``GET /health`` complete the API.
+``config`` (a preset name or ``budget:X``); a chat without media is answered as text.
+``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus) complete the API, and each
+request gets an access-log line.
 
-Every request field is treated as hostile and memory per request is bounded by design (see
-:class:`ServerLimits` and the README's server section); the code lives in :mod:`aim_llava.server`,
-one module per seam.
+Every request field is treated as hostile, and memory and time per request are bounded by
+design: media are decoded in worker processes stopped at the request's deadline, when its client
+goes, or past their budgets (see :class:`ServerLimits` and docs/serving.md); the code lives in
+:mod:`aim_llava.server`, one module per seam.
 """
 
 import sys

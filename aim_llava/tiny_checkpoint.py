@@ -65,8 +65,9 @@ def printable_byte_alphabet() -> list[str]:
     return [chr(b) for b in range(33, 127)] + [chr(256 + b) for b in (9, 10, 32)]
 
 
-def build_tokenizer(seed: int):
-    """A byte-level BPE tokenizer (Qwen2 style) trained on a generated corpus."""
+def build_tokenizer(seed: int, special_tokens: list[str] = SPECIAL_TOKENS):
+    """A byte-level BPE tokenizer (Qwen2 style) trained on a generated corpus; the special tokens
+    take the first ids, in order (the first is the padding token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -78,7 +79,7 @@ def build_tokenizer(seed: int):
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB_SIZE,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=printable_byte_alphabet(),
         show_progress=False,
     )
@@ -88,8 +89,8 @@ def build_tokenizer(seed: int):
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        pad_token=special_tokens[0],
+        additional_special_tokens=special_tokens[1:],
     )
 
 

@@ -11,6 +11,10 @@ Sampling rules (the source's frame i has timestamp i / fps):
 * fps: one frame every 1/fps seconds from the window's start (the nearest source frame); when
   that gives more than ``max_frames``, uniform sampling of ``max_frames`` over the window instead
   (LLaVA-Video's rule).
+* ``frame_rule="qwen"`` (Qwen2.5-VL's rules, those of qwen-vl-utils): counts are even (a temporal
+  patch is 2 frames): ``num_frames`` rounded to the nearest even number, or by fps ``window x fps``
+  kept within [4, min(max_frames or 768, window)] and rounded down to even; the indices are
+  ``round(torch.linspace(first, last, count))``.
 
 Backends: ``decord``, ``pyav``, ``torchcodec`` and ``qwen`` (qwen-vl-utils' reader). Each decodes
 only what the sampled frames need, with all cores: pyav indexes the packets (no decoding) and
@@ -25,8 +29,11 @@ Media from an untrusted source (the server's clients) are read under :class:`Med
 PyAV only, its demuxers limited to video containers and its protocols to plain files, FFmpeg's
 decoder limited to frames of ``max_source_pixels`` and to :data:`UNTRUSTED_DECODER_THREADS`
 threads, every frame brought to the model's input size as it is decoded, a pixel budget checked
-before decoding and a deadline. Images are opened with Pillow's decoders for :data:`IMAGE_FORMATS`
-only, everywhere (never EPS/PS, which would run Ghostscript).
+before decoding, the index an MP4 file declares and the packets of any container bounded by
+:data:`MAX_INDEX_ENTRIES` before they are indexed, directories of at most :data:`MAX_FRAMES`
+entries, frames that are regular files of one link, and a deadline. Images are opened with
+Pillow's decoders for :data:`IMAGE_FORMATS` only, everywhere (never EPS/PS, which would run
+Ghostscript), and a JPEG's scans are counted before it is decoded (:func:`check_jpeg_scans`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from aim_llava.errors import InputError
+from aim_llava.media_checks import DeclaredTooMuch, is_mp4, jpeg_scan_count, mp4_index_entries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Pillow's decoders for those extensions: no other decoder ever sees a file (EPS and PS would run
@@ -55,6 +63,13 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 VIDEO_CONTAINERS = ("mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "ogg", "asf")
 BACKENDS = ("auto", "decord", "pyav", "qwen", "torchcodec")
 UNTRUSTED_DECODER_THREADS = 2  # FFmpeg's decoding threads for an untrusted video (frames in flight)
+# the index entries (packets, samples) an untrusted video may have: 38 hours at 30 frames a second,
+# ~160 MB of FFmpeg's index and ours
+MAX_INDEX_ENTRIES = 2**22
+# a JPEG's scans: each is a pass over the whole image, so their number is bounded, and more tightly
+# for larger images (a progressive JPEG has about ten)
+MAX_JPEG_SCANS = 1000
+MAX_JPEG_SCAN_PIXELS = 2**31  # scans x pixels: 32 scans of the largest image allowed (2**26 pixels)
 
 
 class VideoError(InputError):
@@ -76,6 +91,7 @@ class VideoClip:
     fps: float
     source: str
     is_image: bool = False
+    sampled_fps: float = 0.0  # samples per second of the window they come from (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -88,12 +104,15 @@ class MediaLimits:
     frame; tests/test_video.py), and nothing larger is kept; the sampled frames may hold
     ``max_pixels`` pixels at that size (a sampling that would hold more is refused before anything
     is decoded); one decoded image or video frame may have ``max_source_pixels`` (checked from its
-    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value)."""
+    header first); reading stops with an error at ``deadline`` (a ``time.monotonic()`` value).
+    With ``keep_aspect`` (models that take frames at their native resolution), a frame keeps its
+    aspect ratio and is only shrunk, to at most ``frame_size`` squared pixels."""
 
     frame_size: int
     max_pixels: int
     max_source_pixels: int
     deadline: float | None = None
+    keep_aspect: bool = False
 
     def check_frames(self, count: int, source: str) -> None:
         held = count * self.frame_size**2
@@ -112,8 +131,11 @@ class MediaLimits:
             raise ReadingTimeExceeded(f"reading {source} took longer than the request's time limit")
 
     def frame(self, image: Image.Image) -> np.ndarray:
-        """A decoded RGB image at the model's input size."""
+        """A decoded RGB image at the model's input size (within it, keeping its aspect ratio)."""
         size = (self.frame_size, self.frame_size)
+        if self.keep_aspect:
+            scale = min(1.0, self.frame_size / math.sqrt(image.width * image.height))
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         return np.asarray(image if image.size == size else image.resize(size, Image.BICUBIC))
 
 
@@ -153,6 +175,33 @@ def frame_window(total: int, fps: float, start: float | None, end: float | None,
     return first, last
 
 
+QWEN_FRAME_FACTOR = 2  # Qwen2.5-VL's temporal patch: frame counts are multiples of it
+QWEN_MIN_FRAMES = 4
+QWEN_MAX_FRAMES = 768
+FRAME_RULES = ("llava", "qwen")
+
+
+def qwen_frame_count(window_frames: int, source_fps: float, opts: dict) -> int:
+    """qwen-vl-utils' count (``smart_nframes``): ``num_frames`` rounded to even, or by fps
+    ``window / source_fps * fps`` kept within [4, max_frames] and the window, rounded down to even;
+    at least 2 (a shorter window repeats its frames)."""
+    factor = QWEN_FRAME_FACTOR
+    if opts["fps"] is None:
+        wanted = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
+        return max(factor, round(wanted / factor) * factor)
+    least = math.ceil(QWEN_MIN_FRAMES / factor) * factor
+    most = math.floor(min(opts["max_frames"] or QWEN_MAX_FRAMES, window_frames) / factor) * factor
+    count = min(max(window_frames / source_fps * opts["fps"], least), most, window_frames)
+    return max(factor, math.floor(count / factor) * factor)
+
+
+def qwen_indices(first: int, last: int, count: int) -> list[int]:
+    """qwen-vl-utils' indices: ``torch.linspace(first, last, count).round()``."""
+    import torch
+
+    return torch.linspace(first, last, count).round().long().tolist()
+
+
 def check_frame_count(count: int, limit: int | None, source: str) -> None:
     if limit is not None and count > limit:
         raise VideoError(
@@ -178,6 +227,10 @@ def choose_indices(total: int, source_fps: float, opts: dict, source: str) -> li
     """The sampled frame indices, their count checked against the limits before they are built
     (an fps sampling of a long source could otherwise list millions)."""
     first, last = frame_window(total, source_fps, opts["start"], opts["end"], source)
+    if opts.get("frame_rule") == "qwen":
+        count = qwen_frame_count(last - first + 1, source_fps, opts)
+        check_sampled_count(count, opts.get("frame_limit"), opts.get("limits"), source)
+        return qwen_indices(first, last, count)
     if opts["fps"] is not None:
         count = fps_frame_count(first, last, source_fps, opts["fps"], opts["max_frames"])
     else:
@@ -220,9 +273,11 @@ class PacketIndex:
     keyframes: list[int]
 
     @classmethod
-    def read(cls, container, stream, check: Callable[[], None] = no_check) -> PacketIndex | None:
+    def read(cls, container, stream, check: Callable[[], None] = no_check,
+             max_packets: int | None = None) -> PacketIndex | None:
         """None when some packet has no timestamp (then frames can only be counted by decoding);
-        ``check()`` runs at every packet (it raises to stop)."""
+        ``check()`` runs at every packet (it raises to stop); a stream of more than
+        ``max_packets`` packets is a VideoError, raised before they are all listed."""
         pts, keyframes = [], []
         for packet in container.demux(stream):
             check()
@@ -230,6 +285,8 @@ class PacketIndex:
                 continue
             if packet.pts is None:
                 return None
+            if max_packets is not None and len(pts) >= max_packets:
+                raise VideoError(f"{container.name} holds more than {max_packets:,} video packets")
             pts.append(packet.pts)
             if packet.is_keyframe:
                 keyframes.append(packet.pts)
@@ -303,11 +360,16 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
         def check():
             limits.check_deadline(path)
 
+    if limits is not None:
+        check_declared_index(path)
     with av.open(path, container_options=options) as container:
         if not container.streams.video:
             raise VideoError(f"{path} has no video stream")
         stream = container.streams.video[0]
         if limits is not None:
+            if stream.frames > MAX_INDEX_ENTRIES:
+                raise VideoError(f"{path} declares {stream.frames:,} frames, more than the {MAX_INDEX_ENTRIES:,} "
+                                 "a video may have here")
             limits.check_source(stream.codec_context.width, stream.codec_context.height, path)
             # FFmpeg itself refuses larger frames (a stream may change size after its header), and
             # frame threading holds one decoded frame per thread: a few threads, not all cores
@@ -315,7 +377,7 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
             stream.codec_context.thread_count = UNTRUSTED_DECODER_THREADS
         stream.thread_type = "AUTO"
         source_fps = float(stream.average_rate or stream.guessed_rate or 0)
-        index = PacketIndex.read(container, stream, check)
+        index = PacketIndex.read(container, stream, check, MAX_INDEX_ENTRIES if limits is not None else None)
         total = len(index.pts) if index is not None else stream.frames
         if total == 0 or source_fps <= 0:
             raise VideoError(f"{path} has no decodable video frames")
@@ -328,6 +390,18 @@ def _read_pyav(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int
     if missing:
         raise VideoError(f"{path} is truncated or damaged: frame {max(missing)} of {total} does not decode")
     return np.stack([decoded[i] for i in indices]), indices, source_fps, total
+
+
+def check_declared_index(path: str) -> None:
+    """Refuses an MP4/QuickTime file whose sample tables declare more than
+    :data:`MAX_INDEX_ENTRIES` index entries (read before FFmpeg opens it and builds its index)."""
+    with open(path, "rb") as file:
+        if not is_mp4(file):
+            return
+        try:
+            mp4_index_entries(file, os.fstat(file.fileno()).st_size, MAX_INDEX_ENTRIES)
+        except DeclaredTooMuch as err:
+            raise VideoError(f"{path} cannot be indexed here: {err} (at most {MAX_INDEX_ENTRIES:,})") from None
 
 
 def _read_torchcodec(path: str, opts: dict) -> tuple[np.ndarray, list[int], float, int]:
@@ -384,6 +458,8 @@ def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None,
             if max_pixels is not None and image.width * image.height > max_pixels:
                 raise VideoError(f"{name} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
                                  "allowed: send smaller images")
+            if image.format == "JPEG":
+                check_jpeg_scans(image, name)
             image.load()
             return image if image.mode == "RGB" else image.convert("RGB")
     except Image.DecompressionBombError:
@@ -395,9 +471,32 @@ def open_image_rgb(path, name: str | None = None, max_pixels: int | None = None,
         raise VideoError(f"cannot read {name} as an image ({err})") from None
 
 
+def check_jpeg_scans(image: Image.Image, name: str) -> None:
+    """Refuses a JPEG of more scans than :data:`MAX_JPEG_SCANS`, or than
+    :data:`MAX_JPEG_SCAN_PIXELS` allow at its size (counted in its file before it is decoded)."""
+    pixels = max(1, image.width * image.height)
+    allowed = min(MAX_JPEG_SCANS, max(1, MAX_JPEG_SCAN_PIXELS // pixels))
+    scans = jpeg_scan_count(image.fp, allowed)
+    if scans > allowed:
+        raise VideoError(f"{name} is a JPEG of more than {allowed:,} scans (each a pass over its "
+                         f"{image.width}x{image.height} pixels; a progressive JPEG has about ten): send it re-encoded")
+
+
 def _load_image_file(path: Path, limits: MediaLimits | None) -> VideoClip:
     frame = np.asarray(open_image_rgb(path, max_pixels=limits.max_source_pixels if limits else None))
     return VideoClip(frame[None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+
+
+def directory_names(path: str | Path, max_entries: int | None = None) -> list[str]:
+    """The names of a directory's entries (unsorted, nothing read but the names); one of more
+    than ``max_entries`` entries is a VideoError once the next is listed."""
+    names = []
+    with os.scandir(path) as listing:
+        for entry in listing:
+            if max_entries is not None and len(names) >= max_entries:
+                raise VideoError(f"directory {path} holds more than {max_entries:,} entries")
+            names.append(entry.name)
+    return names
 
 
 def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
@@ -407,13 +506,8 @@ def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
     def natural_key(name: str):
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
-    names = []
-    with os.scandir(path) as entries:
-        for count, entry in enumerate(entries):
-            if limits is not None and count >= MAX_FRAMES:
-                raise VideoError(f"directory {path} holds more than {MAX_FRAMES:,} entries")
-            if Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-                names.append(entry.name)
+    names = [name for name in directory_names(path, MAX_FRAMES if limits is not None else None)
+             if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not names:
         raise VideoError(f"directory {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return sorted(names, key=natural_key)
@@ -421,14 +515,19 @@ def _frame_files(path: Path, limits: MediaLimits | None) -> list[str]:
 
 def _open_frame_file(directory: Path, name: str, limits: MediaLimits) -> np.ndarray:
     """An untrusted directory's frame at the model's input size: opened without following a
-    symbolic link (which could lead anywhere), and only if it is a regular file."""
+    symbolic link (which could lead anywhere), and only if it is a regular file of one link (a
+    hard link may be a file from anywhere on the file system)."""
     try:
         handle = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as err:
         raise VideoError(f"cannot open the frame {name} ({err.strerror})") from None
     with os.fdopen(handle, "rb") as file:
-        if not stat.S_ISREG(os.fstat(handle).st_mode):
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
             raise VideoError(f"the frame {name} is not a regular file")
+        if status.st_nlink > 1:
+            raise VideoError(f"the frame {name} has {status.st_nlink} hard links (one may lead outside the media "
+                             "root): give each frame one link")
         return limits.frame(open_image_rgb(file, name, limits.max_source_pixels))
 
 
@@ -447,7 +546,7 @@ def _load_frame_dir(path: Path, opts: dict) -> VideoClip:
         size = size or frame.size
         frames.append(np.asarray(frame if frame.size == size else frame.resize(size, Image.BILINEAR)))
     return VideoClip(np.stack(frames), indices, [i / source_fps for i in indices], len(files) / source_fps,
-                     source_fps, "frames")
+                     source_fps, "frames", sampled_fps=sampled_rate(indices, len(files), source_fps, opts))
 
 
 MAX_FRAMES = 100_000  # far beyond any model's context; a bound on what a request may ask
@@ -490,6 +589,12 @@ def probe(path: str | Path, start: float | None = None) -> None:
         raise VideoError(f"start={start}s is beyond the end of {path} ({duration:.2f}s)")
 
 
+def sampled_rate(indices: list[int], total: int, source_fps: float, opts: dict) -> float:
+    """Samples per second of the window they were taken from (qwen-vl-utils' ``sample_fps``)."""
+    first, last = frame_window(total, source_fps, opts["start"], opts["end"], "the source")
+    return len(indices) / (last - first + 1) * source_fps
+
+
 def validate_sampling(num_frames: int, fps: float | None, max_frames: int | None, start, end,
                       frame_rate: float = 1.0) -> None:
     if num_frames is None or num_frames < 1:
@@ -519,17 +624,24 @@ def load_video(
     frame_limit: int | None = None,
     limits: MediaLimits | None = None,
     frame_rate: float = 1.0,
+    frame_rule: str = "llava",
 ) -> VideoClip:
     """Sample frames from a video file, a directory of frame images, or one image file.
 
     Frame directories are taken at ``frame_rate`` frames per second (sorted by name, numbers
     compared as numbers). An image file gives one frame with ``is_image=True``. A sampling that gives more than
     ``frame_limit`` frames is refused before any frame is decoded. ``limits``: read an untrusted
-    source (see :class:`MediaLimits`; videos with PyAV).
+    source (see :class:`MediaLimits`; videos with PyAV). ``frame_rule``: ``llava`` (the published
+    rules above) or ``qwen`` (Qwen2.5-VL's).
     """
     validate_sampling(num_frames, fps, max_frames, start, end, frame_rate)
+    if frame_rule not in FRAME_RULES:
+        raise VideoError(f"unknown frame rule {frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
     if fps is None:
-        check_sampled_count(uniform_frame_count(num_frames, max_frames), frame_limit, limits, str(path))
+        count = uniform_frame_count(num_frames, max_frames)
+        if frame_rule == "qwen":
+            count = qwen_frame_count(count, 1.0, dict(fps=None, num_frames=count, max_frames=None))
+        check_sampled_count(count, frame_limit, limits, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if limits is not None and backend not in ("auto", "pyav"):
@@ -537,7 +649,7 @@ def load_video(
     check_local(path)
     path = Path(path)
     opts = dict(num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end, frame_limit=frame_limit,
-                limits=limits, frame_rate=frame_rate)
+                limits=limits, frame_rate=frame_rate, frame_rule=frame_rule)
     if path.is_dir():
         return _load_frame_dir(path, opts)
     if path.stat().st_size == 0:
@@ -562,7 +674,9 @@ def load_video(
             continue
         check_frame_count(len(indices), frame_limit, str(path))  # qwen-vl-utils picks its own count
         timestamps = [i / source_fps for i in indices]
-        return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name)
+        # qwen-vl-utils counts the window's frames as the video's
+        rate = len(indices) / total * source_fps if name == "qwen" else sampled_rate(indices, total, source_fps, opts)
+        return VideoClip(frames, indices, timestamps, total / source_fps, source_fps, name, sampled_fps=rate)
     if not failures:
         raise VideoError(f"no video backend is installed for {backend!r} (pip install av)")
     raise VideoError(f"cannot decode {path} as a video ({'; '.join(failures)})")

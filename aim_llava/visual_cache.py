@@ -27,32 +27,34 @@ from pathlib import Path
 
 import numpy as np
 
-from aim_llava.video import VideoClip
+from aim_llava.video import VideoClip, directory_names
 
 
-def file_identity(path: str | Path) -> tuple:
+def file_identity(path: str | Path, max_entries: int | None = None) -> tuple:
     """(resolved path, size, mtime_ns, inode, device) of a file; for a directory, also those of
-    its entries (a frame directory changes when one of its frames does). The status is that of
-    what ``path`` reaches (for the server's ``/proc/self/fd/N``, the file it holds open), the
-    resolved path only a label."""
+    its entries (a frame directory changes when one of its frames does), counted first: one of
+    more than ``max_entries`` is a VideoError before any entry is read. The status is that of what
+    ``path`` reaches (for the server's ``/proc/self/fd/N``, the file it holds open), the resolved
+    path only a label."""
     resolved = Path(path).resolve()
     status = os.stat(path)
     identity = (str(resolved), status.st_size, status.st_mtime_ns, status.st_ino, status.st_dev)
     if not stat.S_ISDIR(status.st_mode):
         return identity
     entries = []
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        inner = entry.stat()
-        entries.append((entry.name, inner.st_size, inner.st_mtime_ns, inner.st_ino))
+    for name in sorted(directory_names(path, max_entries)):
+        inner = os.stat(os.path.join(path, name))
+        entries.append((name, inner.st_size, inner.st_mtime_ns, inner.st_ino))
     return identity + (tuple(entries),)
 
 
 def clip_digest(clip: VideoClip) -> str:
-    """A digest of a clip's pixels, shape, frame indices and times."""
+    """A digest of a clip's pixels, shape, frame indices and times (its sampling rate among them:
+    Qwen2.5-VL's time positions depend on it)."""
     digest = hashlib.blake2b(digest_size=20)
     frames = np.ascontiguousarray(clip.frames)
     digest.update(repr((frames.shape, str(frames.dtype), clip.indices, clip.timestamps, clip.duration, clip.fps,
-                        clip.is_image)).encode())
+                        clip.is_image, clip.sampled_fps)).encode())
     digest.update(memoryview(frames).cast("B"))
     return digest.hexdigest()
 
@@ -64,14 +66,14 @@ class KeyedClip(VideoClip):
     source_key: tuple = ()
 
 
-def source_key(source: str | Path | VideoClip, sampling: Hashable = None) -> tuple:
-    """What identifies the frames of ``source``: a file's identity with the ``sampling`` that reads
-    it, or an in-memory clip's digest."""
+def source_key(source: str | Path | VideoClip, sampling: Hashable = None, max_entries: int | None = None) -> tuple:
+    """What identifies the frames of ``source``: a file's identity (a directory of at most
+    ``max_entries`` entries) with the ``sampling`` that reads it, or an in-memory clip's digest."""
     if isinstance(source, KeyedClip):
         return source.source_key
     if isinstance(source, VideoClip):
         return ("frames", clip_digest(source))
-    return ("file", file_identity(source), sampling)
+    return ("file", file_identity(source, max_entries), sampling)
 
 
 def clip_fields(clip: VideoClip) -> dict:

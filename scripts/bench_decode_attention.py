@@ -14,8 +14,9 @@ Defaults: Qwen2-7B's heads (28 query, 4 key/value, dimension 128). Implementatio
 ``sdpa`` (SDPA's own choice of kernel) and SDPA restricted to one kernel (``sdpa:efficient``,
 ``sdpa:cudnn``, ``sdpa:math``); a kernel that refuses the inputs gets a row saying so. On CUDA each
 variant is captured as a CUDA graph and replayed, as decoding runs it (launch overheads do not
-count), and timed with CUDA events; elsewhere with the clock. Every output is checked against
-float64 attention; the fastest correct one per shape is marked.
+count), on a side stream of the device asked for (made the current device for the whole run), and
+timed with CUDA events on that device's stream; elsewhere with the clock. Every output is checked
+against float64 attention; the fastest correct one per shape is marked.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aim_llava.devices import on_device  # noqa: E402
 from aim_llava.model.attention import attend  # noqa: E402
+from aim_llava.model.language_model.generation import capture_graph  # noqa: E402
 
 KERNELS = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
            "math": SDPBackend.MATH}
@@ -79,19 +82,17 @@ def seconds_per_call(run, device: torch.device, repeats: int) -> float:
         for _ in range(repeats):
             run()
         return (time.perf_counter() - started) / repeats
-    side = torch.cuda.Stream(device=device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    side, current = torch.cuda.Stream(device=device), torch.cuda.current_stream(device)
+    side.wait_stream(current)
     with torch.cuda.stream(side):
         run()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    current.wait_stream(side)
+    graph, _ = capture_graph(run, side, device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start.record(current)
     for _ in range(repeats):
         graph.replay()
-    end.record()
+    end.record(current)
     end.synchronize()
     return start.elapsed_time(end) / 1000 / repeats
 
@@ -153,7 +154,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args()
-    rows = measure(args)
+    with on_device(args.device):  # streams, events and captures made without a device follow the current one
+        rows = measure(args)
     print(markdown(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"arguments": vars(args), "rows": rows}, indent=2))

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from aim_llava.devices import on_device
 from aim_llava.reduction.attention_lse import Tiling
 from aim_llava.reduction.importance import log_importance, pagerank_log_importance_fused
 from aim_llava.timing import StageTimes, stage
@@ -36,6 +37,12 @@ def timed(call, device: str) -> tuple[float, torch.Tensor]:
 
 
 def main() -> None:
+    args = parse_arguments()
+    with on_device(args.device):  # Triton launches on the current device's stream: make it the one timed
+        measure(args)
+
+
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -49,14 +56,18 @@ def main() -> None:
                              "(OUTERxINNERxWARPSxSTAGES)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Time the kernels (see the module docstring); prints the table, writes --json."""
     cuda = args.device.startswith("cuda")
     kernels = (args.kernels or ("fused,chunked,flex" if cuda else "factored,chunked")).split(",")
     kernels += [f"fused {tiling}" for tiling in filter(None, args.fused_tilings.split(","))]
     dtype = getattr(torch, args.dtype)
     rows = []
     print(f"{args.heads} heads ({args.kv_heads} kv), head dim {args.head_dim}, {args.dtype}, {args.device}, "
-          f"torch {torch.__version__}{', ' + torch.cuda.get_device_name() if cuda else ''}")
+          f"torch {torch.__version__}{', ' + torch.cuda.get_device_name(args.device) if cuda else ''}")
     print("| N | kernel | first call ms | warm ms (median) | max rel. diff vs float32 chunked | same top half |")
     print("|---|---|---|---|---|---|")
     for n in map(int, args.tokens.split(",")):

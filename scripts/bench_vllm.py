@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""vLLM without and with the aim-llava plugin, next to aim-llava's own engine, for the same
-reductions: prompt tokens per request, time to first token and requests/s, on a random-weight
-checkpoint (speed only: the weights' values do not change the work).
+"""Requests per second of vLLM without and with the aim-llava plugin, next to aim-llava's own
+engine, for the same reductions, on a random-weight checkpoint (speed only: the weights' values do
+not change the work).
 
 Run it in the vLLM environment (scripts/run_vllm_tests.sh builds .venv-vllm):
 
-    .venv-vllm/bin/python scripts/bench_vllm.py --frames 32 --requests 16
+    .venv-vllm/bin/python scripts/bench_vllm.py --arch llava-onevision-qwen2-0.5b --frames 32 --requests 16
 
-Each engine and reduction runs in a fresh child process on the same videos (random frames, a
-different video per request, so no cache is shared between requests). vLLM gets all requests at
-once (continuous batching); its time to first token is the engine's own per-request figure, from
-the request's arrival. Our engine answers them one after another (batch size 1); its time to first
-token is reading nothing, preprocessing, encoding and prefill of that request. No warm-up request.
+Each engine and reduction runs in a fresh child process: one warm-up request, then ``--repeats``
+rounds of ``--requests`` requests, each request with a video of its own (random frames; no video
+is seen twice, so no cache is shared between requests or rounds). vLLM gets a round's requests at
+once (continuous batching); aim-llava's engine answers them one after another (batch size 1). The
+figure is a round's requests divided by its wall time: first-token times of requests that vLLM
+schedules together are not comparable with those of requests answered one by one.
 """
 
 from __future__ import annotations
@@ -31,11 +32,20 @@ from aim_llava.vllm_plugin import ARCHITECTURE, CONFIG_KEY
 
 QUESTION = "Describe the video."
 PLUGIN = {"architectures": [ARCHITECTURE]}
+TINY = "tiny"
 
 
-def videos(count: int, frames: int) -> list:
-    """``count`` different random videos of ``frames`` 384x384 frames (the processors' size)."""
-    return [random_frames(frames, 384, 384, seed=seed) for seed in range(count)]
+def videos(first: int, count: int, frames: int) -> list:
+    """``count`` different random videos of ``frames`` 384x384 frames (the processors' size), the
+    ``first``-th onwards."""
+    return [random_frames(frames, 384, 384, seed=seed) for seed in range(first, first + count)]
+
+
+def rounds(args) -> list[list]:
+    """The warm-up round (one video), then ``args.repeats`` rounds of ``args.requests`` videos."""
+    sizes = [1] + [args.requests] * args.repeats
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [videos(start, size, args.frames) for start, size in zip(starts, sizes)]
 
 
 def run_vllm(args) -> dict:
@@ -56,15 +66,16 @@ def run_vllm(args) -> dict:
     length = args.frames * 196 + 256
     llm = LLM(model=args.model, dtype=args.dtype, enforce_eager=not torch.cuda.is_available(), seed=0,
               max_model_len=length, max_num_batched_tokens=length, limit_mm_per_prompt={"image": 0, "video": 1},
-              hf_overrides=overrides, disable_log_stats=False, skip_mm_profiling=True)
+              hf_overrides=overrides)
     prompt = build_prompt(QUESTION).replace("<image>", "<video>")
-    requests = [{"prompt": prompt, "multi_modal_data": {"video": video}} for video in videos(args.requests, args.frames)]
-    started = time.perf_counter()
-    outputs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True))
-    wall = time.perf_counter() - started
-    return {"prompt_tokens": statistics.mean(len(o.prompt_token_ids) for o in outputs),
-            "ttft_s": statistics.mean(o.metrics.first_token_latency for o in outputs),
-            "requests_per_s": len(outputs) / wall, "wall_s": wall}
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    rows = []
+    for frames in rounds(args):
+        started = time.perf_counter()
+        outputs = llm.generate([{"prompt": prompt, "multi_modal_data": {"video": video}} for video in frames], sampling)
+        rows.append((len(outputs) / (time.perf_counter() - started),
+                     statistics.mean(len(o.prompt_token_ids) for o in outputs)))
+    return summary(rows[1:])
 
 
 def run_ours(args) -> dict:
@@ -76,18 +87,22 @@ def run_ours(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     llm = VideoLLM.from_pretrained(args.model, reduction=args.preset, device=device, dtype=args.dtype,
                                    generation=GenerationOptions(max_new_tokens=args.max_tokens))
-    prompt_tokens, ttft = [], []
-    started = time.perf_counter()
-    for frames in videos(args.requests, args.frames):
-        clip = VideoClip(frames, list(range(len(frames))), [float(i) for i in range(len(frames))],
-                         float(len(frames)), 1.0, "random")
-        visual = llm.encode(clip)
-        response = llm.respond(visual, [(QUESTION, None)])
-        prompt_tokens.append(response.prompt_tokens)
-        ttft.append(visual.encode_seconds + response.first_token_s)
-    wall = time.perf_counter() - started
-    return {"prompt_tokens": statistics.mean(prompt_tokens), "ttft_s": statistics.mean(ttft),
-            "requests_per_s": args.requests / wall, "wall_s": wall}
+    rows = []
+    for frames in rounds(args):
+        prompt_tokens = []
+        started = time.perf_counter()
+        for video in frames:
+            clip = VideoClip(video, list(range(len(video))), [float(i) for i in range(len(video))],
+                             float(len(video)), 1.0, "random")
+            prompt_tokens.append(llm.respond(llm.encode(clip), [(QUESTION, None)]).prompt_tokens)
+        rows.append((len(frames) / (time.perf_counter() - started), statistics.mean(prompt_tokens)))
+    return summary(rows[1:])
+
+
+def summary(rows: list[tuple[float, float]]) -> dict:
+    """The timed rounds' requests/s (each, and their median) and prompt tokens per request."""
+    rates = [rate for rate, _ in rows]
+    return {"requests_per_s": statistics.median(rates), "rounds_requests_per_s": rates, "prompt_tokens": rows[0][1]}
 
 
 def child(args) -> None:
@@ -95,12 +110,26 @@ def child(args) -> None:
     Path(args.result).write_text(json.dumps(dict(row, engine=args.engine, preset=args.preset)))
 
 
+def write_checkpoint(arch: str, folder: Path) -> Path:
+    """A random checkpoint of ``arch`` in the transformers layout with processor files (vLLM's
+    format); ``tiny``: the tests' tiny model with a text head size vLLM's CPU attention supports."""
+    from aim_llava.tiny_checkpoint import write_random_checkpoint, write_tiny_checkpoint
+
+    if arch == TINY:
+        return write_tiny_checkpoint(folder, "hf", head_size=64, processor=True)
+    from aim_llava.architectures import architecture
+
+    return write_random_checkpoint(folder, architecture(arch), layout="hf", processor=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="an HF-layout checkpoint with processor files (default: write a random one)")
-    parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b", help="architecture of the random checkpoint")
+    parser.add_argument("--arch", default="llava-onevision-qwen2-0.5b",
+                        help=f"architecture of the random checkpoint, or {TINY!r} (the tests' tiny model)")
     parser.add_argument("--frames", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=16, help="requests per round (at least 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (at least 3)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--presets", nargs="+", default=["baseline", "aim_merge_only"])
@@ -111,6 +140,8 @@ def main() -> None:
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.requests < 16 or args.repeats < 3:
+        parser.error("--requests must be at least 16 and --repeats at least 3: fewer give no figure worth a table")
     if args.dtype is None:
         import torch
 
@@ -120,33 +151,31 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as work:
         if args.model is None:
-            from aim_llava.architectures import architecture
-            from aim_llava.tiny_checkpoint import write_random_checkpoint
-
-            args.model = str(write_random_checkpoint(Path(work) / "model", architecture(args.arch), layout="hf",
-                                                     processor=True))
+            args.model = str(write_checkpoint(args.arch, Path(work) / "model"))
         runs = [(engine, preset) for engine in args.engines for preset in args.presets
-                if not (engine == "vllm" and preset != "baseline") and not (engine == "vllm+plugin" and preset == "baseline")]
+                if (engine == "vllm") == (preset == "baseline") or engine == "aim-llava"]
         rows = []
         for engine, preset in runs:
             result = Path(work) / "row.json"
             command = [sys.executable, __file__, "--model", args.model, "--frames", str(args.frames),
-                       "--requests", str(args.requests), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
+                       "--requests", str(args.requests), "--repeats", str(args.repeats),
+                       "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
                        "--engine", engine, "--preset", preset, "--result", str(result)]
             print(f"running {engine} / {preset} ...", file=sys.stderr, flush=True)
             done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 sys.exit(f"{engine} / {preset} failed:\n{done.stderr[-3000:]}")
             rows.append(json.loads(result.read_text()))
-    print("| engine | reduction | prompt tokens / request | time to first token (s) | requests/s |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| engine | reduction | prompt tokens / request | requests/s (median) | requests/s per round |")
+    print("| --- | --- | ---: | ---: | --- |")
     for row in rows:
-        print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['ttft_s']:.1f} | "
-              f"{row['requests_per_s']:.3g} |")
+        each = ", ".join(f"{rate:.3g}" for rate in row["rounds_requests_per_s"])
+        print(f"| {row['engine']} | {row['preset']} | {row['prompt_tokens']:.0f} | {row['requests_per_s']:.3g} "
+              f"| {each} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"frames": args.frames, "requests": args.requests,
-                                               "max_tokens": args.max_tokens, "dtype": args.dtype, "rows": rows},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({"arch": args.arch, "frames": args.frames, "requests": args.requests,
+                                               "repeats": args.repeats, "max_tokens": args.max_tokens,
+                                               "dtype": args.dtype, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Download (here, where pip reaches a package index) the wheels that the GPU machine lacks for
-# scripts/gpu_measure.sh: the video readers (PyAV, decord), qwen-vl-utils, and the server with the
-# openai client its benchmark drives (FastAPI, uvicorn, pydantic and what they need beyond that
-# machine's packages), for its Python 3.12 on x86-64. They land in .whl/ (about 60 MB, under the
-# 64 MiB a device call carries), which git ignores; carry that folder along.
+# Download, where pip reaches a package index, the wheels that a GPU machine without network access
+# needs for scripts/gpu_measure.sh beyond torch, transformers and pytest: the video readers (PyAV,
+# decord), qwen-vl-utils, and the server with the openai client its benchmark drives (FastAPI,
+# uvicorn, pydantic and what they need), for Python 3.12 on x86-64. They land in .whl/ (about
+# 60 MB), which git ignores; copy that folder into the checkout on the GPU machine, where
+# gpu_check.sh and gpu_measure.sh install it first.
 #
 #   bash scripts/fetch_gpu_wheels.sh [all|check]
 #

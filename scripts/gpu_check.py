@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The GPU questions that matter most, answered in one call of at most 8 minutes (run it through
-scripts/gpu_check.sh, which installs the carried wheels first and starts the clock before that).
+"""The GPU questions that matter most, answered on your GPU within a time budget (run it through
+scripts/gpu_check.sh, which installs wheels kept in .whl/ first and starts the clock before that).
 
     python scripts/gpu_check.py --out DIR [--budget 480] [--started EPOCH_SECONDS]
 
@@ -12,6 +12,8 @@ recorded as skipped) and stopped when the time left runs out (recorded as timed 
   prefill_32f    7B, bf16, 32 frames: baseline, aim_merge_only, aim_default, aim_prune_only (3 repeats,
                  importance share, stage times; decode tokens/s at batch 1 with CUDA graphs)
   prefill_192f   7B, 192 frames: aim_default vs aim_merge_only
+  overlap        7B, bf16, 32 and 192 frames: at every pruning layer, the share of the float32
+                 importance's kept tokens that the GPU's kernel keeps (scripts/importance_overlap.py)
   decode_eager   7B, batch 1, without the CUDA graph
   decode_b16     7B, batch 16, CUDA graphs
   decode_attn    the decode step's attention alone, eager vs SDPA kernels at batch 1/4/16 and three
@@ -19,16 +21,18 @@ recorded as skipped) and stopped when the time left runs out (recorded as timed 
                  eager attention instead of SDPA for every step
   ttft_video     time to first token from a 60 s 640x360 H.264 clip read by PyAV
 
-Whatever happens, DIR receives gpu_check.json (every phase's status, seconds, bench reports and the
-targets of issues 11/12/24), gpu_check.md (the same for people) and gpu_check.log (all output):
-three files, within what a device call brings back. The summary is rewritten after every phase,
-so a call cut short still returns what finished. The longer measurements stay in
-scripts/gpu_measure.sh (one phase per call).
+It refuses to start, in one line, when a module a phase needs is missing (PyAV for ttft_video).
+Whatever happens then, DIR receives gpu_check.json (every phase's status, seconds, bench reports,
+the runtime fallbacks that fired in it and the targets of issues 11/12/24), gpu_check.md (the
+same for people, also printed at the end) and gpu_check.log (all output). The summary is
+rewritten after every phase, so a run cut short still leaves what finished. The longer
+measurements are in scripts/gpu_measure.sh (one phase per run).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -43,6 +47,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN_B = "llava-onevision-qwen2-7b"
 RESERVE_S = 10.0  # kept back for writing the summary
+KILL_WAIT_S = 10.0  # how long a stopped command's output is waited for after its process group is killed
+# the line aim_llava.capabilities.RuntimeFallbacks writes when an optimisation is replaced, and the
+# name the CUDA graph's fallback has there (aim_llava.model.language_model.generation.GRAPH_FALLBACK)
+FALLBACK_WARNING = "takes its place for the rest of this process"
+GRAPH_FALLBACK = "CUDA-graph decoding"
+REQUIRED_MODULES = {"av": "the ttft_video phase reads its clip with PyAV: pip install av (without network access: "
+                          "put its wheel in .whl/, from `bash scripts/fetch_gpu_wheels.sh check` run where pip works)"}
 MACHINE_REPORT = """
 import json, torch, triton, transformers
 from aim_llava.capabilities import device_capabilities
@@ -83,6 +94,7 @@ class PhaseResult:
     seconds: float = 0.0
     note: str = ""
     reports: dict = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)  # the fallback warnings its commands printed, each time
 
 
 REPORT = "report:"  # a command's argument naming a bench report; the runner puts its path there
@@ -92,6 +104,12 @@ def bench(report: str, *options: str) -> tuple[str, ...]:
     """An ``aim-llava bench`` run on the 7B architecture in bf16 whose JSON report is ``report``."""
     return (sys.executable, "-m", "aim_llava.cli", "bench", "--arch", SEVEN_B, "--device", "cuda", "--dtype",
             "bfloat16", "--json", REPORT + report, *options)
+
+
+def overlap(frames: int) -> tuple[str, ...]:
+    """scripts/importance_overlap.py on the 7B architecture in bf16 at ``frames`` frames."""
+    return (sys.executable, "scripts/importance_overlap.py", "--arch", SEVEN_B, "--frames", str(frames), "--device",
+            "cuda", "--dtype", "bfloat16", "--json", f"{REPORT}importance_overlap_{frames}f")
 
 
 def phases() -> list[Phase]:
@@ -109,6 +127,8 @@ def phases() -> list[Phase]:
                      "--configs", "baseline,aim_merge_only,aim_default,aim_prune_only"),)),
         Phase("prefill_192f", "7B bf16 prefill, 192 frames, aim_default vs aim_merge_only", 50, 120,
               (bench("prefill_192f", "--frames", "192", *prefill, "--configs", "aim_merge_only,aim_default"),)),
+        Phase("overlap", "7B bf16 kept sets vs the float32 importance, 32 and 192 frames", 40, 100,
+              tuple(overlap(frames) for frames in (32, 192))),
         Phase("decode_eager", "7B decode, batch 1, without the CUDA graph", 40, 90,
               (bench("decode_eager", *decode, "--no-cuda-graph"),)),
         Phase("decode_b16", "7B decode, batch 16, CUDA graphs", 45, 100,
@@ -135,11 +155,33 @@ def run_command(command: tuple[str, ...], timeout_s: float, log) -> tuple[int | 
         code = process.returncode
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        code = None
+        code, output = None, stopped_output(process)
     log.write(f"$ {' '.join(command)}\n{output}\n")
     log.flush()
     return code, output
+
+
+def stopped_output(process: subprocess.Popen) -> str:
+    """The output of a command whose process group was just killed, waited for at most
+    :data:`KILL_WAIT_S`: a process that left the group (a new session) may still hold the pipe."""
+    try:
+        return process.communicate(timeout=KILL_WAIT_S)[0]
+    except subprocess.TimeoutExpired as still_open:
+        process.stdout.close()
+        process.wait(timeout=KILL_WAIT_S)  # the command itself was killed: it has exited
+        partial = still_open.output.decode(errors="replace") if isinstance(still_open.output, bytes) else ""
+        return partial + f"\n(output cut {KILL_WAIT_S:g} s after the kill: a process it started still holds it)"
+
+
+def fallbacks_fired(output: str) -> list[str]:
+    """The runtime fallbacks' warnings in a command's output (the importance kernels, pinned
+    memory, CUDA-graph decoding, ...), one per line printed."""
+    return [line.strip() for line in output.splitlines() if FALLBACK_WARNING in line]
+
+
+def missing_modules() -> list[str]:
+    """What the phases need and this Python cannot import, one line each."""
+    return [f"{module}: {why}" for module, why in REQUIRED_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
 def run_phases(phase_list: list[Phase], deadline: float, clock: Callable[[], float], run, scratch: Path,
@@ -155,12 +197,13 @@ def run_phases(phase_list: list[Phase], deadline: float, clock: Callable[[], flo
                                        note=f"{max(0.0, left):.0f} s left, needs {phase.needs_s:.0f} s"))
             on_progress(results)
             continue
-        started, status, note = clock(), "ok", ""
+        started, status, note, fired = clock(), "ok", "", []
         paths = {name: scratch / f"{name}.json" for name in phase.bench_reports}
         for command in phase.commands:
             command = tuple(str(paths[part[len(REPORT):]]) if part.startswith(REPORT) else part for part in command)
             limit = min(phase.limit_s - (clock() - started), deadline - clock() - RESERVE_S)
             code, output = run(command, max(1.0, limit))
+            fired += fallbacks_fired(output)
             if code is None:
                 status, note = "timed out", f"stopped after {limit:.0f} s"
                 break
@@ -173,7 +216,7 @@ def run_phases(phase_list: list[Phase], deadline: float, clock: Callable[[], flo
             elif phase.name == "tests":
                 note = output.strip().splitlines()[-1] if output.strip() else ""
         reports = {name: json.loads(path.read_text()) for name, path in paths.items() if path.exists()}
-        results.append(PhaseResult(phase.name, phase.what, status, clock() - started, note, reports))
+        results.append(PhaseResult(phase.name, phase.what, status, clock() - started, note, reports, fired))
         on_progress(results)
     return results
 
@@ -188,13 +231,21 @@ def targets(results: list[PhaseResult]) -> list[dict]:
     reports = {name: report for result in results for name, report in result.reports.items()}
     at32, at192 = rows_by_config(reports.get("prefill_32f")), rows_by_config(reports.get("prefill_192f"))
     b16, video = rows_by_config(reports.get("decode_b16")), rows_by_config(reports.get("ttft_video"))
+    eager = {result.name for result in results if any(GRAPH_FALLBACK in line for line in result.fallbacks)}
     checks = []
 
-    def check(target: str, measured: Callable[[], float], unit: str, met: Callable[[float], bool]) -> None:
+    def check(target: str, measured: Callable[[], float], unit: str, met: Callable[[float], bool],
+              graphed_in: str | None = None) -> None:
+        """``graphed_in``: the phase whose CUDA-graph decoding the target is about; if its graph
+        fell back to eager decoding, the figure is kept but not judged."""
         try:
             value = measured()
         except (KeyError, ZeroDivisionError):
             checks.append({"target": target, "measured": None, "met": None})
+            return
+        if graphed_in in eager:
+            checks.append({"target": target, "met": None,
+                           "measured": f"{value:.3g}{unit} (eager decoding: the CUDA-graph fallback fired)"})
             return
         checks.append({"target": target, "measured": f"{value:.3g}{unit}", "met": bool(met(value))})
 
@@ -213,12 +264,16 @@ def targets(results: list[PhaseResult]) -> list[dict]:
           lambda: at32["baseline"]["prefill_s"] / at32["aim_default"]["prefill_s"], "x", lambda v: v >= 5.1)
     check("aim_prune_only >= 1.2x faster than baseline, 32 frames",
           lambda: at32["baseline"]["prefill_s"] / at32["aim_prune_only"]["prefill_s"], "x", lambda v: v >= 1.2)
+    for frames in (32, 192):
+        check(f"kept tokens >= 99% those of the float32 importance at every pruning layer, {frames} frames",
+              lambda frames=frames: 100 * min(row["overlap"] for row in reports[f"importance_overlap_{frames}f"]["rows"]),
+              "%", lambda v: v >= 99)
     check("aim_default at 192 frames below the 32-frame baseline's prefill",
           lambda: at192["aim_default"]["prefill_s"] / at32["baseline"]["prefill_s"], "x", lambda v: v < 1)
     check("decode >= 150 tokens/s at batch 1 (aim_default, CUDA graph)",
-          lambda: at32["aim_default"]["decode_tokens_per_s"], " tok/s", lambda v: v >= 150)
+          lambda: at32["aim_default"]["decode_tokens_per_s"], " tok/s", lambda v: v >= 150, "prefill_32f")
     check("decode >= 1,500 tokens/s in total at batch 16 (aim_default)",
-          lambda: b16["aim_default"]["decode_tokens_per_s"], " tok/s", lambda v: v >= 1500)
+          lambda: b16["aim_default"]["decode_tokens_per_s"], " tok/s", lambda v: v >= 1500, "decode_b16")
     check("time to first token from the mp4 <= 250 ms (aim_default)",
           lambda: 1000 * video["aim_default"]["ttft_s"], " ms", lambda v: v <= 250)
     return checks
@@ -237,6 +292,16 @@ def bench_table(report: dict) -> list[str]:
     return lines
 
 
+def overlap_table(report: dict) -> list[str]:
+    """scripts/importance_overlap.py's rows: per pruning layer, the kept-set overlap with float32."""
+    lines = [f"{report['arch']}, {report['frames']} frames, {report['config']}, {report['dtype']}, {report['device']}",
+             "", "| layer | tokens | visual kept | overlap | max abs. log-score diff | ms | float32 ms |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['tokens']} | {r['visual_kept']} | {100 * r['overlap']:.2f}% | "
+              f"{r['max_abs_diff']:.1e} | {r['model_ms']:.1f} | {r['reference_ms']:.1f} |" for r in report["rows"]]
+    return lines
+
+
 def decode_attention_table(report: dict) -> list[str]:
     """scripts/bench_decode_attention.py's rows: microseconds per step, fastest correct marked."""
     lines = ["| batch | cache | implementation | us per step | max error |", "|---|---|---|---|---|"]
@@ -247,29 +312,36 @@ def decode_attention_table(report: dict) -> list[str]:
     return lines
 
 
-def fallbacks_fired(log_text: str) -> list[str]:
-    """The runtime fallbacks' warnings (aim_llava.capabilities) that the phases printed."""
-    return sorted({line.strip() for line in log_text.splitlines() if "takes its place for the rest of this process" in line})
+def fallback_counts(results: list[PhaseResult]) -> list[dict]:
+    """Each fallback warning per phase, with how many times its commands printed it (once per
+    process in which the optimisation failed)."""
+    counts = []
+    for result in results:
+        for line in dict.fromkeys(result.fallbacks):
+            counts.append({"phase": result.name, "warning": line, "count": result.fallbacks.count(line)})
+    return counts
 
 
 def write_summary(out: Path, results: list[PhaseResult], budget_s: float, elapsed_s: float) -> None:
     """gpu_check.json and gpu_check.md under ``out``."""
-    log = out / "gpu_check.log"
-    fired = fallbacks_fired(log.read_text(errors="replace")) if log.exists() else []
-    checks = targets(results)
+    checks, fired = targets(results), fallback_counts(results)
     summary = {"budget_s": budget_s, "elapsed_s": elapsed_s, "phases": [asdict(result) for result in results],
                "targets": checks, "fallbacks": fired}
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# gpu_check: {elapsed_s:.0f} s of a {budget_s:.0f} s budget", "",
-             "| phase | what | status | s | note |", "|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.what} | {r.status} | {r.seconds:.0f} | {r.note.replace('|', '/')} |" for r in results]
+    total = sum(entry["count"] for entry in fired)
+    lines = [f"# gpu_check: {elapsed_s:.0f} s of a {budget_s:.0f} s budget; runtime fallbacks fired: {total}", "",
+             "| phase | what | status | s | fallbacks | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.what} | {r.status} | {r.seconds:.0f} | {len(r.fallbacks)} | {r.note.replace('|', '/')} |"
+              for r in results]
     lines += ["", "## Targets (H100/H200, 7B, bf16, sdpa)", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {c['target']} | {c['measured'] or 'not measured'} | "
               f"{'-' if c['met'] is None else 'yes' if c['met'] else 'NO'} |" for c in checks]
-    lines += ["", "## Runtime fallbacks that fired", ""] + ([f"- {line}" for line in fired] or ["none"])
+    lines += ["", "## Runtime fallbacks that fired", ""]
+    lines += [f"- {entry['phase']}, {entry['count']}x: {entry['warning']}" for entry in fired] or ["none"]
     for result in results:
         for name, report in result.reports.items():
-            table = decode_attention_table if name == "decode_attention_kernels" else bench_table
+            table = (decode_attention_table if name == "decode_attention_kernels"
+                     else overlap_table if name.startswith("importance_overlap") else bench_table)
             lines += ["", f"## {name}", ""] + table(report)
     (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
 
@@ -280,6 +352,10 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
     parser.add_argument("--started", type=float, default=None, help="epoch seconds the budget counts from")
     args = parser.parse_args()
+    missing = missing_modules()
+    if missing:
+        print(f"gpu_check: not started: {'; '.join(missing)}", file=sys.stderr)
+        return 2
     started = time.time() if args.started is None else args.started
     deadline = time.monotonic() + args.budget - (time.time() - started)
     args.out.mkdir(parents=True, exist_ok=True)

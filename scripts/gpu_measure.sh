@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements that docs/benchmarks.md lists as not measured yet, in phases that each fit
-# one call of at most 10 minutes on the GPU machine (torch, transformers and pytest installed
-# there; the wheels it lacks come from scripts/fetch_gpu_wheels.sh, in .whl/).
+# The GPU measurements that docs/benchmarks.md lists as not measured yet, one phase per run, on
+# this machine's GPU (torch, transformers and pytest needed; wheels kept in .whl/, from
+# scripts/fetch_gpu_wheels.sh for a machine without network access, are installed first).
 #
 #   bash scripts/gpu_measure.sh PHASE [OUTDIR]
 #   PHASE: tests | kernels | prefill | prefill-kernels | decode | decode-eager | video | serve

@@ -62,6 +62,78 @@ def tiny_hf_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen25_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL checkpoint written by our writer (published layout)."""
+    from aim_llava.tiny_qwen2_5_vl import write_tiny_qwen_checkpoint
+
+    return write_tiny_qwen_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen25_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL checkpoint written by transformers' own classes (Qwen2_5_VLConfig,
+    save_pretrained, Qwen2_5_VLProcessor) with our tiny tokenizer carrying Qwen's special tokens."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from aim_llava.model.qwen2_5_vl.chat import QWEN2_5_VL_CHAT_TEMPLATE
+    from aim_llava.tiny_checkpoint import build_tokenizer
+    from aim_llava.tiny_qwen2_5_vl import QWEN_SPECIAL_TOKENS, TINY_VIDEO_PIXELS
+
+    out = tmp_path_factory.mktemp("hf_qwen2_5_vl")
+    tokenizer = build_tokenizer(1, QWEN_SPECIAL_TOKENS)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tokenizer.eos_token_id)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  fullatt_block_indexes=[1, 3], tokens_per_second=2, window_size=112)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # spreads that keep activations of order one (transformers' init is 0.02)
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name or "ln_q" in name:
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            elif param.dim() == 2:
+                param.copy_(noise * 0.1 * min(1.0, (128 / param.shape[1]) ** 0.5))
+            else:
+                param.copy_(noise * (0.05 if param.dim() == 5 else 0.1))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+        video_processor=Qwen2VLVideoProcessor(size={"shortest_edge": TINY_VIDEO_PIXELS[0],
+                                                    "longest_edge": TINY_VIDEO_PIXELS[1]}),
+        tokenizer=tokenizer, chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
+    ).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen25(hf_qwen25_dir):
+    """(tokenizer, model, processor, max_length) of the transformers-written Qwen2.5-VL, float32."""
+    return load_pretrained_model(hf_qwen25_dir, device_map="cpu", torch_dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def qwen25_oracle(hf_qwen25_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_qwen25_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def loaded(tiny_qwen_dir):
     """(tokenizer, model, image_processor, max_length) from the LLaVA-NeXT layout, float32, sdpa."""
     return load_pretrained_model(tiny_qwen_dir, device_map="cpu", torch_dtype="float32")
@@ -307,3 +379,18 @@ def png_header_only(width: int, height: int) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + png_chunk(b"IEND", b""))
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_growth_mib(pid: int, send):
+    """(MiB the process's resident memory peaked above its size before ``send()``, what it returned)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak becomes the current size
+    before = status_kib(pid, "VmRSS")
+    result = send()
+    return (status_kib(pid, "VmHWM") - before) / 1024, result

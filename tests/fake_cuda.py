@@ -31,6 +31,14 @@ class FakeStream:
         pass
 
 
+class FakeMemPool:
+    """``torch.cuda.MemPool``: an id, and the device that was current when it was made."""
+
+    def __init__(self, device):
+        self.device = device
+        self.id = (0, id(self))
+
+
 class FakeEvent:
     def __init__(self, recorded: list, waits: list, enable_timing: bool = False):
         self.recorded, self.waits = recorded, waits
@@ -67,14 +75,23 @@ class _Recorder(TorchDispatchMode):
 class RecordingGraph:
     """``torch.cuda.CUDAGraph`` on the CPU (see the module docstring)."""
 
-    def __init__(self):
+    def __init__(self, stream_log: list | None = None):
         self.operations: list = []
         self.replays = 0
+        self.pool = None
+        self.stream = None
+        self.was_reset = False
         self._stack = contextlib.ExitStack()
+        self._streams = stream_log if stream_log is not None else []
 
-    def capture_begin(self, capture_error_mode: str | None = None) -> None:
+    def capture_begin(self, pool=None, capture_error_mode: str | None = None) -> None:
+        self.pool = pool
+        self.stream = self._streams[-1] if self._streams else None  # the stream the capture records on
         self._stack.enter_context(refuse_sync_points())
         self._stack.enter_context(_Recorder(self.operations))
+
+    def reset(self) -> None:
+        self.operations, self.was_reset = [], True
 
     def capture_end(self) -> None:
         self._stack.close()
@@ -97,8 +114,8 @@ class RecordingGraph:
 class EmptyGraph(RecordingGraph):
     """A capture that recorded nothing: the step ran eagerly during it, replays do nothing."""
 
-    def capture_begin(self, capture_error_mode: str | None = None) -> None:
-        pass
+    def capture_begin(self, pool=None, capture_error_mode: str | None = None) -> None:
+        self.pool = pool
 
     def capture_end(self) -> None:
         pass
@@ -110,7 +127,9 @@ class EmptyGraph(RecordingGraph):
 class FakeCuda:
     """Installs the stand-ins (undone with ``monkeypatch``) and records what they are asked for:
     the devices of created streams, of the streams asked for as current, of recorded events, the
-    events waited for, the graphs made, and the bytes pinned."""
+    events waited for, the graphs and memory pools made, the devices made current
+    (``torch.cuda.device``), the streams made current (``torch.cuda.stream``: the innermost is
+    the one a graph captures on), and the bytes pinned."""
 
     def __init__(self, monkeypatch, graph: type = RecordingGraph):
         self.streams: list = []
@@ -118,11 +137,36 @@ class FakeCuda:
         self.events: list = []
         self.waits: list[FakeEvent] = []
         self.graphs: list = []
+        self.pools: list[FakeMemPool] = []
+        self.devices_entered: list = []
+        self.entered_streams: list[FakeStream] = []
         self.pinned_bytes: list[int] = []
+        current_device = []
 
         def make_graph():
-            self.graphs.append(graph())
+            self.graphs.append(graph(self.entered_streams))
             return self.graphs[-1]
+
+        def make_pool(*args, **kwargs):
+            self.pools.append(FakeMemPool(current_device[-1] if current_device else None))
+            return self.pools[-1]
+
+        @contextlib.contextmanager
+        def device(where):
+            self.devices_entered.append(torch.device(where))
+            current_device.append(torch.device(where))
+            try:
+                yield
+            finally:
+                current_device.pop()
+
+        @contextlib.contextmanager
+        def stream(chosen):
+            self.entered_streams.append(chosen)
+            try:
+                yield
+            finally:
+                self.entered_streams.pop()
 
         def pin(tensor, *args, **kwargs):
             self.pinned_bytes.append(tensor.nbytes)
@@ -130,9 +174,11 @@ class FakeCuda:
 
         monkeypatch.setattr(torch.cuda, "Stream", lambda device=None, **_: FakeStream(device, self.streams))
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device, self.current_streams))
-        monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "device", device)
         monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing=False, **_: FakeEvent(self.events, self.waits, enable_timing))
         monkeypatch.setattr(torch.cuda, "CUDAGraph", make_graph)
+        monkeypatch.setattr(torch.cuda, "MemPool", make_pool)
         monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
 
 

@@ -22,11 +22,13 @@ import traceback
 from typing import NamedTuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# Tensor.__getitem__ is watched by a torch-function mode instead (GetitemWatch): replacing it on the
+# class, even for a while, gives every tensor a sequence slot for the rest of the process
 TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero",
-                  "masked_select", "unique", "__getitem__", "__setitem__", "repeat_interleave", "copy_", "to", "equal",
-                  "allclose")
+                  "masked_select", "unique", "__setitem__", "repeat_interleave", "copy_", "to", "equal", "allclose")
 TORCH_FUNCTIONS = ("nonzero", "masked_select", "unique", "repeat_interleave", "argwhere", "where", "equal", "allclose")
 
 aten = torch.ops.aten
@@ -110,6 +112,19 @@ class RefuseSyncOperators(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class GetitemWatch(TorchFunctionMode):
+    """Calls ``check(name, args, kwargs)`` at every ``tensor[index]`` in the block."""
+
+    def __init__(self, check):
+        super().__init__()
+        self.check = check
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            self.check("__getitem__", args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def count_sync_points(refuse: bool = False):
     """Yields a list that collects a :class:`SyncPoint` for every synchronising call in the block;
@@ -117,18 +132,27 @@ def count_sync_points(refuse: bool = False):
     found: list[SyncPoint] = []
     originals = {}
 
+    def check(name, args, kwargs, torch_function: bool = False):
+        if _synchronises(name, (None, *args) if torch_function else args, kwargs):
+            frame = traceback.extract_stack(limit=3)[0]  # the caller of the watched call
+            point = SyncPoint(name, f"{frame.filename}:{frame.lineno}", id(args[0]) if args else None)
+            if refuse:
+                raise SyncPointRefused(f"{name} at {point.where} synchronises with the host")
+            found.append(point)
+
     def wrap(owner, name):
         original = getattr(owner, name)
         originals[(owner, name)] = original
+        running = []
 
         def counted(*args, **kwargs):
-            if _synchronises(name, (None, *args) if owner is torch else args, kwargs):
-                frame = traceback.extract_stack(limit=2)[0]
-                point = SyncPoint(name, f"{frame.filename}:{frame.lineno}", id(args[0]) if args else None)
-                if refuse:
-                    raise SyncPointRefused(f"{name} at {point.where} synchronises with the host")
-                found.append(point)
-            return original(*args, **kwargs)
+            if not running:  # the watch mode calls a method again by its (wrapped) name: count it once
+                check(name, args, kwargs, owner is torch)
+            running.append(name)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                running.pop()
 
         setattr(owner, name, counted)
 
@@ -137,7 +161,8 @@ def count_sync_points(refuse: bool = False):
     for name in TORCH_FUNCTIONS:
         wrap(torch, name)
     try:
-        yield found
+        with GetitemWatch(check):
+            yield found
     finally:
         for (owner, name), original in originals.items():
             setattr(owner, name, original)

@@ -7,15 +7,20 @@ import logging
 import pytest
 import torch
 from conftest import left_padded_batch, plan, prompt_ids, random_frames
-from fake_cuda import EmptyGraph, FakeCuda, ToyStep
+from fake_cuda import EmptyGraph, FakeCuda, RecordingGraph, ToyStep
 
+from aim_llava.capabilities import RUNTIME_FALLBACKS
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
 from aim_llava.model.language_model import llava_qwen
 from aim_llava.model.language_model.generation import (
     EAGER_STEPS_BEFORE_CAPTURE,
+    GRAPH_FALLBACK,
+    MIN_GRAPHED_TOKENS,
+    DecodingGraphs,
     GraphCaptureError,
     GraphedStep,
+    GraphMemory,
     SamplingParams,
     pick_tokens,
     run_decoding,
@@ -23,6 +28,12 @@ from aim_llava.model.language_model.generation import (
 from aim_llava.reduction.config import available_presets
 
 GEN = dict(max_new_tokens=6, eos_token_id=[])
+
+
+@pytest.fixture(autouse=True)
+def no_failures_yet(monkeypatch):
+    """Each test starts in a process where no runtime fallback (CUDA-graph decoding's included) has fired."""
+    monkeypatch.setattr(RUNTIME_FALLBACKS, "failed", {})
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +87,11 @@ def test_a_step_captured_once_and_replayed_decodes_like_eager(loaded, batch, pre
     cuda = FakeCuda(monkeypatch)
     steps = graphed_runner(monkeypatch)
     assert torch.equal(model.generate(ids, **kwargs), eager)
-    # 11 steps after the prefill's token: 4 eager, 1 captured, 6 replayed, and the capture's check
-    assert steps[0].graph is cuda.graphs[0] and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE
-    assert len(cuda.graphs[0].operations) > 0
+    # 11 steps after the prefill's token: 4 eager, 1 captured, 1 checked by a replay, 5 replayed;
+    # the graph is ended with the generation
+    (graph,) = cuda.graphs
+    assert steps[0].checked and graph.replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE - 1
+    assert graph.was_reset and steps[0].graph is None
 
 
 def test_a_capture_that_records_nothing_is_caught_by_its_check(loaded, batch, monkeypatch, caplog):
@@ -95,7 +108,8 @@ def test_a_capture_that_records_nothing_is_caught_by_its_check(loaded, batch, mo
     with caplog.at_level(logging.WARNING, logger="aim_llava.model.language_model.generation"):
         assert torch.equal(model.generate(prompts[0], **kwargs), eager)
     assert steps[0].eager and steps[0].graph is None and cuda.graphs[0].replays == 1
-    assert "decoding eagerly" in caplog.text and "away from the eager step" in caplog.text
+    assert "eager decoding takes its place" in caplog.text and "away from the eager step" in caplog.text
+    assert list(RUNTIME_FALLBACKS.failed) == [GRAPH_FALLBACK]
     graphed_runner(monkeypatch, strict=True)
     with pytest.raises(GraphCaptureError, match="away from the eager step"):
         model.generate(prompts[0], **kwargs)
@@ -136,7 +150,143 @@ def test_a_toy_step_replays_like_eager_from_static_inputs(monkeypatch):
         outputs.append(step(values, torch.tensor([number])).clone())
         assert len(cuda.graphs) == (number >= 2)  # captured at the third call
     assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
-    assert cuda.graphs[0].replays == 1 + 3  # the check, then calls 4 to 6
+    assert cuda.graphs[0].replays == 1 + 2  # the check at call 4, then calls 5 and 6
+
+
+class HostSlotStep(ToyStep):
+    """A step that takes its cache slot from a Python attribute its caller sets before each call,
+    not from its tensor input: a capture bakes the captured step's slot in."""
+
+    slot = 0
+
+    def __call__(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return super().__call__(values, torch.tensor([self.slot]))
+
+
+def test_a_value_baked_in_at_capture_is_caught_by_the_check_with_fresh_inputs(monkeypatch):
+    """The check replays with the next step's inputs: a graph that replays the captured step's
+    slot (right for the captured inputs only) disagrees with the eager step there."""
+    FakeCuda(monkeypatch)
+    function = HostSlotStep()
+    step = GraphedStep(function, torch.device("cuda:1"), strict=True, eager_steps=2)
+    gen = torch.Generator().manual_seed(2)
+    for number in range(3):  # two eager steps, then the captured one
+        function.slot = number
+        step(torch.randn(3, generator=gen), torch.tensor([number]))
+    function.slot = 3
+    with pytest.raises(GraphCaptureError, match="later step's inputs"):
+        step(torch.randn(3, generator=gen), torch.tensor([3]))
+
+
+class OneUlpOffGraph(RecordingGraph):
+    """A replay whose result is one float32 step away from the eager one's."""
+
+    def replay(self) -> None:
+        super().replay()
+        result = self.operations[-1][3]
+        result.copy_(torch.nextafter(result, result + 1))
+
+
+def test_a_replay_must_equal_the_eager_step_bit_for_bit(monkeypatch):
+    """Same kernels, same stream, same inputs: a replay is bit-identical to the eager step, so the
+    check tolerates no difference at all."""
+    FakeCuda(monkeypatch, graph=OneUlpOffGraph)
+    step = GraphedStep(ToyStep(), torch.device("cuda:1"), strict=True, eager_steps=0)
+    step(torch.ones(3), torch.tensor([0]))
+    with pytest.raises(GraphCaptureError, match="away from the eager step"):
+        step(torch.ones(3), torch.tensor([1]))
+
+
+GPU1 = torch.device("cuda:1")
+
+
+def generate_on_fake_gpu(model, monkeypatch, calls: int, tokenizer) -> list:
+    """``calls`` text-only generate calls whose decoding step goes through the real
+    :func:`step_runner` as if the model were on ``cuda:1`` (tests/fake_cuda.py's stand-ins must be
+    installed); returns the steps made. One thread: the tiny model's small operators are many
+    times faster so on a busy machine."""
+    real_runner = llava_qwen.step_runner
+    steps = []
+
+    def on_gpu1(function, device, use_graph, max_new_tokens, graphs):
+        steps.append(real_runner(function, GPU1, use_graph, max_new_tokens, graphs))
+        return steps[-1]
+
+    monkeypatch.setattr(llava_qwen, "step_runner", on_gpu1)
+    ids = prompt_ids(tokenizer, "Hi.", num_images=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(calls):
+            model.generate(ids, max_new_tokens=MIN_GRAPHED_TOKENS + 1, eos_token_id=[])
+    finally:
+        torch.set_num_threads(threads)
+    return steps
+
+
+def test_fifty_generations_share_one_graph_pool_and_one_side_stream(loaded, monkeypatch):
+    """Each generate call captures its own graph, but every capture records on the model's one
+    side stream for the device into its one memory pool (made under that device), and each graph
+    is ended with its call, so the pool's blocks are reused instead of piling up."""
+    tokenizer, model, _, _ = loaded
+    monkeypatch.setattr(model, "decoding_graphs", DecodingGraphs())
+    cuda = FakeCuda(monkeypatch)
+    steps = generate_on_fake_gpu(model, monkeypatch, 50, tokenizer)
+    memory = model.decoding_graphs.on(GPU1)
+    (pool,) = cuda.pools
+    assert cuda.streams == [GPU1] and memory.stream.device == GPU1 and pool.device == GPU1
+    assert len(cuda.graphs) == 50 and all(step.checked for step in steps)
+    assert all(graph.pool == pool.id and graph.stream is memory.stream and graph.was_reset for graph in cuda.graphs)
+    assert not memory.lock.locked()
+
+
+def test_a_failed_capture_is_not_tried_again(loaded, monkeypatch, caplog):
+    """After a capture whose check fails, CUDA-graph decoding is written off for the process: the
+    next calls decode eagerly without capturing again, after one warning."""
+    tokenizer, model, _, _ = loaded
+    monkeypatch.setattr(model, "decoding_graphs", DecodingGraphs())
+    cuda = FakeCuda(monkeypatch, graph=EmptyGraph)
+    steps = generate_on_fake_gpu(model, monkeypatch, 4, tokenizer)
+    assert len(cuda.graphs) == 1 and isinstance(steps[0], GraphedStep) and steps[0].eager
+    assert not any(isinstance(step, GraphedStep) for step in steps[1:])
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_a_generation_that_finds_the_graph_memory_in_use_decodes_eagerly(monkeypatch):
+    """Two generations on one device cannot capture on one stream into one pool at once: the one
+    that comes second decodes eagerly (the same outputs), or raises in strict mode."""
+    cuda = FakeCuda(monkeypatch)
+    memory = GraphMemory(GPU1)
+    assert memory.claim()
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(3, generator=gen) for _ in range(4)]
+    step = GraphedStep(ToyStep(), GPU1, eager_steps=1, memory=memory)
+    outputs = [step(values, torch.tensor([number])).clone() for number, values in enumerate(inputs)]
+    assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
+    assert cuda.graphs == [] and step.eager and RUNTIME_FALLBACKS.failed == {}
+    strict = GraphedStep(ToyStep(), GPU1, strict=True, eager_steps=0, memory=memory)
+    with pytest.raises(GraphCaptureError, match="another generation"):
+        strict(inputs[0], torch.tensor([0]))
+    memory.release()
+    assert memory.claim()
+
+
+def test_a_torch_that_cannot_make_the_graph_pool_decodes_eagerly(monkeypatch, caplog):
+    """Making the pool raising (a torch without MemPool): the same outputs, eagerly, with the one
+    fallback warning, and the device's graph memory is not left held."""
+    FakeCuda(monkeypatch)
+
+    def no_pool(*args, **kwargs):
+        raise RuntimeError("MemPool is not supported by this build")
+
+    monkeypatch.setattr(torch.cuda, "MemPool", no_pool)
+    memory = GraphMemory(GPU1)
+    inputs = [torch.full((3,), float(number)) for number in range(4)]
+    step = GraphedStep(ToyStep(), GPU1, eager_steps=1, memory=memory)
+    outputs = [step(values, torch.tensor([number])).clone() for number, values in enumerate(inputs)]
+    assert all(torch.equal(out, expected) for out, expected in zip(outputs, ToyStep().expected(inputs)))
+    assert list(RUNTIME_FALLBACKS.failed) == [GRAPH_FALLBACK] and "MemPool is not supported" in caplog.text
+    assert not memory.lock.locked() and memory.stream is None
 
 
 def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
@@ -156,13 +306,14 @@ def test_a_reply_that_ends_early_is_never_captured(loaded, batch, monkeypatch):
 
 
 def test_bench_decode_rate_leaves_out_the_graph_capture():
-    """20 steps of a batch of 4 in 1.5 s, 0.5 s of which captured the graph while running one
-    step: 19 steps x 4 tokens in the other second. Without a capture every step counts."""
+    """20 steps of a batch of 4 in 1.5 s, 0.5 s of which captured the graph and checked it while
+    running two steps: 18 steps x 4 tokens in the other second. Without a capture every step
+    counts."""
     from aim_llava.bench import decode_rate
 
-    assert decode_rate({"decode": 1.5, "graph_capture": 0.5}, 20, 4) == 76.0
+    assert decode_rate({"decode": 1.5, "graph_capture": 0.5}, 20, 4) == 72.0
     assert decode_rate({"decode": 2.0}, 20, 4) == 40.0
-    assert decode_rate({"decode": 1.0, "graph_capture": 0.4}, 1, 1) == decode_rate({"decode": 0.1}, 0, 1) == 0.0
+    assert decode_rate({"decode": 1.0, "graph_capture": 0.4}, 2, 1) == decode_rate({"decode": 0.1}, 0, 1) == 0.0
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator(loaded, batch):
@@ -204,9 +355,10 @@ def test_stop_pad_and_stream():
         def put(self, tokens):
             seen.append(tokens.tolist())
 
-    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 5, torch.tensor([9]), 0,
-                              SamplingParams(), Streamer())
-    assert out.tolist() == [[1, 9, 0, 0], [2, 4, 6, 9]]
+    decoded = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 5, torch.tensor([9]), 0,
+                           SamplingParams(), Streamer())
+    out, calls = decoded.tokens, decoded.steps
+    assert decoded.broken_rows == [] and out.tolist() == [[1, 9, 0, 0], [2, 4, 6, 9]]
     assert seen == [[1, 2], [9, 4], [0, 6], [0, 9]] and calls == 3
 
 
@@ -226,8 +378,9 @@ def test_samples_end_at_their_own_limit_and_the_batch_stops_when_all_have():
     Decoding stops after step 3, not at the batch's longest limit, and sample 0 is padded after
     its second token."""
     logits_for = scripted([[1, 2], [3, 4], [5, 6], [7, 9], [8, 8], [8, 8]])
-    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 6, torch.tensor([9]), 0,
-                              SamplingParams(), row_limits=torch.tensor([2, 6]))
+    decoded = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 6, torch.tensor([9]), 0,
+                           SamplingParams(), row_limits=torch.tensor([2, 6]))
+    out, calls = decoded.tokens, decoded.steps
     assert out.tolist() == [[1, 3, 0, 0], [2, 4, 6, 9]] and calls == 3
 
 
@@ -244,8 +397,9 @@ def test_cancelled_samples_end_where_they_are():
         named.extend(rows)
         return rows
 
-    out, calls = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 10, torch.tensor([9]), 0,
-                              SamplingParams(), cancelled_rows=cancelled_rows)
+    decoded = run_decoding(logits_for(0), lambda tokens, step: logits_for(step + 1), 10, torch.tensor([9]), 0,
+                           SamplingParams(), cancelled_rows=cancelled_rows)
+    out, calls = decoded.tokens, decoded.steps
     assert out.tolist() == [[1, 1, 1, 1], [2, 2, 0, 0]] and calls == 3 and named == [1, 0]
 
 

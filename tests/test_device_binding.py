@@ -2,6 +2,10 @@
 model's entry points run under it, and streams, events and graph captures name their device
 (asserted through stand-ins for ``torch.cuda``; the GPU tier runs the real thing)."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from conftest import prompt_ids, random_frames
@@ -116,7 +120,8 @@ def test_host_mirror_records_its_events_on_the_devices_stream(monkeypatch):
     for step in range(3):
         mirror.push(step, torch.tensor([step, step + 1]), torch.tensor(step == 2))
     assert mirror.deliver(2) == 2 and mirror.tokens.tolist() == [[0, 1], [1, 2], [2, 3]]
-    assert cuda.events == [GPU1] * 3 and cuda.pinned_bytes == [mirror.tokens.nbytes, mirror.finished.nbytes]
+    assert cuda.events == [GPU1] * 3
+    assert cuda.pinned_bytes == [mirror.tokens.nbytes, mirror.finished.nbytes, mirror.broken.nbytes]
 
 
 def test_stage_events_are_recorded_on_the_named_devices_stream(monkeypatch):
@@ -133,3 +138,44 @@ def test_long_generations_on_a_gpu_get_a_graphed_step_for_that_gpu():
     assert step_runner(len, GPU1, False, 100) is len
     graphed, strict = step_runner(len, GPU1, True, 100), step_runner(len, GPU1, "strict", 100)
     assert graphed.device == strict.device == GPU1 and not graphed.strict and strict.strict
+
+
+def script(name: str):
+    """A module of scripts/ loaded by path."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_attention_bench_captures_and_times_on_the_asked_devices_streams(monkeypatch):
+    """scripts/bench_decode_attention.py with ``--device cuda:1``: the whole run has cuda:1 as the
+    current device, the graph is captured on a side stream of cuda:1 (torch.cuda.graph's own
+    stream belongs to the current device: with cuda:0 current it captured nothing) and the timing
+    events are recorded on cuda:1's stream; the captured graph holds the attention's operators and
+    is replayed once per repeat."""
+    bench = script("bench_decode_attention")
+    cuda = FakeCuda(monkeypatch)
+    q, k, v, mask = bench.step_inputs(1, 24, 4, 2, 16, torch.float32, "cpu")
+    seconds = bench.seconds_per_call(bench.variant("eager", q, k, v, mask, 0.25), GPU1, repeats=5)
+    (graph,) = cuda.graphs
+    assert cuda.streams == [GPU1] and graph.stream is not None and graph.stream.device == GPU1
+    assert len(graph.operations) > 0 and graph.replays == 5
+    assert cuda.events == [GPU1, GPU1] and seconds == 2.0 / 1000 / 5
+    entered = []
+    monkeypatch.setattr(bench, "measure", lambda args: entered.extend(cuda.devices_entered) or [])
+    monkeypatch.setattr(sys, "argv", ["bench_decode_attention.py", "--device", "cuda:1"])
+    bench.main()
+    assert entered == [GPU1]
+
+
+def test_importance_bench_runs_its_kernels_under_the_asked_device(monkeypatch):
+    """scripts/bench_importance.py launches Triton kernels, which go to the current device's
+    stream: with ``--device cuda:1`` everything it measures runs with cuda:1 current."""
+    bench = script("bench_importance")
+    cuda = FakeCuda(monkeypatch)
+    entered = []
+    monkeypatch.setattr(bench, "measure", lambda args: entered.extend(cuda.devices_entered))
+    monkeypatch.setattr(sys, "argv", ["bench_importance.py", "--device", "cuda:1"])
+    bench.main()
+    assert entered == [GPU1]

@@ -5,6 +5,7 @@ again in the process, and errors the fallback would meet too (out of memory, a w
 still raised."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -169,3 +170,36 @@ def test_errors_the_fallback_would_meet_too_are_raised(error):
     with pytest.raises(type(error)):
         fallbacks.run("the fused importance kernel", fast, lambda: "chunked", "the chunked kernel")
     assert fallbacks.failed == {}
+
+
+DEVICE_FAILURES = [torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                   RuntimeError("Triton Error [CUDA]: device-side assert triggered"),
+                   RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED ... unspecified launch failure")]
+
+
+@pytest.mark.parametrize("error", DEVICE_FAILURES, ids=lambda error: str(error)[:40])
+def test_a_failing_device_is_not_a_fallback(error, monkeypatch, caplog):
+    """A sticky CUDA error surfacing in pinning (or in a kernel launch) says the GPU failed, not
+    that pinning is refused: it propagates, nothing is written off and no warning blames the
+    optimisation (the safe path would fail alike, and every later call too)."""
+    def fail(tensor):
+        raise error
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fail)
+    with pytest.raises(type(error), match=re.escape(str(error))):
+        page_locked(torch.zeros(3))
+    with pytest.raises(type(error)):
+        RUNTIME_FALLBACKS.run("the fused importance kernel", lambda: fail(None), lambda: "chunked", "chunked")
+    assert RUNTIME_FALLBACKS.failed == {} and warnings_of(caplog) == []
+
+
+def test_a_refusal_that_leaves_the_device_usable_is_still_a_fallback(monkeypatch, caplog):
+    """Pinned memory the system will not give (an AcceleratorError too, in torch 2.8 and later)
+    keeps falling back to ordinary memory."""
+    def refuse(tensor):
+        raise torch.AcceleratorError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    frames = torch.zeros(3)
+    assert page_locked(frames) is frames
+    assert list(RUNTIME_FALLBACKS.failed) == ["pinned host memory"] and len(warnings_of(caplog)) == 1

@@ -144,7 +144,8 @@ def test_reused_prefix_in_a_step_captured_once_and_replayed(loaded, preset, monk
     steps = graphed_runner(monkeypatch)
     hit = PrefixPrefill(model, cache, *prefix_ids(prompts, ["A", "B"], features))
     assert torch.equal(model.generate(ids, prefill=hit, **options), eager)
-    assert steps[0].graph is cuda.graphs[0] and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE
+    # 11 steps after the prefill's token: 4 eager, 1 captured, 1 checked by a replay, 5 replayed
+    assert steps[0].checked and cuda.graphs[0].replays == 12 - 1 - EAGER_STEPS_BEFORE_CAPTURE - 1
     assert cache.stats()["prefix_hits"] == 2
 
 

@@ -267,7 +267,7 @@ def test_json_and_media_paths_are_handled_off_the_event_loop(shared, media, monk
     assert on_the_loop == []
 
 
-def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, monkeypatch):
+def test_a_body_is_not_read_while_the_server_is_full(tiny_qwen_dir, media, monkeypatch):
     """With --max-pending 1 and one request at the model, the next is refused 503 without its body
     being read (before, up to 64 MiB were read and parsed first: --max-pending bounded nothing
     of that)."""
@@ -277,7 +277,7 @@ def test_a_body_is_read_only_once_its_request_is_admitted(tiny_qwen_dir, media, 
         gate, entered = held_model(llm, monkeypatch)
         raw, read = json.dumps(video_body(max_tokens=1)).encode(), []
 
-        async def body() -> bytes:
+        async def body(budget) -> bytes:
             read.append(True)
             return raw
 
@@ -403,29 +403,24 @@ def write_frames_video(path, frames) -> None:
             container.mux(packet)
 
 
-@pytest.mark.parametrize("kind, url, opener", [
-    ("image_url", "d/pic.png", "PIL.Image.open"),
-    ("video_url", "d/clip.mp4", "aim_llava.pipeline.load_video"),
-    ("video_url", "d/frames", "aim_llava.pipeline.load_video"),
-])
-def test_a_directory_swapped_for_a_link_reads_nothing_outside(tiny_qwen_dir, swap_media, monkeypatch, kind, url,
-                                                              opener):
+@pytest.mark.parametrize("kind, url", [("image_url", "d/pic.png"), ("video_url", "d/clip.mp4"),
+                                       ("video_url", "d/frames")])
+def test_a_directory_swapped_for_a_link_reads_nothing_outside(tiny_qwen_dir, swap_media, monkeypatch, kind, url):
     """The path check and the open are one operation: the root's d/ is replaced by a link to an
-    outside folder just before the decoder opens the file, and the decoder still reads the red
-    file it was handed (before, the path was checked, then opened again by name: blue)."""
-    import importlib
+    outside folder after the server opened the path and before the decoding process reads it,
+    and the decoder still reads the red file it was handed (before, the path was checked, then
+    opened again by name: blue)."""
+    from aim_llava.server.decoding import DecodingProcess
 
     root, swap = swap_media
-    module_name, _, function = opener.rpartition(".")
-    module = importlib.import_module(module_name)
-    original = getattr(module, function)
+    original = DecodingProcess.ask
 
     def swapping(*args, **kwargs):
         if not (root / "d").is_symlink():
             swap()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, function, swapping)
+    monkeypatch.setattr(DecodingProcess, "ask", swapping)
     body = {"messages": [{"role": "user", "content": [{"type": kind, kind: {"url": url}}]}], "max_tokens": 1}
     with in_process_service(tiny_qwen_dir, root) as (llm, service):
         seen = []
@@ -581,11 +576,11 @@ def test_a_reply_the_model_cut_at_its_deadline_is_a_504_not_a_short_answer(tiny_
             job = Job(None, loop, deadline=time.monotonic() - 0.001)
             job.done = loop.create_future()
             service.worker.hand_back(job, Result(Request("clip.mp4")))
-            return await job.done
+            return job, await job.done
 
-        result, completion = asyncio.run(scenario())
+        job, (result, completion) = asyncio.run(scenario())
         with pytest.raises(ApiError) as late:
-            service.reply(result, completion)
+            service.reply(job, result, completion)
     assert late.value.status == 504 and late.value.code == "timeout"
 
 
@@ -736,6 +731,27 @@ def test_health_reports_a_stopped_model_thread(tiny_qwen_dir, media):
             assert refused.status_code == 503 and "model thread" in refused.json()["error"]["message"]
 
 
+def test_health_reports_stopped_media_decoders(tiny_qwen_dir, media):
+    """The fork server of the decoding processes ending (killed by an operator, out of memory) is
+    a 503 in /health and for requests with media, not a 400 blaming the client's media; a chat
+    without media is still answered."""
+    from fastapi.testclient import TestClient
+
+    from aim_llava.serve import create_app
+
+    with in_process_service(tiny_qwen_dir, media) as (_, service):
+        with TestClient(create_app(service), base_url="http://localhost") as http:
+            service.readers.forks.process.kill()
+            service.readers.forks.process.wait()
+            health = http.get("/health")
+            refused = http.post("/v1/chat/completions", json=video_body(max_tokens=1))
+            text = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 1})
+    assert health.status_code == 503 and health.json()["status"] == "error"
+    assert "media decoders have stopped" in openai_error(refused, 503, "server_error")
+    assert text.status_code == 200
+
+
 def test_native_stderr_is_not_silenced_while_the_server_runs(tiny_qwen_dir, media, monkeypatch, capfd):
     """What native code writes to stderr while the server runs (a CUDA error, a crash) reaches
     the operator; before, it went to /dev/null for the server's lifetime."""
@@ -789,3 +805,134 @@ def test_a_large_image_among_frames_is_held_at_the_models_input_size(shared, mon
     body = image_body(png_data_url(1200, 900, (9, 9, 9)), png_data_url(1, 1), max_tokens=1)
     assert post(service, body).status_code == 200
     assert seen[0].frames.shape == (2, 384, 384, 3)
+
+
+# ---------------------------------------------------------------------------- the low findings of issue 40
+
+
+@pytest.mark.parametrize("role", ["system", "user", "assistant"])
+def test_a_lone_surrogate_in_any_message_is_a_400(shared, role):
+    """A JSON "\\ud800" escape makes a string the tokenizer cannot encode: in the user's text it
+    was a 400 from the model thread, in the system message a 500 with a 33-line traceback. Now
+    every message's text is checked with the request."""
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": "clip.mp4"},
+                                             {"type": "text", "text": "What?"}]}]
+    if role == "system":
+        messages.insert(0, {"role": "system", "content": "Be brief \ud800."})
+    else:
+        messages += [{"role": "assistant", "content": "A clip."}, {"role": "user", "content": "And?"}]
+        messages[0 if role == "user" else 1]["content"] = (
+            [messages[0]["content"][0], {"type": "text", "text": "What \ud800?"}] if role == "user" else "A \ud800.")
+    from fastapi.testclient import TestClient
+
+    from aim_llava.serve import create_app
+
+    with TestClient(create_app(shared[1]), base_url="http://localhost") as http:  # the escape as JSON has it
+        response = http.post("/v1/chat/completions", content=json.dumps({"messages": messages, "max_tokens": 1}),
+                             headers={"Content-Type": "application/json"})
+    assert "is not valid UTF-8 text (character" in openai_error(response, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("url", ["clip.mp4/", "clip.mp4/.", "./clip.mp4//", "clip.mp4/..", "clip.mp4/./"])
+def test_a_name_after_a_file_is_not_found(shared, url):
+    """The walk skipped empty and "." components, so clip.mp4/. and clip.mp4/ were served where
+    the kernel says ENOTDIR."""
+    assert "not found" in openai_error(post(shared[1], video_body(url, max_tokens=1)), 404, "media_not_found")
+
+
+@pytest.mark.parametrize("host", ["[::1]evil.example", "[::1]:80evil.example", "[::1", "::1"])
+def test_a_host_must_be_a_name_or_bracketed_address_with_at_most_a_port(guarded, host):
+    """Host: [::1]evil.example was answered: the name was taken as what stood in the brackets."""
+    base, _ = guarded
+    response = httpx.get(f"{base}/v1/models", headers={**bearer(KEYS[0]), "Host": host})
+    assert "does not answer to the host" in openai_error(response, 400, "invalid_host")
+
+
+def test_bracketed_local_addresses_are_answered(guarded):
+    """The strict Host check still takes what browsers send for an IPv6 address."""
+    base, port = guarded
+    for host in ("[::1]", f"[::1]:{port}", "[::1]:80"):
+        response = httpx.get(f"{base}/v1/models", headers={**bearer(KEYS[0]), "Host": host})
+        assert response.status_code == 200, (host, response.text)
+
+
+def test_a_request_framed_two_ways_is_refused(guarded):
+    """A body sent with both Transfer-Encoding: chunked and Content-Length was accepted (a proxy
+    in front that reads it the other way lets a second request through unseen)."""
+    base, port = guarded
+    body = json.dumps(video_body(max_tokens=1)).encode()
+    chunked = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEYS[0]}\r\nTransfer-Encoding: chunked\r\n".encode()
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + chunked)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        error = json.loads(reply.read())["error"]
+    assert reply.status == 400 and error["code"] == "invalid_framing", error
+
+
+def test_an_allowed_origin_is_matched_as_browsers_send_it(guarded):
+    """https://app.example/ passed the origin check (compared without its slash) but got no CORS
+    header (CORS compares exactly): a request the page could not read, run anyway."""
+    base, _ = guarded
+    slashed = httpx.get(f"{base}/v1/models", headers={**bearer(KEYS[0]), "Origin": "https://app.example/"})
+    openai_error(slashed, 403, "origin_not_allowed")
+    exact = httpx.get(f"{base}/v1/models", headers={**bearer(KEYS[0]), "Origin": "https://app.example"})
+    assert exact.status_code == 200 and exact.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_a_file_of_several_hard_links_is_not_served(tiny_qwen_dir, tmp_path):
+    """A hard link in the media root to a file outside it was served: a link that is no symbolic
+    link, which the walk cannot see. Files (and frames) of more than one link are now refused."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "frames").mkdir(parents=True)
+    outside.mkdir()
+    write_sample_video(outside / "secret.mp4", num_frames=6, fps=6)
+    Image.new("RGB", (48, 32)).save(outside / "secret.png")
+    os.link(outside / "secret.mp4", root / "linked.mp4")
+    os.link(outside / "secret.png", root / "frames" / "0.png")
+    Image.new("RGB", (48, 32)).save(root / "frames" / "1.png")
+    with in_process_service(tiny_qwen_dir, root) as (_, service):
+        video = openai_error(post(service, video_body("linked.mp4", max_tokens=1)), 403, "hard_link")
+        frames = openai_error(post(service, video_body("frames", max_tokens=1)), 400, "unreadable_media")
+        os.unlink(outside / "secret.mp4")  # now the root's is its only link
+        served = post(service, video_body("linked.mp4", max_tokens=1))
+    assert "has 2 hard links" in video and "the frame 0.png has 2 hard links" in frames
+    assert served.status_code == 200, served.text
+
+
+def test_slow_bodies_do_not_fill_max_pending(tiny_qwen_dir, media):
+    """32 clients that sent headers and trickled their bodies held every --max-pending slot for
+    30 s, so everyone else got 503. Bodies being read now take bytes from a budget shared by all
+    (max_pending full bodies), not slots: slow clients hold what they sent, and a body that would
+    take the budget past its end is refused."""
+    from aim_llava.serve import ServerLimits, create_app
+
+    limits = ServerLimits(max_body_bytes=2**20)  # max_pending 2: a budget of 2 MiB
+    with in_process_service(tiny_qwen_dir, media, max_pending=2, limits=limits) as (_, service):
+        with serve_in_thread(create_app(service)) as port:
+            def trickle(sent: bytes, declared: int) -> socket.socket:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             + f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n".encode() + sent)
+                return sock
+
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            slow = [trickle(b'{"messages"', 1000) for _ in range(8)]
+            time.sleep(0.5)
+            answered = httpx.post(url, json=video_body(max_tokens=1), timeout=120)
+            big = [trickle(b" " * 900_000, 2**20) for _ in range(2)]  # 1.8 MiB held of the 2 MiB
+            deadline = time.monotonic() + 10
+            while service.bodies.held < 1_800_000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = httpx.post(url, content=json.dumps(video_body(max_tokens=1, user="u" * 300_000)),
+                                 headers={"Content-Type": "application/json"}, timeout=120)
+            for sock in slow + big:
+                sock.close()
+            while service.bodies.held and time.monotonic() < deadline + 10:
+                time.sleep(0.05)
+            again = httpx.post(url, json=video_body(max_tokens=1), timeout=120)
+    assert answered.status_code == 200, answered.text
+    assert "request bodies" in openai_error(refused, 503, "server_busy")
+    assert again.status_code == 200 and service.bodies.held == 0

@@ -10,32 +10,17 @@ The server runs under an address-space limit, so that a regression fails the tes
 instead of taking the shared machine's memory.
 """
 
+import json
 import resource
-from pathlib import Path
 
 import httpx
 import pytest
-from conftest import png_data_url, serve_process
+from conftest import peak_growth_mib, png_data_url, serve_process
 
 from aim_llava.sample_media import write_sample_video
 
 MIB = 2**20
 ADDRESS_SPACE_LIMIT = 7 * 2**30  # the idle server maps ~4 GB (CPU torch); a regression fails here, not the machine
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-def peak_growth_mib(pid: int, send) -> tuple[float, httpx.Response]:
-    """(MiB the process's resident memory peaked above its size before, the response)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak becomes the current size
-    before = status_kib(pid, "VmRSS")
-    response = send()
-    return (status_kib(pid, "VmHWM") - before) / 1024, response
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +77,33 @@ def test_many_frames_of_a_large_clip_are_decoded_at_the_models_input_size(served
     assert growth < 800, f"the server's memory grew by {growth:.0f} MiB (after {warm:.0f} MiB for a warm-up)"
     over = ask(base, [video], frames=1000, config="aim_merge1")  # 1000 x 384 x 384 > 2**27: refused before decoding
     assert over.status_code == 400 and "a request may hold" in over.json()["error"]["message"]
+
+
+def body_of(text: str, **fields) -> bytes:
+    """A request for hd.mp4 with ``text`` as its question, as UTF-8 JSON (characters unescaped)."""
+    content = [{"type": "video_url", "video_url": {"url": "hd.mp4"}}, {"type": "text", "text": text}]
+    return json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 1, **fields},
+                      ensure_ascii=False).encode()
+
+
+def post_raw(base: str, raw: bytes) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"},
+                      timeout=300)
+
+
+def test_a_body_costs_at_most_about_three_times_its_size(served):
+    """Issue 40: a 64 MiB body cost ~585 MB at its peak (9x): its chunks were joined into a copy,
+    json.loads decoded it into one string as wide as its widest character (4 bytes a character
+    for one emoji), and the field that held the emoji became a string as wide. Now the body is
+    read into one buffer, written in ASCII before it is parsed, and a field holding characters
+    beyond Latin-1 is bounded by the text a request may have (checked on the raw bytes)."""
+    base, pid, log = served
+    size = 60 * MIB
+    peak_growth_mib(pid, lambda: post_raw(base, body_of("What?")))  # first use of every path
+    ordinary, ordinary_reply = peak_growth_mib(pid, lambda: post_raw(base, body_of("What? 😀", user="u" * size)))
+    hostile, hostile_reply = peak_growth_mib(pid, lambda: post_raw(base, body_of("What?", user="u" * size + "😀")))
+    print(f"a {size / MIB:.0f} MiB body: +{ordinary:.0f} MiB answered, +{hostile:.0f} MiB refused")
+    assert ordinary < 3 * size / MIB + 100, f"the server grew by {ordinary:.0f} MiB for a {size / MIB:.0f} MiB body"
+    assert hostile < 2 * size / MIB, f"the server grew by {hostile:.0f} MiB for a {size / MIB:.0f} MiB body"
+    assert ordinary_reply.status_code == 200, (ordinary_reply.text, log.read_text()[-2000:])
+    assert hostile_reply.status_code == 400 and hostile_reply.json()["error"]["code"] == "too_much_wide_text"

@@ -75,14 +75,15 @@ def test_the_counter_sees_a_sync_point(call):
 @pytest.mark.parametrize("spec", ["baseline", {"method": "aim", "importance_kernel": "chunked"}], ids=str)
 @pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_p": 0.9}], ids=["greedy", "top_p"])
 def test_decoding_reads_back_only_its_host_copies(loaded, spec, sampling):
-    """Sampling, EOS tracking and the cache writes stay on the device: the only values the loop
-    reads are the asynchronous host copies of tokens and flags (HostMirror.deliver)."""
+    """Sampling, EOS tracking, the non-finite check and the cache writes stay on the device: the
+    only values the loop reads are the asynchronous host copies of tokens and flags
+    (HostMirror.deliver and, once at the end, HostMirror.broken_rows)."""
     tokenizer, model, processor, _ = loaded
     reduction = plan(model, spec)
     videos = [processor.preprocess(random_frames(n, 64, 80, seed=n))["pixel_values"] for n in (3, 2)]
     ids, mask = left_padded_batch([prompt_ids(tokenizer, "Describe the video."), prompt_ids(tokenizer, "What?")])
-    lines, first = inspect.getsourcelines(HostMirror.deliver)
-    deliver = range(first, first + len(lines))
+    readers = [inspect.getsourcelines(method) for method in (HostMirror.deliver, HostMirror.broken_rows)]
+    host_copies = {line for lines, first in readers for line in range(first, first + len(lines))}
     generator = torch.Generator().manual_seed(0)
     with count_sync_points() as found:
         tokens = model.generate(ids, attention_mask=mask, images=videos, modalities=["video"] * 2, reduction=reduction,
@@ -90,5 +91,14 @@ def test_decoding_reads_back_only_its_host_copies(loaded, spec, sampling):
     ours = [point for point in found if "aim_llava" in point.where and point.tensor not in (id(ids), id(mask))]
     assert tokens.shape[0] == 2 and ours
     stray = [p for p in ours if not (p.where.startswith(inspect.getfile(HostMirror)) and
-                                     int(p.where.rsplit(":", 1)[1]) in deliver)]
+                                     int(p.where.rsplit(":", 1)[1]) in host_copies)]
     assert stray == []
+
+
+def test_counting_leaves_tensors_as_they_were():
+    """Watching ``tensor[index]`` by replacing Tensor.__getitem__ on the class would give every
+    tensor a sequence slot for the rest of the process, after which torch.tensor of a list of 0-d
+    tensors fails (transformers' Qwen2.5-VL positions build one)."""
+    with count_sync_points():
+        torch.arange(3.0)[torch.tensor([True, False, True])]
+    assert torch.tensor([torch.tensor(1), torch.tensor(2)]).tolist() == [1, 2]

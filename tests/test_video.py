@@ -309,9 +309,9 @@ def test_ffmpeg_itself_refuses_frames_beyond_the_source_limit_and_uses_few_threa
 
     seen, index = [], PacketIndex.read
 
-    def indexing(container, stream, check):  # the stream as decoding starts
+    def indexing(container, stream, *args):  # the stream as decoding starts
         seen.append((stream.codec_context.thread_count, dict(stream.codec_context.options)))
-        return index(container, stream, check)
+        return index(container, stream, *args)
 
     monkeypatch.setattr(PacketIndex, "read", indexing)
     assert len(load_video(hd_clip, num_frames=2, limits=MediaLimits(**SERVER_LIMITS)).frames) == 2
@@ -364,3 +364,23 @@ def test_images_are_read_only_by_the_decoders_of_image_files(tmp_path, monkeypat
     with pytest.raises(VideoError, match="not in one of the formats read here: JPEG, PNG"):
         load_video(tmp_path / "drawing.png")
     assert not called
+
+
+@pytest.mark.parametrize("container", ["mp4", "mkv"])
+def test_an_untrusted_videos_index_is_bounded_before_it_is_built(tmp_path, monkeypatch, container):
+    """Under limits a video may have at most MAX_INDEX_ENTRIES index entries: an MP4's are
+    counted from its sample tables before FFmpeg opens it, any container's packets as they are
+    demuxed (before, every packet was listed whatever their number)."""
+    from hostile_media import write_mkv
+
+    import aim_llava.video as video
+
+    path = (write_sample_video(tmp_path / "clip.mp4", num_frames=12, fps=10) if container == "mp4"
+            else write_mkv(tmp_path / "clip.mkv", frames=12))
+    limits = video.MediaLimits(**SERVER_LIMITS)
+    assert len(load_video(path, num_frames=2, limits=limits).frames) == 2
+    monkeypatch.setattr(video, "MAX_INDEX_ENTRIES", 11)
+    words = "sample tables declare 12 index entries" if container == "mp4" else "more than 11 video packets"
+    with pytest.raises(VideoError, match=words):
+        load_video(path, num_frames=2, limits=limits)
+    assert len(load_video(path, num_frames=2).frames) == 2  # a trusted video is not bounded

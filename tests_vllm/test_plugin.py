@@ -2,7 +2,8 @@
 
 from importlib.metadata import entry_points
 
-from conftest import aim_overrides, run_vllm
+import pytest
+from conftest import aim_overrides, one_by_one, run_vllm
 
 from aim_llava.vllm_plugin import ARCHITECTURE, register
 
@@ -21,7 +22,25 @@ def test_vllm_finds_the_plugin_and_registering_twice_is_harmless():
 
 
 def test_a_preset_pruning_inside_the_llm_is_refused_by_name(tmp_path, checkpoint, videos):
-    done = run_vllm(tmp_path, checkpoint, aim_overrides("aim_default"), videos[:1])
+    done = run_vllm(tmp_path, checkpoint, aim_overrides("aim_default"), one_by_one(videos[:1]))
     assert done.returncode != 0
     assert "reduction 'aim_default' (method 'aim') acts inside the LLM" in done.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_registering_with_a_vllm_that_renamed_an_overridden_method_is_refused_in_one_line(monkeypatch):
+    """A vLLM whose LLaVA-OneVision renamed a method the plugin overrides would run its own
+    method instead (no reduction, or videos cut): register() refuses it at start, naming the
+    method and the tested versions."""
+    from aim_llava.vllm_plugin import hooks
+
+    source = hooks.vllm_source()
+    assert "def _process_video_pixels(" in source
+    renamed = source.replace("def _process_video_pixels(", "def _embed_videos(")
+    monkeypatch.setattr(hooks, "vllm_source", lambda: renamed)
+    with pytest.raises(hooks.UnsupportedVllmError) as refused:
+        register()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "LlavaOnevisionForConditionalGeneration._process_video_pixels(self, inputs)" in message
+    assert "tested with vLLM 0.32.x" in message

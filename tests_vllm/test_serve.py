@@ -1,5 +1,7 @@
 """The issue's fourth check: `vllm serve` with the plugin (selected by --hf-overrides) answers
-the openai client's chat request with a video, and counts the merged tokens in the prompt.
+the openai client's chat request with a video, and counts the merged tokens in the prompt; a
+request's own preset (``mm_processor_kwargs``) changes its count, and one the plugin cannot run
+is a 400 naming it.
 (The command runs through tests_vllm/vllm_cli.py: the CPU build's own `vllm` script cannot start.)"""
 
 import base64
@@ -14,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from conftest import QUESTION, aim_overrides, vllm_prompt
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 from transformers import AutoTokenizer
 
 from aim_llava.sample_media import write_sample_video
 
 FRAMES = 4
 MERGED_PER_FRAME = 49  # 196 -> 98 -> 49 (docs/algorithms.md §2)
+POOLED_PER_FRAME = 25  # pool_12: a 5x5 grid
 
 
 def free_port() -> int:
@@ -52,6 +55,7 @@ def server(tmp_path, checkpoint):
         "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
         "--media-io-kwargs", json.dumps({"video": {"num_frames": FRAMES}}),
         "--hf-overrides", json.dumps(aim_overrides("aim_merge_only")),
+        "--trust-request-mm-kwargs",  # lets a request name its own preset (mm_processor_kwargs)
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     with log.open("w") as out:
@@ -72,12 +76,20 @@ def test_vllm_serve_with_the_plugin_answers_the_openai_client(server, tmp_path, 
     video = write_sample_video(tmp_path / "clip.mp4", num_frames=2 * FRAMES, fps=4)
     url = "data:video/mp4;base64," + base64.b64encode(video.read_bytes()).decode()
     client = OpenAI(base_url=server, api_key="unused", timeout=600)
-    reply = client.chat.completions.create(
-        model="tiny", max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True},
-        messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
-                                               {"type": "text", "text": QUESTION}]}],
-    )
+
+    def ask(**extra):
+        return client.chat.completions.create(
+            model="tiny", max_tokens=6, temperature=0.0, extra_body={"ignore_eos": True, **extra},
+            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                                   {"type": "text", "text": QUESTION}]}],
+        )
+
+    reply = ask()
     assert isinstance(reply.choices[0].message.content, str)
     assert reply.usage.completion_tokens == 6
     text_tokens = len(AutoTokenizer.from_pretrained(str(checkpoint))(vllm_prompt()).input_ids) - 1  # less <video>
     assert reply.usage.prompt_tokens == text_tokens + FRAMES * MERGED_PER_FRAME + 1
+    pooled = ask(mm_processor_kwargs={"aim_reduction": "pool_12"})  # this request's own preset
+    assert pooled.usage.prompt_tokens == text_tokens + FRAMES * POOLED_PER_FRAME + 1
+    with pytest.raises(BadRequestError, match="'aim_default' .* acts inside the LLM"):
+        ask(mm_processor_kwargs={"aim_reduction": "aim_default"})

@@ -1,4 +1,7 @@
-"""``load_pretrained_model``: a local checkpoint directory -> tokenizer, model, image processor."""
+"""``load_pretrained_model``: a local checkpoint directory -> tokenizer, model, image processor.
+
+The checkpoint's family (:mod:`aim_llava.model.families`, by the config's ``model_type``) reads the
+config, builds the modules, names the tensors and gives the image processor."""
 
 from __future__ import annotations
 
@@ -14,23 +17,25 @@ from aim_llava.devices import make_current
 from aim_llava.errors import CheckpointError
 from aim_llava.model.attention import resolve_attn_implementation
 from aim_llava.model.checkpoint import find_weight_files, plan_loading, read_tensors
-from aim_llava.model.config import LlavaConfig, config_from_file
+from aim_llava.model.config import LlavaConfig
+from aim_llava.model.families import family_of, read_config_file
 from aim_llava.model.hub_cache import cached_snapshot, is_repo_id
-from aim_llava.model.image_processor import SiglipImageProcessor
-from aim_llava.model.language_model.llava_qwen import LlavaQwenForCausalLM
+from aim_llava.model.language_model.llava_qwen import Qwen2MultimodalForCausalLM
+from aim_llava.model.qwen2_5_vl.config import Qwen2_5_VLConfig
 from aim_llava.reduction.config import load_reduction_config
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+ModelConfig = LlavaConfig | Qwen2_5_VLConfig  # a config of any family
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def read_config(model_dir: Path) -> LlavaConfig:
+def read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not os.path.exists(path):
         raise CheckpointError(f"{model_dir} has no config.json: is this a checkpoint directory?")
-    return config_from_file(path)
+    return read_config_file(path)
 
 
 def model_directory(model_path: str | Path) -> Path:
@@ -45,13 +50,13 @@ def model_directory(model_path: str | Path) -> Path:
                           "or a Hugging Face id (org/name) downloaded to the local Hugging Face cache")
 
 
-def checkpoint_config(model_path: str | Path) -> LlavaConfig:
+def checkpoint_config(model_path: str | Path) -> ModelConfig:
     """The config of a checkpoint (a directory or a cached Hugging Face id), read without loading
     any weights."""
     return read_config(model_directory(model_path))
 
 
-def apply_overrides(config: LlavaConfig, overwrite_config: dict | None) -> LlavaConfig:
+def apply_overrides(config: ModelConfig, overwrite_config: dict | None) -> ModelConfig:
     """Replace top-level config fields by name (LLaVA-NeXT's ``overwrite_config``)."""
     if not overwrite_config:
         return config
@@ -77,7 +82,7 @@ def resolve_device(device_map) -> torch.device:
     return device
 
 
-def resolve_dtype(torch_dtype, config: LlavaConfig, device: torch.device, say: bool = True) -> torch.dtype:
+def resolve_dtype(torch_dtype, config: ModelConfig, device: torch.device, say: bool = True) -> torch.dtype:
     """'auto': decided by the device's capabilities and logged unless ``say`` is False
     (:func:`aim_llava.capabilities.auto_dtype`): on a CPU bfloat16 where it computes bfloat16 in
     hardware, else float32; on a GPU the checkpoint's dtype, float16 in place of bfloat16 where
@@ -103,7 +108,7 @@ def load_tokenizer(model_dir: Path):
         raise CheckpointError(f"cannot load the tokenizer of {model_dir} ({type(err).__name__}: {first})") from None
 
 
-def check_tokenizer_fits(tokenizer, config: LlavaConfig, model_dir: Path) -> None:
+def check_tokenizer_fits(tokenizer, config: ModelConfig, model_dir: Path) -> None:
     """Every id the tokenizer can produce must have a row in the model's embedding table."""
     largest = max(tokenizer.get_vocab().values(), default=-1)
     if largest >= config.text.vocab_size:
@@ -115,19 +120,20 @@ def check_tokenizer_fits(tokenizer, config: LlavaConfig, model_dir: Path) -> Non
 
 def build_model(
     model_dir: Path,
-    config: LlavaConfig,
+    config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str,
     allow_pickle: bool = False,
-) -> LlavaQwenForCausalLM:
+) -> Qwen2MultimodalForCausalLM:
     """Create the modules without memory (meta device) and fill them from the checkpoint."""
+    family = family_of(config)
     files = find_weight_files(model_dir, allow_pickle)
     with torch.device("meta"):
-        model = LlavaQwenForCausalLM(config, attn_implementation)
+        model = family.build_model(config, attn_implementation)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    optional = {"lm_head.weight"} if config.text.tie_word_embeddings else set()
-    plan = plan_loading(files, expected, config.layout, config.vision.num_hidden_layers, optional)
+    rules = family.loading_rules(config)
+    plan = plan_loading(files, expected, rules.rename, rules.tolerated, set(rules.optional), f"a {family.title} model")
     state = read_tensors(plan, device, dtype)
     if "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -149,7 +155,8 @@ def load_pretrained_model(
     multimodal: bool = False,
     customized_config=None,
 ):
-    """Load a LLaVA-OneVision checkpoint in the LLaVA-NeXT or the transformers layout.
+    """Load a checkpoint of a family the package runs (LLaVA-OneVision in the LLaVA-NeXT or the
+    transformers layout, Qwen2.5-VL in the transformers layout; :mod:`aim_llava.model.families`).
 
     Returns ``(tokenizer, model, image_processor, max_length)`` like LLaVA-NeXT's builder.
     Nothing is downloaded: ``model_path`` is a directory, or a Hugging Face id (``org/name``)
@@ -183,6 +190,6 @@ def load_pretrained_model(
     model.generation_defaults.eos_token_ids = sorted(set(eos_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
     model.generation_defaults.pad_token_id = pad
-    image_processor = SiglipImageProcessor.from_vision_config(config.vision)
+    image_processor = family_of(config).image_processor(config, model_dir)
     logger.info("loaded %s (%s layout) on %s as %s, attention %s", model_dir, config.layout, device, dtype, attn)
     return tokenizer, model, image_processor, config.max_length

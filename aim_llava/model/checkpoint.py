@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,17 +123,24 @@ def list_tensors(files: list[Path]) -> Iterator[TensorRef]:
             raise CheckpointError(f"cannot read {file}: {err}") from None
 
 
+def is_tolerated(name: str, used_vision_layers: int) -> bool:
+    """A LLaVA-OneVision tensor that may be in the file without being loaded."""
+    return is_unused_vision_part(name, used_vision_layers) or bool(DERIVED_BUFFERS.search(name))
+
+
 def plan_loading(
     files: list[Path],
     expected: dict[str, tuple[int, ...]],
-    layout: str,
-    used_vision_layers: int,
+    rename: Callable[[str], str],
+    tolerated: Callable[[str], bool],
     optional: set[str],
+    model_name: str = "a LLaVA-OneVision model",
 ) -> dict[str, TensorRef]:
-    """Map every checkpoint tensor to a parameter; raise on anything missing, unknown or misshapen."""
+    """Map every checkpoint tensor (its name through ``rename``) to a parameter; raise on anything
+    missing, unknown (not ``tolerated``) or misshapen."""
     plan: dict[str, TensorRef] = {}
     for ref in list_tensors(files):
-        target = map_name(ref.name, layout)
+        target = rename(ref.name)
         if target in expected:
             if ref.shape != expected[target]:
                 raise CheckpointError(
@@ -141,10 +148,9 @@ def plan_loading(
                     f"{list(expected[target])}: config.json and weights do not belong together"
                 )
             plan[target] = ref
-        elif not (is_unused_vision_part(target, used_vision_layers) or DERIVED_BUFFERS.search(target)):
+        elif not tolerated(target):
             raise CheckpointError(
-                f"unexpected tensor {ref.name} in {ref.file.name}: not part of a LLaVA-OneVision model "
-                "with this config"
+                f"unexpected tensor {ref.name} in {ref.file.name}: not part of {model_name} with this config"
             )
     missing = sorted(set(expected) - set(plan) - optional)
     if missing:

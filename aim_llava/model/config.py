@@ -16,7 +16,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aim_llava.errors import CheckpointError
 from aim_llava.text_files import parse_json
@@ -70,6 +70,7 @@ class TextConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
+    mrope_section: tuple[int, ...] | None = None  # multimodal RoPE: rotary pairs per (t, h, w) axis
 
     @property
     def head_dim(self) -> int:
@@ -80,6 +81,7 @@ class TextConfig:
 class LlavaConfig:
     """Everything the vendored model needs, independent of the layout it was read from."""
 
+    family: ClassVar[str] = "llava_onevision"  # its entry in aim_llava.model.families
     text: TextConfig
     vision: VisionConfig
     layout: str = "llava_qwen"

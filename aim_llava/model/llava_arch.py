@@ -31,7 +31,7 @@ from aim_llava.mm_utils import get_anyres_image_grid_shape, padded_placement, se
 from aim_llava.model.config import LlavaConfig
 from aim_llava.reduction.plan import ReductionPlan
 from aim_llava.reduction.provenance import CellGrid, OriginTrace, TokenOrigins, strongest_reader
-from aim_llava.tensors import to_device
+from aim_llava.tensors import host_values, to_device
 from aim_llava.timing import stage
 
 MODALITIES = ("image", "video")
@@ -41,9 +41,11 @@ MODALITIES = ("image", "video")
 class MultimodalInputs:
     """A left-padded batch ready for the decoder.
 
-    inputs_embeds [B, L, H]; valid [B, L] (False on padding); position_ids [B, L];
-    visual [B, L] marks visual tokens (including newline tokens); padded: any padding at all.
-    Host counts per sample: ``num_visual`` visual tokens, ``lengths`` real tokens.
+    inputs_embeds [B, L, H]; valid [B, L] (False on padding); position_ids [B, L], or [B, L, 3]
+    (time, height, width) for multimodal RoPE; visual [B, L] marks visual tokens (including
+    newline tokens); padded: any padding at all. Host counts per sample: ``num_visual`` visual
+    tokens, ``lengths`` real tokens, ``next_position`` the position of the first token after the
+    prompt (None: one after the last row's, which is the length of 1-D positions).
     """
 
     inputs_embeds: torch.Tensor
@@ -53,6 +55,18 @@ class MultimodalInputs:
     padded: bool
     num_visual: list[int]
     lengths: list[int]
+    next_position: list[int] | None = None
+
+    @property
+    def extents(self) -> list[int]:
+        """Per sample, the position the first generated token takes (host values)."""
+        return self.next_position if self.next_position is not None else self.lengths
+
+    def next_positions(self) -> torch.Tensor:
+        """[B] on the device: the position the first generated token takes (all axes alike)."""
+        if self.next_position is not None:
+            return host_values(self.next_position, self.position_ids.device)
+        return self.position_ids[:, -1] + 1
 
 
 def unpad_image(tensor: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
@@ -295,21 +309,32 @@ class LlavaMetaForCausalLM:
         them, on the CPU): the layout is planned there and only the embeddings are assembled on the
         device, without reading anything back from it.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        rows = input_ids.tolist()
-        keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
-        sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
-        n_placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
-        if visual_features is not None:
-            features = list(visual_features)
-        else:
-            features = self.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
-        if n_placeholders != len(features):
-            raise InputError(
-                f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"
-            )
+        sequences, features = prompts_and_visuals(self, input_ids, attention_mask, images, image_sizes, modalities,
+                                                  visual_features, reduction)
         return assemble_inputs(sequences, features, self.model.embed_tokens, self.config.max_length, self.device)
+
+
+def prompts_and_visuals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, images, image_sizes,
+                        modalities, visual_features: list | None, reduction: ReductionPlan | None
+                        ) -> tuple[list[list[int]], list]:
+    """The prompts' real token ids (host lists, padding left out) and one visual per placeholder:
+    ``visual_features`` as given, or ``model.visual_features`` of ``images``; a count that does not
+    match the placeholders is an InputError."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    rows = input_ids.tolist()
+    keep = attention_mask.tolist() if attention_mask is not None else [[1] * len(row) for row in rows]
+    sequences = [[token for token, flag in zip(row, flags) if flag] for row, flags in zip(rows, keep)]
+    n_placeholders = sum(sequence.count(IMAGE_TOKEN_INDEX) for sequence in sequences)
+    if visual_features is not None:
+        features = list(visual_features)
+    else:
+        features = model.visual_features(images, image_sizes, modalities, reduction) if images is not None else []
+    if n_placeholders != len(features):
+        raise InputError(
+            f"the prompt has {n_placeholders} <image> placeholders but {len(features)} images/videos were given"
+        )
+    return sequences, features
 
 
 def assemble_inputs(sequences: list[list[int]], features: list[torch.Tensor], embed: nn.Embedding,

@@ -87,13 +87,13 @@ def panels(n: int, panel_rows: int = PANEL_ROWS) -> list[Panel]:
 
 
 def resident_bytes(n: int, panel_rows: int = PANEL_ROWS) -> int:
-    """Bytes of logits and exponentials one head keeps at n tokens."""
-    return sum(2 * 4 * p.blocks * ROW_BLOCK * p.width for p in panels(n, panel_rows))
+    """Bytes of exponentials one head keeps at n tokens."""
+    return sum(4 * p.blocks * ROW_BLOCK * p.width for p in panels(n, panel_rows))
 
 
 def heads_per_group(n: int, heads: int, group_bytes: int = GROUP_BYTES) -> int:
-    """How many heads are processed together at n tokens: as many as fit ``group_bytes`` (so that
-    short inputs take few, large operations), at least one."""
+    """How many heads are processed together at n tokens: as many as fit ``group_bytes`` (the
+    steps then read their exponentials from the cache), at least one."""
     return max(1, min(heads, group_bytes // max(1, resident_bytes(n))))
 
 
@@ -103,28 +103,47 @@ def floored_exp_(x: torch.Tensor) -> torch.Tensor:
 
 
 class PanelMatrix:
-    """One panel of a group of g heads: the unscaled logits [g, blocks, R, width] (-inf where
-    masked), ``shift`` [g, blocks, width] = scale * (their maximum over each block's rows) (-inf
-    where ``dead``: no row of the block may attend the key) and E = exp(scale * L - shift)."""
+    """One panel of a group of g heads: E = exp(scale * L - shift) [g, blocks, R, width], with
+    ``shift`` [g, blocks, width] = scale * (the largest logit L_ij over each block's rows: -inf
+    where ``dead``, no row of the block may attend the key). The logits themselves are not kept:
+    the rare exact repairs recompute the rows they need from q and k."""
 
     def __init__(self, queries: torch.Tensor, keys: torch.Tensor, panel: Panel, scale: float,
-                 blocked_keys: torch.Tensor | None, upper: torch.Tensor):
-        heads = queries.shape[0]
+                 blocked_keys: torch.Tensor | None):
         self.panel = panel
+        self.queries = queries.view(queries.shape[0], panel.blocks, ROW_BLOCK, -1)  # [g, blocks, R, d]
+        self.keys = keys[:, :panel.width]  # [g, width, d]
         self.scale = scale
-        logits = torch.matmul(queries, keys[:, :panel.width].transpose(1, 2))  # [g, blocks * R, width]
-        logits[:, panel.rows:] = NEG_INF  # padding rows
-        logits[:, :panel.rows, panel.start:].masked_fill_(upper[:panel.rows, :panel.rows], NEG_INF)  # causal
-        if blocked_keys is not None:
-            logits.index_fill_(-1, blocked_keys[blocked_keys < panel.width], NEG_INF)
-        self.logits = logits.view(heads, panel.blocks, ROW_BLOCK, panel.width)
-        shift = self.logits.amax(dim=2).mul_(scale)
+        self.blocked_keys = None if blocked_keys is None else blocked_keys[blocked_keys < panel.width]
+        logits = self.logits(self.queries, torch.arange(panel.start, panel.start + panel.blocks * ROW_BLOCK))
+        shift = logits.amax(dim=2)
         self.dead = shift == NEG_INF
         self.alive = ~self.dead
         self.alive_pairs = int(self.alive.sum())
-        finite_shift = shift.masked_fill(self.dead, 0.0)
-        self.exps = floored_exp_(torch.add(finite_shift[:, :, None, :].neg(), self.logits, alpha=scale))
+        self.exps = floored_exp_(logits.sub_(shift.masked_fill(self.dead, 0.0)[:, :, None, :]))
         self.shift = shift
+
+    def logits(self, queries: torch.Tensor, rows: torch.Tensor, heads: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """scale * q k^T for ``queries`` [g', blocks', R, d] of the sequence rows ``rows``
+        (flattened [blocks' * R]) and the keys of ``heads``: [g', blocks', R, width], -inf where
+        the causal mask, the key mask or padding (rows past the sequence) forbids."""
+        g, blocks = queries.shape[:2]
+        logits = torch.matmul(queries.reshape(g, blocks * ROW_BLOCK, -1), self.keys[heads].transpose(1, 2))
+        keys = torch.arange(self.panel.width)
+        forbidden = (keys[None, :] > rows[:, None]) | (rows[:, None] >= self.panel.start + self.panel.rows)
+        logits.mul_(self.scale).masked_fill_(forbidden, NEG_INF)
+        if self.blocked_keys is not None:
+            logits.index_fill_(-1, self.blocked_keys, NEG_INF)
+        return logits.view(g, blocks, ROW_BLOCK, -1)
+
+    def block_logits(self, head: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """The logits of the rows of the (head, block) pairs: [F, R, width]."""
+        out = torch.empty(len(head), ROW_BLOCK, self.panel.width)
+        for one in head.unique().tolist():  # one matrix product per head
+            pick = (head == one).nonzero().flatten()
+            rows_of = (block[pick, None] * ROW_BLOCK + self.panel.start + torch.arange(ROW_BLOCK)).flatten()
+            out[pick] = self.logits(self.queries[one, block[pick]][None], rows_of, slice(one, one + 1))[0]
+        return out
 
     def row_log_normalisers(self) -> torch.Tensor:
         """lse_i [g, blocks * R] of the panel's rows (+inf for rows that see nothing, so that
@@ -135,9 +154,9 @@ class PanelMatrix:
         sums = torch.bmm(self.exps.view(heads * blocks, ROW_BLOCK, -1), weights.view(heads * blocks, -1, 1))
         sums = sums.view(heads, blocks, ROW_BLOCK)
         lse = torch.log(sums).add_(top)
-        low = sums < TRUSTED_ROW_SUM
-        if low.any():
-            lse[low] = torch.logsumexp(self.logits[low] * self.scale, dim=-1)
+        low = (sums < TRUSTED_ROW_SUM).any(dim=-1).nonzero()  # (head, block) pairs with an untrusted row
+        if len(low):
+            lse[low[:, 0], low[:, 1]] = torch.logsumexp(self.block_logits(low[:, 0], low[:, 1]), dim=-1)
         lse = lse.view(heads, -1)
         return lse.masked_fill_(lse == NEG_INF, float("inf"))
 
@@ -160,7 +179,9 @@ class PanelMatrix:
 
     def dense_block_sums(self, a: torch.Tensor) -> torch.Tensor:
         """Every block sum of the panel in log space, a [g, blocks, R]: [g, blocks, width]."""
-        terms = torch.add(a[..., None], self.logits, alpha=self.scale)
+        panel = self.panel
+        terms = self.logits(self.queries, torch.arange(panel.start, panel.start + panel.blocks * ROW_BLOCK))
+        terms.add_(a[..., None])
         top = terms.amax(dim=2)
         silent = top == NEG_INF  # dead, or rows that all weigh nothing
         top.masked_fill_(silent, 0.0)
@@ -169,8 +190,10 @@ class PanelMatrix:
 
     def exact_block_sums(self, a: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """log sum_{i in block} exp(a_i + scale * L_ij) in log space at ``where`` [F, 3], a [g, blocks, R]."""
+        pairs, index = where[:, :2].unique(dim=0, return_inverse=True)
+        logits = self.block_logits(pairs[:, 0], pairs[:, 1])  # [pairs, R, width]
         head, block, key = where.unbind(1)
-        return torch.logsumexp(a[head, block] + self.logits[head, block, :, key] * self.scale, dim=-1)
+        return torch.logsumexp(a[head, block] + logits[index, :, key], dim=-1)
 
 
 class HeadGroupPageRank:
@@ -185,12 +208,11 @@ class HeadGroupPageRank:
         padded = sum(panel.blocks for panel in self.layout) * ROW_BLOCK
         if padded > n:
             q = torch.cat([q, q.new_zeros(heads, padded - n, dim)], dim=1)
-        upper = torch.ones(self.layout[0].rows, self.layout[0].rows, dtype=torch.bool).triu_(1)
         blocked = None if bool(key_mask.all()) else (~key_mask).nonzero().flatten()
         self.matrices = []
         for panel in self.layout:
             rows = q[:, panel.start:panel.start + panel.blocks * ROW_BLOCK]
-            self.matrices.append(PanelMatrix(rows, k, panel, scale, blocked, upper))
+            self.matrices.append(PanelMatrix(rows, k, panel, scale, blocked))
         self.lse = torch.cat([matrix.row_log_normalisers() for matrix in self.matrices], dim=1)  # [g, padded]
 
     def step(self, log_p: torch.Tensor) -> torch.Tensor:
@@ -250,6 +272,7 @@ class HeadGroupPageRank:
         return sums.log_().add_(top).masked_fill_(none, NEG_INF)
 
 
+@torch.no_grad()
 def pagerank_log_importance_factored(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor,
                                      log_start: torch.Tensor, scale: float, temperature: float = 0.1,
                                      iterations: int = 5, panel_rows: int = PANEL_ROWS,

@@ -133,11 +133,19 @@ def merge_steps_for_ratio(num_tokens: int, ratio: float) -> list[int]:
     return steps
 
 
+def tokens_after_steps(num_tokens: int, steps: list[int]) -> int:
+    """How many of ``num_tokens`` are left after ``steps``, each merging ``min(r, T // 2)`` of the
+    current T (as :func:`merge_bipartite` does): ``[150]`` leaves 98 of 196, not 46."""
+    for r in steps:
+        num_tokens -= max(0, min(r, num_tokens // 2))
+    return num_tokens
+
+
 def merge_state(tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean",
                 track: bool = False) -> MergeState:
-    """Apply merging steps to [G, T, C] tokens; the result holds T - sum(steps) tokens a group and,
-    for each, the original position it keeps (a merged token keeps its destination's); with
-    ``track``, also where each original token went (``origin``)."""
+    """Apply merging steps to [G, T, C] tokens; the result holds tokens_after_steps(T, steps) tokens
+    a group and, for each, the original position it keeps (a merged token keeps its destination's);
+    with ``track``, also where each original token went (``origin``)."""
     state = MergeState.start(tokens, track)
     for r in steps:
         state = merge_bipartite(state, r, order, weighting)
@@ -147,5 +155,5 @@ def merge_state(tokens: torch.Tensor, steps: list[int], order: str = "published"
 def merge_tokens(
     tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean"
 ) -> torch.Tensor:
-    """Apply merging steps to [G, T, C] tokens; returns [G, T - sum(steps), C]."""
+    """Apply merging steps to [G, T, C] tokens; returns [G, tokens_after_steps(T, steps), C]."""
     return merge_state(tokens, steps, order, weighting).tokens

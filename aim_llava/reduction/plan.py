@@ -81,6 +81,16 @@ class ReductionPlan:
         """One image's tokens [T, C] (anyres packed) -> [T', C]; reported to ``trace`` likewise."""
         return tokens
 
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A video's tokens in temporal groups [G, T, C], each a ``grid`` of (rows, columns) in
+        raster order (families whose tokens keep grid positions: Qwen2.5-VL) -> the tokens left
+        [G, T', C] and, per token, the grid cell (raster index) whose position it keeps [G, T']."""
+        return tokens, grid_cells(tokens)
+
+    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image's one group of tokens [1, T, C] on a ``grid``, as :meth:`reduce_video_groups`."""
+        return tokens, grid_cells(tokens)
+
     def layer_reducer(self, num_layers: int) -> LayerReducer | None:
         """A fresh reducer for one prefill, or None."""
         return None
@@ -111,7 +121,8 @@ class ReductionPlan:
         encoded video can be reused across them. None: the plan does nothing before the LLM. A
         plan that overrides one of those hooks is keyed by its class and options unless it says
         more precisely what matters."""
-        hooks = ("reduce_video_frames", "reduce_image_tokens", "vision_reducer")
+        hooks = ("reduce_video_frames", "reduce_image_tokens", "reduce_video_groups", "reduce_image_groups",
+                 "vision_reducer")
         if all(getattr(type(self), hook) is getattr(ReductionPlan, hook) for hook in hooks):
             return None
         return type(self).__qualname__, getattr(self, "options", None)
@@ -132,6 +143,11 @@ class ReductionPlan:
     def prune_mode(self) -> str:
         """How its layer reducer drops tokens: "remove" or "mask"."""
         return "remove"
+
+
+def grid_cells(tokens: torch.Tensor) -> torch.Tensor:
+    """[G, T]: every token of [G, T, C] standing for its own cell."""
+    return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
 
 
 class PruningPlan(ReductionPlan):

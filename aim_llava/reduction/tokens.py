@@ -34,11 +34,15 @@ class LayerAttention:
 class TokenState:
     """Per-sample token rows, left-padded.
 
-    Device tensors [B, N]: ``valid`` real (not padding) rows; ``alive`` rows that later tokens may
+    ``hidden`` [B, N, H]; ``position_ids`` [B, N], or [B, N, 3] (time, height, width: multimodal
+    RoPE), a row's positions travelling with it when rows are removed. Device tensors [B, N]:
+    ``valid`` real (not padding) rows; ``alive`` rows that later tokens may
     attend to (valid, and not pruned in mask mode); ``visual`` visual-token rows;
     ``original_index`` the row's index in the prefill sequence (``prefill_length`` long).
     Host counts per sample: ``num_visual`` visual tokens at the start of the prefill, ``rows``
-    valid rows now, ``live_visual`` visual tokens still alive now.
+    valid rows now, ``live_visual`` visual tokens still alive now. ``nonfinite_scores`` [B]
+    (device, shared by every state of one prefill): samples for which a reduction method's token
+    scores held a NaN or +inf (:func:`keep_top_visual`); decoding ends them with an error.
     """
 
     hidden: torch.Tensor
@@ -52,6 +56,7 @@ class TokenState:
     rows: list[int]
     live_visual: list[int]
     prefill_length: int
+    nonfinite_scores: torch.Tensor | None = None
 
     @classmethod
     def start(cls, hidden, position_ids, valid, visual, padded: bool, num_visual: list[int] | None = None,
@@ -63,7 +68,8 @@ class TokenState:
         num_visual = list(num_visual) if num_visual is not None else [0] * batch
         rows = list(rows) if rows is not None else [n] * batch
         index = torch.arange(n, device=valid.device).expand(batch, n)
-        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, rows, list(num_visual), n)
+        return cls(hidden, position_ids, valid, valid, visual, index, padded, num_visual, rows, list(num_visual), n,
+                   torch.zeros(batch, dtype=torch.bool, device=valid.device))
 
 
 def keep_tokens(state: TokenState, keep: torch.Tensor, mode: str, visual_kept: list[int]) -> TokenState:
@@ -110,9 +116,13 @@ def keep_top_visual(state: TokenState, scores: torch.Tensor, visual_kept: list[i
     ``min(visual_kept[b], live)`` of them; returns the mask and those counts.
 
     Ties are broken by position: of equal scores the earlier token ranks higher (a stable sort).
-    A NaN or -inf score ranks below every finite one, but above tokens that are not candidates.
+    A NaN or -inf score ranks below every finite one, but above tokens that are not candidates. A
+    candidate's NaN or +inf score (an overflow: the scores say nothing then) also flags its sample
+    in ``state.nonfinite_scores``, on the device, for decoding to end it with an error.
     """
     candidates = state.visual & state.alive
+    if state.nonfinite_scores is not None:
+        state.nonfinite_scores |= ((scores.isnan() | scores.isposinf()) & candidates).any(dim=-1)
     lowest = torch.finfo(torch.float32).min
     ranked = torch.nan_to_num(scores.float(), nan=lowest, neginf=lowest, posinf=torch.finfo(torch.float32).max)
     ranked = torch.where(candidates, ranked, torch.full_like(ranked, float("-inf")))

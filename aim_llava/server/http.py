@@ -1,12 +1,15 @@
 """The HTTP layer: who may call (API keys, the Host and Origin headers), what a body may be (JSON
-only, of bounded size, arriving in bounded time), the routes, and the uvicorn server with its
-connection limit and timeouts.
+only, of bounded size, arriving in bounded time, framed one way), the routes, the access log,
+and the uvicorn server with its connection limit and timeouts.
 
 * Host: only the names the server answers to (the bound address, localhost, and
-  ``--allowed-host``), so that a web page whose domain is rebound to 127.0.0.1 (DNS rebinding)
-  is refused before anything runs.
-* Origin: a browser's cross-origin request is refused unless its origin was allowed with
-  ``--allowed-origin`` (which also turns on CORS for it); there is no CORS otherwise.
+  ``--allowed-host``), a name or a bracketed IPv6 address with at most a port after it, so that
+  a web page whose domain is rebound to 127.0.0.1 (DNS rebinding) is refused before anything runs.
+* Origin: a browser's cross-origin request is refused unless its origin is one allowed with
+  ``--allowed-origin``, exactly as browsers send it (which also turns on CORS for it); there is
+  no CORS otherwise.
+* Framing: a request with both ``Transfer-Encoding`` and ``Content-Length`` is refused (a proxy
+  in front may read its body differently: request smuggling).
 * Bodies must be ``application/json``: a page cannot post a "simple" ``text/plain`` request.
 * API keys (``--api-key``, ``$AIM_LLAVA_API_KEY``): every ``/v1`` route needs
   ``Authorization: Bearer KEY``; keys are compared in constant time (as digests, every key every
@@ -19,18 +22,22 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from aim_llava.server.errors import ApiError, cut
-from aim_llava.server.service import Service
+from aim_llava.server.metrics import CONTENT_TYPE, Outcome, log_access
+from aim_llava.server.service import BodyBudget, Service
 
 logger = logging.getLogger("aim_llava.serve")
 
@@ -39,12 +46,21 @@ KEEP_ALIVE_S = 5  # an idle connection is closed after this
 SHUTDOWN_S = 10  # what a stopping server gives the replies in progress
 
 
-def host_name(header: str) -> str:
-    """The name of a Host header, without its port (an IPv6 address without its brackets)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
+# a Host header: a name, or an IPv6 address in brackets, then at most a port
+HOST = re.compile(r"(?:\[(?P<address>[0-9a-f:.]+)\]|(?P<name>[^\[\]:/@\s]+))(?::[0-9]{1,5})?")
+
+
+def host_name(header: str) -> str | None:
+    """The name of a Host header, without its port (an IPv6 address without its brackets); None
+    for a header that is not a name or address with at most a port (``[::1]evil.example``)."""
+    match = HOST.fullmatch(header.strip().lower())
+    return None if match is None else match["address"] or match["name"]
+
+
+def configured_name(name: str) -> str:
+    """A name the server is configured to answer to (``--host``, ``--allowed-host``), as
+    :func:`host_name` gives it: a bare IPv6 address is taken as it is."""
+    return name.strip().lower() if name.count(":") > 1 and "[" not in name else host_name(name) or name.lower()
 
 
 @dataclass(frozen=True)
@@ -60,11 +76,17 @@ class AccessPolicy:
                     allowed_origins: Iterable[str] = ()) -> AccessPolicy:
         """The policy of a server bound to ``address``: it answers to that name, localhost and
         ``allowed_hosts``."""
-        hosts = {*LOCAL_HOSTS, host_name(address), *(host_name(host) for host in allowed_hosts)}
+        hosts = {*LOCAL_HOSTS, configured_name(address), *(configured_name(host) for host in allowed_hosts)}
         return cls(tuple(api_keys), frozenset(hosts), tuple(origin.rstrip("/") for origin in allowed_origins))
 
     def host_allowed(self, header: str | None) -> bool:
         return header is not None and host_name(header) in self.allowed_hosts
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser's Origin header is one allowed, as browsers send it (scheme, host and
+        port, no path: ``https://app.example/`` is not ``https://app.example``, and CORS would not
+        answer it)."""
+        return origin in self.allowed_origins
 
     def key_valid(self, authorization: str | None) -> bool:
         """Whether ``Authorization`` holds ``Bearer KEY`` with one of the keys; every key is
@@ -98,8 +120,8 @@ class Refusal:
 
 
 class HostAndOriginCheck:
-    """Refuses requests whose Host is not one of the server's names, or whose Origin (sent by
-    browsers) was not allowed; then passes the request on."""
+    """Refuses requests framed two ways, whose Host is not one of the server's names, or whose
+    Origin (sent by browsers) was not allowed; then passes the request on."""
 
     def __init__(self, app, policy: AccessPolicy):
         self.app, self.policy = app, policy
@@ -107,13 +129,18 @@ class HostAndOriginCheck:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
+            if "transfer-encoding" in headers and "content-length" in headers:
+                return await Refusal(ApiError(
+                    400, "a request may not carry both Transfer-Encoding and Content-Length: send one",
+                    code="invalid_framing", headers={"Connection": "close"},
+                ))(scope, receive, send)
             if not self.policy.host_allowed(headers.get("host")):
                 return await Refusal(ApiError(
                     400, f"this server does not answer to the host {cut(headers.get('host') or '')!r} (a server "
                          "reached by another name is started with --allowed-host NAME)", code="invalid_host",
                 ))(scope, receive, send)
             origin = headers.get("origin")
-            if origin is not None and origin.rstrip("/") not in self.policy.allowed_origins:
+            if origin is not None and not self.policy.origin_allowed(origin):
                 return await Refusal(ApiError(
                     403, f"requests from the web origin {cut(origin)!r} are not allowed (a server meant for a web "
                          "page is started with --allowed-origin ORIGIN)", code="origin_not_allowed",
@@ -138,9 +165,40 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
 
+CHAT_COMPLETIONS = "/v1/chat/completions"
+
+
+class AccessLog:
+    """Writes one access-log line per HTTP request once its response is sent (or has failed),
+    refusals included, and counts chat completions in /metrics (:mod:`aim_llava.server.metrics`).
+    The request's :class:`Outcome` is in ``scope["state"]["outcome"]`` for the routes to fill."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, outcome = time.monotonic(), [500], Outcome()
+        scope.setdefault("state", {})["outcome"] = outcome
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            latency = time.monotonic() - started
+            log_access(scope["method"], scope["path"], status[0], latency, outcome)
+            if scope["path"] == CHAT_COMPLETIONS:
+                self.service.metrics.observe(status[0], latency, outcome)
+
+
 def create_app(service: Service, policy: AccessPolicy | None = None):
     """The ASGI application of ``service``: FastAPI routes behind the access checks of ``policy``
-    (by default: local host names only, no keys, no cross-origin requests)."""
+    (by default: local host names only, no keys, no cross-origin requests), and the access log."""
     policy = policy or AccessPolicy()
     limits = service.limits
     app = FastAPI(title="aim-llava", docs_url=None, redoc_url=None, openapi_url=None)
@@ -148,6 +206,17 @@ def create_app(service: Service, policy: AccessPolicy | None = None):
     @app.exception_handler(ApiError)
     async def api_error(_, error: ApiError):
         return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def unknown_route(request: HttpRequest, error: HTTPException):
+        """Starlette's own refusals (an unknown route, a method a route does not take) in
+        OpenAI's shape and words."""
+        where = f"{request.method} {cut(request.url.path)}"
+        if error.status_code == 405:
+            return error_response(ApiError(405, f"Invalid method for URL ({where})"))
+        if error.status_code == 404:
+            return error_response(ApiError(404, f"Invalid URL ({where})"))
+        return error_response(ApiError(error.status_code, str(error.detail)))
 
     @app.exception_handler(Exception)
     async def server_error(_, error: Exception):
@@ -159,25 +228,30 @@ def create_app(service: Service, policy: AccessPolicy | None = None):
         status, body = service.health()
         return JSONResponse(body, status_code=status)
 
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.metrics_text(), media_type=CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models():
         return service.models()
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_COMPLETIONS)
     async def chat_completions(request: HttpRequest):
         media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media_type != "application/json":
             raise ApiError(415, "the request body must be JSON, sent with Content-Type: application/json",
                            code="unsupported_media_type")
 
-        async def body() -> bytes:  # read once the request is admitted
+        async def body(budget: BodyBudget) -> bytearray:  # read once there is room for the request
             try:
-                return await asyncio.wait_for(read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+                return await asyncio.wait_for(read_body(request, limits.max_body_bytes, budget),
+                                              limits.body_timeout_s)
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                                code="timeout") from None
 
-        answer = await service.complete(body, lambda: until_disconnected(request))
+        answer = await service.complete(body, lambda: until_disconnected(request), request.state.outcome)
         if isinstance(answer, dict):
             return JSONResponse(answer)
         return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -186,7 +260,7 @@ def create_app(service: Service, policy: AccessPolicy | None = None):
     if policy.allowed_origins:
         guarded = CORSMiddleware(guarded, allow_origins=list(policy.allowed_origins), allow_methods=["GET", "POST"],
                                  allow_headers=["Authorization", "Content-Type"])
-    return HostAndOriginCheck(guarded, policy)
+    return AccessLog(HostAndOriginCheck(guarded, policy), service)
 
 
 async def until_disconnected(request: HttpRequest) -> None:
@@ -195,19 +269,26 @@ async def until_disconnected(request: HttpRequest) -> None:
         pass
 
 
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The request body, read up to ``limit`` bytes."""
+async def read_body(request: HttpRequest, limit: int, budget: BodyBudget) -> bytearray:
+    """The request body, read up to ``limit`` bytes into one buffer (of its declared length when
+    it has one: no chunk list, no copy), its bytes taken from ``budget`` as they arrive and
+    given back once it is read."""
     too_large = ApiError(413, f"the request body may hold at most {limit >> 20} MiB", code="too_large")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+    body, size = bytearray(int(declared) if declared is not None else 0), 0
+    try:
+        async for chunk in request.stream():
+            if size + len(chunk) > limit:
+                raise too_large
+            budget.take(len(chunk))
+            body[size:size + len(chunk)] = chunk
+            size += len(chunk)
+    finally:
+        budget.give_back(size)
+    del body[size:]
+    return body
 
 
 def server_config(app, host: str, port: int, max_connections: int):

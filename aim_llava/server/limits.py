@@ -1,4 +1,4 @@
-"""What one request may ask of the server: every bound in one place (the README lists them)."""
+"""What one request may ask of the server: every bound in one place (docs/serving.md lists them)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ class ServerLimits:
     ``max_image_pixels`` only. Work:
     ``max_text_chars`` characters of text, each message counted ``MESSAGE_OVERHEAD_CHARS`` more;
     at most ``max_messages`` messages and ``max_content_parts`` content parts; ``max_tokens`` up to
-    ``max_tokens_limit``; ``request_timeout_s`` from admission to the last token. Connections:
-    the body must arrive within ``body_timeout_s``."""
+    ``max_tokens_limit``; ``request_timeout_s`` from admission to the last token. Media are
+    decoded by ``media_readers`` worker processes at a time (:mod:`aim_llava.server.decoding`),
+    each allowed ``media_cpu_s`` CPU-seconds per media item and ``media_memory_bytes`` of memory
+    beyond what it starts with. Connections: the body must arrive within ``body_timeout_s``."""
 
     max_body_bytes: int = 64 * 2**20
     max_data_url_bytes: int = 32 * 2**20
@@ -34,6 +36,9 @@ class ServerLimits:
     max_tokens_limit: int = 4096
     request_timeout_s: float = 600.0
     body_timeout_s: float = 30.0
+    media_readers: int = 8
+    media_cpu_s: float = 120.0
+    media_memory_bytes: int = 3 * 2**29  # 1.5 GiB: the request's frames (~400 MB), one decoded image, the index
 
     @property
     def max_json_punctuation(self) -> int:

@@ -1,18 +1,21 @@
 """A request's media, from its text to the frames the model sees.
 
 Validation (:func:`file_media`, :func:`inline_image`) looks at the request's text only: no file
-is touched before the request is admitted. Then, in a worker thread, :meth:`MediaRoot.open` walks
-the path one component at a time from the root's directory handle (``openat`` with
-``O_PATH | O_NOFOLLOW``), resolving symbolic links itself and refusing any step out of the root;
-the decoder reads the file it reached through that handle (its ``/proc/self/fd`` path), so the
-check and the open are one operation: a directory swapped for a link meanwhile reads nothing
-outside the root, and a frame directory is listed through the same handle.
+is touched before the request is admitted. Then, in a media reader's thread, :meth:`MediaRoot.open`
+walks the path one component at a time from the root's directory handle (``openat`` with
+``O_PATH | O_NOFOLLOW``, one descriptor held at a time, at most :data:`MAX_PATH_DEPTH` directories
+down, counted before the walk), resolving symbolic links itself and refusing any step out of the
+root; the decoder reads the file it reached through that handle, so the check and the open are
+one operation: a directory swapped for a link meanwhile reads nothing outside the root, and a
+frame directory is listed through the same handle. A regular file with more than one hard link
+is refused (a hard link may be a file from anywhere on the file system).
 
-Media are read under :class:`~aim_llava.video.MediaLimits`: video frames, and images taken as
-frames, are brought to the model's input size as they are decoded; a single image is kept at its
-own size (the model tiles it), at most ``max_image_pixels``. Images are decoded by Pillow for the
-formats of :data:`~aim_llava.video.IMAGE_FORMATS` only, an inline image by the decoder of the type
-it declares; videos by FFmpeg's container demuxers only.
+Media are decoded in a worker process (:mod:`aim_llava.server.decoding`) under
+:class:`~aim_llava.video.MediaLimits`: video frames, and images taken as frames, are brought to
+the model's input size as they are decoded; a single image is kept at its own size (the model
+tiles it), at most ``max_image_pixels``. Images are decoded by Pillow for the formats of
+:data:`~aim_llava.video.IMAGE_FORMATS` only, an inline image by the decoder of the type it
+declares; videos by FFmpeg's container demuxers only.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import logging
 import os
 import stat
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -35,7 +39,7 @@ from PIL import Image
 
 from aim_llava.errors import AimLlavaError
 from aim_llava.server.errors import ApiError, bad, cut, shown
-from aim_llava.video import MediaLimits, ReadingTimeExceeded, VideoClip, VideoError, is_image_file, open_image_rgb
+from aim_llava.video import ReadingTimeExceeded, VideoClip, VideoError, is_image_file, open_image_rgb
 
 if TYPE_CHECKING:
     from aim_llava.pipeline import EncodedVisual
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aim_llava.serve")
 
 MAX_LINKS = 40  # symbolic links one path may pass through (the kernel's own limit)
+MAX_PATH_DEPTH = 128  # directories a media path may go down, its links followed
 MAX_REFERENCE_CHARS = 4096  # of a media reference (Linux's PATH_MAX)
 # the image types a data: URL may declare, with the one Pillow decoder that reads each
 INLINE_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP",
@@ -160,7 +165,7 @@ class MediaRoot:
         return None
 
     def open(self, media: FileMedia) -> OpenedMedia:
-        """The regular file or directory ``media`` names, reached without leaving the root."""
+        """The regular file (of one link) or directory ``media`` names, reached without leaving the root."""
         outside = ApiError(403, "media outside the server's media root are not served", media.param,
                            "outside_media_root")
         path = self.inside(media.path) if media.path.startswith("/") else media.path
@@ -173,48 +178,80 @@ class MediaRoot:
                 raise ApiError(404, f"media file not found under the media root: {cut(media.reference)}",
                                media.param, "media_not_found") from None
             raise unusable(err, media.param) from None
-        mode = os.fstat(handle).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        status = os.fstat(handle)
+        if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):
             os.close(handle)
             raise bad(f"{cut(media.reference)} is not a regular file or directory", media.param)
-        return OpenedMedia(handle, stat.S_ISDIR(mode))
+        if stat.S_ISREG(status.st_mode) and status.st_nlink > 1:
+            os.close(handle)
+            raise ApiError(403, f"{cut(media.reference)} has {status.st_nlink} hard links, and a hard link may be a "
+                                "file from outside the media root: media files with several links are not served",
+                           media.param, "hard_link")
+        return OpenedMedia(handle, stat.S_ISDIR(status.st_mode))
 
     def walk(self, path: str, outside: ApiError, param: str) -> int:
         """An ``O_PATH`` handle of what ``path`` (relative) names, each component opened from its
-        parent's handle without following links; a link is read and its target walked in turn."""
-        parents = [self.handle]  # handles from the root down; the root's is not ours to close
+        parent's handle without following links; a link is read and its target walked in turn.
+        One handle is held at a time (two while a child is opened), whatever the depth: ``..``
+        opens the kernel's parent and checks (by device and inode) that it is the directory the
+        walk came down from, so a directory moved away meanwhile cannot lead out of the root. A
+        name after a file (``clip.mp4/``, ``clip.mp4/.``) is ENOTDIR, as the kernel has it."""
+        names = [name for name in path.split("/") if name not in ("", ".")]
+        if len(names) > MAX_PATH_DEPTH:
+            raise too_deep(param)
+        root = os.fstat(self.handle)
+        trail = [(root.st_dev, root.st_ino)]  # the directories from the root down to ``current``
+        current, is_dir = os.dup(self.handle), True
         parts, links = deque(path.split("/")), 0
         try:
             while parts:
                 name = parts.popleft()
                 if name in ("", "."):
+                    if not is_dir:
+                        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
                     continue
                 if name == "..":
-                    if len(parents) == 1:
+                    if len(trail) == 1:
                         raise outside
-                    os.close(parents.pop())
-                    continue
-                handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parents[-1])
-                if not stat.S_ISLNK(os.fstat(handle).st_mode):
-                    parents.append(handle)
-                    continue
-                target = os.readlink("", dir_fd=handle)
-                os.close(handle)
-                links += 1
-                if links > MAX_LINKS:
-                    raise bad("the media path cannot be used on this server (too many levels of symbolic links)",
-                              param)
-                if target.startswith("/"):
-                    target = self.inside(target)
-                    if target is None:
+                    parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=current)
+                    os.close(current)
+                    current, is_dir = parent, True
+                    status = os.fstat(parent)
+                    trail.pop()
+                    if (status.st_dev, status.st_ino) != trail[-1]:
                         raise outside
-                    while len(parents) > 1:
-                        os.close(parents.pop())
-                parts.extendleft(reversed(target.split("/")))
-            return os.dup(parents[-1]) if len(parents) == 1 else parents.pop()
+                    continue
+                handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
+                status = os.fstat(handle)
+                if stat.S_ISLNK(status.st_mode):
+                    target = os.readlink("", dir_fd=handle)
+                    os.close(handle)
+                    links += 1
+                    if links > MAX_LINKS:
+                        raise bad("the media path cannot be used on this server (too many levels of symbolic links)",
+                                  param)
+                    if target.startswith("/"):
+                        target = self.inside(target)
+                        if target is None:
+                            raise outside
+                        os.close(current)
+                        current, is_dir, trail = os.dup(self.handle), True, trail[:1]
+                    parts.extendleft(reversed(target.split("/")))
+                    continue
+                os.close(current)
+                current, is_dir = handle, stat.S_ISDIR(status.st_mode)
+                trail.append((status.st_dev, status.st_ino))
+                if len(trail) > MAX_PATH_DEPTH + 1:
+                    raise too_deep(param)
+            found, current = current, None
+            return found
         finally:
-            for handle in parents[1:]:
-                os.close(handle)
+            if current is not None:
+                os.close(current)
+
+
+def too_deep(param: str) -> ApiError:
+    return bad(f"a media path may go down at most {MAX_PATH_DEPTH} directories", param, "path_too_deep")
 
 
 def decode_inline(image: InlineImage, max_pixels: int) -> Image.Image:
@@ -226,38 +263,50 @@ def decode_inline(image: InlineImage, max_pixels: int) -> Image.Image:
     return open_image_rgb(io.BytesIO(raw), "an inline image", max_pixels, formats=(image.format,))
 
 
-def read_image(image: FileMedia | InlineImage, root: MediaRoot, limits: MediaLimits, as_frame: bool) -> np.ndarray:
-    """One image as [H, W, 3] uint8: at the model's input size if it is one of several frames."""
-    limits.check_deadline("the request's images")
+class ImageDecoder(Protocol):
+    """What decodes a request's images (:class:`aim_llava.server.decoding.DecodingProcess`)."""
+
+    def image(self, image: OpenedMedia | InlineImage, name: str, as_frame: bool) -> np.ndarray:
+        """One image as [H, W, 3] uint8: at the model's input size if it is one of several frames."""
+
+
+def read_image(image: FileMedia | InlineImage, root: MediaRoot, decoder: ImageDecoder,
+               as_frame: bool) -> np.ndarray:
+    """One image as [H, W, 3] uint8, decoded by ``decoder``: at the model's input size if it is
+    one of several frames."""
     if isinstance(image, InlineImage):
-        decoded = decode_inline(image, limits.max_source_pixels)
-    else:
-        with root.open(image) as opened:
-            if opened.is_dir:
-                raise bad(f"{cut(image.reference)} is a directory, not an image", image.param)
-            decoded = open_image_rgb(opened.path, cut(image.reference), limits.max_source_pixels)
-    return limits.frame(decoded) if as_frame else np.asarray(decoded)
+        return decoder.image(image, "an inline image", as_frame)
+    with root.open(image) as opened:
+        if opened.is_dir:
+            raise bad(f"{cut(image.reference)} is a directory, not an image", image.param)
+        return decoder.image(opened, cut(image.reference), as_frame)
 
 
 def image_clip(frames: list[np.ndarray]) -> VideoClip:
-    """One image, or several taken as the frames of a video (one a second)."""
+    """One image, or several taken as the frames of a video (one a second; frames that kept their
+    own aspect ratio are brought to the first one's size)."""
     if len(frames) == 1:
         return VideoClip(frames[0][None], [0], [0.0], 0.0, 0.0, "image", is_image=True)
+    height, width = frames[0].shape[:2]
+    frames = [f if f.shape[:2] == (height, width) else np.asarray(Image.fromarray(f).resize((width, height),
+                                                                                          Image.BICUBIC))
+              for f in frames]
     return VideoClip(np.stack(frames), list(range(len(frames))), [float(i) for i in range(len(frames))],
-                     float(len(frames)), 1.0, "frames")
+                     float(len(frames)), 1.0, "frames", sampled_fps=1.0)
 
 
-def read_media(media: RequestMedia, root: MediaRoot, load, limits: MediaLimits) -> VideoClip | EncodedVisual:
-    """The frames of a request's media. ``load(path)`` samples a video or frame directory (under
-    ``limits``), or returns its encoded video from the model's reuse cache; an image named as a
-    video goes through the image path and its budget. A failure to decode is a 400 naming the
-    media as the client did (a 504 at the deadline)."""
+def read_media(media: RequestMedia, root: MediaRoot, load: Callable[[OpenedMedia], VideoClip | EncodedVisual],
+               decoder: ImageDecoder) -> VideoClip | EncodedVisual:
+    """The frames of a request's media. ``load(opened)`` samples a video or frame directory, or
+    returns its encoded video from the model's reuse cache; images are decoded by ``decoder``
+    (an image named as a video goes through the image path and its budget). A failure to decode
+    is a 400 naming the media as the client did (a 504 at the deadline)."""
     video = media.video
     if video is not None and not is_image_file(video.path):  # the path opened, not the URL's query or fragment
         with root.open(video) as opened:
-            return decoded(lambda: load(opened.path), video.param, {opened.path: cut(video.reference)})
+            return decoded(lambda: load(opened), video.param, {opened.path: cut(video.reference)})
     images = [video] if video is not None else media.images
-    return image_clip([decoded(lambda image=image: read_image(image, root, limits, len(images) > 1), image.param)
+    return image_clip([decoded(lambda image=image: read_image(image, root, decoder, len(images) > 1), image.param)
                        for image in images])
 
 

@@ -9,7 +9,8 @@ import functools
 import math
 from dataclasses import dataclass
 
-from aim_llava.errors import AimLlavaError
+from aim_llava.conversation import check_text
+from aim_llava.errors import AimLlavaError, InputError
 from aim_llava.reduction.budget import parse_budget
 from aim_llava.reduction.config import ReductionConfig, available_presets
 from aim_llava.server.errors import ApiError, bad, shown
@@ -106,6 +107,26 @@ def stop_sequences(body: dict, limit: int) -> list[str]:
     return values
 
 
+def check_n(body: dict) -> None:
+    """``n`` (choices per request): only its default 1, refused in OpenAI's words otherwise."""
+    value = body.get("n")
+    if value is None or (value == 1 and not isinstance(value, bool)):
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad("'n' must be a whole number", "n")
+    raise bad(f"Unsupported value: 'n' does not support {shown(value)} with this model. Only the default (1) value "
+              "is supported.", "n", "unsupported_value")
+
+
+def unicode_text(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode (no lone surrogate, which a JSON ``\\ud800`` escape
+    gives): the tokenizer takes nothing else."""
+    try:
+        return check_text(text, f"the text of {param}")
+    except InputError as err:
+        raise bad(str(err), param) from None
+
+
 def part_url(part: dict, kind: str, param: str) -> str:
     value = part.get(kind)
     url = value.get("url") if isinstance(value, dict) else value
@@ -130,9 +151,9 @@ def message_parts(message, param: str) -> tuple[str, list]:
 
 
 def parse_messages(messages, limits: ServerLimits) -> tuple[list[tuple[str, str | None]], RequestMedia, str | None]:
-    """(turns [(user text, assistant text or None)], media, system prompt) of the messages; the
-    counts are bounded before the parts are looked at, and the text is counted with the chat
-    template's overhead for each message."""
+    """(turns [(user text, assistant text or None)], media (none for a text-only chat), system
+    prompt) of the messages; the counts are bounded before the parts are looked at, the text is
+    counted with the chat template's overhead for each message, and must be valid Unicode."""
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list", "messages")
     if len(messages) > limits.max_messages:
@@ -152,7 +173,7 @@ def parse_messages(messages, limits: ServerLimits) -> tuple[list[tuple[str, str 
             if kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise bad(f"{where}.text must be a string", where)
-                text.append(part["text"])
+                text.append(unicode_text(part["text"], where))
             elif kind in ("image_url", "video_url"):
                 add_media(media, kind, part, role, where, limits)
             else:
@@ -164,8 +185,6 @@ def parse_messages(messages, limits: ServerLimits) -> tuple[list[tuple[str, str 
             system = "\n".join(text)
         else:
             texts.append((role, "\n".join(text)))
-    if media.video is None and not media.images:
-        raise bad("the request shows no video or image: add a video_url or image_url part", "messages")
     characters = sum(len(text) for _, text in texts) + len(system or "") + MESSAGE_OVERHEAD_CHARS * len(messages)
     if characters > limits.max_text_chars:
         raise too_large(f"the messages hold {characters:,} characters of text (with {MESSAGE_OVERHEAD_CHARS} for "
@@ -240,8 +259,7 @@ class RequestParser:
         if model != self.model_name:
             raise ApiError(404, f"model {shown(model)} is not served here (this server serves {self.model_name!r})",
                            "model", "model_not_found")
-        if integer(body, "n", 1, 1, 1) != 1:
-            raise bad("only n=1 is supported", "n")
+        check_n(body)
         for name, neutral in NEUTRAL_VALUES.items():
             value = body.get(name)
             if not any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral):

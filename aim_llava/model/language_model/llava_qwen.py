@@ -1,7 +1,9 @@
 """LlavaQwenForCausalLM: SigLIP + projector + Qwen2, with LLaVA-NeXT's calling conventions.
 
-``forward(input_ids, images=..., image_sizes=..., modalities=[...])`` gives logits;
-``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
+Its calls (prefill, forward, generation) are those of every family on our Qwen2 decoder, written
+once in :class:`Qwen2MultimodalForCausalLM`; a family adds its visual modules and
+``prepare_multimodal_inputs``. ``forward(input_ids, images=..., image_sizes=..., modalities=[...])``
+gives logits; ``generate(...)`` returns only the new tokens, as LLaVA-NeXT's generate does. Token reduction is
 an argument of each call (``reduction=plan``, a built
 :class:`~aim_llava.reduction.plan.ReductionPlan`; ``set_reduction`` only sets the default), and
 what it did comes back with the call's output.
@@ -16,10 +18,13 @@ import torch
 from torch import nn
 
 from aim_llava.devices import on_own_device
-from aim_llava.errors import AimLlavaError, InputError
+from aim_llava.errors import AimLlavaError, InputError, NonFiniteOutputError
 from aim_llava.model.config import LlavaConfig
 from aim_llava.model.language_model.generation import (
+    DecodingGraphs,
+    GraphedStep,
     SamplingParams,
+    nonfinite_message,
     run_decoding,
     step_runner,
 )
@@ -77,14 +82,20 @@ class LlavaQwenModel(Qwen2Model):
         self.image_newline = nn.Parameter(torch.zeros(config.text.hidden_size))
 
 
-class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
-    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+class Qwen2MultimodalForCausalLM(nn.Module):
+    """A causal LM on our Qwen2 decoder (``self.model``) whose prompts hold visual tokens: the
+    prefill with the call's reduction, logits and generation, shared by every family. A family's
+    model adds its visual modules and ``prepare_multimodal_inputs`` (the prompt's embeddings and
+    positions, a :class:`MultimodalInputs`); ``config`` has ``text`` and ``max_length``."""
+
+    def __init__(self, config, model: Qwen2Model):
         super().__init__()
         self.config = config
-        self.model = LlavaQwenModel(config, attn_implementation)
+        self.model = model
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         self.generation_defaults = GenerationDefaults()
         self.default_reduction = ReductionPlan()
+        self.decoding_graphs = DecodingGraphs()  # one side stream and graph memory pool per device, for good
 
     def set_reduction(self, plan: ReductionPlan | None) -> None:
         """The plan used by calls that pass no ``reduction`` (None: no reduction). Build one with
@@ -158,7 +169,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         cache = KVCache(len(self.model.layers)) if use_cache else None
         hidden, state, record = self.prefill(inputs, cache, plan)
         if cache is not None:
-            cache.next_position = inputs.position_ids[:, -1] + 1
+            cache.next_position = inputs.next_positions()
         return LlavaOutput(self.lm_head(hidden), cache, inputs, state, record)
 
     def step_logits(self, cache: KVCache, attn_implementation: str | None) -> Callable[..., torch.Tensor]:
@@ -199,7 +210,10 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
     ) -> torch.Tensor | GenerationOutput:
         """Greedy or sampled decoding; returns the new tokens [B, T] (``pad_token_id`` after EOS),
         or with ``return_dict_in_generate`` a :class:`GenerationOutput` that also holds the
-        reduction record.
+        reduction record. A sample whose logits or token importance become NaN or infinite (the
+        model's dtype overflowed) is ended there, and the call raises
+        :class:`~aim_llava.errors.NonFiniteOutputError` naming those samples, with the output
+        of the others as its ``partial``.
 
         ``max_new_tokens`` is one limit or one per sample (a sample that reaches its own is padded
         like one that emitted EOS, and the batch stops once all have ended). ``cancelled_rows``,
@@ -232,7 +246,7 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         params = SamplingParams(do_sample, temperature, top_p, generator)
         mm = self.prepare_multimodal_inputs(inputs, attention_mask, images, image_sizes, modalities, visual_features,
                                             plan)
-        longest = max(mm.lengths)
+        longest = max(mm.extents)  # the prompt's length (its last position + 1 with multimodal positions)
         if longest + max_new_tokens > self.config.max_length:
             raise InputError(
                 f"max_new_tokens={max_new_tokens} with a prompt of {longest} tokens exceeds the model's context of "
@@ -241,13 +255,14 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
         if streamer is not None:
             streamer.put(torch.empty(mm.valid.shape[0], 0, dtype=torch.long))
         cache = KVCache(len(self.model.layers), reserve=max_new_tokens) if use_cache else None
-        hidden, _, record = (prefill or self.prefill)(mm, cache, plan)
+        hidden, state, record = (prefill or self.prefill)(mm, cache, plan)
+        step = None
         with stage("decode", self.device):
             first = self.lm_head(hidden[:, -1]).float()
             if cache is not None:
                 step = step_runner(self.step_logits(cache, plan.attn_implementation), self.device, cuda_graph,
-                                   max_new_tokens)
-                positions = mm.position_ids[:, -1] + 1
+                                   max_new_tokens, self.decoding_graphs)
+                positions = mm.next_positions()
                 index = torch.zeros(1, dtype=torch.long, device=self.device)
 
                 def next_logits(tokens: torch.Tensor, number: int) -> torch.Tensor:
@@ -261,15 +276,25 @@ class LlavaQwenForCausalLM(nn.Module, LlavaMetaForCausalLM):
                     mm = appended(mm, self.model.embed_tokens(tokens)[:, None])
                     return self.lm_head(self.prefill(mm, None, plan, replay=record)[0][:, -1]).float()
 
-            sequences, steps = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer,
-                                            row_limits, cancelled_rows)
+            try:
+                decoded = run_decoding(first, next_logits, max_new_tokens, eos, pad, params, streamer, row_limits,
+                                       cancelled_rows, state.nonfinite_scores)
+            finally:
+                if isinstance(step, GraphedStep):
+                    step.close()
         if cache is not None:
-            cache.advance(steps)
+            cache.advance(decoded.steps)
         if streamer is not None:
             streamer.end()
-        if not return_dict_in_generate:
-            return sequences
-        return GenerationOutput(sequences, record, cache.nbytes if cache is not None else 0)
+        output = GenerationOutput(decoded.tokens, record, cache.nbytes if cache is not None else 0)
+        if decoded.broken_rows:
+            raise NonFiniteOutputError(nonfinite_message(self.dtype), decoded.broken_rows, output)
+        return output if return_dict_in_generate else decoded.tokens
+
+
+class LlavaQwenForCausalLM(Qwen2MultimodalForCausalLM, LlavaMetaForCausalLM):
+    def __init__(self, config: LlavaConfig, attn_implementation: str = "sdpa"):
+        super().__init__(config, LlavaQwenModel(config, attn_implementation))
 
 
 def criteria_stop_ids(criteria) -> list[int]:
@@ -287,15 +312,20 @@ def criteria_stop_ids(criteria) -> list[int]:
 
 
 def appended(inputs: MultimodalInputs, token_embeds: torch.Tensor) -> MultimodalInputs:
-    """The batch with one more (text) token per sample, at the next position."""
+    """The batch with one more (text) token per sample, at the next position (on every axis of
+    multimodal positions)."""
     batch = token_embeds.shape[0]
     ones = torch.ones(batch, 1, dtype=torch.bool, device=token_embeds.device)
+    position = inputs.next_positions()
+    axes = inputs.position_ids.shape[2:]  # (3,) for multimodal positions
+    new = position.view(batch, 1, *[1] * len(axes)).expand(batch, 1, *axes)
     return MultimodalInputs(
         torch.cat([inputs.inputs_embeds, token_embeds], dim=1),
         torch.cat([inputs.valid, ones], dim=1),
-        torch.cat([inputs.position_ids, inputs.position_ids[:, -1:] + 1], dim=1),
+        torch.cat([inputs.position_ids, new], dim=1),
         torch.cat([inputs.visual, torch.zeros_like(ones)], dim=1),
         inputs.padded,
         inputs.num_visual,
         [length + 1 for length in inputs.lengths],
+        [extent + 1 for extent in inputs.extents],
     )

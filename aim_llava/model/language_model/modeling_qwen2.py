@@ -15,6 +15,7 @@ from aim_llava.model.attention import attend
 from aim_llava.model.config import TextConfig
 from aim_llava.model.language_model.kv_cache import KVCache, LayerCache
 from aim_llava.reduction.tokens import LayerAttention, LayerReducer, TokenState
+from aim_llava.tensors import to_device
 
 
 class Qwen2RMSNorm(nn.Module):
@@ -33,13 +34,25 @@ class Qwen2RMSNorm(nn.Module):
 class RotaryEmbedding:
     """cos/sin of the rotary embedding for position ids, looked up in tables built once per device
     and dtype for every position up to ``max_positions`` (a gather: no per-step computation, and
-    fixed shapes for a captured decoding step)."""
+    fixed shapes for a captured decoding step).
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int):
+    Multimodal RoPE (``mrope_section``, Qwen2-VL's): positions [..., 3] hold (time, height, width)
+    and rotary pair i takes the axis whose section of ``mrope_section`` it falls in (the first
+    ``mrope_section[0]`` pairs time, the next height, the rest width; both halves of the head
+    alike). Positions with equal axes, and plain positions [...], give the 1-D embedding."""
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int, mrope_section: tuple[int, ...] | None = None):
         self.head_dim = head_dim
         self.theta = theta
         self.max_positions = max_positions
         self.tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.channel_axes: list[int] | None = None  # with multimodal RoPE: the axis each channel turns with
+        self.axis_tables: dict[torch.device, torch.Tensor] = {}
+        if mrope_section is not None:
+            if sum(mrope_section) != head_dim // 2:
+                raise ValueError(f"mrope_section {list(mrope_section)} must add up to half the head size {head_dim}")
+            axes = [axis % 3 for axis, size in enumerate(mrope_section) for _ in range(size)]
+            self.channel_axes = axes + axes
 
     def table(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (torch.device(device), dtype)
@@ -52,9 +65,19 @@ class RotaryEmbedding:
         return self.tables[key]
 
     def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [*position_ids.shape, head_dim]."""
+        """cos, sin [B, L, head_dim] for position ids [B, L] (or [B, L, 3] with multimodal RoPE)."""
         cos, sin = self.table(position_ids.device, dtype)
-        return cos[position_ids], sin[position_ids]
+        if position_ids.dim() == 2:
+            return cos[position_ids], sin[position_ids]
+        if self.channel_axes is None:
+            raise ValueError("positions with (time, height, width) axes need a model with multimodal RoPE")
+        device = position_ids.device
+        if device not in self.axis_tables:
+            self.axis_tables[device] = to_device(torch.tensor(self.channel_axes), device)
+        axis = self.axis_tables[device].expand(*position_ids.shape[:-1], -1)
+        per_channel = position_ids.gather(-1, axis)  # [B, L, head_dim]: each channel's position
+        channel = torch.arange(self.head_dim, device=position_ids.device)
+        return cos[per_channel, channel], sin[per_channel, channel]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -199,7 +222,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Qwen2RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta,
-                                      max(config.max_position_embeddings, max_positions or 0))
+                                      max(config.max_position_embeddings, max_positions or 0), config.mrope_section)
 
     def decode(
         self,
@@ -216,8 +239,8 @@ class Qwen2Model(nn.Module):
     ) -> tuple[torch.Tensor, TokenState, list[list[int]]]:
         """Run the decoder over new tokens.
 
-        inputs_embeds [B, L, H]; position_ids [B, L]; valid [B, L] marks real tokens and
-        ``padded`` whether any is False; visual [B, L] marks visual tokens, of which each sample
+        inputs_embeds [B, L, H]; position_ids [B, L] (or [B, L, 3]: multimodal RoPE); valid [B, L]
+        marks real tokens and ``padded`` whether any is False; visual [B, L] marks visual tokens, of which each sample
         holds ``num_visual[b]`` among its ``rows[b]`` real rows (host counts: the loop never reads
         a value back from the device). With a cache, the tokens attend to everything cached before
         them and are appended to it (each layer caches the tokens that entered it). A ``reducer``

@@ -19,6 +19,7 @@ from aim_llava.reduction.merge import (
     merge_state,
     merge_steps_for_ratio,
     merge_tokens,
+    tokens_after_steps,
 )
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
 from aim_llava.reduction.provenance import OriginTrace
@@ -153,7 +154,7 @@ class AimPlan(PruningPlan):
         return [] if ratio is None else merge_steps_for_ratio(num_tokens, ratio)
 
     def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
-        return tokens_per_frame - sum(self.steps(tokens_per_frame, self.options.merge_ratio))
+        return tokens_after_steps(tokens_per_frame, self.steps(tokens_per_frame, self.options.merge_ratio))
 
     def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
         return self.schedule.kept(layer, num_visual)
@@ -176,6 +177,18 @@ class AimPlan(PruningPlan):
         state = merge_state(groups, steps, self.options.merge_order, self.options.merge_weighting, track=True)
         trace.regroup(state.origin, state.tokens.shape[1])
         return state.tokens
+
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each temporal group merged as a frame is; a merged token keeps its destination's cell."""
+        return self.merged_groups(tokens, self.steps(tokens.shape[1], self.options.merge_ratio))
+
+    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        ratio = self.options.image_merge_ratio
+        return self.merged_groups(tokens, [] if ratio is None else merge_steps_for_ratio(tokens.shape[1], ratio))
+
+    def merged_groups(self, tokens: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        state = merge_state(tokens, steps, self.options.merge_order, self.options.merge_weighting)
+        return state.tokens, state.positions
 
     def layer_reducer(self, num_layers: int) -> AimPruner | None:
         return AimPruner(self.schedule, self.options) if self.schedule.prunes else None

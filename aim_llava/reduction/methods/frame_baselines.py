@@ -49,14 +49,22 @@ class RandomDropPlan(ReductionPlan):
     def frame_tokens_after_merging(self, tokens_per_frame: int) -> int:
         return matched_count(tokens_per_frame, self.options.keep_ratio)
 
-    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+    def kept(self, frames: torch.Tensor) -> torch.Tensor:
+        """[F, count]: the positions each frame keeps, in order."""
         count = self.frame_tokens_after_merging(frames.shape[1])
         generator = torch.Generator().manual_seed(self.options.seed)
-        keep = to_device(torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
+        return to_device(torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
                                       for _ in range(frames.shape[0])]), frames.device)
+
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        tokens, keep = self.reduce_video_groups(frames, (1, frames.shape[1]))
         if trace is not None:
-            trace.regroup(kept_assignment(keep, frames.shape[1]), count)
-        return frames.gather(1, keep[..., None].expand(-1, -1, frames.shape[-1]))
+            trace.regroup(kept_assignment(keep, frames.shape[1]), keep.shape[1])
+        return tokens
+
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = self.kept(tokens)
+        return tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1])), keep
 
 
 class SpatialPoolPlan(ReductionPlan):
@@ -76,10 +84,30 @@ class SpatialPoolPlan(ReductionPlan):
         size = pooled_grid(matched_count(count, self.options.keep_ratio))
 
         def pool(tokens: torch.Tensor) -> torch.Tensor:
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-            pooled = F.adaptive_avg_pool2d(grid.float(), size).to(tokens.dtype)
-            return pooled.flatten(2).transpose(1, 2)
+            return self.pooled(tokens, (side, side), size)
 
         if trace is not None:
             trace.regroup(strongest_reader(pool, count)[None].expand(frames.shape[0], -1), size[0] * size[1])
         return pool(frames)
+
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group pooled to about the matched count of cells, in the group's aspect ratio; a
+        pooled token keeps the cell at the middle of the region it averages."""
+        rows, columns = grid
+        count = matched_count(rows * columns, self.options.keep_ratio)
+        out_rows = min(rows, max(1, round(math.sqrt(count * rows / columns))))
+        out_columns = min(columns, max(1, round(count / out_rows)))
+        # adaptive pooling's region i covers [floor(i R / r), ceil((i + 1) R / r))
+        middle = [(i * rows // out_rows + -(-(i + 1) * rows // out_rows) - 1) // 2 for i in range(out_rows)]
+        centre = [(j * columns // out_columns + -(-(j + 1) * columns // out_columns) - 1) // 2
+                  for j in range(out_columns)]
+        cells = to_device(torch.tensor([r * columns + c for r in middle for c in centre]), tokens.device)
+        pooled = self.pooled(tokens, grid, (out_rows, out_columns))
+        return pooled, cells.expand(tokens.shape[0], -1)
+
+    @staticmethod
+    def pooled(frames: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+        """[F, rows x columns, C] on ``grid`` -> [F, size[0] x size[1], C] by adaptive average pooling."""
+        maps = frames.transpose(1, 2).reshape(frames.shape[0], -1, *grid)
+        pooled = F.adaptive_avg_pool2d(maps.float(), size).to(frames.dtype)
+        return pooled.flatten(2).transpose(1, 2)
