@@ -316,6 +316,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a web origin (https://app.example) whose pages may call the server, with CORS (repeat)")
     add_runtime_options(serve)
     add_cache_options(serve)
+    explain = commands.add_parser("explain", help="a picture of what each reduction keeps of a video or image, "
+                                                  "with its answer and figures (PNG or HTML)")
+    explain.add_argument("video", help="a video, frame directory or image")
+    explain.add_argument("question", help="the question to ask about it")
+    explain.add_argument("--config", default="baseline,aim_default",
+                         help="reductions, comma-separated (presets or budget:FRACTION): one panel each")
+    explain.add_argument("--output", type=Path, required=True, help="the report: a .png or .html file")
+    explain.add_argument("--layer", type=non_negative_int,
+                         help="the LLM layer whose kept tokens the pictures show (default: for each reduction, the "
+                              "first layer with at most half its visual tokens left, else its last pruning layer)")
+    add_model_option(explain)
+    explain.add_argument("--frames", type=positive_int, default=8, help="frames sampled uniformly")
+    explain.add_argument("--fps", type=positive_float, help="sample at this rate instead (capped by --max-frames)")
+    explain.add_argument("--max-frames", type=positive_int, help="upper bound on sampled frames")
+    explain.add_argument("--backend", choices=BACKENDS, default="auto", help="video decoder")
+    explain.add_argument("--max-new-tokens", type=positive_int, default=64, help="the longest answer, in tokens")
+    add_runtime_options(explain)
+    demo = commands.add_parser("demo", help="a web page (Gradio) to try reductions on your clips and see what they "
+                                            "keep")
+    add_model_option(demo)
+    demo.add_argument("--media-root", type=Path,
+                      help="a directory whose files (videos, images) the page may also pick; nothing outside it is "
+                           "opened (uploads are always possible)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=positive_int, default=7860, help="port to listen on")
+    demo.add_argument("--frames", type=positive_int, default=8, help="frames sampled per video by default")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=64, help="the longest answer, in tokens")
+    demo.add_argument("--max-upload-mb", type=positive_float, default=200.0, help="the largest upload, in MiB")
+    demo.add_argument("--max-queue", type=positive_int, default=32,
+                      help="requests waiting for the model beyond which new ones are refused")
+    add_runtime_options(demo)
+    add_cache_options(demo)
     return parser
 
 
@@ -956,9 +988,73 @@ def run_serve(args) -> int:
     return 0
 
 
+def report_path(output: Path, source: str) -> Path:
+    """``explain``'s --output: a .png or .html file in a writable directory, not its input."""
+    from aim_llava.explain import REPORT_SUFFIXES
+
+    if output.suffix.lower() not in REPORT_SUFFIXES:
+        raise CliError(f"--output {output} must end in {' or '.join(REPORT_SUFFIXES)} (the report's format)")
+    if output.is_dir():
+        raise CliError(f"--output {output} is a directory: give a file name ending in .png or .html")
+    if os.path.exists(source) and output.exists() and os.path.samefile(output, source):
+        raise CliError(f"--output {output} is the input itself: give another file name")
+    check_output_dir(output.parent)
+    return output
+
+
+def run_explain(args) -> int:
+    from aim_llava.explain import explain, random_weights_notice, read_clip, write_report
+    from aim_llava.model.builder import checkpoint_config
+    from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
+    from aim_llava.reduction.budget import resolve_reduction
+
+    output = report_path(args.output, args.video)
+    question = check_text(args.question, "the question")
+    specs = [spec.strip() for spec in args.config.split(",") if spec.strip()]
+    if not specs:
+        raise CliError("--config names no reduction: give one or more, comma-separated (e.g. baseline,aim_default)")
+    if not os.path.exists(args.video):
+        raise CliError(f"{args.video} does not exist: give a video, frame directory or image")
+    sampling = SamplingOptions(args.frames, args.fps, args.max_frames, backend=args.backend)
+    model_config = checkpoint_config(args.model)
+    check_new_tokens(args.max_new_tokens, model_config)
+    if args.layer is not None and args.layer > model_config.text.num_hidden_layers:
+        raise CliError(f"--layer {args.layer} is beyond the model's {model_config.text.num_hidden_layers} layers")
+    configs = [resolve_reduction(spec, model_config, sampling.max_frames or sampling.num_frames) for spec in specs]
+    llm = VideoLLM.from_pretrained(args.model, configs[0], device=args.device, dtype=args.dtype,
+                                   attn_implementation=args.attn, sampling=sampling,
+                                   generation=GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                                                cuda_graph=args.cuda_graph))
+    clip, read_seconds = read_clip(llm, args.video, configs)
+    runs = [explain(llm, clip, question, config, read_seconds) for config in configs]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_report(runs, question, output, args.layer, random_weights_notice(llm))
+    for run in runs:
+        print(f"{run.config}: {run.answer}", flush=True)
+    print(f"aim-llava: wrote {output}", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_demo(args) -> int:
+    import importlib.util
+
+    from aim_llava.model.builder import checkpoint_config
+
+    if importlib.util.find_spec("gradio") is None:
+        raise CliError("aim-llava demo needs Gradio: pip install 'aim-llava[demo]'")
+    if args.media_root is not None and not os.path.isdir(args.media_root):
+        raise CliError(f"--media-root {args.media_root} is not a directory")
+    if args.port > 65535:
+        raise CliError(f"--port {args.port} is not a port number (1..65535)")
+    check_new_tokens(args.max_new_tokens, checkpoint_config(args.model))
+    from aim_llava.demo import serve_demo
+
+    return serve_demo(args)
+
+
 COMMANDS = {
     "caption": run, "ask": run, "flops": run_flops, "presets": run_presets, "bench": run_bench, "fitprune-calibrate": run_fitprune_calibrate,
-    "eval": run_eval, "serve": run_serve,
+    "eval": run_eval, "serve": run_serve, "explain": run_explain, "demo": run_demo,
 }
 
 

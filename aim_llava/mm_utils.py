@@ -48,18 +48,24 @@ def get_anyres_image_grid_shape(image_size: tuple[int, int], grid_pinpoints, pat
     return width // patch_size, height // patch_size
 
 
-def resize_and_pad_image(image: Image.Image, target_resolution: tuple[int, int]) -> Image.Image:
-    """Resize keeping the aspect ratio, centred on a black canvas of ``target_resolution``."""
-    original_width, original_height = image.size
+def padded_placement(original_size: tuple[int, int], target_resolution: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(width, height, left, top) of an image of ``original_size`` resized keeping its aspect
+    ratio and centred on a canvas of ``target_resolution``."""
+    original_width, original_height = original_size
     target_width, target_height = target_resolution
     scale_w, scale_h = target_width / original_width, target_height / original_height
     if scale_w < scale_h:
         new_width, new_height = target_width, min(math.ceil(original_height * scale_w), target_height)
     else:
         new_height, new_width = target_height, min(math.ceil(original_width * scale_h), target_width)
-    resized = image.resize((new_width, new_height))
-    canvas = Image.new("RGB", (target_width, target_height), (0, 0, 0))
-    canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+    return new_width, new_height, (target_width - new_width) // 2, (target_height - new_height) // 2
+
+
+def resize_and_pad_image(image: Image.Image, target_resolution: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect ratio, centred on a black canvas of ``target_resolution``."""
+    new_width, new_height, left, top = padded_placement(image.size, target_resolution)
+    canvas = Image.new("RGB", tuple(target_resolution), (0, 0, 0))
+    canvas.paste(image.resize((new_width, new_height)), (left, top))
     return canvas
 
 

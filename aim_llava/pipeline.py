@@ -36,6 +36,7 @@ from aim_llava.prefix_cache import PrefixPrefill
 from aim_llava.reduction.budget import check_reduction_spec, resolve_reduction
 from aim_llava.reduction.config import ReductionConfig
 from aim_llava.reduction.plan import ReductionPlan, ReductionRecord
+from aim_llava.reduction.provenance import TokenOrigins
 from aim_llava.reuse_cache import DEFAULT_CACHE_MB, ReuseCache
 from aim_llava.timing import stage
 from aim_llava.video import (
@@ -94,7 +95,7 @@ class EncodedVisual:
     """A video or image after the vision tower and projector (and the reduction's merging),
     ready to be reused across prompts with the same reduction. ``key``: its key in the model's
     reuse cache (None without the cache); ``cached``: it came from there (``encode_seconds`` is
-    then 0)."""
+    then 0); ``origins``: where each token came from, when asked for (``with_origins``)."""
 
     clip: VideoClip
     features: torch.Tensor
@@ -103,6 +104,7 @@ class EncodedVisual:
     reduction: ReductionConfig
     key: tuple | None = None
     cached: bool = False
+    origins: TokenOrigins | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -461,12 +463,22 @@ class VideoLLM:
         return dataclasses.replace(visual, reduction=config, encode_seconds=0.0, cached=True)
 
     @torch.no_grad()
-    def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, **sampling) -> EncodedVisual:
+    def encode(self, source: str | Path | VideoClip | EncodedVisual, reduction=None, with_origins: bool = False,
+               **sampling) -> EncodedVisual:
         """Read and encode a video (or image) once; the result can be passed to :meth:`ask` (with
-        the same reduction). With the reuse cache, a clip encoded before comes from there."""
+        the same reduction). With the reuse cache, a clip encoded before comes from there.
+        ``with_origins``: also say where each visual token came from (``EncodedVisual.origins``;
+        None where the reduction does not say)."""
         config = self.resolve(reduction)
         item = self.read(source, config, **sampling)
-        return item if isinstance(item, EncodedVisual) else self.encode_clips([item], config)[0]
+        if isinstance(item, EncodedVisual):
+            if not with_origins or item.origins is not None:
+                return item
+            if isinstance(source, EncodedVisual):
+                raise InputError("this video was encoded without the origins of its tokens: encode it again with "
+                                 "with_origins=True")
+            item = self.load(source, config, **sampling)  # cached without its origins: encoded again
+        return self.encode_clips([item], config, with_origins)[0]
 
     @staticmethod
     def check_encoded(visual: EncodedVisual, config: ReductionConfig) -> EncodedVisual:
@@ -478,12 +490,14 @@ class VideoLLM:
         return visual
 
     @torch.no_grad()
-    def encode_clips(self, clips: list[VideoClip], config: ReductionConfig) -> list[EncodedVisual]:
+    def encode_clips(self, clips: list[VideoClip], config: ReductionConfig, with_origins: bool = False
+                     ) -> list[EncodedVisual]:
         """Encode read clips together: video frames are resized and normalised on the model's
         device, and every view of every clip goes through the vision tower in one pass. With the
-        reuse cache, clips it holds (or that appear twice) are encoded once, and new ones stored."""
+        reuse cache, clips it holds (or that appear twice) are encoded once, and new ones stored;
+        ``with_origins`` (see :meth:`encode`) encodes again a clip cached without them."""
         if self.cache is None:
-            return self.encode_uncached(clips, config)
+            return self.encode_uncached(clips, config, with_origins)
         sources = [source_key(clip) for clip in clips]
         first_clips = dict(zip(reversed(sources), reversed(clips)))  # each source's first clip
         keys = {source: self.visual_cache_key(source, config) for source in first_clips}
@@ -492,9 +506,11 @@ class VideoLLM:
             if source in visuals:
                 self.cache.count_hit("visual")
             else:
-                visuals[source] = self.cached_visual(keys[source], config)
+                visual = self.cached_visual(keys[source], config)
+                visuals[source] = None if with_origins and visual is not None and visual.origins is None else visual
         missing = [source for source, visual in visuals.items() if visual is None]
-        encoded = self.encode_uncached([first_clips[source] for source in missing], config) if missing else []
+        encoded = self.encode_uncached([first_clips[source] for source in missing], config,
+                                       with_origins) if missing else []
         for source, visual in zip(missing, encoded):
             visual.key = keys[source]
             stored = dataclasses.replace(visual, clip=without_pixels(visual.clip))
@@ -502,7 +518,8 @@ class VideoLLM:
             visuals[source] = visual
         return [visuals[source] for source in sources]
 
-    def encode_uncached(self, clips: list[VideoClip], config: ReductionConfig) -> list[EncodedVisual]:
+    def encode_uncached(self, clips: list[VideoClip], config: ReductionConfig, with_origins: bool = False
+                        ) -> list[EncodedVisual]:
         plan = self.plan(config)
         started = time.perf_counter()
         pixels, sizes, modalities = [], [], []
@@ -512,10 +529,13 @@ class VideoLLM:
                 pixels.append(clip_pixels)
                 sizes.append(size)
                 modalities.append(modality)
-        features = self.model.visual_features(pixels, sizes, modalities, plan)
+        if with_origins:
+            features, origins = self.model.visual_features_with_origins(pixels, sizes, modalities, plan)
+        else:
+            features, origins = self.model.visual_features(pixels, sizes, modalities, plan), [None] * len(clips)
         seconds = time.perf_counter() - started
-        return [EncodedVisual(clip, feature, modality, seconds, config)
-                for clip, feature, modality in zip(clips, features, modalities)]
+        return [EncodedVisual(clip, feature, modality, seconds, config, origins=origin)
+                for clip, feature, modality, origin in zip(clips, features, modalities, origins)]
 
     def prompt(self, visual: EncodedVisual | None, turns: list[tuple[str, str | None]],
                system: str | None = None) -> str:

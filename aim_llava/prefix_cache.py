@@ -100,12 +100,12 @@ class PrefixPrefill:
             state = self.question_pass(inputs, prefixes, kv, reused, implementation)
             entering = [list(inputs.num_visual) for _ in range(reused)]
             if reused == num_layers:
-                return decoder.norm(state.hidden), state, ReductionRecord(plan.name, entering)
+                return decoder.norm(state.hidden), state, ReductionRecord(plan.name, entering, visual=inputs.visual)
             reducer = plan.layer_reducer(num_layers)
             state, later = decoder.run_layers(self.whole_prompt(inputs, prefixes, state), range(reused, num_layers),
                                               kv, reducer, implementation)
         record = ReductionRecord(plan.name, entering + later, getattr(reducer, "kept", {}),
-                                 getattr(reducer, "merges", {}))
+                                 getattr(reducer, "merges", {}), inputs.visual)
         return decoder.norm(state.hidden), state, record
 
     def prefixes(self, inputs: MultimodalInputs, layers: int, implementation: str) -> list[CachedPrefix]:

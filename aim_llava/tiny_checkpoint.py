@@ -325,6 +325,12 @@ def _write_layout(out: Path, layout: str, tokenizer, state: dict[str, torch.Tens
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def has_tiny_architecture(config: LlavaConfig) -> bool:
+    """Whether a model has the tiny checkpoints' widths: its weights are random, so are its answers."""
+    return (config.vision.hidden_size == TINY_VISION["hidden_size"]
+            and config.text.hidden_size == TINY_TEXT["hidden_size"])
+
+
 def write_tiny_checkpoint(out: str | Path, layout: str = "llava_qwen", seed: int = 0, head_size: int | None = None,
                           processor: bool = False) -> Path:
     """Write config, tokenizer and weights to ``out``; returns the directory. ``head_size``: the

@@ -17,11 +17,20 @@ else
   "${pip[@]}" -c requirements/constraints.in -e ".[dev]"
 fi
 
-# torchcodec (an optional video reader) loads FFmpeg's shared libraries from the system.
-ffmpeg_libs=(libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8)
-if ! ldconfig -p | grep -q "libavcodec\.so" && command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
-  timeout 300 apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1 \
+# System packages, with apt as root: FFmpeg's shared libraries, which torchcodec (an optional
+# video reader) loads, and Chromium, in which the demo's browser test runs (Playwright drives it;
+# it downloads no browser of its own).
+apt_install() {
+  timeout 600 apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1 \
     || { timeout 300 apt-get update -q >/dev/null 2>&1 \
-         && timeout 300 apt-get install -y -q --no-install-recommends "${ffmpeg_libs[@]}" >/dev/null 2>&1; } \
-    || echo "note: FFmpeg's shared libraries could not be installed: the torchcodec reader stays unusable" >&2
+         && timeout 600 apt-get install -y -q --no-install-recommends "$@" >/dev/null 2>&1; }
+}
+if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+  if ! ldconfig -p | grep -q "libavcodec\.so"; then
+    apt_install libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
+      || echo "note: FFmpeg's shared libraries could not be installed: the torchcodec reader stays unusable" >&2
+  fi
+  if ! command -v chromium >/dev/null; then
+    apt_install chromium || echo "note: Chromium could not be installed: the demo's browser test is skipped" >&2
+  fi
 fi

@@ -304,10 +304,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_process(args: list, log: Path, env: dict | None = None, preexec_fn=None,
-                  entry: tuple[str, ...] = ("aim_llava.cli", "serve")):
+                  entry: tuple[str, ...] = ("aim_llava.cli", "serve"), ready: str = "/health", start_s: float = 120):
     """A real ``aim-llava serve`` process on 127.0.0.1 (``python -m`` ``entry``, then ``args``;
-    the port is chosen here), its output in ``log``: yields (base URL, process) once /health
-    answers."""
+    the port is chosen here), its output in ``log``: yields (base URL, process) once ``ready``
+    answers (within ``start_s`` seconds)."""
     import httpx
 
     port = free_port()
@@ -317,12 +317,12 @@ def serve_process(args: list, log: Path, env: dict | None = None, preexec_fn=Non
                                    env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_s
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the server did not start: {log.read_text()}")
             try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{base}{ready}", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)

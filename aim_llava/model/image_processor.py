@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -15,6 +16,8 @@ from aim_llava.errors import InputError
 from aim_llava.model.config import VisionConfig
 from aim_llava.tensors import host_values, page_locked
 
+# Pillow 13 resizes first along the axis that shrinks more; earlier releases always resize the width first
+PIL_SHRINKS_FIRST = int(PIL.__version__.split(".")[0]) >= 13
 PREPROCESS_CHUNK_BYTES = 256 * 2**20  # float32 pixels of the frames resized together on the device
 STAGING_BYTES = 32 * 2**20  # each half of the pinned buffer that frames reach the GPU through
 
@@ -108,8 +111,9 @@ class SiglipImageProcessor:
 
         The frames travel once, as uint8 (from the host through :class:`PinnedStaging`), and are
         resized there in batched calls the way PIL resizes a uint8 image: two separable bicubic
-        passes with PIL's kernel (antialiased, a = -0.5), the one that shrinks more first, each
-        rounded to 8 bits. Against :meth:`preprocess` (PIL) every pixel is within 2/255 before
+        passes with PIL's kernel (antialiased, a = -0.5), in the installed Pillow's order (the
+        one that shrinks more first from Pillow 13 on, the width first before it), each rounded
+        to 8 bits. Against :meth:`preprocess` (PIL) every pixel is within 2/255 before
         normalisation (0.016 after it, std 0.5), and on average within 0.2/255
         (tests/test_preprocessing.py). Frames are resized in chunks of at most
         :data:`PREPROCESS_CHUNK_BYTES` of float32 pixels (at least one frame), converted to
@@ -139,7 +143,8 @@ class SiglipImageProcessor:
         pixels = frames.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         size = self.image_size
         height, width = pixels.shape[-2:]
-        passes = [(height, size), (size, size)] if size / height >= size / width else [(size, width), (size, size)]
+        width_first = size / height >= size / width or not PIL_SHRINKS_FIRST
+        passes = [(height, size), (size, size)] if width_first else [(size, width), (size, size)]
         for target in passes:
             if tuple(pixels.shape[-2:]) != target:
                 pixels = F.interpolate(pixels, size=target, mode="bicubic", antialias=True, align_corners=False)

@@ -9,6 +9,10 @@ Visual features per modality (docs/algorithms.md §1):
   ``image_newline`` ending every row.
 * single view [1, 3, S, S] (several images in one prompt, "pad" preprocessing): its tokens and
   one ``image_newline``.
+
+:meth:`LlavaMetaForCausalLM.visual_features_with_origins` also says where each visual token came
+from (:mod:`aim_llava.reduction.provenance`): a video's cells are each frame's grid of patches; an
+image's, its whole view's grid and its crop grid over the padded canvas.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from torch import nn
 
 from aim_llava.constants import IMAGE_TOKEN_INDEX
 from aim_llava.errors import InputError
-from aim_llava.mm_utils import get_anyres_image_grid_shape
+from aim_llava.mm_utils import get_anyres_image_grid_shape, padded_placement, select_best_resolution
 from aim_llava.model.config import LlavaConfig
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.reduction.provenance import CellGrid, OriginTrace, TokenOrigins, strongest_reader
 from aim_llava.tensors import host_values, to_device
 from aim_llava.timing import stage
 
@@ -91,6 +96,26 @@ def _max_crops(image_aspect_ratio: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def placed_box(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The canvas that an image of ``size`` (width, height) was resized and centred on, as
+    fractions of the image: (left, top, right, bottom)."""
+    width, height, left, top = padded_placement(size, canvas)
+    return -left / width, -top / height, (canvas[0] - left) / width, (canvas[1] - top) / height
+
+
+def crops_size(image_size):
+    """The (width, height) of an image with crops, which its layout needs."""
+    if image_size is None:
+        raise InputError("an image with crops needs its size: pass image_sizes=[image.size, ...]")
+    return image_size
+
+
+def with_newlines(rows: int, columns: int) -> torch.Tensor:
+    """[rows * columns]: the index of each cell of a feature map once every row ends with a
+    newline token."""
+    return (torch.arange(rows)[:, None] * (columns + 1) + torch.arange(columns)[None]).flatten()
+
+
 class LlavaMetaForCausalLM:
     """Mixin: the visual side of ``LlavaQwenForCausalLM``.
 
@@ -105,25 +130,45 @@ class LlavaMetaForCausalLM:
 
     def encode_images(self, pixel_values: torch.Tensor, reduction: ReductionPlan | None = None) -> torch.Tensor:
         """[N, 3, S, S] -> projected features [N, patches, H]."""
+        return self.encode_views(pixel_values, reduction)[0]
+
+    def encode_views(self, pixel_values: torch.Tensor, reduction: ReductionPlan | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode_images`, and where the tower's reducer put each patch of each view
+        ([N, patches] output patch or -1; None when the tower kept every patch)."""
         dtype = self.model.embed_tokens.weight.dtype
         reducer = self.plan_for(reduction).vision_reducer(self.config.vision)
         with stage("vision", self.device):
             features = self.model.vision_tower(to_device(pixel_values, self.device).to(dtype), reducer)
-            return self.model.mm_projector(features)
+            return self.model.mm_projector(features), reducer.patch_assignment() if reducer is not None else None
 
-    def video_features(self, frame_features: torch.Tensor, reduction: ReductionPlan | None = None) -> torch.Tensor:
+    def video_features(self, frame_features: torch.Tensor, reduction: ReductionPlan | None = None,
+                       trace: OriginTrace | None = None) -> torch.Tensor:
         """[F, patches, H] -> [F * pooled + 1, H]. Frames whose patch grid a vision-tower reducer
-        has thinned out are not pooled (there is no grid left to pool)."""
+        has thinned out are not pooled (there is no grid left to pool). ``trace``: where the
+        tokens go is reported there."""
         with stage("pre_llm", frame_features.device):
             if frame_features.shape[1] == self.config.vision.num_patches:
-                pooled = pool_frames(frame_features, self.config.vision.grid_size, self.config.mm_spatial_pool_stride)
+                grid, stride = self.config.vision.grid_size, self.config.mm_spatial_pool_stride
+                pooled = pool_frames(frame_features, grid, stride)
+                if trace is not None:
+                    cells = strongest_reader(lambda x: pool_frames(x, grid, stride), grid * grid)
+                    trace.regroup(cells.expand(frame_features.shape[0], -1), pooled.shape[1])
             else:
                 pooled = frame_features
-            pooled = self.plan_for(reduction).reduce_video_frames(pooled)
+            plan = self.plan_for(reduction)
+            if trace is None:
+                pooled = plan.reduce_video_frames(pooled)
+            else:
+                pooled = plan.reduce_video_frames(pooled, trace)
+                trace.settle(pooled.shape[0] * pooled.shape[1])
+                trace.append(1)
             return torch.cat([pooled.flatten(0, 1), self.model.image_newline[None].to(pooled.dtype)], dim=0)
 
-    def anyres_features(self, view_features: torch.Tensor, image_size) -> torch.Tensor:
-        """[1 + crops, patches, H] of one image of (width, height) -> its token sequence."""
+    def anyres_features(self, view_features: torch.Tensor, image_size, trace: OriginTrace | None = None
+                        ) -> torch.Tensor:
+        """[1 + crops, patches, H] of one image of (width, height) -> its token sequence.
+        ``trace`` (cells: the whole view's grid, then the crop grid) gets where the cells went."""
         grid = self.config.vision.grid_size
         if view_features.shape[1] != grid * grid:
             raise InputError(
@@ -131,10 +176,8 @@ class LlavaMetaForCausalLM:
                 "preprocess images with image_aspect_ratio='pad' (one view each) or pass videos"
             )
         base, crops = view_features[0], view_features[1:]
-        if image_size is None:
-            raise InputError("an image with crops needs its size: pass image_sizes=[image.size, ...]")
         across, down = get_anyres_image_grid_shape(
-            image_size, self.config.image_grid_pinpoints, self.config.vision.image_size
+            crops_size(image_size), self.config.image_grid_pinpoints, self.config.vision.image_size
         )
         if across * down != crops.shape[0]:
             raise InputError(
@@ -142,18 +185,46 @@ class LlavaMetaForCausalLM:
                 "preprocess it with process_images() and pass its size"
             )
         maps = crops.view(down, across, grid, grid, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        cells = unpad_image(torch.arange(maps.shape[1] * maps.shape[2]).view(1, *maps.shape[1:]), image_size)[0]
         maps = unpad_image(maps, image_size)
         max_crops = _max_crops(self.config.image_aspect_ratio)
         channels, height, width = maps.shape
+        downscale = None
         if max_crops is not None:
             times = math.sqrt(height * width / (max_crops * grid**2))
             if times > 1.1:
-                maps = F.interpolate(maps[None], [int(height // times), int(width // times)], mode="bilinear")[0]
+                size = [int(height // times), int(width // times)]
+
+                def downscale(features: torch.Tensor) -> torch.Tensor:
+                    return F.interpolate(features[None], size, mode="bilinear")[0]
+
+                maps = downscale(maps)
         newline = self.model.image_newline[:, None, None].expand(channels, maps.shape[1], 1).to(maps.dtype)
+        if trace is not None:
+            self.trace_crop_grid(trace, base.shape[0], (down * grid, across * grid), cells, downscale, maps.shape[1:])
         maps = torch.cat([maps, newline], dim=-1)
         return torch.cat([base, maps.flatten(1, 2).transpose(0, 1)], dim=0)
 
-    def single_view_features(self, view_features: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def trace_crop_grid(trace: OriginTrace, base_tokens: int, canvas: tuple[int, int], cells: torch.Tensor,
+                        downscale, size: tuple[int, int]) -> None:
+        """Report the anyres layout: the whole view's tokens stay; each cell of the crop grid
+        (``canvas`` rows x columns) that the unpadding kept (``cells``: their canvas indices, as
+        the feature map) goes, through the ``downscale`` (None: none) to a map of ``size``, to its
+        row of that map, which ends with a newline."""
+        height, width = cells.shape
+        layout = torch.full((canvas[0] * canvas[1],), -1, dtype=torch.long)
+        layout[cells.flatten()] = torch.arange(height * width)
+        if downscale is not None:
+            reader = strongest_reader(lambda x: downscale(x[..., 0].view(-1, height, width)).flatten(1)[..., None],
+                                      height * width)
+            layout = torch.where(layout >= 0, reader[layout.clamp(min=0)], -1)
+        layout = torch.where(layout >= 0, with_newlines(*size)[layout.clamp(min=0)] + base_tokens, -1)
+        trace.reassign(torch.cat([torch.arange(base_tokens), layout]), base_tokens + size[0] * (size[1] + 1))
+
+    def single_view_features(self, view_features: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        if trace is not None:
+            trace.append(1)
         return torch.cat([view_features[0], self.model.image_newline[None].to(view_features.dtype)], dim=0)
 
     def visual_features(self, images, image_sizes=None, modalities=None,
@@ -162,6 +233,31 @@ class LlavaMetaForCausalLM:
 
         ``image_sizes[i]`` is the (width, height) of ``images[i]``, as in LLaVA-NeXT.
         """
+        return self.encode_visuals(images, image_sizes, modalities, reduction, trace=False)[0]
+
+    def visual_features_with_origins(self, images, image_sizes=None, modalities=None,
+                                     reduction: ReductionPlan | None = None
+                                     ) -> tuple[list[torch.Tensor], list[TokenOrigins | None]]:
+        """:meth:`visual_features`, and for each entry where its tokens came from (None where the
+        reduction does not say)."""
+        return self.encode_visuals(images, image_sizes, modalities, reduction, trace=True)
+
+    def cell_grids(self, views: int, modality: str, size) -> list[CellGrid]:
+        """The cells of one entry: a video's frames, or an image's whole view (squashed to the
+        tower's input) and its crop grid over the padded canvas, or its one padded view."""
+        grid, side = self.config.vision.grid_size, self.config.vision.image_size
+        if modality == "video":
+            return [CellGrid(frame, grid, grid) for frame in range(views)]
+        if views == 1:
+            box = placed_box(size, (max(size),) * 2) if size is not None else (0.0, 0.0, 1.0, 1.0)
+            return [CellGrid(0, grid, grid, box, "view")]
+        canvas = select_best_resolution(tuple(crops_size(size)), self.config.image_grid_pinpoints)
+        crops = CellGrid(0, canvas[1] // side * grid, canvas[0] // side * grid, placed_box(size, canvas), "crops")
+        return [CellGrid(0, grid, grid, (0.0, 0.0, 1.0, 1.0), "view"), crops]
+
+    def encode_visuals(self, images, image_sizes, modalities, reduction: ReductionPlan | None, trace: bool
+                       ) -> tuple[list[torch.Tensor], list[TokenOrigins | None]]:
+        """The visual features of :meth:`visual_features`, and their origins when ``trace``."""
         plan = self.plan_for(reduction)
         images = normalize_images(images)
         modalities = list(modalities) if modalities is not None else ["image"] * len(images)
@@ -171,18 +267,28 @@ class LlavaMetaForCausalLM:
             if modality not in MODALITIES:
                 raise InputError(f"unknown modality {modality!r}; use 'image' or 'video'")
         counts = [image.shape[0] for image in images]
-        encoded = self.encode_images(torch.cat(images, dim=0), plan).split(counts, dim=0)
+        encoded, moved = self.encode_views(torch.cat(images, dim=0), plan)
+        encoded = encoded.split(counts, dim=0)
+        moved = moved.split(counts, dim=0) if moved is not None and trace else [None] * len(images)
         sizes = list(image_sizes) if image_sizes is not None else []
-        features = []
-        for index, (views, modality) in enumerate(zip(encoded, modalities)):
+        features, origins = [], []
+        for index, (views, modality, patches) in enumerate(zip(encoded, modalities, moved)):
+            size = sizes[index] if index < len(sizes) else None
+            tracer = OriginTrace(self.cell_grids(views.shape[0], modality, size)) if trace else None
+            if tracer is not None and patches is not None:
+                tracer.regroup(patches, views.shape[1])
             if modality == "video":
-                features.append(self.video_features(views, plan))
-            elif views.shape[0] > 1:
-                size = sizes[index] if index < len(sizes) else None
-                features.append(plan.reduce_image_tokens(self.anyres_features(views, size)))
+                features.append(self.video_features(views, plan, tracer))
             else:
-                features.append(plan.reduce_image_tokens(self.single_view_features(views)))
-        return features
+                tokens = self.anyres_features(views, size, tracer) if views.shape[0] > 1 else \
+                    self.single_view_features(views, tracer)
+                if tracer is None:
+                    features.append(plan.reduce_image_tokens(tokens))
+                else:
+                    features.append(plan.reduce_image_tokens(tokens, tracer))
+                    tracer.settle(features[-1].shape[0])
+            origins.append(tracer.origins() if tracer is not None else None)
+        return features, origins
 
     def prepare_multimodal_inputs(
         self,

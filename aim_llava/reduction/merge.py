@@ -10,6 +10,8 @@ process that merges the same tokens (each tensor-parallel rank of vLLM) merges t
 
 Options beyond the published behaviour: ``order="spatial"`` returns tokens sorted by their
 original position, and ``weighting="size"`` averages by how many original tokens each one holds.
+A state started with ``track=True`` also follows which token each original token went into
+(``MergeState.origin``), for a picture of what was merged; merging without it does no more work.
 """
 
 from __future__ import annotations
@@ -26,17 +28,34 @@ WEIGHTINGS = ("mean", "size")
 
 @dataclass
 class MergeState:
-    """Tokens with, per token, its representative original position and how many it holds."""
+    """Tokens with, per token, its representative original position and how many it holds; when
+    tracked, ``origin`` [G, T0] gives the token each original token went into."""
 
     tokens: torch.Tensor  # [G, T, C]
     positions: torch.Tensor  # [G, T] long
     sizes: torch.Tensor  # [G, T] float
+    origin: torch.Tensor | None = None  # [G, T0] long
 
     @classmethod
-    def start(cls, tokens: torch.Tensor) -> MergeState:
+    def start(cls, tokens: torch.Tensor, track: bool = False) -> MergeState:
         groups, count, _ = tokens.shape
         positions = torch.arange(count, device=tokens.device).expand(groups, count)
-        return cls(tokens, positions, torch.ones(groups, count, device=tokens.device, dtype=torch.float32))
+        return cls(tokens, positions, torch.ones(groups, count, device=tokens.device, dtype=torch.float32),
+                   positions if track else None)
+
+
+def step_assignment(kept_src: torch.Tensor, merged_src: torch.Tensor, targets_of_merged: torch.Tensor,
+                    count: int) -> torch.Tensor:
+    """[G, count]: the output index of each input token of one published-order step (kept sources
+    first, then the targets, merged sources in their targets)."""
+    groups, kept = kept_src.shape
+    sources = torch.empty(groups, (count + 1) // 2, dtype=torch.long, device=kept_src.device)
+    sources.scatter_(1, kept_src, torch.arange(kept, device=kept_src.device).expand(groups, kept))
+    sources.scatter_(1, merged_src, kept + targets_of_merged)
+    assignment = torch.empty(groups, count, dtype=torch.long, device=kept_src.device)
+    assignment[:, ::2] = sources
+    assignment[:, 1::2] = kept + torch.arange(count // 2, device=kept_src.device)
+    return assignment
 
 
 def merge_bipartite(state: MergeState, r: int, order: str = "published", weighting: str = "mean") -> MergeState:
@@ -73,6 +92,9 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
         total = dst_sizes.scatter_add(1, targets_of_merged, pick(src_sizes, merged_src))
         merged = (weighted / total[..., None]).to(tokens.dtype)
     sizes = torch.cat([pick(src_sizes, kept_src), dst_sizes.scatter_add(1, targets_of_merged, pick(src_sizes, merged_src))], 1)
+    assignment = None
+    if state.origin is not None:
+        assignment = step_assignment(kept_src, merged_src, targets_of_merged, tokens.shape[1])
     result = MergeState(
         torch.cat([pick(src_tokens, kept_src), merged], dim=1),
         torch.cat([pick(state.positions[:, ::2], kept_src), state.positions[:, 1::2]], dim=1),
@@ -82,6 +104,10 @@ def merge_bipartite(state: MergeState, r: int, order: str = "published", weighti
         by_position = result.positions.argsort(dim=-1)
         result = MergeState(pick(result.tokens, by_position), pick(result.positions, by_position),
                             pick(result.sizes, by_position))
+        if assignment is not None:
+            assignment = by_position.argsort(dim=-1).gather(1, assignment)
+    if assignment is not None:
+        result.origin = assignment.gather(1, state.origin)
     return result
 
 
@@ -115,11 +141,12 @@ def tokens_after_steps(num_tokens: int, steps: list[int]) -> int:
     return num_tokens
 
 
-def merge_state(tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean"
-                ) -> MergeState:
+def merge_state(tokens: torch.Tensor, steps: list[int], order: str = "published", weighting: str = "mean",
+                track: bool = False) -> MergeState:
     """Apply merging steps to [G, T, C] tokens; the result holds tokens_after_steps(T, steps) tokens
-    a group and, for each, the original position it keeps (a merged token keeps its destination's)."""
-    state = MergeState.start(tokens)
+    a group and, for each, the original position it keeps (a merged token keeps its destination's);
+    with ``track``, also where each original token went (``origin``)."""
+    state = MergeState.start(tokens, track)
     for r in steps:
         state = merge_bipartite(state, r, order, weighting)
     return state

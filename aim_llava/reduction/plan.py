@@ -5,7 +5,9 @@ the model calls it after the projector (video frames, image tokens) and, through
 :class:`LayerReducer` per prefill, after each decoder layer; what it did comes back with the
 call's output as a :class:`ReductionRecord`. The model does not know which method is behind the
 plan, and a plan holds no per-call state, so one model can serve calls with different plans at
-the same time.
+the same time. A call that asks where its visual tokens came from passes an
+:class:`~aim_llava.reduction.provenance.OriginTrace` to the hooks before the LLM, and each hook
+that changes the tokens reports there which output token each input token went to.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from aim_llava.model.config import VisionConfig
+from aim_llava.reduction.provenance import OriginTrace
 from aim_llava.reduction.tokens import (
     LayerAttention,
     LayerReducer,
@@ -30,14 +33,17 @@ class ReductionRecord:
     """What token reduction did in one prefill.
 
     visual_tokens_per_layer[l][b]: visual tokens of sample b entering layer l (after any merging
-    before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l.
-    merges[(l, b)]: rows folded into others after layer l (methods that compress).
+    before the LLM). kept[l]: [B, prefill length] mask of the rows kept after layer l (every row
+    kept so far: masks of later layers hold those of earlier ones). merges[(l, b)]: rows folded
+    into others after layer l (methods that compress). visual: [B, prefill length] mask of the
+    visual-token rows (the i-th True row of a sample is its i-th visual token).
     """
 
     plan: str
     visual_tokens_per_layer: list[list[int]]
     kept: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     merges: dict = field(default_factory=dict, repr=False)
+    visual: torch.Tensor | None = field(default=None, repr=False)
 
     def sample(self, row: int) -> ReductionRecord:
         """The record of one sample of the batch."""
@@ -46,7 +52,19 @@ class ReductionRecord:
             [[layer[row]] for layer in self.visual_tokens_per_layer],
             {layer: mask[row : row + 1] for layer, mask in self.kept.items()},
             {(layer, 0): merge for (layer, sample), merge in self.merges.items() if sample == row},
+            self.visual[row : row + 1] if self.visual is not None else None,
         )
+
+    def visual_alive(self, layer: int, row: int = 0) -> torch.Tensor:
+        """[visual tokens of sample ``row``] (on the CPU): which of its visual tokens, in order,
+        enter decoder layer ``layer`` (the number of layers: which leave the last one)."""
+        if self.visual is None:
+            raise ValueError("this record does not say which rows were visual tokens")
+        visual = self.visual[row].cpu()
+        decided = [earlier for earlier in self.kept if earlier < layer]
+        if not decided:
+            return torch.ones(int(visual.sum()), dtype=torch.bool)
+        return self.kept[max(decided)][row].cpu()[visual]
 
 
 class ReductionPlan:
@@ -54,12 +72,13 @@ class ReductionPlan:
 
     name = "baseline"
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """Projected, pooled frame tokens [F, T, C] -> [F, T', C]."""
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        """Projected, pooled frame tokens [F, T, C] -> [F, T', C]; a method that changes them
+        reports to ``trace``, when given, where each token went (``trace.regroup``)."""
         return frames
 
-    def reduce_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One image's tokens [T, C] (anyres packed) -> [T', C]."""
+    def reduce_image_tokens(self, tokens: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        """One image's tokens [T, C] (anyres packed) -> [T', C]; reported to ``trace`` likewise."""
         return tokens
 
     def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

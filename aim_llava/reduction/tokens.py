@@ -163,3 +163,8 @@ class VisionReducer:
     def after_layer(self, layer: int, hidden: torch.Tensor, attention: LayerAttention | None) -> torch.Tensor:
         """Patch features [views, N, C] -> [views, N', C]."""
         return hidden
+
+    def patch_assignment(self) -> torch.Tensor | None:
+        """After a pass: [views, patches], the output patch each input patch went into (-1: none);
+        None when every patch stayed as it was."""
+        return None

@@ -130,7 +130,8 @@ class Qwen2MultimodalForCausalLM(nn.Module):
                 visual=inputs.visual, reducer=reducer, attn_implementation=plan.attn_implementation,
                 num_visual=inputs.num_visual, rows=inputs.lengths,
             )
-        record = ReductionRecord(plan.name, entering, getattr(reducer, "kept", {}), getattr(reducer, "merges", {}))
+        record = ReductionRecord(plan.name, entering, getattr(reducer, "kept", {}), getattr(reducer, "merges", {}),
+                                 inputs.visual)
         return hidden, state, record
 
     @property

@@ -22,6 +22,7 @@ from aim_llava.reduction.merge import (
     tokens_after_steps,
 )
 from aim_llava.reduction.plan import PruningPlan, RecordingReducer
+from aim_llava.reduction.provenance import OriginTrace
 from aim_llava.reduction.schedule import (
     SCHEDULE_KINDS,
     RetentionSchedule,
@@ -158,15 +159,24 @@ class AimPlan(PruningPlan):
     def visual_tokens_leaving(self, layer: int, num_visual: int) -> int:
         return self.schedule.kept(layer, num_visual)
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        steps = self.steps(frames.shape[1], self.options.merge_ratio)
-        return merge_tokens(frames, steps, self.options.merge_order, self.options.merge_weighting) if steps else frames
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        return self.merged(frames, self.steps(frames.shape[1], self.options.merge_ratio), trace)
 
-    def reduce_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def reduce_image_tokens(self, tokens: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
         if self.options.image_merge_ratio is None:
             return tokens
         steps = merge_steps_for_ratio(tokens.shape[0], self.options.image_merge_ratio)
-        return merge_tokens(tokens[None], steps, self.options.merge_order, self.options.merge_weighting)[0]
+        return self.merged(tokens[None], steps, trace)[0]
+
+    def merged(self, groups: torch.Tensor, steps: list[int], trace: OriginTrace | None) -> torch.Tensor:
+        """Each group of [G, T, C] merged by ``steps`` (reported to ``trace`` when given)."""
+        if not steps:
+            return groups
+        if trace is None:
+            return merge_tokens(groups, steps, self.options.merge_order, self.options.merge_weighting)
+        state = merge_state(groups, steps, self.options.merge_order, self.options.merge_weighting, track=True)
+        trace.regroup(state.origin, state.tokens.shape[1])
+        return state.tokens
 
     def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each temporal group merged as a frame is; a merged token keeps its destination's cell."""

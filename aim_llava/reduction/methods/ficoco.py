@@ -31,6 +31,7 @@ from aim_llava.reduction.importance import (
     row_probabilities,
 )
 from aim_llava.reduction.plan import Merge, PruningPlan, RecordingReducer, ReductionPlan
+from aim_llava.reduction.provenance import kept_assignment
 from aim_llava.reduction.schedule import ScheduleError, check_layer
 from aim_llava.reduction.tokens import (
     PRUNE_MODES,
@@ -259,6 +260,7 @@ class FiCoCoVReducer(VisionReducer):
         self.patches = vision.num_patches
         self.grid = vision.grid_size
         self.positions: torch.Tensor | None = None
+        self.origin: torch.Tensor | None = None  # [views, patches]: the patch each input patch went into
 
     def removes_after(self, layer: int) -> int:
         before = self.patches if layer == 0 else self.kept_after[layer - 1]
@@ -272,6 +274,7 @@ class FiCoCoVReducer(VisionReducer):
         views, n, _ = hidden.shape
         if self.positions is None:
             self.positions = torch.arange(n, device=hidden.device).expand(views, n)
+            self.origin = self.positions
         if count <= 0:
             return hidden
         scores, a = vision_redundancy(attention, self.options.lam)
@@ -285,7 +288,13 @@ class FiCoCoVReducer(VisionReducer):
         gather = lambda index: hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).float()  # noqa: E731
         mixed = gather(kept) + weights.transpose(1, 2) @ gather(removed)
         self.positions = self.positions.gather(1, kept)
+        # a removed patch goes into the kept patch that takes most of it
+        step = kept_assignment(kept, n).scatter(1, removed, weights.argmax(dim=2))
+        self.origin = step.gather(1, self.origin)
         return (mixed / (1 + weights.sum(dim=1))[..., None]).to(hidden.dtype)
+
+    def patch_assignment(self) -> torch.Tensor | None:
+        return self.origin
 
 
 class FiCoCoVLPlan(ReductionPlan):

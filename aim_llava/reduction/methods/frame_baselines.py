@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from aim_llava.reduction.merge import merge_steps_for_ratio
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.reduction.provenance import OriginTrace, kept_assignment, strongest_reader
 from aim_llava.reduction.schedule import ScheduleError
 from aim_llava.tensors import to_device
 
@@ -55,8 +56,11 @@ class RandomDropPlan(ReductionPlan):
         return to_device(torch.stack([torch.randperm(frames.shape[1], generator=generator)[:count].sort().values
                                       for _ in range(frames.shape[0])]), frames.device)
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        return self.reduce_video_groups(frames, (1, frames.shape[1]))[0]
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
+        tokens, keep = self.reduce_video_groups(frames, (1, frames.shape[1]))
+        if trace is not None:
+            trace.regroup(kept_assignment(keep, frames.shape[1]), keep.shape[1])
+        return tokens
 
     def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         keep = self.kept(tokens)
@@ -73,11 +77,18 @@ class SpatialPoolPlan(ReductionPlan):
         rows, cols = pooled_grid(matched_count(tokens_per_frame, self.options.keep_ratio))
         return rows * cols
 
-    def reduce_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+    def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
         count, side = frames.shape[1], math.isqrt(frames.shape[1])
         if side * side != count:
             raise ScheduleError(f"spatial pooling needs square frame grids, got {count} tokens")
-        return self.pooled(frames, (side, side), pooled_grid(matched_count(count, self.options.keep_ratio)))
+        size = pooled_grid(matched_count(count, self.options.keep_ratio))
+
+        def pool(tokens: torch.Tensor) -> torch.Tensor:
+            return self.pooled(tokens, (side, side), size)
+
+        if trace is not None:
+            trace.regroup(strongest_reader(pool, count)[None].expand(frames.shape[0], -1), size[0] * size[1])
+        return pool(frames)
 
     def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group pooled to about the matched count of cells, in the group's aspect ratio; a
