@@ -7,8 +7,9 @@ a prefill depends on them.
 
 Random q [1, heads, N, d] and k [1, kv_heads, N, d] in --dtype (7B's 28/4 heads of 128 by
 default), every token visible. For each kernel and length: the first call (compilation included),
-then the median of --repeats warm calls (CUDA events on a GPU), the largest relative difference
-from the float32 chunked kernel and whether the top half is the same set. Prints a Markdown table;
+then the median of --repeats warm calls (CUDA events on a GPU), the extra peak memory of a call
+(CUDA's max allocated; on the CPU the process's peak RSS), the largest relative difference from
+the float32 chunked kernel and whether the top half is the same set. Prints a Markdown table;
 --json writes the rows.
 """
 
@@ -22,6 +23,7 @@ import time
 
 import torch
 
+from aim_llava.bench import PeakMemory
 from aim_llava.devices import on_device
 from aim_llava.reduction.attention_lse import Tiling
 from aim_llava.reduction.importance import log_importance, pagerank_log_importance_fused
@@ -68,8 +70,9 @@ def measure(args: argparse.Namespace) -> None:
     rows = []
     print(f"{args.heads} heads ({args.kv_heads} kv), head dim {args.head_dim}, {args.dtype}, {args.device}, "
           f"torch {torch.__version__}{', ' + torch.cuda.get_device_name(args.device) if cuda else ''}")
-    print("| N | kernel | first call ms | warm ms (median) | max rel. diff vs float32 chunked | same top half |")
-    print("|---|---|---|---|---|---|")
+    print("| N | kernel | first call ms | warm ms (median) | peak extra MiB | max rel. diff vs float32 chunked | "
+          "same top half |")
+    print("|---|---|---|---|---|---|---|")
     for n in map(int, args.tokens.split(",")):
         gen = torch.Generator(device=args.device).manual_seed(n)
         q = torch.randn(1, args.heads, n, args.head_dim, device=args.device, generator=gen).to(dtype)
@@ -91,12 +94,16 @@ def measure(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             first = time.perf_counter() - started
             warm = statistics.median(timed(call, args.device)[0] for _ in range(args.repeats))
+            with PeakMemory(torch.device(args.device)) as memory:
+                call()
+            peak = memory.extra / 2**20
             finite = torch.isfinite(reference)
             difference = ((result - reference)[finite].abs() / reference[finite].abs().clamp(min=1e-6)).max().item()
             same = set(result[0].topk(n // 2).indices.tolist()) == top
             rows.append({"tokens": n, "kernel": kernel, "first_ms": first * 1e3, "warm_ms": warm * 1e3,
-                         "max_rel_diff": difference, "same_top_half": same})
-            print(f"| {n} | {kernel} | {first * 1e3:.1f} | {warm * 1e3:.2f} | {difference:.1e} | {same} |", flush=True)
+                         "peak_mib": peak, "max_rel_diff": difference, "same_top_half": same})
+            print(f"| {n} | {kernel} | {first * 1e3:.1f} | {warm * 1e3:.2f} | {peak:.0f} | {difference:.1e} | {same} |",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": args.device, "dtype": args.dtype, "rows": rows}, handle, indent=1)

@@ -278,6 +278,7 @@ def test_kernel_benchmark_script_compares_every_kernel_with_float32(tmp_path):
     assert [(row["tokens"], row["kernel"]) for row in rows] == [(n, k) for n in (64, 100)
                                                                 for k in ("factored", "chunked", "flex")]
     assert all(row["same_top_half"] and row["max_rel_diff"] < 1e-4 and row["warm_ms"] > 0 for row in rows)
+    assert all(row["peak_mib"] >= 0 for row in rows)
     assert result.stdout.count("| 64 |") == 3
 
 
