@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from aim_llava.conversation import check_text
@@ -43,11 +43,12 @@ from aim_llava.explain import (
 )
 from aim_llava.pipeline import VideoLLM
 from aim_llava.reduction.config import available_presets
+from aim_llava.server.decoding import MediaReaders
 from aim_llava.server.errors import ApiError, bad
 from aim_llava.server.limits import MESSAGE_OVERHEAD_CHARS, ServerLimits
-from aim_llava.server.media import FileMedia, MediaRoot, RequestMedia, file_media, read_media
+from aim_llava.server.media import FileMedia, MediaRoot, RequestMedia, file_media
 from aim_llava.server.requests import RequestParser
-from aim_llava.video import IMAGE_EXTENSIONS, MediaLimits, VideoClip
+from aim_llava.video import IMAGE_EXTENSIONS, VideoClip
 
 logger = logging.getLogger("aim_llava.demo")
 
@@ -90,12 +91,14 @@ class DemoApp:
         self.parser = RequestParser(llm, "demo", self.limits)
         self.notice = random_weights_notice(llm)
         self.model_lock = threading.Lock()
+        self.readers = MediaReaders(self.limits)
 
     @property
     def num_layers(self) -> int:
         return self.llm.model.config.text.num_hidden_layers
 
     def close(self) -> None:
+        self.readers.close()
         if self.root is not None:
             self.root.close()
 
@@ -123,14 +126,18 @@ class DemoApp:
 
     def read(self, upload: str | None, media_path: str | None, configs, sampling: dict) -> tuple[VideoClip, float]:
         """The sampled frames of the upload (or of the file under the media root), read as the
-        server reads a request's media, and the seconds it took."""
-        size = self.llm.image_processor.image_size
-        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels,
-                             time.monotonic() + self.limits.request_timeout_s)
+        server reads a request's media (in a decoding process held to its time, CPU and memory
+        budgets), and the seconds it took."""
+        limits = self.limits.media_limits(self.llm.image_processor.image_size,
+                                          time.monotonic() + self.limits.request_timeout_s,
+                                          self.llm.family.native_resolution)
         config = strictest(self.llm, configs)
 
-        def load(path: str) -> VideoClip:
-            return self.llm.load(path, config, limits, backend="pyav", **sampling)
+        def load(path: str, reader: Callable[..., VideoClip]) -> VideoClip:
+            return self.llm.load(path, config, limits, reader, backend="pyav", **sampling)
+
+        def never_cancelled() -> bool:
+            return False
 
         started = time.perf_counter()
         if upload:
@@ -138,13 +145,14 @@ class DemoApp:
             root = MediaRoot(upload_path.parent)
             try:
                 media = RequestMedia(video=FileMedia(upload_path.name, upload_path.name, "upload"))
-                clip = read_media(media, root, load, limits)
+                clip = self.readers.read_media(media, root, limits, never_cancelled, load)
             finally:
                 root.close()
         elif media_path and media_path.strip():
             if self.root is None:
                 raise DemoError("This page was started without --media-root: upload the file instead.")
-            clip = read_media(RequestMedia(video=file_media(media_path.strip(), "media")), self.root, load, limits)
+            clip = self.readers.read_media(RequestMedia(video=file_media(media_path.strip(), "media")), self.root,
+                                           limits, never_cancelled, load)
         else:
             raise DemoError("Upload a video or image first" + (", or pick one under the media root." if self.root
                                                                  else "."))

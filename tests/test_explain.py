@@ -65,7 +65,9 @@ def picture_states(run, layer: int) -> list[int]:
 
 def visual_rows(llm, run) -> torch.Tensor:
     """The prefill rows of the visual tokens, from the prompt's placeholder."""
-    ids = tokenizer_image_token(llm.prompt(None, [(QUESTION, None)]), llm.tokenizer)
+    prompt = llm.family.prompt([(QUESTION, None)], "video", None, llm.conv_template, llm.tokenizer,
+                               llm.image_processor)
+    ids = tokenizer_image_token(prompt, llm.tokenizer)
     start = ids.index(IMAGE_TOKEN_INDEX)
     return torch.arange(start, start + run.visual_tokens)
 

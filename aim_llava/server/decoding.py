@@ -50,7 +50,7 @@ import numpy as np
 from aim_llava.errors import AimLlavaError
 from aim_llava.server.errors import ApiError, cut
 from aim_llava.server.limits import ServerLimits
-from aim_llava.server.media import InlineImage, OpenedMedia, decode_inline
+from aim_llava.server.media import InlineImage, MediaRoot, OpenedMedia, RequestMedia, decode_inline, read_media
 from aim_llava.video import MediaLimits, ReadingTimeExceeded, VideoClip, VideoError, load_video, open_image_rgb
 
 logger = logging.getLogger("aim_llava.serve")
@@ -424,6 +424,15 @@ class MediaReaders:
     def process(self, limits: MediaLimits, cancelled: Callable[[], bool]) -> DecodingProcess:
         """The decoding process of one request read under ``limits`` (stopped once ``cancelled()``)."""
         return DecodingProcess(self.forks, limits, cancelled, self.limits.media_cpu_s, self.limits.media_memory_bytes)
+
+    def read_media(self, media: RequestMedia, root: MediaRoot, limits: MediaLimits, cancelled: Callable[[], bool],
+                   load: Callable[[str, Callable[..., VideoClip]], T]) -> T | VideoClip:
+        """A request's media (:func:`~aim_llava.server.media.read_media`), each file decoded under
+        ``limits`` in the request's own decoding process, stopped once ``cancelled()``: a video or
+        frame directory is what ``load(path, reader)`` makes of it (``reader``, called as
+        :func:`~aim_llava.video.load_video`, decodes it in that process)."""
+        with self.process(limits, cancelled) as decoder:
+            return read_media(media, root, lambda opened: load(opened.path, decoder.video(opened)), decoder)
 
     def counts(self) -> tuple[int, int]:
         """(readers at work, reads waiting for one)."""

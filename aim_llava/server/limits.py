@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aim_llava.video import MediaLimits
+
 MESSAGE_OVERHEAD_CHARS = 32  # what the chat template adds around each message ("<|im_start|>user\n...<|im_end|>\n")
 # the JSON punctuation ({, [ and ,) that one message or content part needs at most, and what the
 # body's other fields need
@@ -39,6 +41,12 @@ class ServerLimits:
     media_readers: int = 8
     media_cpu_s: float = 120.0
     media_memory_bytes: int = 3 * 2**29  # 1.5 GiB: the request's frames (~400 MB), one decoded image, the index
+
+    def media_limits(self, frame_size: int, deadline: float | None, keep_aspect: bool = False) -> MediaLimits:
+        """How one request's media are read: frames at the model's input size ``frame_size``
+        (``keep_aspect``: within it, for models that take frames at their native resolution),
+        within the request's and one image's pixel budgets, until ``deadline``."""
+        return MediaLimits(frame_size, self.max_request_pixels, self.max_image_pixels, deadline, keep_aspect=keep_aspect)
 
     @property
     def max_json_punctuation(self) -> int:

@@ -26,10 +26,10 @@ from aim_llava.server.body import parse_body
 from aim_llava.server.decoding import MediaReaders
 from aim_llava.server.errors import ApiError, bad
 from aim_llava.server.limits import ServerLimits
-from aim_llava.server.media import MediaRoot, OpenedMedia, read_media
+from aim_llava.server.media import MediaRoot
 from aim_llava.server.metrics import Outcome, ServerMetrics
 from aim_llava.server.requests import ChatRequest, RequestParser
-from aim_llava.video import MediaLimits, VideoClip
+from aim_llava.video import VideoClip
 
 logger = logging.getLogger("aim_llava.serve")
 
@@ -119,16 +119,14 @@ class Service:
         per server: the model's, shared by every request); run by a media reader, each file
         decoded in the job's own decoding process, which is killed at its deadline or when its
         client goes."""
-        size = self.llm.image_processor.image_size
-        limits = MediaLimits(size, self.limits.max_request_pixels, self.limits.max_image_pixels, job.deadline,
-                             keep_aspect=self.llm.family.native_resolution)
+        limits = self.limits.media_limits(self.llm.image_processor.image_size, job.deadline,
+                                          self.llm.family.native_resolution)
         request = job.request
-        with self.readers.process(limits, job.cancelled) as decoder:
-            def load(opened: OpenedMedia) -> VideoClip | EncodedVisual:
-                return self.llm.read(opened.path, request.config, limits, decoder.video(opened), backend="pyav",
-                                     **request.sampling)
 
-            return read_media(request.media, self.root, load, decoder)
+        def load(path: str, reader: Callable[..., VideoClip]) -> VideoClip | EncodedVisual:
+            return self.llm.read(path, request.config, limits, reader, backend="pyav", **request.sampling)
+
+        return self.readers.read_media(request.media, self.root, limits, job.cancelled, load)
 
     async def complete(self, body: bytes | Callable[[BodyBudget], Awaitable[bytes]],
                        disconnected: Callable[[], Awaitable[None]] | None = None,
