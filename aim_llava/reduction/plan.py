@@ -81,13 +81,17 @@ class ReductionPlan:
         """One image's tokens [T, C] (anyres packed) -> [T', C]; reported to ``trace`` likewise."""
         return tokens
 
-    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """A video's tokens in temporal groups [G, T, C], each a ``grid`` of (rows, columns) in
         raster order (families whose tokens keep grid positions: Qwen2.5-VL) -> the tokens left
-        [G, T', C] and, per token, the grid cell (raster index) whose position it keeps [G, T']."""
+        [G, T', C] and, per token, the grid cell (raster index) whose position it keeps [G, T'].
+        A method that changes the tokens reports to ``trace``, when given, where each input token
+        went (``trace.regroup``): the cell a token keeps is not all it stands for."""
         return tokens, grid_cells(tokens)
 
-    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """An image's one group of tokens [1, T, C] on a ``grid``, as :meth:`reduce_video_groups`."""
         return tokens, grid_cells(tokens)
 

@@ -6,6 +6,13 @@ tokens, H] tensor), reduced by the call's plan group by group (:meth:`video_feat
 merging, the baselines; each token keeps its grid cell) and placed in the prompt with their
 (time, height, width) positions (:meth:`prepare_multimodal_inputs`). Prefill, logits and
 generation are the shared :class:`Qwen2MultimodalForCausalLM`'s.
+
+:meth:`Qwen2_5_VLForCausalLM.visual_features_with_origins` also says where each visual token came
+from (:mod:`aim_llava.reduction.provenance`). A cell is one square of the merged grid (2 x 2
+patches, the finest part of a picture a token can stand for) in one sampled frame; every sampled
+frame has its grid (an image, one). Before any reduction a token stands for its cell in each frame
+of its temporal group, so both frames of a group show it (a last frame filling its group alone has
+its own grid only).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from aim_llava.model.qwen2_5_vl.positions import VisualTokens, rope_positions
 from aim_llava.model.qwen2_5_vl.processor import VisualInput
 from aim_llava.model.qwen2_5_vl.vision import Qwen2_5_VisionTransformer
 from aim_llava.reduction.plan import ReductionPlan
+from aim_llava.reduction.provenance import CellGrid, OriginTrace, TokenOrigins
 from aim_llava.timing import stage
 
 
@@ -85,14 +93,20 @@ class Qwen2_5_VLForCausalLM(Qwen2MultimodalForCausalLM):
                                                      visual.modality, visual.seconds_per_group)
         return encoded[0] if single else encoded
 
-    def video_features(self, grouped: GroupedFeatures, reduction: ReductionPlan | None = None) -> VisualTokens:
+    def video_features(self, grouped: GroupedFeatures, reduction: ReductionPlan | None = None,
+                       trace: OriginTrace | None = None) -> VisualTokens:
         """The plan's reduction of each group (a video's ``reduce_video_groups``, an image's
-        ``reduce_image_groups``), each token with its grid cell."""
+        ``reduce_image_groups``), each token with its grid cell. ``trace``: where the tokens go is
+        reported there."""
         plan = self.plan_for(reduction)
         groups, rows, columns = grouped.grid
         with stage("pre_llm", grouped.features.device):
             reduce = plan.reduce_video_groups if grouped.modality == "video" else plan.reduce_image_groups
-            tokens, cells = reduce(grouped.features, (rows, columns))
+            if trace is None:
+                tokens, cells = reduce(grouped.features, (rows, columns))
+            else:
+                tokens, cells = reduce(grouped.features, (rows, columns), trace)
+                trace.settle(tokens.shape[0] * tokens.shape[1])
             group = torch.arange(groups, device=cells.device)[:, None].expand_as(cells)
             cells = torch.stack([group, cells // columns, cells % columns], dim=-1).flatten(0, 1)
         return VisualTokens(tokens.flatten(0, 1), cells, grouped.grid, grouped.modality, grouped.seconds_per_group)
@@ -100,6 +114,18 @@ class Qwen2_5_VLForCausalLM(Qwen2MultimodalForCausalLM):
     def visual_features(self, images, image_sizes=None, modalities=None, reduction: ReductionPlan | None = None
                         ) -> list[VisualTokens]:
         """One :class:`VisualTokens` per :class:`VisualInput` of ``images`` (from the processor)."""
+        return self.encode_visuals(images, modalities, reduction, trace=False)[0]
+
+    def visual_features_with_origins(self, images, image_sizes=None, modalities=None,
+                                     reduction: ReductionPlan | None = None
+                                     ) -> tuple[list[VisualTokens], list[TokenOrigins | None]]:
+        """:meth:`visual_features`, and for each entry where its tokens came from (None where the
+        reduction does not say): the cells of each sampled frame (see the module's docstring)."""
+        return self.encode_visuals(images, modalities, reduction, trace=True)
+
+    def encode_visuals(self, images, modalities, reduction: ReductionPlan | None, trace: bool
+                       ) -> tuple[list[VisualTokens], list[TokenOrigins | None]]:
+        """The visual features of :meth:`visual_features`, and their origins when ``trace``."""
         images = [images] if isinstance(images, VisualInput) else list(images)
         if not all(isinstance(image, VisualInput) for image in images):
             raise InputError("Qwen2.5-VL takes images and videos preprocessed by its processor (a VisualInput each: "
@@ -108,7 +134,25 @@ class Qwen2_5_VLForCausalLM(Qwen2MultimodalForCausalLM):
             raise InputError(f"modalities {list(modalities)} do not match the visuals' "
                              f"{[image.modality for image in images]}")
         plan = self.plan_for(reduction)
-        return [self.video_features(grouped, plan) for grouped in self.encode_images(images, plan)]
+        features, origins = [], []
+        for visual, grouped in zip(images, self.encode_images(images, plan)):
+            tracer = self.origin_trace(visual) if trace else None
+            features.append(self.video_features(grouped, plan, tracer))
+            origins.append(tracer.origins() if tracer is not None else None)
+        return features, origins
+
+    def origin_trace(self, visual: VisualInput) -> OriginTrace:
+        """A trace over the merged grid of each sampled frame of ``visual``, its cells already
+        handed to the tokens of their temporal group (frame f's cell c: token c of group f // 2)."""
+        merge, temporal = self.config.vision.spatial_merge_size, self.config.vision.temporal_patch_size
+        rows, columns = visual.grid[0] // merge, visual.grid[1] // merge
+        frames = visual.frames if visual.frames is not None else visual.groups * temporal
+        kind = "frame" if visual.modality == "video" else "view"
+        trace = OriginTrace([CellGrid(frame, rows, columns, kind=kind) for frame in range(frames)])
+        per_group = rows * columns
+        tokens = torch.arange(frames)[:, None] // temporal * per_group + torch.arange(per_group)
+        trace.reassign(tokens, visual.groups * per_group)
+        return trace
 
     def prepare_multimodal_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                   images=None, image_sizes=None, modalities=None,

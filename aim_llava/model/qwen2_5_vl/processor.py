@@ -65,13 +65,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 class VisualInput:
     """A video or image ready for the vision tower: ``pixels`` [groups x rows x columns, patch
     values], ``groups`` temporal groups of ``grid`` (rows, columns) patches each, and for a video
-    the seconds one group spans."""
+    the seconds one group spans. ``frames``: how many pictures it was cut from (a video's sampled
+    frames, before the last group was filled; 1 for an image; None: every frame of every group)."""
 
     pixels: torch.Tensor
     groups: int
     grid: tuple[int, int]
     modality: str
     seconds_per_group: float = 0.0
+    frames: int | None = None
 
     @property
     def grid_thw(self) -> tuple[int, int, int]:
@@ -217,6 +219,7 @@ class Qwen2_5_VLProcessor:
         or a last frame left alone, repeated), each cut into patches 2x2 block by block."""
         v = self.vision
         temporal, patch, merge = v.temporal_patch_size, v.patch_size, v.spatial_merge_size
+        frames = pixels.shape[0]
         if pad := -pixels.shape[0] % temporal:
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, -1, -1, -1)])
         count, channels, height, width = pixels.shape
@@ -224,7 +227,7 @@ class Qwen2_5_VLProcessor:
         blocks = pixels.view(groups, temporal, channels, rows // merge, merge, patch, columns // merge, merge, patch)
         blocks = blocks.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
         flat = blocks.reshape(groups * rows * columns, channels * temporal * patch * patch)
-        return VisualInput(flat, groups, (rows, columns), modality, seconds)
+        return VisualInput(flat, groups, (rows, columns), modality, seconds, frames)
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -178,16 +178,25 @@ class AimPlan(PruningPlan):
         trace.regroup(state.origin, state.tokens.shape[1])
         return state.tokens
 
-    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each temporal group merged as a frame is; a merged token keeps its destination's cell."""
-        return self.merged_groups(tokens, self.steps(tokens.shape[1], self.options.merge_ratio))
+        return self.merged_groups(tokens, self.steps(tokens.shape[1], self.options.merge_ratio), trace)
 
-    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_image_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         ratio = self.options.image_merge_ratio
-        return self.merged_groups(tokens, [] if ratio is None else merge_steps_for_ratio(tokens.shape[1], ratio))
+        return self.merged_groups(tokens, [] if ratio is None else merge_steps_for_ratio(tokens.shape[1], ratio),
+                                  trace)
 
-    def merged_groups(self, tokens: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        state = merge_state(tokens, steps, self.options.merge_order, self.options.merge_weighting)
+    def merged_groups(self, tokens: torch.Tensor, steps: list[int], trace: OriginTrace | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group of [G, T, C] merged by ``steps``, and the cell each token keeps (where the
+        tokens went reported to ``trace`` when given)."""
+        state = merge_state(tokens, steps, self.options.merge_order, self.options.merge_weighting,
+                            track=trace is not None)
+        if trace is not None:
+            trace.regroup(state.origin, state.tokens.shape[1])
         return state.tokens, state.positions
 
     def layer_reducer(self, num_layers: int) -> AimPruner | None:

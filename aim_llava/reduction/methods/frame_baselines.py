@@ -57,13 +57,13 @@ class RandomDropPlan(ReductionPlan):
                                       for _ in range(frames.shape[0])]), frames.device)
 
     def reduce_video_frames(self, frames: torch.Tensor, trace: OriginTrace | None = None) -> torch.Tensor:
-        tokens, keep = self.reduce_video_groups(frames, (1, frames.shape[1]))
-        if trace is not None:
-            trace.regroup(kept_assignment(keep, frames.shape[1]), keep.shape[1])
-        return tokens
+        return self.reduce_video_groups(frames, (1, frames.shape[1]), trace)[0]
 
-    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         keep = self.kept(tokens)
+        if trace is not None:
+            trace.regroup(kept_assignment(keep, tokens.shape[1]), keep.shape[1])
         return tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1])), keep
 
 
@@ -90,9 +90,11 @@ class SpatialPoolPlan(ReductionPlan):
             trace.regroup(strongest_reader(pool, count)[None].expand(frames.shape[0], -1), size[0] * size[1])
         return pool(frames)
 
-    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def reduce_video_groups(self, tokens: torch.Tensor, grid: tuple[int, int], trace: OriginTrace | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each group pooled to about the matched count of cells, in the group's aspect ratio; a
-        pooled token keeps the cell at the middle of the region it averages."""
+        pooled token keeps the cell at the middle of the region it averages (and, for ``trace``,
+        stands for the cells it weighs most, as in :meth:`reduce_video_frames`)."""
         rows, columns = grid
         count = matched_count(rows * columns, self.options.keep_ratio)
         out_rows = min(rows, max(1, round(math.sqrt(count * rows / columns))))
@@ -102,8 +104,11 @@ class SpatialPoolPlan(ReductionPlan):
         centre = [(j * columns // out_columns + -(-(j + 1) * columns // out_columns) - 1) // 2
                   for j in range(out_columns)]
         cells = to_device(torch.tensor([r * columns + c for r in middle for c in centre]), tokens.device)
-        pooled = self.pooled(tokens, grid, (out_rows, out_columns))
-        return pooled, cells.expand(tokens.shape[0], -1)
+        size = (out_rows, out_columns)
+        if trace is not None:
+            reader = strongest_reader(lambda x: self.pooled(x, grid, size), rows * columns)
+            trace.regroup(reader[None].expand(tokens.shape[0], -1), out_rows * out_columns)
+        return self.pooled(tokens, grid, size), cells.expand(tokens.shape[0], -1)
 
     @staticmethod
     def pooled(frames: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
