@@ -32,15 +32,25 @@ from aim_llava.sample_media import write_sample_video
 from aim_llava.video import VideoClip
 
 CELL = 6  # pixels a cell takes in the pictures drawn here
-GRID = 27
 QUESTION = "Describe the video in detail."
+
+
+def uncached(checkpoint) -> VideoLLM:
+    """A tiny model without the reuse cache (each prefill is one pass over the whole prompt)."""
+    return VideoLLM.from_pretrained(checkpoint, device="cpu", dtype="float32", cache_mb=0,
+                                    sampling=SamplingOptions(num_frames=2))
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_qwen_dir):
-    """The tiny model without the reuse cache (each prefill is one pass over the whole prompt)."""
-    return VideoLLM.from_pretrained(tiny_qwen_dir, device="cpu", dtype="float32", cache_mb=0,
-                                    sampling=SamplingOptions(num_frames=2))
+    """The tiny LLaVA-OneVision."""
+    return uncached(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module", params=["tiny_qwen_dir", "tiny_qwen25_dir"], ids=["llava_onevision", "qwen2_5_vl"])
+def family_llm(request):
+    """The tiny model of each family."""
+    return uncached(request.getfixturevalue(request.param))
 
 
 def clip_of(frames: np.ndarray) -> VideoClip:
@@ -49,13 +59,15 @@ def clip_of(frames: np.ndarray) -> VideoClip:
 
 
 def picture_states(run, layer: int) -> list[int]:
-    """Per cell of the run's grids, what its picture at ``layer`` shows, read from the pixel at
-    the cell's centre over white pictures: 1 a live token's colour, 0 dimmed (pruned), -1 dark."""
-    white = dataclasses.replace(run, pictures=[np.full((84, 84, 3), 255, dtype=np.uint8) for _ in run.pictures])
-    image = np.asarray(white.picture(layer, tile_width=GRID * CELL, per_row=len(run.origins.grids))).astype(float)
+    """Per cell of the run's grids (all of one shape), what its picture at ``layer`` shows, read
+    from the pixel at the cell's centre over white pictures: 1 a live token's colour, 0 dimmed
+    (pruned), -1 dark."""
+    rows, columns = run.origins.grids[0].rows, run.origins.grids[0].columns
+    white = dataclasses.replace(run, pictures=[np.full((rows, columns, 3), 255, dtype=np.uint8) for _ in run.pictures])
+    image = np.asarray(white.picture(layer, tile_width=columns * CELL, per_row=len(run.origins.grids))).astype(float)
     states = []
     for index, grid in enumerate(run.origins.grids):
-        left = index * (GRID * CELL + 4)
+        left = index * (columns * CELL + 4)
         for row in range(grid.rows):
             for column in range(grid.columns):
                 level = image[row * CELL + CELL // 2, left + column * CELL + CELL // 2].mean()
@@ -78,8 +90,11 @@ def expected_states(run, alive_visual: torch.Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize("preset", ["aim_default", "fastv_default", "ficoco_l_25", "random_25"])
-def test_picture_shows_the_tokens_the_record_kept(llm, preset):
-    run = explain(llm, clip_of(random_frames(2, 84, 84, seed=1)), QUESTION, llm.resolve(preset), max_new_tokens=2)
+def test_picture_shows_the_tokens_the_record_kept(family_llm, preset):
+    """Qwen2.5-VL: 4 frames of 84 x 84 are 2 groups of 4 x 4 tokens (resized to 112 x 112), the
+    two frames of a group drawn with their group's tokens."""
+    llm = family_llm
+    run = explain(llm, clip_of(random_frames(4, 84, 84, seed=1)), QUESTION, llm.resolve(preset), max_new_tokens=2)
     rows = visual_rows(llm, run)
     kept = run.record.kept
     assert kept or preset == "random_25"
