@@ -141,12 +141,13 @@ def read_clip(llm: VideoLLM, source: str | Path, configs: list[ReductionConfig],
 def prefill_cost(llm: VideoLLM, config: ReductionConfig, run_tokens: list[int], text_tokens: int,
                  clip: VideoClip, modality: str) -> tuple[float, float | None]:
     """(TFLOPs, fraction of no reduction) of the LLM prefill with ``run_tokens`` visual tokens
-    entering each layer (mask mode computes every row); the fraction for videos only (an image's
-    tiling does not follow the formula of docs/algorithms.md §4)."""
+    entering each layer (mask mode computes every row); the fraction for videos only, of families
+    whose frames have one size (an image's tiling, and frames at their native resolution, do not
+    follow the formula of docs/algorithms.md §4, which counts Qwen2.5-VL's frames at 448 x 448)."""
     arch = llm.model.config
     executed = executed_tokens(llm.plan(config), [text_tokens + count for count in run_tokens])
     flops = prefill_flops(arch.text, executed)
-    if modality != "video":
+    if modality != "video" or llm.family.native_resolution:
         return flops / 1e12, None
     baseline = prefill_flops(arch.text, video_token_counts(arch, ReductionPlan(), len(clip.indices), text_tokens)[1])
     return flops / 1e12, flops / baseline

@@ -94,3 +94,27 @@ def test_a_model_failure_is_a_message_and_the_page_goes_on(app, monkeypatch, med
     assert "visual tokens into the LLM: **99**" in shown["figures_b"]  # 2 frames x 49 + 1 after merging
     redrawn = app.pictures(runs, 0)
     assert "99 of 99 visual tokens entering layer 0" in redrawn["caption_b"]
+
+
+def test_the_page_answers_on_a_qwen2_5_vl_checkpoint(tiny_qwen25_dir, media):
+    """The sample clip's frames of 96 x 160 become 84 x 168 pixels (both sides rounded to
+    multiples of 28): 3 x 6 = 18 tokens a temporal group of 2 frames; each panel draws every
+    sampled frame (Qwen's rule samples at least 4)."""
+    llm = VideoLLM.from_pretrained(tiny_qwen25_dir, device="cpu", dtype="float32",
+                                   generation=GenerationOptions(max_new_tokens=3))
+    app = DemoApp(llm, media, ServerLimits())
+    try:
+        shown = ask(app, media_path="videos/clip.mp4")
+    finally:
+        app.close()
+    assert shown["message"] == "Done: baseline, aim_default.", shown["message"]
+    baseline, merged = shown["runs"]
+    frames = len(baseline.pictures)
+    assert frames == 4 and baseline.origins.num_tokens == frames // 2 * 18
+    assert f"visual tokens into the LLM: **{frames // 2 * 18}**" in shown["figures_a"]
+    assert "% of no reduction" not in shown["figures_a"]  # the formula counts frames of 448 x 448
+    assert 0 < merged.origins.num_tokens < baseline.origins.num_tokens
+    assert f"visual tokens into the LLM: **{merged.origins.num_tokens}**" in shown["figures_b"]
+    for panel in ("a", "b"):
+        assert shown[f"picture_{panel}"].width == frames * 160 + (frames - 1) * 4  # one tile per frame
+        assert "does not say" not in shown[f"caption_{panel}"]
