@@ -32,8 +32,8 @@ class VisualTokens:
     """A video's or image's tokens for the LLM: ``embeds`` [N, H] and, for each, the cell of the
     merged grid it stands for, ``cells`` [N, 3] (group, row, column); ``grid`` (groups, rows,
     columns) is the whole grid, ``seconds_per_group`` the time one group spans (0 for an image).
-    The cells are what a picture of the kept tokens or of their patches reads (a cell is
-    ``merge`` x ``merge`` patches of its group)."""
+    A cell is ``merge`` x ``merge`` patches of its group; every cell a merged token stands for is
+    in the encoding's :class:`~aim_llava.reduction.provenance.TokenOrigins` (``with_origins``)."""
 
     embeds: torch.Tensor
     cells: torch.Tensor
