@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aim_llava import __version__
 from aim_llava.conversation import check_text
@@ -34,6 +35,9 @@ from aim_llava.reuse_cache import DEFAULT_CACHE_MB
 from aim_llava.run_settings import differences, run_settings, settings_id, stamped
 from aim_llava.text_files import parse_json, read_text_file
 from aim_llava.video import BACKENDS, is_image_file
+
+if TYPE_CHECKING:
+    from aim_llava.server.limits import ServerLimits
 
 API_KEYS_VARIABLE = "AIM_LLAVA_API_KEY"
 EXIT_BAD_INPUT = 2
@@ -307,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the most max_tokens a request may ask")
     serve.add_argument("--request-timeout", type=positive_float, default=600.0,
                        help="seconds a request may take from admission to its last token")
+    serve.add_argument("--media-readers", type=positive_int, default=8,
+                       help="requests whose media are decoded at once, each in a worker process of its own; "
+                            "others wait for a reader")
+    serve.add_argument("--media-cpu-seconds", type=positive_float, default=120.0,
+                       help="CPU-seconds a decoding process may spend on one media item before it is stopped (400)")
+    serve.add_argument("--media-memory-mb", type=positive_int, default=1536,
+                       help="memory (MiB) a decoding process may take beyond what it starts with")
     serve.add_argument("--api-key", action="append", default=[],
                        help=f"require Authorization: Bearer KEY on /v1 (repeat for several keys). Prefer "
                             f"${API_KEYS_VARIABLE} (comma-separated keys): other users see the command line in ps")
@@ -913,6 +924,15 @@ def serve_model(args) -> str:
     return args.model_argument or args.model or os.environ.get("AIM_LLAVA_MODEL", DEFAULT_MODEL_DIR)
 
 
+def server_limits(args) -> ServerLimits:
+    """The server's limits, with what ``serve``'s flags change."""
+    from aim_llava.server.limits import ServerLimits
+
+    return ServerLimits(max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout,
+                        media_readers=args.media_readers, media_cpu_s=args.media_cpu_seconds,
+                        media_memory_bytes=args.media_memory_mb * 2**20)
+
+
 def run_serve(args) -> int:
     import torch
 
@@ -940,7 +960,6 @@ def run_serve(args) -> int:
 
         from aim_llava.server.batching import warm_up
         from aim_llava.server.http import LOCAL_HOSTS, AccessPolicy, create_app, server_config
-        from aim_llava.server.limits import ServerLimits
         from aim_llava.server.service import Service
     except ImportError:
         raise CliError("aim-llava serve needs FastAPI and uvicorn: pip install 'aim-llava[serve]'") from None
@@ -965,7 +984,7 @@ def run_serve(args) -> int:
                            "(--no-warm-up starts the server without it)") from None
         print(f"aim-llava: warmed up in {seconds:.1f} s", file=sys.stderr, flush=True)
     name = args.served_model_name or Path(args.model).resolve().name
-    limits = ServerLimits(max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout)
+    limits = server_limits(args)
     service = Service(llm, args.media_root.absolute(), name, args.max_batch_size, args.max_wait_ms, args.max_pending,
                       limits)
     policy = AccessPolicy.for_address(args.host, keys, args.allowed_host, args.allowed_origin)

@@ -103,7 +103,7 @@ REPORT = "report:"  # a command's argument naming a bench report; the runner put
 def bench(report: str, *options: str) -> tuple[str, ...]:
     """An ``aim-llava bench`` run on the 7B architecture in bf16 whose JSON report is ``report``."""
     return (sys.executable, "-m", "aim_llava.cli", "bench", "--arch", SEVEN_B, "--device", "cuda", "--dtype",
-            "bfloat16", "--json", REPORT + report, *options)
+            "bfloat16", "--output", REPORT + report, *options)
 
 
 def overlap(frames: int) -> tuple[str, ...]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from aim_llava.cli import CliError, build_parser, main, serve_model
+from aim_llava.cli import CliError, build_parser, main, serve_model, server_limits
 from aim_llava.sample_media import write_sample_video
+from aim_llava.server.limits import ServerLimits
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,3 +102,18 @@ def test_bench_json_on_stdout_report_file_and_progress(capsys, tiny_qwen_dir, tm
     assert printed == json.loads(report.read_text())
     assert [row["config"] for row in printed["rows"]] == ["baseline", "aim_default"]
     assert "4/4" in err and "round 1/1: aim_default" in err
+
+
+def test_serve_flags_set_the_media_decoding_budgets(capsys):
+    """--media-readers, --media-cpu-seconds and --media-memory-mb reach the server's limits (in
+    bytes); left out, the documented defaults hold; a value that is not positive is one line, exit 2."""
+    parse = build_parser().parse_args
+    limits = server_limits(parse(["serve", "m", "--media-root", ".", "--media-readers", "2",
+                                  "--media-cpu-seconds", "7.5", "--media-memory-mb", "512"]))
+    assert (limits.media_readers, limits.media_cpu_s, limits.media_memory_bytes) == (2, 7.5, 512 * 1024 * 1024)
+    defaults = ServerLimits()
+    limits = server_limits(parse(["serve", "m", "--media-root", "."]))
+    assert (limits.media_readers, limits.media_cpu_s, limits.media_memory_bytes) == (
+        defaults.media_readers, defaults.media_cpu_s, defaults.media_memory_bytes)
+    assert main(["serve", "m", "--media-root", ".", "--media-memory-mb", "0"]) == 2
+    assert "--media-memory-mb: must be at least 1, got 0" in capsys.readouterr().err
