@@ -158,7 +158,8 @@ class DemoApp:
                                                                  else "."))
         return clip, time.perf_counter() - started
 
-    def answer(self, clip: VideoClip, question: str, config, read_seconds: float) -> Iterator[tuple[str, PresetRun | None]]:
+    def answer(self, clip: VideoClip, question: str, config, read_seconds: float
+               ) -> Iterator[tuple[str, PresetRun | None]]:
         """The answer under ``config`` as it grows ((text, None) pieces), then (text, the run)."""
         pieces: queue.Queue[str | None] = queue.Queue()
         outcome: dict[str, object] = {}

@@ -2,11 +2,12 @@
 
 A model family encodes a video or an image as groups of cells, each a grid over one picture
 (LLaVA-OneVision: a 27 x 27 grid of patches per video frame; an image's whole view and its crop
-grid; Qwen2.5-VL: the merged grid of each sampled frame, 2 x 2 patches a cell), and every step that pools, merges, drops or lays out tokens before the LLM says which
-output token each of its input tokens went to. An :class:`OriginTrace` follows one visual through
-those steps; its result, :class:`TokenOrigins`, maps every cell to the visual token that stands
-for it (several cells per token after pooling or merging; none for a cell that was dropped or
-cropped away). Which of those tokens each LLM layer kept is in the call's
+grid; Qwen2.5-VL: the merged grid of each sampled frame, 2 x 2 patches a cell), and every step
+that pools, merges, drops or lays out tokens before the LLM says which output token each of its
+input tokens went to. An :class:`OriginTrace` follows one visual through those steps; its
+result, :class:`TokenOrigins`, maps every cell to the visual token that stands for it (several
+cells per token after pooling or merging; none for a cell that was dropped or cropped away).
+Which of those tokens each LLM layer kept is in the call's
 :class:`~aim_llava.reduction.plan.ReductionRecord` (:meth:`~aim_llava.reduction.plan.ReductionRecord.visual_alive`).
 
 Tracing is asked for per call; a call that does not ask pays nothing.
