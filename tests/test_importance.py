@@ -374,3 +374,42 @@ def test_overlap_script_compares_every_pruning_layer_with_the_float32_reference(
     assert [row.layer for row in rows] == [1, 2, 3, 4, 5]
     assert all(row.overlap == 1.0 and row.max_abs_diff < 1e-3 for row in rows)
     assert rows[0].visual_kept == int(2 * 49 * 0.875) + 1
+
+
+def bf16_inputs(n: int = 300, dim: int = 64):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, n, dim, generator=gen).bfloat16()
+    k = torch.randn(1, 2, n, dim, generator=gen).bfloat16()
+    return q, k, torch.ones(1, n, dtype=torch.bool), torch.full((1, n), 1.0 / n)
+
+
+def test_factored_in_bfloat16_equals_the_formula_on_the_same_values():
+    """bfloat16 q and k (the model's own, on a CPU that runs bfloat16): q k^T goes through oneDNN's
+    bfloat16 path, whose products of bfloat16 values are exact in float32; the result equals the
+    float64 formula on the same values. Rounding the logits to bfloat16 (a bf16 matmul's output)
+    moves the log-scores by ~1e-2."""
+    q, k, key_mask, start = bf16_inputs()
+    ours = pagerank_log_importance_factored(q, k, key_mask, start.log(), 64**-0.5)
+    reference = dense_log_importance(q, k, key_mask, start, scale=64**-0.5)
+    assert torch.allclose(ours.double(), reference, rtol=0, atol=2e-4), (ours.double() - reference).abs().max()
+
+
+def test_only_q_k_products_run_in_the_bfloat16_matmul_mode(monkeypatch):
+    """oneDNN's bfloat16 mode rounds every float32 factor to bfloat16: the products of the
+    exponentials with the PageRank weights (torch.bmm) must run outside it, q k^T inside it."""
+    precision = torch.backends.mkldnn.matmul
+    before = precision.fp32_precision
+    seen: dict[str, set[str]] = {"bmm": set(), "matmul": set()}
+    for name in seen:
+        original = getattr(torch, name)
+
+        def recording(*args, name=name, original=original, **kwargs):
+            seen[name].add(precision.fp32_precision)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, recording)
+    q, k, key_mask, start = bf16_inputs(n=100)
+    pagerank_log_importance_factored(q, k, key_mask, start.log(), 64**-0.5)
+    assert seen["bmm"] == {before} and before != "bf16"
+    assert seen["matmul"] == ({"bf16"} if torch.backends.mkldnn.is_available() else {before})
+    assert precision.fp32_precision == before

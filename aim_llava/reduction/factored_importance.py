@@ -49,12 +49,13 @@ NEG_INF = float("-inf")
 
 
 @contextlib.contextmanager
-def exact_products(dtype: torch.dtype) -> Iterator[None]:
-    """Float32 matrix products of bfloat16 values through oneDNN's bfloat16 path: exact products,
-    float32 accumulation and output, about 4x faster than IEEE float32 on CPUs with bfloat16
-    instructions. Only for tensors that hold bfloat16 values (the upcast model-dtype q and k)."""
+def exact_products(bf16_values: bool) -> Iterator[None]:
+    """Float32 matrix products through oneDNN's bfloat16 path while inside, when the factors hold
+    bfloat16 values (``bf16_values``: the upcast model-dtype q and k): exact products, float32
+    accumulation and output, about 4x faster than IEEE float32 on CPUs with bfloat16 instructions.
+    Any other float32 product inside would be rounded to bfloat16: only q k^T goes through it."""
     matmul = torch.backends.mkldnn.matmul
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if not bf16_values or not torch.backends.mkldnn.is_available():
         yield
         return
     previous = matmul.fp32_precision
@@ -109,8 +110,9 @@ class PanelMatrix:
     the rare exact repairs recompute the rows they need from q and k."""
 
     def __init__(self, queries: torch.Tensor, keys: torch.Tensor, panel: Panel, scale: float,
-                 blocked_keys: torch.Tensor | None):
+                 blocked_keys: torch.Tensor | None, bf16_values: bool = False):
         self.panel = panel
+        self.bf16_values = bf16_values  # q and k hold bfloat16 values: q k^T through exact_products
         self.queries = queries.view(queries.shape[0], panel.blocks, ROW_BLOCK, -1)  # [g, blocks, R, d]
         self.keys = keys[:, :panel.width]  # [g, width, d]
         self.scale = scale
@@ -128,7 +130,8 @@ class PanelMatrix:
         (flattened [blocks' * R]) and the keys of ``heads``: [g', blocks', R, width], -inf where
         the causal mask, the key mask or padding (rows past the sequence) forbids."""
         g, blocks = queries.shape[:2]
-        logits = torch.matmul(queries.reshape(g, blocks * ROW_BLOCK, -1), self.keys[heads].transpose(1, 2))
+        with exact_products(self.bf16_values):
+            logits = torch.matmul(queries.reshape(g, blocks * ROW_BLOCK, -1), self.keys[heads].transpose(1, 2))
         keys = torch.arange(self.panel.width)
         forbidden = (keys[None, :] > rows[:, None]) | (rows[:, None] >= self.panel.start + self.panel.rows)
         logits.mul_(self.scale).masked_fill_(forbidden, NEG_INF)
@@ -198,10 +201,10 @@ class PanelMatrix:
 
 class HeadGroupPageRank:
     """The PageRank steps of g query heads q [g, n, d] with their keys k [g, n, d], over resident
-    panels."""
+    panels (``bf16_values``: q and k hold bfloat16 values, see :func:`exact_products`)."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor, scale: float,
-                 panel_rows: int = PANEL_ROWS):
+                 panel_rows: int = PANEL_ROWS, bf16_values: bool = False):
         heads, n, dim = q.shape
         self.n = n
         self.layout = panels(n, panel_rows)
@@ -212,7 +215,7 @@ class HeadGroupPageRank:
         self.matrices = []
         for panel in self.layout:
             rows = q[:, panel.start:panel.start + panel.blocks * ROW_BLOCK]
-            self.matrices.append(PanelMatrix(rows, k, panel, scale, blocked))
+            self.matrices.append(PanelMatrix(rows, k, panel, scale, blocked, bf16_values))
         self.lse = torch.cat([matrix.row_log_normalisers() for matrix in self.matrices], dim=1)  # [g, padded]
 
     def step(self, log_p: torch.Tensor) -> torch.Tensor:
@@ -282,16 +285,16 @@ def pagerank_log_importance_factored(q: torch.Tensor, k: torch.Tensor, key_mask:
     batch, heads, n, _ = q.shape
     key_head = torch.arange(heads) // (heads // k.shape[1])
     group = heads_per_group(n, heads, group_bytes)
+    bf16_values = q.dtype == torch.bfloat16 and k.dtype == torch.bfloat16
     log_p = torch.empty(batch, heads, n)
-    with exact_products(q.dtype):
-        for sample in range(batch):
-            start = log_start[sample].float()
-            for first in range(0, heads, group):
-                last = min(first + group, heads)
-                rank = HeadGroupPageRank(q[sample, first:last].float(), k[sample, key_head[first:last]].float(),
-                                         key_mask[sample], scale / temperature, panel_rows)
-                group_log_p = start.expand(last - first, n)
-                for _ in range(iterations):
-                    group_log_p = rank.step(group_log_p)
-                log_p[sample, first:last] = group_log_p
+    for sample in range(batch):
+        start = log_start[sample].float()
+        for first in range(0, heads, group):
+            last = min(first + group, heads)
+            rank = HeadGroupPageRank(q[sample, first:last].float(), k[sample, key_head[first:last]].float(),
+                                     key_mask[sample], scale / temperature, panel_rows, bf16_values)
+            group_log_p = start.expand(last - first, n)
+            for _ in range(iterations):
+                group_log_p = rank.step(group_log_p)
+            log_p[sample, first:last] = group_log_p
     return 0.5 * (torch.logsumexp(2 * log_p, dim=1) - math.log(heads))
