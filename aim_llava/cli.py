@@ -776,7 +776,8 @@ def run_eval(args) -> int:
     from aim_llava.conversation import build_prompt
     from aim_llava.mm_utils import tokenizer_image_token
     from aim_llava.model.builder import checkpoint_config, load_tokenizer, model_directory
-    from aim_llava.pipeline import SamplingOptions
+    from aim_llava.model.families import family_of
+    from aim_llava.pipeline import family_sampling
     from aim_llava.reduction.budget import resolve_reduction
 
     check_output_mode(args, "--output DIR")
@@ -791,7 +792,9 @@ def run_eval(args) -> int:
     text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(model_directory(args.model)))) - 1  # FLOPs column
     reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
     stems = distinct_results_stems(specs, reductions)
-    sampling = SamplingOptions(num_frames=args.frames)
+    family = family_of(model_config)
+    sampling = family_sampling(family, family.image_processor(model_config, model_directory(args.model)),
+                               {"num_frames": args.frames})
     generation = generation_options(args)
     settings = [planned_settings(args, model_config, r, sampling, generation, "qwen_1_5", False) for r in reductions]
     shard = Shard.from_environment()

@@ -81,6 +81,26 @@ def test_eval_on_qwen(capsys, hf_qwen25_dir, media, tmp_path):
     assert summary[1]["mean_visual_tokens"] < summary[0]["mean_visual_tokens"]
 
 
+def test_eval_records_qwens_frame_rule_and_resumes_them(capsys, hf_qwen25_dir, media, tmp_path):
+    """--frames 5 on Qwen2.5-VL samples 4 frames (rounded to even): the records say so in their
+    settings (frame rule "qwen") and in the frames they saw, and a second run with the same flags
+    recognises them as done."""
+    data = tmp_path / "mcq.jsonl"
+    data.write_text(json.dumps({"id": "q0", "video": str(media / "clip.mp4"), "question": "What is shown?",
+                                "options": ["a", "b"], "answer": "A", "category": "all"}) + "\n")
+    args = ["eval", "--data", data, "--model", hf_qwen25_dir, "--config", "baseline", "--frames", 5,
+            "--max-new-tokens", 2, "--output", tmp_path / "out", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    records_file = tmp_path / "out" / "baseline.jsonl"
+    [record] = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert record["settings"]["frame_rule"] == "qwen" and record["settings"]["num_frames"] == 5
+    assert record["frames"] == 4
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0 and "other settings" not in err, err
+    assert len(records_file.read_text().splitlines()) == 1
+
+
 def test_batched_answers_equal_single_answers(llm, media):
     videos = [media / "clip.mp4", media / "other.mp4", media / "photo.png"]
     for reduction in ("baseline", "aim_default"):
