@@ -52,6 +52,7 @@ def test_caption_samples_by_qwens_rule_unless_frames_are_given(capsys, hf_qwen25
     assert code == 0 and record["error"] is None, err
     assert record["frames"] == expected
     assert record["frame_indices"] == torch.linspace(0, 39, expected).round().long().tolist()
+    assert record["prefill_flops_fraction"] is None  # the formula's 448 x 448 frames are not these
 
 
 def test_ask_about_an_image(capsys, hf_qwen25_dir, media):
@@ -95,7 +96,7 @@ def test_eval_records_qwens_frame_rule_and_resumes_them(capsys, hf_qwen25_dir, m
     records_file = tmp_path / "out" / "baseline.jsonl"
     [record] = [json.loads(line) for line in records_file.read_text().splitlines()]
     assert record["settings"]["frame_rule"] == "qwen" and record["settings"]["num_frames"] == 5
-    assert record["frames"] == 4
+    assert record["frames"] == 4 and record["prefill_flops_fraction"] is None
     code, _, err = run_cli(capsys, *args, "--resume")
     assert code == 0 and "other settings" not in err, err
     assert len(records_file.read_text().splitlines()) == 1
