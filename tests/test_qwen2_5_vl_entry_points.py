@@ -102,6 +102,25 @@ def test_eval_records_qwens_frame_rule_and_resumes_them(capsys, hf_qwen25_dir, m
     assert len(records_file.read_text().splitlines()) == 1
 
 
+def test_budget_is_solved_for_the_frames_sampled(capsys, hf_qwen25_dir, media):
+    """budget:X is solved for the frames the family's rule gives (--frames 7 -> 8 on Qwen2.5-VL),
+    and refused in one line when sampling by rate leaves the count to each video."""
+    from aim_llava.model.families import read_config_file
+    from aim_llava.reduction.budget import solve_budget
+
+    config = read_config_file(Path(hf_qwen25_dir) / "config.json")
+    spec = "budget:0.4"
+    assert solve_budget(spec, config, 8).name != solve_budget(spec, config, 32).name  # the count matters
+    code, out, err = run_cli(capsys, "caption", media / "clip.mp4", "--model", hf_qwen25_dir, "--config", spec,
+                             "--frames", 7, "--max-new-tokens", 2, "--json", "--device", "cpu")
+    record = json.loads(out)
+    assert code == 0 and record["frames"] == 8, err
+    assert record["config"] == solve_budget(spec, config, 8).name
+    code, out, err = run_cli(capsys, "caption", media / "clip.mp4", "--model", hf_qwen25_dir, "--config", spec,
+                             "--device", "cpu")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "give --frames N" in err, err
+
+
 def test_batched_answers_equal_single_answers(llm, media):
     videos = [media / "clip.mp4", media / "other.mp4", media / "photo.png"]
     for reduction in ("baseline", "aim_default"):
