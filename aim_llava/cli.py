@@ -1030,11 +1030,15 @@ def report_path(output: Path, source: str) -> Path:
 
 
 def run_explain(args) -> int:
+    import importlib.util
+
     from aim_llava.explain import explain, random_weights_notice, read_clip, write_report
     from aim_llava.model.builder import checkpoint_config
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
     from aim_llava.reduction.budget import resolve_reduction
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CliError("aim-llava explain draws its report with matplotlib: pip install 'aim-llava[plot]'")
     output = report_path(args.output, args.video)
     question = check_text(args.question, "the question")
     specs = [spec.strip() for spec in args.config.split(",") if spec.strip()]
