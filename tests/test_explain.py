@@ -191,7 +191,12 @@ def test_explain_without_matplotlib_exits_2_before_loading_the_model(capsys, mon
     video = write_sample_video(tmp_path / "clip.mp4", num_frames=20, fps=10)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     loads, load = [], VideoLLM.from_pretrained
-    monkeypatch.setattr(VideoLLM, "from_pretrained", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(VideoLLM, "from_pretrained", counted_load)
     code = main(["explain", str(video), "What moves?", "--output", str(tmp_path / "report.html"),
                  "--model", str(tiny_qwen_dir), "--device", "cpu", "--frames", "2"])
     _, err = capsys.readouterr()
