@@ -465,7 +465,7 @@ def run(args) -> int:
     from aim_llava.model.builder import checkpoint_config, model_directory
     from aim_llava.model.families import family_of
     from aim_llava.pipeline import SamplingOptions, family_sampling
-    from aim_llava.reduction.budget import resolve_reduction
+    from aim_llava.reduction.budget import is_budget, resolve_reduction
 
     check_output_mode(args, "--output FILE")
     shard = Shard.from_environment()
@@ -489,7 +489,12 @@ def run(args) -> int:
     family.check_template(args.template)
     sampling = family_sampling(family, family.image_processor(model_config, model_directory(args.model)),
                                requested_sampling(args))
-    reduction = resolve_reduction(args.config, model_config, args.max_frames or args.frames or 32)
+    frames = sampling.frame_count()
+    if frames is None and is_budget(args.config):
+        rate = "--fps" if args.fps is not None else f"{family.title}'s default sampling"
+        raise CliError(f"{args.config} is solved for one frame count, and sampling by rate ({rate}) gives each "
+                       "video its own: give --frames N")
+    reduction = resolve_reduction(args.config, model_config, frames or sampling.num_frames)
     settings = planned_settings(args, model_config, reduction, sampling, generation, args.template, args.time_aware)
     items = [(video, planned_question(video, question, getattr(args, "prompt", None))) for video in videos]
     if args.output is not None:
@@ -776,7 +781,8 @@ def run_eval(args) -> int:
     from aim_llava.conversation import build_prompt
     from aim_llava.mm_utils import tokenizer_image_token
     from aim_llava.model.builder import checkpoint_config, load_tokenizer, model_directory
-    from aim_llava.pipeline import SamplingOptions
+    from aim_llava.model.families import family_of
+    from aim_llava.pipeline import family_sampling
     from aim_llava.reduction.budget import resolve_reduction
 
     check_output_mode(args, "--output DIR")
@@ -789,9 +795,11 @@ def run_eval(args) -> int:
     check_new_tokens(args.max_new_tokens, model_config)
     prompt = build_prompt(items[0].prompt(), "qwen_1_5")
     text_tokens = len(tokenizer_image_token(prompt, load_tokenizer(model_directory(args.model)))) - 1  # FLOPs column
-    reductions = [resolve_reduction(spec, model_config, args.frames, text_tokens) for spec in specs]
+    family = family_of(model_config)
+    sampling = family_sampling(family, family.image_processor(model_config, model_directory(args.model)),
+                               {"num_frames": args.frames})
+    reductions = [resolve_reduction(spec, model_config, sampling.frame_count(), text_tokens) for spec in specs]
     stems = distinct_results_stems(specs, reductions)
-    sampling = SamplingOptions(num_frames=args.frames)
     generation = generation_options(args)
     settings = [planned_settings(args, model_config, r, sampling, generation, "qwen_1_5", False) for r in reductions]
     shard = Shard.from_environment()
@@ -882,7 +890,7 @@ def evaluate_configs(args, items, shard, configs, results, model_config, text_to
             records = evaluation.merge_shards(items, args.output, stem, shard.world, settings, args.resume)
         summary = evaluation.summarize(records)
         failures += summary["errors"]
-        cost = flops_report("", model_config, reduction, args.frames, text_tokens)
+        cost = flops_report("", model_config, reduction, sampling.frame_count(), text_tokens)
         rows.append({"config": label, "records": f"{stem}.jsonl", "prefill_tflops": cost.prefill_tflops, **summary,
                      "cache": cache})
     shard.finish()
@@ -1022,11 +1030,15 @@ def report_path(output: Path, source: str) -> Path:
 
 
 def run_explain(args) -> int:
+    import importlib.util
+
     from aim_llava.explain import explain, random_weights_notice, read_clip, write_report
     from aim_llava.model.builder import checkpoint_config
     from aim_llava.pipeline import GenerationOptions, SamplingOptions, VideoLLM
     from aim_llava.reduction.budget import resolve_reduction
 
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CliError("aim-llava explain draws its report with matplotlib: pip install 'aim-llava[plot]'")
     output = report_path(args.output, args.video)
     question = check_text(args.question, "the question")
     specs = [spec.strip() for spec in args.config.split(",") if spec.strip()]

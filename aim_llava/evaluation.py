@@ -112,7 +112,8 @@ def item_record(item: Item, settings: dict, result, arch) -> dict:
     prediction = parse_choice(response.text, len(item.options))
     record.update(
         text=response.text, prediction=prediction, correct=prediction == item.answer,
-        visual_tokens=response.reduction.visual_tokens_per_layer[0][0], **record_cost(arch, result),
+        frames=len(result.visual.clip.indices), visual_tokens=response.reduction.visual_tokens_per_layer[0][0],
+        **record_cost(arch, result),
         prefill_s=round(response.first_token_s, 4), visual_cached=result.visual.cached,
     )
     return stamped(record, settings)

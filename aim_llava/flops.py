@@ -105,10 +105,11 @@ def record_cost(arch, result) -> dict:
     config, of any family), as the fields of
     its results record: the visual tokens entering each LLM layer (counted in the run), and for a
     video the LLM prefill FLOPs against the baseline's for the same frames and text (the paper's
-    accounting; None for an image, whose tiling the formula does not follow)."""
+    accounting; None for an image, whose tiling the formula does not follow, and for a family whose
+    frames keep their native resolution, which the formula counts at one fixed size)."""
     response, visual = result.response, result.visual
     fraction = None
-    if visual.modality == "video":
+    if visual.modality == "video" and not family_of(arch).native_resolution:
         frames, text = len(visual.clip.indices), response.prompt_tokens - response.visual_tokens
         cost = flops_report("", arch, visual.reduction, frames, text).prefill_tflops
         baseline = flops_report("", arch, ReductionConfig(), frames, text).prefill_tflops

@@ -47,6 +47,8 @@ from aim_llava.video import (
     VideoError,
     is_image_file,
     load_video,
+    qwen_frame_count,
+    uniform_frame_count,
     validate_sampling,
 )
 from aim_llava.visual_cache import keyed, source_key, visual_key, without_pixels
@@ -75,6 +77,15 @@ class SamplingOptions:
         validate_sampling(self.num_frames, self.fps, self.max_frames, self.start, self.end, self.frame_rate)
         if self.frame_rule not in FRAME_RULES:
             raise VideoError(f"unknown frame rule {self.frame_rule!r}; use one of {', '.join(FRAME_RULES)}")
+
+    def frame_count(self) -> int | None:
+        """The frames every video gives (the frame rule applied to ``num_frames`` and
+        ``max_frames``), or None when sampling by ``fps``, which gives each video its own."""
+        if self.fps is not None:
+            return None
+        if self.frame_rule == "qwen":
+            return qwen_frame_count(self.num_frames, 1.0, dataclasses.asdict(self))
+        return uniform_frame_count(self.num_frames, self.max_frames)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -184,6 +185,24 @@ def test_explain_bad_input_exits_2_with_one_line(capsys, tiny_qwen_dir, tmp_path
     _, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.startswith("aim-llava: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_explain_without_matplotlib_exits_2_before_loading_the_model(capsys, monkeypatch, tiny_qwen_dir, tmp_path):
+    video = write_sample_video(tmp_path / "clip.mp4", num_frames=20, fps=10)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    loads, load = [], VideoLLM.from_pretrained
+
+    def counted_load(*args, **kwargs):
+        loads.append(args)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(VideoLLM, "from_pretrained", counted_load)
+    code = main(["explain", str(video), "What moves?", "--output", str(tmp_path / "report.html"),
+                 "--model", str(tiny_qwen_dir), "--device", "cpu", "--frames", "2"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.strip().splitlines() == [
+        "aim-llava: error: aim-llava explain draws its report with matplotlib: pip install 'aim-llava[plot]'"], err
+    assert loads == [] and not (tmp_path / "report.html").exists()
 
 
 def test_explain_refuses_to_overwrite_its_input(capsys, tiny_qwen_dir, tmp_path):

@@ -52,6 +52,7 @@ def test_caption_samples_by_qwens_rule_unless_frames_are_given(capsys, hf_qwen25
     assert code == 0 and record["error"] is None, err
     assert record["frames"] == expected
     assert record["frame_indices"] == torch.linspace(0, 39, expected).round().long().tolist()
+    assert record["prefill_flops_fraction"] is None  # the formula's 448 x 448 frames are not these
 
 
 def test_ask_about_an_image(capsys, hf_qwen25_dir, media):
@@ -79,6 +80,45 @@ def test_eval_on_qwen(capsys, hf_qwen25_dir, media, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [row["config"] for row in summary] == ["baseline", "aim_default"]
     assert summary[1]["mean_visual_tokens"] < summary[0]["mean_visual_tokens"]
+
+
+def test_eval_records_qwens_frame_rule_and_resumes_them(capsys, hf_qwen25_dir, media, tmp_path):
+    """--frames 5 on Qwen2.5-VL samples 4 frames (rounded to even): the records say so in their
+    settings (frame rule "qwen") and in the frames they saw, and a second run with the same flags
+    recognises them as done."""
+    data = tmp_path / "mcq.jsonl"
+    data.write_text(json.dumps({"id": "q0", "video": str(media / "clip.mp4"), "question": "What is shown?",
+                                "options": ["a", "b"], "answer": "A", "category": "all"}) + "\n")
+    args = ["eval", "--data", data, "--model", hf_qwen25_dir, "--config", "baseline", "--frames", 5,
+            "--max-new-tokens", 2, "--output", tmp_path / "out", "--device", "cpu"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    records_file = tmp_path / "out" / "baseline.jsonl"
+    [record] = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert record["settings"]["frame_rule"] == "qwen" and record["settings"]["num_frames"] == 5
+    assert record["frames"] == 4 and record["prefill_flops_fraction"] is None
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0 and "other settings" not in err, err
+    assert len(records_file.read_text().splitlines()) == 1
+
+
+def test_budget_is_solved_for_the_frames_sampled(capsys, hf_qwen25_dir, media):
+    """budget:X is solved for the frames the family's rule gives (--frames 7 -> 8 on Qwen2.5-VL),
+    and refused in one line when sampling by rate leaves the count to each video."""
+    from aim_llava.model.families import read_config_file
+    from aim_llava.reduction.budget import solve_budget
+
+    config = read_config_file(Path(hf_qwen25_dir) / "config.json")
+    spec = "budget:0.4"
+    assert solve_budget(spec, config, 8).name != solve_budget(spec, config, 32).name  # the count matters
+    code, out, err = run_cli(capsys, "caption", media / "clip.mp4", "--model", hf_qwen25_dir, "--config", spec,
+                             "--frames", 7, "--max-new-tokens", 2, "--json", "--device", "cpu")
+    record = json.loads(out)
+    assert code == 0 and record["frames"] == 8, err
+    assert record["config"] == solve_budget(spec, config, 8).name
+    code, out, err = run_cli(capsys, "caption", media / "clip.mp4", "--model", hf_qwen25_dir, "--config", spec,
+                             "--device", "cpu")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "give --frames N" in err, err
 
 
 def test_batched_answers_equal_single_answers(llm, media):

@@ -3,6 +3,7 @@ records (answered and failed) are checked against it, and their per-layer visual
 fraction against the analytic report of the same setting."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,15 +108,39 @@ def test_eval_records_follow_the_schema(capsys, tiny_qwen_dir, media, tmp_path):
 def test_per_layer_tokens_counted_in_the_run_are_the_analytic_ones(capsys, tiny_qwen_dir, media, preset):
     """What FastV and AIM's pruning do shows in the record (before, its visual_tokens, the count
     entering the LLM, made them look like the baseline): the tokens counted in the run at each
-    layer and the FLOPs fraction are those of `aim-llava presets` for the same setting."""
+    layer are those of `aim-llava presets` for the same setting, and the FLOPs fraction is the
+    SPEC's (docs/algorithms.md §4) over them, each layer charged with the tokens leaving it."""
     (record,) = run_json(capsys, "caption", media / "clip.mp4", "--model", tiny_qwen_dir, "--frames", 3,
                          "--max-new-tokens", 2, "--config", preset, "--json")
     name, arch = resolve_architecture(str(tiny_qwen_dir))
     text_tokens = record_text_tokens(tiny_qwen_dir, record["question"])
     report = preset_report(preset, name, arch, 3, text_tokens)
-    assert record["visual_tokens_per_layer"] == report.visual_tokens_per_layer
-    assert record["visual_tokens_per_layer"][-1] < record["visual_tokens"]
-    assert record["prefill_flops_fraction"] == pytest.approx(report.prefill_flops_fraction, abs=1e-4)
+    entering = record["visual_tokens_per_layer"]
+    assert entering == report.visual_tokens_per_layer
+    assert entering[-1] < record["visual_tokens"]
+    leaving = entering[1:] + [last_layer_leaving(preset, entering)]
+    side = math.ceil(arch.vision.image_size // arch.vision.patch_size / 2)  # SPEC §1: each frame pooled 2x2
+    unreduced = 3 * side * side + 1  # and one newline token after the frames
+    fraction = (spec_prefill_flops(arch.text, [n + text_tokens for n in leaving])
+                / spec_prefill_flops(arch.text, [unreduced + text_tokens] * len(entering)))
+    assert record["prefill_flops_fraction"] == pytest.approx(fraction, abs=1e-4)
+
+
+def last_layer_leaving(preset: str, entering: list[int]) -> int:
+    """Visual tokens kept after the last layer: FastV prunes once, early; AIM's schedule (SPEC §3)
+    keeps int(V * (1 - (l - start + 1) * 0.125)) of V after layer l >= start, its first pruning layer."""
+    if preset == "fastv_default":
+        return entering[-1]
+    visual = entering[0]
+    start = next(layer for layer in range(len(entering) - 1) if entering[layer + 1] < visual)
+    return int(visual * max(0.0, 1 - (len(entering) - start) * 0.125))
+
+
+def spec_prefill_flops(text, tokens_per_layer: list[int]) -> float:
+    """docs/algorithms.md §4: 2 n P + 4 n^2 H a layer, P its linear weights (q, o, k, v, gate, up, down)."""
+    h, kv = text.hidden_size, text.num_key_value_heads * text.head_dim
+    params = 2 * h * h + 2 * h * kv + 3 * h * text.intermediate_size
+    return sum(2 * n * params + 4 * n * n * h for n in tokens_per_layer)
 
 
 def record_text_tokens(model_dir: Path, question: str) -> int:

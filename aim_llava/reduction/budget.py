@@ -62,9 +62,14 @@ def solve_budget(spec: str, arch: LlavaConfig, frames: int, text_tokens: int = D
     return best
 
 
+def is_budget(spec) -> bool:
+    """Whether ``spec`` is a ``budget:...`` spec (solved for a model and frame count)."""
+    return isinstance(spec, str) and spec.strip().lower().startswith("budget:")
+
+
 def check_reduction_spec(spec) -> None:
     """Fail early on a spec that cannot work (before any model is loaded)."""
-    if isinstance(spec, str) and spec.strip().lower().startswith("budget:"):
+    if is_budget(spec):
         parse_budget(spec)
     else:
         load_reduction_config(spec)
@@ -72,6 +77,6 @@ def check_reduction_spec(spec) -> None:
 
 def resolve_reduction(spec, arch: LlavaConfig, frames: int, text_tokens: int = DEFAULT_TEXT_TOKENS) -> ReductionConfig:
     """Like :func:`load_reduction_config`, and ``budget:...`` solved for this model and frame count."""
-    if isinstance(spec, str) and spec.strip().lower().startswith("budget:"):
+    if is_budget(spec):
         return solve_budget(spec, arch, frames, text_tokens)
     return load_reduction_config(spec)
