@@ -45,6 +45,13 @@ class LayerOverlap:
     model_peak_mib: float
 
 
+def kept_overlap(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """The share of the reference's kept tokens (a boolean mask) that ``ours`` also keeps; 1.0
+    where the reference keeps none (a layer that drops every visual token: both keep none)."""
+    chosen = int(reference.sum())
+    return int((ours & reference).sum()) / chosen if chosen else 1.0
+
+
 def timed(call):
     started = time.perf_counter()
     result = call()
@@ -88,11 +95,10 @@ class OverlapTap:
         keep_reference, _ = keep_top_visual(state, reference, wanted)
         candidates = state.visual & state.alive
         chosen = keep_reference & candidates
-        shared = int((keep_ours & chosen).sum())
         seen = torch.isfinite(reference) & state.alive
         self.rows.append(LayerOverlap(
             layer=layer, tokens=int(state.hidden.shape[1]), visual_kept=int(chosen.sum()),
-            overlap=shared / max(1, int(chosen.sum())),
+            overlap=kept_overlap(keep_ours & candidates, chosen),
             max_abs_diff=float((ours.float() - reference)[seen].abs().max()) if bool(seen.any()) else 0.0,
             model_ms=model_ms, reference_ms=reference_ms, model_peak_mib=memory.extra / 2**20))
 

@@ -374,6 +374,9 @@ def test_overlap_script_compares_every_pruning_layer_with_the_float32_reference(
     assert [row.layer for row in rows] == [1, 2, 3, 4, 5]
     assert all(row.overlap == 1.0 and row.max_abs_diff < 1e-3 for row in rows)
     assert rows[0].visual_kept == int(2 * 49 * 0.875) + 1
+    none, some = torch.zeros(6, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 0], dtype=torch.bool)
+    assert overlap.kept_overlap(none, none) == 1.0  # a layer that drops every visual token
+    assert overlap.kept_overlap(torch.tensor([1, 0, 0, 1, 1, 0], dtype=torch.bool), some) == 2 / 3
 
 
 def bf16_inputs(n: int = 300, dim: int = 64):
