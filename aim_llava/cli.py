@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from aim_llava import __version__
 from aim_llava.conversation import check_text
 from aim_llava.distributed import Shard
-from aim_llava.errors import AimLlavaError, one_line
+from aim_llava.errors import AimLlavaError, DeviceMemoryError, one_line
 from aim_llava.records import (
     ResultsFile,
     check_no_unasked_records,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 API_KEYS_VARIABLE = "AIM_LLAVA_API_KEY"
 EXIT_BAD_INPUT = 2
-EXIT_SYSTEM_ERROR = 1  # the operating system refused (a full disk, a file that became unreadable)
+EXIT_SYSTEM_ERROR = 1  # the operating system or the device refused (a full disk, out of device memory)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 DEFAULT_MODEL_DIR = "model/llava-onevision-qwen2-7b-ov"
 
@@ -515,15 +515,16 @@ def run(args) -> int:
         if shard.rank == 0:
             say_other_settings(earlier, lambda r: (r["video"], r.get("question")), todo, settings, args.output)
         device = shard.start(args.device)
-        failures = 0
+        failures, out_of_memory = 0, False
         progress = None
         if len(items) > 1:
             from tqdm import tqdm
 
             progress = tqdm(total=len(todo), file=sys.stderr, unit="video", dynamic_ncols=True)
         try:
-            for record in caption_records(args, todo, reduction, sampling, generation, settings, device):
+            for record, error in caption_records(args, todo, reduction, sampling, generation, settings, device):
                 failures += record["error"] is not None
+                out_of_memory |= isinstance(error, DeviceMemoryError)
                 if results is not None:
                     results.append(record)
                 report(record, args, len(items) > 1, progress)
@@ -535,7 +536,8 @@ def run(args) -> int:
     finally:
         if results is not None:
             results.close()
-    return merge_caption_shards(shard, videos, args.output, failures, args.resume)
+    code = merge_caption_shards(shard, videos, args.output, failures, args.resume)
+    return EXIT_SYSTEM_ERROR if out_of_memory else code
 
 
 def requested_sampling(args) -> dict:
@@ -589,10 +591,11 @@ def say_other_settings(earlier: list[dict], identity, todo: list, settings: dict
 
 
 def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, generation, settings: dict, device):
-    """The records of the (video, question) items, in order. Each video is first checked for what
-    can be known without decoding it (aim_llava.video.probe): those that fail are recorded as
-    failed without the model, which is loaded only if some video is left; the next videos are read
-    in worker threads while the model works on a batch."""
+    """The records of the (video, question) items, in order, each with the error it failed with
+    (None when it was answered or failed its check). Each video is first checked for what can be
+    known without decoding it (aim_llava.video.probe): those that fail are recorded as failed
+    without the model, which is loaded only if some video is left; the next videos are read in
+    worker threads while the model works on a batch."""
     from aim_llava.pipeline import Request, VideoLLM
     from aim_llava.video import VideoError, probe
 
@@ -615,9 +618,10 @@ def caption_records(args, todo: list[tuple[str, str]], reduction, sampling, gene
         results = llm.run(requests, args.batch_size, args.workers, stream=stream)
     for video, asked in todo:
         if video in problems:
-            yield caption_record(video, asked, settings, error=problems[video])
+            yield caption_record(video, asked, settings, error=problems[video]), None
         else:
-            yield caption_record(video, asked, settings, next(results), arch=llm.model.config)
+            result = next(results)
+            yield caption_record(video, asked, settings, result, arch=llm.model.config), result.error
 
 
 def merge_caption_shards(shard, videos: list[str], output: Path | None, failures: int, resume: bool) -> int:
@@ -817,8 +821,9 @@ def run_eval(args) -> int:
             for file, config_settings in zip(results, settings):
                 say_other_settings(file.records, lambda r: evaluation.item_key(r)[:-1],
                                    [item.key(config_settings)[:-1] for item in items], config_settings, file.shown)
-        rows, failures = evaluate_configs(args, items, shard, list(zip(specs, reductions, stems, settings)), results,
-                                          model_config, text_tokens, sampling, generation)
+        configs = list(zip(specs, reductions, stems, settings))
+        rows, failures, out_of_memory = evaluate_configs(args, items, shard, configs, results, model_config,
+                                                         text_tokens, sampling, generation)
     finally:
         for file in results:
             file.close()
@@ -831,7 +836,7 @@ def run_eval(args) -> int:
     if failures:
         print(f"aim-llava: error: {failures} item(s) could not be answered (their records hold the reason)",
               file=sys.stderr)
-    return EXIT_BAD_INPUT if failures else 0
+    return EXIT_SYSTEM_ERROR if out_of_memory else EXIT_BAD_INPUT if failures else 0
 
 
 def distinct_results_stems(specs: list[str], reductions: list) -> list[str]:
@@ -850,9 +855,10 @@ def distinct_results_stems(specs: list[str], reductions: list) -> list[str]:
 
 
 def evaluate_configs(args, items, shard, configs, results, model_config, text_tokens, sampling,
-                     generation) -> tuple[list[dict], int]:
+                     generation) -> tuple[list[dict], int, bool]:
     """Run every config (``configs``: (spec, reduction, results stem, settings) each) over this
-    process's share; rank 0 returns the summary rows and the count of failed items."""
+    process's share; rank 0 returns the summary rows and the count of failed items; every rank
+    whether an item of its share ran out of device memory."""
     from aim_llava import evaluation
     from aim_llava.flops import flops_report
     from aim_llava.pipeline import VideoLLM
@@ -861,7 +867,7 @@ def evaluate_configs(args, items, shard, configs, results, model_config, text_to
     llm = VideoLLM.from_pretrained(args.model, "baseline", device=device, dtype=args.dtype,
                                    attn_implementation=args.attn, sampling=sampling, generation=generation,
                                    cache_mb=args.cache_mb, prefix_reuse=args.prefix_reuse)
-    rows, failures = [], 0
+    rows, failures, out_of_memory = [], 0, []
     for (spec, reduction, stem, settings), file in zip(configs, results):
         label = spec if stem != evaluation.safe_name(reduction.name) else reduction.name
         progress = None
@@ -871,7 +877,8 @@ def evaluate_configs(args, items, shard, configs, results, model_config, text_to
             todo = len(evaluation.todo_items(items, shard, file, settings))
             progress = tqdm(total=todo, file=sys.stderr, unit="item", desc=label)
 
-        def report(record, progress=progress):
+        def report(record, error, progress=progress):
+            out_of_memory.append(isinstance(error, DeviceMemoryError))
             print_error(f"item {record['id']} ({record['video']}): {record['error']}", progress)
 
         before = llm.cache.snapshot() if llm.cache is not None else None
@@ -894,7 +901,7 @@ def evaluate_configs(args, items, shard, configs, results, model_config, text_to
         rows.append({"config": label, "records": f"{stem}.jsonl", "prefill_tflops": cost.prefill_tflops, **summary,
                      "cache": cache})
     shard.finish()
-    return rows, failures
+    return rows, failures, any(out_of_memory)
 
 
 def check_output_dir(path: Path) -> None:
@@ -1155,16 +1162,21 @@ def print_line(line: str, progress=None) -> None:
 
 
 def run_command(argv: list[str] | None, native_stderr: NativeStderr | None = None) -> int:
-    """Parse and run one command; the package's errors become one line and exit code 2."""
+    """Parse and run one command; the package's errors become one line and exit code 2, those of
+    the operating system or the device (out of its memory) one line and exit code 1."""
+    args = None
     try:
         args = build_parser().parse_args(argv)
         args.native_stderr = native_stderr
         return COMMANDS[args.command](args)
+    except DeviceMemoryError as err:
+        print_error(str(err))
+        return EXIT_SYSTEM_ERROR
     except AimLlavaError as err:
         print_error(str(err))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("\naim-llava: interrupted (what was finished is saved; --resume goes on from there)", file=sys.stderr)
+        print(f"\naim-llava: interrupted{resume_note(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout was closed by the reader (``| head``): records already written to --output stay;
@@ -1173,8 +1185,16 @@ def run_command(argv: list[str] | None, native_stderr: NativeStderr | None = Non
         return EXIT_BROKEN_PIPE
     except OSError as err:  # what was checked up front cannot cover a disk that fills up mid-run
         where = f": {err.filename}" if err.filename else ""
-        print_error(f"{err.strerror or err}{where} (what was finished is saved; --resume goes on from there)")
+        print_error(f"{err.strerror or err}{where}{resume_note(args)}")
         return EXIT_SYSTEM_ERROR
+
+
+def resume_note(args) -> str:
+    """What an interrupted run keeps, said for a command writing its records to a results file
+    (caption, ask and eval with --output): nothing for the others."""
+    if getattr(args, "output", None) is None or not hasattr(args, "resume"):
+        return ""
+    return " (what was finished is saved; --resume goes on from there)"
 
 
 if __name__ == "__main__":

@@ -170,14 +170,15 @@ def run_config(llm, items: list[Item], shard: Shard, results, reduction, setting
     generated together while ``workers`` threads read the next videos, appending each record
     (stamped with ``settings``, :func:`aim_llava.run_settings.run_settings`) to ``results`` (a
     :class:`~aim_llava.records.ResultsFile`); items already done there with these settings are
-    skipped. ``report(record)`` is told of every failed item. Returns this share's records."""
+    skipped. ``report(record, error)`` is told of every failed item and the exception it failed
+    with. Returns this share's records."""
     todo = todo_items(items, shard, results, settings)
     requests = [Request(item.video, [(item.prompt(), None)]) for item in todo]
     for item, result in zip(todo, llm.run(requests, batch_size, workers, reduction=reduction)):
         record = item_record(item, settings, result, llm.model.config)
         results.append(record)
         if record["error"] is not None and report is not None:
-            report(record)
+            report(record, result.error)
         if progress is not None:
             progress.update(1)
     return ordered_records(items, results.records, settings)

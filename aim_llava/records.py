@@ -10,9 +10,11 @@ trying, before any work: permission bits do not tell for root, ACLs or read-only
 existing file that is not a results file, and a symbolic link is written through to its target.
 An existing file that holds records is never started afresh unasked: without ``resume`` (go on
 from its records) or ``overwrite`` (replace it) it is refused. An overwriting run writes its
-records to a new file beside it, renamed over the old one when the run ends (interrupted or not),
-so the old records stay whole until then. When a resumed run superseded earlier records (a failed
-item done again), the file is rewritten once at the end, atomically, with one record per item.
+records to a new file beside it, renamed over the old one when the run ends (interrupted or not)
+once it holds at least one record, so the old records stay whole until then; a run that ends
+before its first record (a model that fails to load, Ctrl-C while loading) leaves the old file as
+it was. When a resumed run superseded earlier records (a failed item done again), the file is
+rewritten once at the end, atomically, with one record per item.
 Every file is created with the permissions the user's umask gives (a replaced file keeps its own).
 """
 
@@ -287,14 +289,14 @@ class ResultsFile:
         os.fsync(self.writer.fileno())
 
     def close(self, compact: bool = True) -> None:
-        """Put an overwriting run's file in place of the old one (or drop it, when the run could
-        not start), or rewrite once with one record per item if earlier records were superseded;
-        release the file."""
+        """Put an overwriting run's file in place of the old one once it holds a record (or drop
+        it, when the run could not start or ended before its first record), or rewrite once with
+        one record per item if earlier records were superseded; release the file."""
         if self.handle.closed:
             return
         try:
             if self.replacement is not None:
-                self.replace_old_file(keep=compact)
+                self.replace_old_file(keep=compact and bool(self.records))
             if compact and self.superseded:
                 write_records(self.path, latest_by_key(self.records, self.key))
         finally:

@@ -564,14 +564,18 @@ def probe(path: str | Path, start: float | None = None) -> None:
     """Check, without decoding any frame, what can be known of ``path`` before a model is loaded:
     that it exists and is not empty, that a frame directory holds images, that PyAV can open a
     video file and finds a video stream in it, and that ``start`` (seconds) is not past its end
-    when the container states its duration. Raises VideoError with the message reading it would."""
+    when the container states its duration. Raises VideoError with the message reading it would
+    (one that cannot be read, e.g. a directory without permission to list it, included)."""
     check_local(path)
     path = Path(path)
-    if path.is_dir():
-        _frame_files(path, None)
-        return
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path} is empty (0 bytes)")
+    try:
+        if path.is_dir():
+            _frame_files(path, None)
+            return
+        if path.stat().st_size == 0:
+            raise VideoError(f"{path} is empty (0 bytes)")
+    except OSError as err:
+        raise VideoError(f"cannot read {path} ({err.strerror or err})") from None
     if is_image_file(path) or not _backend_available("pyav"):
         return
     import av

@@ -4,13 +4,13 @@
 # clock (for a GPU machine without network access: `bash scripts/fetch_gpu_wheels.sh check` where
 # pip works puts PyAV, which the video phase needs, there). PYTHON: the interpreter with torch
 # (default python3). Phases and what they measure: scripts/gpu_check.py. Summary and log in OUTDIR
-# (default: $OUT, else gpu_results/):
+# (default: gpu_results/):
 #
 #   bash scripts/gpu_check.sh [OUTDIR]
 set -uo pipefail
 started=$(date +%s.%N)
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-gpu_results}}
+out=${1:-gpu_results}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -6,11 +6,11 @@
 #   bash scripts/gpu_measure.sh PHASE [OUTDIR]
 #   PHASE: tests | kernels | prefill | prefill-kernels | decode | decode-eager | video | serve
 #
-# Logs and JSON reports go to OUTDIR (default: $OUT where set, else gpu_results/).
+# Logs and JSON reports go to OUTDIR (default: gpu_results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:?"usage: gpu_measure.sh tests|kernels|prefill|prefill-kernels|decode|decode-eager|video|serve [OUTDIR]"}
-out=${2:-${OUT:-gpu_results}}
+out=${2:-gpu_results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if compgen -G ".whl/*.whl" > /dev/null; then

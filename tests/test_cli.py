@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DTYPE_NOTE, without_dtype_note
+from PIL import Image
 
 from aim_llava.cli import main
 from aim_llava.pipeline import DEFAULT_CAPTION_PROMPT
@@ -127,6 +128,34 @@ def test_batch_records_failures_and_keeps_going(capsys, media, tiny_qwen_dir, tm
     assert [json.loads(line) for line in out.splitlines()] == records
     assert len(error_lines(err)) == 1
     assert not list(tmp_path.glob(".captions.jsonl.*"))  # no temporary files left behind
+
+
+def test_an_unreadable_frame_directory_is_a_failed_item_and_the_batch_goes_on(capsys, media, tiny_qwen_dir, tmp_path,
+                                                                              monkeypatch):
+    """A frame directory that cannot be listed (PermissionError, as for a directory of mode 000
+    read by a user other than root; listing it is made to fail here, so that the test holds for
+    root too) is recorded with its reason and the other videos are captioned (before, the
+    OSError of checking it ended the whole run with exit 1 before any video)."""
+    locked = tmp_path / "locked_frames"
+    locked.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(locked / "0001.png")
+    scandir = os.scandir
+
+    def refusing(path=".", *args):
+        if isinstance(path, (str, os.PathLike)) and os.path.realpath(path) == str(locked.resolve()):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path, *args)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    output = tmp_path / "captions.jsonl"
+    code, _, err = run_cli(capsys, "caption", media / "good.mp4", locked, media / "other.mp4", "--model",
+                           tiny_qwen_dir, "--frames", 4, "--max-new-tokens", 3, "--output", output)
+    assert code == 2, err
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["video"] for r in records] == [f"{media}/good.mp4", str(locked), f"{media}/other.mp4"]
+    assert records[0]["error"] is None and records[2]["error"] is None and records[0]["text"]
+    assert "cannot read" in records[1]["error"] and "Permission denied" in records[1]["error"]
+    assert len(error_lines(err)) == 1
 
 
 def test_resume_skips_done_and_retries_failed(capsys, media, tiny_qwen_dir, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from aim_llava.cli import caption_key, main
+from aim_llava.errors import CheckpointError
 from aim_llava.records import ResultsFile
 from aim_llava.sample_media import write_sample_video
 
@@ -412,6 +413,40 @@ def test_overwrite_replaces_the_file_whole_at_the_end(capsys, tiny_qwen_dir, cli
     assert [json.loads(line)["video"] for line in output.read_text().splitlines()] == [str(clip), str(second)]
     assert stat.S_IMODE(output.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["caps.jsonl", "second.mp4"]
+
+
+@pytest.mark.parametrize("failure", ["caption: model fails to load", "caption: Ctrl-C while loading",
+                                     "eval: second config's file refused"])
+def test_overwrite_that_stops_before_its_first_record_keeps_the_old_file(capsys, tiny_qwen_dir, clip, tmp_path,
+                                                                         monkeypatch, failure):
+    """An --overwrite run that ends before it wrote a record leaves the old file byte for byte (it
+    was replaced by the new, empty one: a model that failed to load wiped the records)."""
+    import aim_llava.pipeline as pipeline
+
+    old = "".join(json.dumps({"id": f"q{i}", "video": f"{i}.mp4", "question": "q", "text": "old", "error": None})
+                  + "\n" for i in range(3))
+    if failure.startswith("caption"):
+        output = tmp_path / "caps.jsonl"
+        output.write_text(old)
+        interrupted = "Ctrl-C" in failure
+
+        def fail_to_load(*args, **kwargs):
+            raise KeyboardInterrupt() if interrupted else CheckpointError("model.safetensors is truncated")
+
+        monkeypatch.setattr(pipeline.VideoLLM, "from_pretrained", fail_to_load)
+        code, _, err = caption(capsys, tiny_qwen_dir, clip, "--output", output, "--overwrite")
+        assert code == (130 if interrupted else 2), err
+    else:
+        output = tmp_path / "out" / "baseline.jsonl"
+        output.parent.mkdir()
+        output.write_text(old)
+        (output.parent / "fastv_default.jsonl").write_text("not a results file\n")
+        code, _, err = run_cli(capsys, "eval", "--data", eval_data(tmp_path, clip), "--model", tiny_qwen_dir,
+                               "--frames", 2, "--max-new-tokens", 2, "--output", output.parent,
+                               "--configs", "baseline,fastv_default", "--overwrite")
+        assert code == 2 and "fastv_default.jsonl" in one_error_line(err)
+    assert output.read_text() == old
+    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []
 
 
 def test_resume_and_overwrite_together_are_refused(capsys, tiny_qwen_dir, clip, tmp_path):

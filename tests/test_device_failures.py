@@ -155,3 +155,106 @@ def test_out_of_memory_in_a_batch_answers_the_items_that_fit_alone(loaded, monke
     first, second = llm.run([Request(clip(6), max_new_tokens=3), Request(clip(7), max_new_tokens=3)], batch_size=2)
     assert first.error is None and isinstance(second.error, DeviceMemoryError) and failing.calls == 3
     assert json.dumps(str(second.error))  # a plain one-line message
+
+
+def out_of_memory_on_the_first_calls(monkeypatch, count: int) -> list[int]:
+    """``generate`` of every tiny model raises CUDA's out-of-memory error on its first ``count``
+    calls; returns the list its calls are counted in."""
+    real, calls = LlavaQwenForCausalLM.generate, []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= count:
+            raise torch.OutOfMemoryError(OUT_OF_MEMORY)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaQwenForCausalLM, "generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("command", ["caption", "eval"])
+def test_out_of_memory_on_the_command_line_is_a_system_error(capsys, monkeypatch, media, tiny_qwen_dir, tmp_path,
+                                                            command):
+    """An item that runs out of device memory is recorded failed with the one line saying so, the
+    next one is answered, and the exit code is 1, not 2 (bad input: before, it read as the
+    user's fault)."""
+    out_of_memory_on_the_first_calls(monkeypatch, 1)  # no reuse cache (--cache-mb 0): not tried again
+    videos = [media / "clip0.mp4", media / "clip1.mp4"]
+    common = ["--model", tiny_qwen_dir, "--frames", 2, "--max-new-tokens", 2, "--cache-mb", 0]
+    if command == "caption":
+        output = tmp_path / "caps.jsonl"
+        code = main([str(a) for a in ["caption", *videos, *common, "--batch-size", 1, "--output", output]])
+    else:
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps({"id": f"q{i}", "video": str(video), "question": "?",
+                                            "options": ["a", "b"], "answer": "A"}) + "\n"
+                                for i, video in enumerate(videos)))
+        output = tmp_path / "out" / "baseline.jsonl"
+        code = main([str(a) for a in ["eval", "--data", data, *common, "--output", output.parent]])
+    _, err = capsys.readouterr()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert code == 1, err
+    assert "out of device memory" in records[0]["error"] and "it needed 2.00 GiB more" in records[0]["error"]
+    assert records[1]["error"] is None
+    assert "Traceback" not in err and any("out of device memory" in line for line in err.splitlines())
+
+
+def test_out_of_memory_escaping_a_command_is_exit_code_1(capsys, monkeypatch, tiny_qwen_dir):
+    """A DeviceMemoryError that ends a command (here ``bench``, which answers no item by item) is
+    one line and exit code 1."""
+    from aim_llava import cli
+
+    def out_of_memory(args):
+        raise DeviceMemoryError("out of device memory for this request (it needed 2.00 GiB more): ask with fewer "
+                                "frames")
+
+    monkeypatch.setitem(cli.COMMANDS, "bench", out_of_memory)
+    code = main(["bench", "--model", str(tiny_qwen_dir)])
+    _, err = capsys.readouterr()
+    assert code == 1 and err.strip() == ("aim-llava: error: out of device memory for this request (it needed 2.00 GiB "
+                                         "more): ask with fewer frames")
+
+
+def test_the_server_answers_out_of_memory_503_and_goes_on(tiny_qwen_dir, media, monkeypatch):
+    """A request that runs out of device memory is the server's trouble, not the client's: 503
+    with a line saying so and Retry-After (before: 400 invalid_prompt); /health stays 200 and the
+    next request is answered."""
+    from fastapi.testclient import TestClient
+
+    from aim_llava.serve import create_app
+
+    body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "clip0.mp4"}},
+                                                      {"type": "text", "text": "What is it?"}]}], "max_tokens": 2}
+    with in_process_service(tiny_qwen_dir, media, max_batch_size=1, max_wait_ms=0) as (llm, service):
+        with TestClient(create_app(service), base_url="http://localhost") as http:
+            calls = out_of_memory_on_the_first_calls(monkeypatch, 2)  # tried once more after the cache is emptied
+            first = http.post("/v1/chat/completions", json=body)
+            error = first.json()["error"]
+            assert first.status_code == 503 and first.headers["retry-after"] == "1", first.text
+            assert error["type"] == "server_error" and error["code"] != "invalid_prompt"
+            assert "ran out of device memory" in error["message"] and "retry later" in error["message"]
+            assert http.get("/health").status_code == 200
+            second = http.post("/v1/chat/completions", json=body)
+            assert second.status_code == 200 and len(calls) == 3, second.text
+
+
+def test_only_a_command_writing_results_says_resume_goes_on(capsys, monkeypatch, tiny_qwen_dir, media):
+    """An OSError (here: the port in use) ends ``serve`` with one line and exit code 1, without
+    the words about --resume, which only caption, ask and eval with --output can keep (before,
+    every command's OSError ended with them)."""
+    from aim_llava import cli
+
+    def port_in_use(args):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setitem(cli.COMMANDS, "serve", port_in_use)
+    monkeypatch.setitem(cli.COMMANDS, "caption", port_in_use)
+    code = main(["serve", "--model", str(tiny_qwen_dir), "--media-root", str(media)])
+    _, err = capsys.readouterr()
+    assert code == 1 and err.strip() == "aim-llava: error: Address already in use"
+    code = main(["caption", str(media / "clip0.mp4"), "--model", str(tiny_qwen_dir)])
+    _, err = capsys.readouterr()
+    assert code == 1 and err.strip() == "aim-llava: error: Address already in use"
+    code = main(["caption", str(media / "clip0.mp4"), "--model", str(tiny_qwen_dir), "--output", str(media / "o.jsonl")])
+    _, err = capsys.readouterr()
+    assert code == 1 and "--resume goes on from there" in err

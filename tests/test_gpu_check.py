@@ -7,6 +7,7 @@ scripts/gpu_check.sh end to end with no time at all."""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,3 +208,22 @@ def test_the_script_with_no_time_left_writes_its_summary(tmp_path):
     assert {phase["status"] for phase in summary["phases"]} == {"skipped"}
     assert all(target["met"] is None for target in summary["targets"])
     assert (tmp_path / "gpu_check.md").exists() and (tmp_path / "gpu_check.log").exists()
+
+
+@pytest.mark.parametrize("script, args", [("gpu_check.sh", []), ("gpu_measure.sh", ["no-such-phase"])])
+def test_the_scripts_write_to_gpu_results_by_default(tmp_path, script, args):
+    """Without OUTDIR both scripts write to gpu_results/ of the checkout, whatever the variable OUT
+    holds (before, $OUT where it was set: a name a user's machine may use for anything)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_check.py", "gpu_measure.sh"):
+        shutil.copy(SCRIPTS / name, checkout / "scripts" / name)
+    elsewhere = tmp_path / "elsewhere"
+    env = dict(os.environ, OUT=str(elsewhere), GPU_CHECK_BUDGET_S="0", PYTHON=sys.executable,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(checkout / "scripts" / script), *args], capture_output=True, text=True,
+                            timeout=120, env=env)
+    expected = {"gpu_check.json", "gpu_check.md", "gpu_check.log"} if args == [] else {"machine_no-such-phase.txt"}
+    assert not elsewhere.exists(), result.stderr
+    assert expected <= {path.name for path in (checkout / "gpu_results").iterdir()}, result.stderr
+    assert (result.returncode == 0) == (script == "gpu_check.sh"), result.stderr

@@ -234,6 +234,43 @@ def test_a_body_that_does_not_arrive_in_time_is_408(tiny_qwen_dir, media):
     assert reply.status == 408 and body["error"]["code"] == "timeout", body
 
 
+def test_bodies_declared_large_and_not_sent_hold_no_more_than_the_budget(tiny_qwen_dir, media):
+    """Eight connections each declaring a 4 MiB body and sending 1 KiB, against a budget of two
+    bodies (8 MiB): the memory the server allocates stays far below the budget (before, each
+    buffer was allocated, zeroed, at its declared length: 32 MiB, and 128 connections declaring
+    64 MiB held 8 GiB)."""
+    import tracemalloc
+
+    from aim_llava.serve import ServerLimits, create_app
+
+    declared, sent, connections = 4 * 2**20, 1024, 8
+    limits = ServerLimits(max_body_bytes=declared)
+    with in_process_service(tiny_qwen_dir, media, limits=limits, max_pending=2) as (_, service):
+        budget = service.bodies.limit
+        with serve_in_thread(create_app(service)) as port:
+            tracemalloc.start()
+            sockets = []
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for _ in range(connections):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+                    sockets.append(sock)
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % declared
+                                 + b" " * sent)
+                deadline = time.monotonic() + 30
+                while service.bodies.held < connections * sent:
+                    assert time.monotonic() < deadline, service.bodies.held
+                    time.sleep(0.02)
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+                for sock in sockets:
+                    sock.close()
+    assert budget == 2 * declared
+    assert grown < budget / 4, f"{connections} bodies of {sent} bytes received made the server allocate {grown:,} bytes"
+
+
 def test_json_and_media_paths_are_handled_off_the_event_loop(shared, media, monkeypatch):
     """Parsing a body of up to 64 MB and resolving media paths (stat calls that may block on a
     network file system) run in worker threads; before, both ran on the event loop, which then

@@ -270,24 +270,24 @@ async def until_disconnected(request: HttpRequest) -> None:
 
 
 async def read_body(request: HttpRequest, limit: int, budget: BodyBudget) -> bytearray:
-    """The request body, read up to ``limit`` bytes into one buffer (of its declared length when
-    it has one: no chunk list, no copy), its bytes taken from ``budget`` as they arrive and
-    given back once it is read."""
+    """The request body, read up to ``limit`` bytes into one buffer that grows as its bytes
+    arrive, each chunk taken from ``budget`` before the buffer grows and all given back once it
+    is read: a client that declares a large body and sends little holds what it sent, not what
+    it declared."""
     too_large = ApiError(413, f"the request body may hold at most {limit >> 20} MiB", code="too_large")
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise too_large
-    body, size = bytearray(int(declared) if declared is not None else 0), 0
+    body, taken = bytearray(), 0
     try:
         async for chunk in request.stream():
-            if size + len(chunk) > limit:
+            if len(body) + len(chunk) > limit:
                 raise too_large
             budget.take(len(chunk))
-            body[size:size + len(chunk)] = chunk
-            size += len(chunk)
+            taken += len(chunk)
+            body += chunk
     finally:
-        budget.give_back(size)
-    del body[size:]
+        budget.give_back(taken)
     return body
 
 

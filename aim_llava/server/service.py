@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from aim_llava.errors import AimLlavaError, DeviceFailure, NonFiniteOutputError
+from aim_llava.errors import AimLlavaError, DeviceFailure, DeviceMemoryError, NonFiniteOutputError
 from aim_llava.pipeline import EncodedVisual, RequestCancelled, Result, VideoLLM
 from aim_llava.server.batching import Completion, Job, ModelThread, cut_at_stop
 from aim_llava.server.body import parse_body
@@ -189,6 +189,11 @@ class Service:
             return self.timeout()
         if isinstance(result.error, DeviceFailure):
             return ApiError(503, str(result.error), code="server_error")
+        if isinstance(result.error, DeviceMemoryError):  # the server's load or its settings, not the request's fault
+            logger.warning("a request failed: %s", result.error)
+            return ApiError(503, "the server ran out of device memory for this request: retry later, or with fewer "
+                            "frames or a config that keeps fewer visual tokens (e.g. aim_default)",
+                            code="server_error", headers={"Retry-After": "1"})
         if isinstance(result.error, NonFiniteOutputError):  # the server's dtype, not the request, is at fault
             logger.error("a request failed: %s", result.error)
             return ApiError(500, str(result.error), code="server_error")
