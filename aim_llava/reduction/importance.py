@@ -29,7 +29,7 @@ Four kernels compute it:
   exponentials, shifted per block of rows and key; each step is then a batched matrix-vector
   product, and the few block sums that float32 could have underflowed are recomputed exactly in
   log space, decided on the host: the CPU's kernel. A head whose matrices would exceed
-  :data:`FACTORED_HEAD_BUDGET` (about 16k tokens) is left to ``chunked``.
+  :data:`FACTORED_HEAD_BUDGET` (about 23k tokens) is left to ``chunked``.
 * ``flex``: FlexAttention, whose fused kernels return each pass's log-sum-exp without storing the
   matrix: the row normalisers are the LSE of the causal attention, and each PageRank step is the
   LSE of the transposed problem (keys attend to the queries that see them) with
