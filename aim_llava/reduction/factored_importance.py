@@ -117,7 +117,7 @@ class PanelMatrix:
         self.keys = keys[:, :panel.width]  # [g, width, d]
         self.scale = scale
         self.blocked_keys = None if blocked_keys is None else blocked_keys[blocked_keys < panel.width]
-        logits = self.logits(self.queries, torch.arange(panel.start, panel.start + panel.blocks * ROW_BLOCK))
+        logits = self.panel_logits()
         shift = logits.amax(dim=2)
         self.dead = shift == NEG_INF
         self.alive = ~self.dead
@@ -138,6 +138,11 @@ class PanelMatrix:
         if self.blocked_keys is not None:
             logits.index_fill_(-1, self.blocked_keys, NEG_INF)
         return logits.view(g, blocks, ROW_BLOCK, -1)
+
+    def panel_logits(self) -> torch.Tensor:
+        """The logits of every row of the panel: [g, blocks, R, width]."""
+        panel = self.panel
+        return self.logits(self.queries, torch.arange(panel.start, panel.start + panel.blocks * ROW_BLOCK))
 
     def block_logits(self, head: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         """The logits of the rows of the (head, block) pairs: [F, R, width]."""
@@ -182,9 +187,7 @@ class PanelMatrix:
 
     def dense_block_sums(self, a: torch.Tensor) -> torch.Tensor:
         """Every block sum of the panel in log space, a [g, blocks, R]: [g, blocks, width]."""
-        panel = self.panel
-        terms = self.logits(self.queries, torch.arange(panel.start, panel.start + panel.blocks * ROW_BLOCK))
-        terms.add_(a[..., None])
+        terms = self.panel_logits().add_(a[..., None])
         top = terms.amax(dim=2)
         silent = top == NEG_INF  # dead, or rows that all weigh nothing
         top.masked_fill_(silent, 0.0)
