@@ -124,6 +124,25 @@ class DemoApp:
             body["max_frames"] = body.pop("frames")  # the frame count bounds a sampling by rate
         return self.parser.sampling({name: value for name, value in body.items() if value is not None})
 
+    @contextlib.contextmanager
+    def media_source(self, upload: str | None, media_path: str | None) -> Iterator[tuple[RequestMedia, MediaRoot]]:
+        """The request's media and the root it is read under: the upload's own folder (closed
+        afterwards), or the page's --media-root for a path under it."""
+        if upload:
+            upload_path = Path(upload)
+            root = MediaRoot(upload_path.parent)
+            try:
+                yield RequestMedia(video=FileMedia(upload_path.name, upload_path.name, "upload")), root
+            finally:
+                root.close()
+        elif media_path and media_path.strip():
+            if self.root is None:
+                raise DemoError("This page was started without --media-root: upload the file instead.")
+            yield RequestMedia(video=file_media(media_path.strip(), "media")), self.root
+        else:
+            raise DemoError("Upload a video or image first" + (", or pick one under the media root." if self.root
+                                                                 else "."))
+
     def read(self, upload: str | None, media_path: str | None, configs, sampling: dict) -> tuple[VideoClip, float]:
         """The sampled frames of the upload (or of the file under the media root), read as the
         server reads a request's media (in a decoding process held to its time, CPU and memory
@@ -136,26 +155,9 @@ class DemoApp:
         def load(path: str, reader: Callable[..., VideoClip]) -> VideoClip:
             return self.llm.load(path, config, limits, reader, backend="pyav", **sampling)
 
-        def never_cancelled() -> bool:
-            return False
-
         started = time.perf_counter()
-        if upload:
-            upload_path = Path(upload)
-            root = MediaRoot(upload_path.parent)
-            try:
-                media = RequestMedia(video=FileMedia(upload_path.name, upload_path.name, "upload"))
-                clip = self.readers.read_media(media, root, limits, never_cancelled, load)
-            finally:
-                root.close()
-        elif media_path and media_path.strip():
-            if self.root is None:
-                raise DemoError("This page was started without --media-root: upload the file instead.")
-            clip = self.readers.read_media(RequestMedia(video=file_media(media_path.strip(), "media")), self.root,
-                                           limits, never_cancelled, load)
-        else:
-            raise DemoError("Upload a video or image first" + (", or pick one under the media root." if self.root
-                                                                 else "."))
+        with self.media_source(upload, media_path) as (media, root):
+            clip = self.readers.read_media(media, root, limits, lambda: False, load)
         return clip, time.perf_counter() - started
 
     def answer(self, clip: VideoClip, question: str, config, read_seconds: float

@@ -269,9 +269,9 @@ class ResultsFile:
         if resume:
             self.handle.truncate(intact)
             return records
-        if records and not overwrite:
-            raise unasked_records_error(self.shown, len(records))
         if not overwrite:
+            if records:
+                raise unasked_records_error(self.shown, len(records))
             self.handle.truncate(0)  # at most a torn line of an interrupted run
         return []
 
