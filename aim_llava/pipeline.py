@@ -47,7 +47,7 @@ from aim_llava.video import (
     VideoError,
     is_image_file,
     load_video,
-    qwen_frame_count,
+    qwen_even_count,
     uniform_frame_count,
     validate_sampling,
 )
@@ -83,9 +83,8 @@ class SamplingOptions:
         ``max_frames``), or None when sampling by ``fps``, which gives each video its own."""
         if self.fps is not None:
             return None
-        if self.frame_rule == "qwen":
-            return qwen_frame_count(self.num_frames, 1.0, dataclasses.asdict(self))
-        return uniform_frame_count(self.num_frames, self.max_frames)
+        count = uniform_frame_count(self.num_frames, self.max_frames)
+        return qwen_even_count(count) if self.frame_rule == "qwen" else count
 
 
 @dataclass

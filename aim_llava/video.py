@@ -187,12 +187,16 @@ def qwen_frame_count(window_frames: int, source_fps: float, opts: dict) -> int:
     at least 2 (a shorter window repeats its frames)."""
     factor = QWEN_FRAME_FACTOR
     if opts["fps"] is None:
-        wanted = opts["num_frames"] if opts["max_frames"] is None else min(opts["num_frames"], opts["max_frames"])
-        return max(factor, round(wanted / factor) * factor)
+        return qwen_even_count(uniform_frame_count(opts["num_frames"], opts["max_frames"]))
     least = math.ceil(QWEN_MIN_FRAMES / factor) * factor
     most = math.floor(min(opts["max_frames"] or QWEN_MAX_FRAMES, window_frames) / factor) * factor
     count = min(max(window_frames / source_fps * opts["fps"], least), most, window_frames)
     return max(factor, math.floor(count / factor) * factor)
+
+
+def qwen_even_count(frames: int) -> int:
+    """qwen-vl-utils' count for a fixed number of ``frames``: rounded to even, at least 2."""
+    return max(QWEN_FRAME_FACTOR, round(frames / QWEN_FRAME_FACTOR) * QWEN_FRAME_FACTOR)
 
 
 def qwen_indices(first: int, last: int, count: int) -> list[int]:
@@ -644,7 +648,7 @@ def load_video(
     if fps is None:
         count = uniform_frame_count(num_frames, max_frames)
         if frame_rule == "qwen":
-            count = qwen_frame_count(count, 1.0, dict(fps=None, num_frames=count, max_frames=None))
+            count = qwen_even_count(count)
         check_sampled_count(count, frame_limit, limits, str(path))
     if backend not in BACKENDS:
         raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
